@@ -1,0 +1,131 @@
+"""Read and write model directories: the Hugging Face layout, safetensors only, plus `slmkit.json` provenance.
+
+    config.json              LlamaConfig fields (architectures: LlamaForCausalLM)
+    model.safetensors        HF parameter names (model.layers.0.self_attn.q_proj.weight, ..., lm_head.weight)
+    generation_config.json   bos/eos ids
+    tokenizer.json, tokenizer_config.json (+ chat_template)
+    slmkit.json              how the model was made: data manifest hash, training config, metrics
+
+Weights are never read with pickle: a directory holding only pytorch_model.bin is refused with advice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slmkit import __version__
+from slmkit.config import ModelConfig, load_json
+from slmkit.files import atomic_dir, atomic_write_json
+from slmkit.model import Transformer, rope_tables
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def to_hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names; a tied LM head is stored once (as embed_tokens), as HF does."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        t = t.detach().to("cpu")
+        out[to_hf_name(name)] = (t.to(dtype) if dtype is not None else t).contiguous()
+    return out
+
+
+def save_model_dir(model: Transformer, path: str | Path, tokenizer=None, provenance: dict | None = None,
+                   dtype: str | torch.dtype | None = None) -> Path:
+    """Write `model` (+ tokenizer) as a model directory, atomically: readers never see a half-written one."""
+    path = Path(path)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg = model.cfg
+    with atomic_dir(path) as tmp:
+        hf_cfg = cfg.to_hf()
+        hf_cfg["torch_dtype"] = str(dt or torch.float32).removeprefix("torch.")
+        atomic_write_json(tmp / "config.json", hf_cfg)
+        save_file(hf_state_dict(model, dt), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        if cfg.pad_token_id is not None:
+            gen["pad_token_id"] = cfg.pad_token_id
+        atomic_write_json(tmp / "generation_config.json", gen)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        atomic_write_json(tmp / "slmkit.json", {
+            "slmkit_version": __version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "parameters": model.num_params(),
+            **(provenance or {}),
+        })
+    return path
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(load_json(index)["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ValueError(f"{path}: only pickle weights (.bin/.pt) found; slmkit never loads pickle. Convert "
+                         "them to safetensors first (e.g. transformers' save_pretrained(safe_serialization=True)).")
+    raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json) in this directory")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory under slmkit names."""
+    tensors = {}
+    for f in _weight_files(Path(path)):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                tensors[from_hf_name(key)] = sf.get_tensor(key)
+    return tensors
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build the model described by `path/config.json` and load its safetensors weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a model directory (expected config.json + model.safetensors)")
+    cfg = ModelConfig.from_hf(load_json(path / "config.json"))
+    tensors = load_state_dict(path)
+    if "lm_head.weight" not in tensors and not cfg.tie_embeddings:
+        raise ValueError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights don't match config.json: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Non-persistent RoPE tables were lost on the meta device: rebuild them.
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+    return model.to(dtype).eval()
+
+
+def read_provenance(path: str | Path) -> dict:
+    p = Path(path) / "slmkit.json"
+    return json.loads(p.read_text()) if p.exists() else {}
