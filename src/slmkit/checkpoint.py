@@ -129,3 +129,13 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
 def read_provenance(path: str | Path) -> dict:
     p = Path(path) / "slmkit.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A model directory itself, or a run directory's final model (else its latest checkpoint)."""
+    path = Path(path)
+    for candidate in (path, path / "model", path / "checkpoint"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"{path}: no model here (expected a model directory with config.json, or a run "
+                            "directory from `slm train` containing model/ or checkpoint/)")

@@ -148,8 +148,9 @@ PRESETS: dict[str, dict] = {
                         max_seq_len=1024),
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
                          max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True),
+    # LiteLlama: GPT-2 vocabulary (padded to 50304); tied embeddings give the 454M that its name rounds to 460M.
     "litellama-460m": dict(vocab_size=50304, dim=1024, n_layers=24, n_heads=32, n_kv_heads=32,
-                           hidden_dim=4096, max_seq_len=1024, tie_embeddings=False),
+                           hidden_dim=4096, max_seq_len=1024, tie_embeddings=True),
     "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
                            max_seq_len=2048, tie_embeddings=False),
 }

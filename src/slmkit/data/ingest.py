@@ -1,0 +1,278 @@
+"""Ingest: turn files, folders and globs into a deterministic stream of text documents.
+
+By extension: `.jsonl` gives one document per line (field `jsonl_field`), `.csv` one per row (column
+`csv_column`), anything else is one UTF-8 text document per file. Every problem is a `DataError` whose
+message reads `path:line: reason — what to do`; the caller decides (via `on_problem`) whether it stops
+the run or is logged and skipped. Nothing is dropped without a report.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BINARY_SNIFF_BYTES = 8192
+# Folders that are never source data: VCS metadata and Python bytecode caches. Hidden entries
+# (".git", ".venv", ".DS_Store") are skipped for the same reason.
+SKIPPED_DIR_NAMES = {"__pycache__"}
+
+
+class DataError(ValueError):
+    """A problem with one input item, located as precisely as we can (file, line)."""
+
+    def __init__(self, source: str, line: int | None, reason: str, hint: str):
+        self.source, self.line, self.reason, self.hint = str(source), line, reason, hint
+        where = f"{self.source}:{line}" if line is not None else self.source
+        super().__init__(f"{where}: {reason} — {hint}")
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # the file path as found
+    line: int | None  # 1-based line where the record starts (JSONL/CSV); None for whole-file documents
+    doc_id: str  # path relative to the source root (+ ":line"); independent of where the data lives
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    rel: str  # POSIX path relative to the source root; the stable part of doc_id
+
+    @property
+    def kind(self) -> str:
+        suffix = self.path.suffix.lower()
+        return {".jsonl": "jsonl", ".csv": "csv"}.get(suffix, "text")
+
+
+def raise_problem(err: DataError) -> None:
+    raise err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding files
+
+
+def is_excluded(rel: str, full: str, patterns: Iterable[str]) -> bool:
+    """fnmatch on the relative and the full path; a pattern without '/' also matches any one path
+    component (like .gitignore), so `site-packages` or `*.pyc` work without wildcards around them."""
+    parts = rel.split("/")
+    for pat in patterns:
+        if fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(full, pat):
+            return True
+        if "/" not in pat and any(fnmatch.fnmatch(part, pat) for part in parts):
+            return True
+    return False
+
+
+def _walk(root: Path, exclude: list[str]) -> list[SourceFile]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+
+        def keep_dir(name: str) -> bool:
+            if name.startswith(".") or name in SKIPPED_DIR_NAMES:
+                return False
+            # prune whole excluded folders early; "dir/" lets patterns such as */test/* match them
+            return not is_excluded(f"{rel_dir}{name}/", f"{(here / name).as_posix()}/", exclude)
+
+        dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
+        for name in filenames:
+            path = here / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            if not is_excluded(rel_dir + name, path.as_posix(), exclude):
+                found.append(SourceFile(path, rel_dir + name))
+    return sorted(found, key=lambda f: f.rel)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: what matches are made relative to."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def find_files(
+    sources: Iterable[str | Path],
+    exclude: list[str] | None = None,
+    on_problem: Callable[[DataError], None] = raise_problem,
+) -> list[SourceFile]:
+    """Expand every source (file, folder searched recursively, or glob) into files, in order: sources
+    as given, files inside one source sorted. A file reached twice is read once."""
+    exclude = list(exclude or [])
+    files: list[SourceFile] = []
+    seen: set[Path] = set()
+    for source in sources:
+        text = str(source)
+        path = Path(text).expanduser()
+        if path.is_file():
+            matched = [SourceFile(path, path.name)]
+        elif path.is_dir():
+            matched = _walk(path, exclude)
+        elif glob.has_magic(text):
+            root = _glob_root(text)
+            matched = []
+            for hit in sorted(glob.glob(str(Path(text).expanduser()), recursive=True)):
+                p = Path(hit)
+                if not p.is_file():
+                    continue
+                rel = os.path.relpath(p, root).replace(os.sep, "/")
+                if not is_excluded(rel, p.as_posix(), exclude):
+                    matched.append(SourceFile(p, rel))
+        else:
+            on_problem(DataError(text, None, "no such file or directory", "check the path or the glob"))
+            continue
+        if not matched:
+            what = "folder has no files" if path.is_dir() else "glob matched no files"
+            on_problem(DataError(text, None, f"{what} (after --exclude)", "check the path, glob and excludes"))
+            continue
+        for f in matched:
+            key = f.path.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading documents
+
+
+def _check_not_binary(data: bytes, path: str) -> None:
+    nul = data.find(b"\0", 0, BINARY_SNIFF_BYTES)
+    if nul >= 0:
+        raise DataError(
+            path,
+            None,
+            f"binary file (NUL byte at offset {nul})",
+            "exclude it (e.g. --exclude '*" + (Path(path).suffix or Path(path).name) + "') or convert it to text",
+        )
+
+
+def _decode(data: bytes, path: str, line_offset: int = 0) -> str:
+    try:
+        # utf-8-sig: a leading byte-order mark is an encoding artefact, not text
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = line_offset + data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            path, line, f"invalid UTF-8 (byte 0x{data[e.start]:02x})", "re-encode the file as UTF-8 (e.g. iconv)"
+        ) from None
+
+
+def _read_text(f: SourceFile) -> Iterator[Document]:
+    data = f.path.read_bytes()
+    _check_not_binary(data, str(f.path))
+    yield Document(_decode(data, str(f.path)), str(f.path), None, f.rel)
+
+
+def _read_jsonl(f: SourceFile, field: str, on_problem: Callable[[DataError], None]) -> Iterator[Document]:
+    path = str(f.path)
+    with open(f.path, "rb") as fh:
+        _check_not_binary(fh.read(BINARY_SNIFF_BYTES), path)
+        fh.seek(0)
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = _decode(raw, path, lineno - 1) if lineno == 1 else _decode_line(raw, path, lineno)
+                if not line.strip():
+                    continue  # a blank line is not a record (e.g. a trailing newline pair)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, lineno, f"malformed JSON ({e.msg}, column {e.colno})",
+                                    "fix or remove the line") from None
+                if not isinstance(obj, dict):
+                    raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}",
+                                    f'write one object per line, e.g. {{"{field}": "..."}}')
+                if field not in obj:
+                    keys = ", ".join(list(obj)[:5]) or "none"
+                    raise DataError(path, lineno, f"missing field {field!r} (fields: {keys})",
+                                    "choose the field with --jsonl-field")
+                value = obj[field]
+                if not isinstance(value, str):
+                    raise DataError(path, lineno, f"field {field!r} is {type(value).__name__}, not a string",
+                                    "store the text as a JSON string")
+            except DataError as err:
+                on_problem(err)
+                continue
+            yield Document(value, path, lineno, f"{f.rel}:{lineno}")
+
+
+def _decode_line(raw: bytes, path: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, lineno, f"invalid UTF-8 (byte 0x{raw[e.start]:02x})",
+                        "re-encode the file as UTF-8 (e.g. iconv)") from None
+
+
+def _read_csv(f: SourceFile, column: str, on_problem: Callable[[DataError], None]) -> Iterator[Document]:
+    path = str(f.path)
+    data = f.path.read_bytes()
+    _check_not_binary(data, path)
+    text = _decode(data, path)
+    # cells may hold whole documents; the default limit (128 KiB) is for spreadsheets
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataError(path, reader.line_num, f"malformed CSV header ({e})", "fix the first row") from None
+    if header is None:
+        return  # an empty file: no rows, no documents
+    if column not in header:
+        shown = ", ".join(header[:8])
+        raise DataError(path, 1, f"no column {column!r} (columns: {shown})", "choose the column with --csv-column")
+    index = header.index(column)
+    while True:
+        start = reader.line_num + 1  # a row with quoted newlines spans several lines; report its first
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            on_problem(DataError(path, start, f"malformed CSV row ({e})", "fix the quoting of this row"))
+            return  # the reader cannot resynchronise after a quoting error
+        if not row:
+            continue  # a blank line is not a row
+        if index >= len(row):
+            on_problem(DataError(path, start, f"row has {len(row)} fields, the header has {len(header)}",
+                                 "fix the row (missing separators?)"))
+            continue
+        yield Document(row[index], path, start, f"{f.rel}:{start}")
+
+
+def read_documents(
+    f: SourceFile,
+    *,
+    jsonl_field: str = "text",
+    csv_column: str = "text",
+    on_problem: Callable[[DataError], None] = raise_problem,
+) -> Iterator[Document]:
+    """Documents of one file. A problem with one record skips that record; a problem with the file as a
+    whole (binary, undecodable text, missing column) skips the file. Either way `on_problem` hears it."""
+    try:
+        if f.kind == "jsonl":
+            yield from _read_jsonl(f, jsonl_field, on_problem)
+        elif f.kind == "csv":
+            yield from _read_csv(f, csv_column, on_problem)
+        else:
+            yield from _read_text(f)
+    except DataError as err:
+        on_problem(err)
+    except OSError as e:
+        on_problem(DataError(str(f.path), None, f"cannot read ({e.strerror or e})", "check permissions"))

@@ -1,0 +1,118 @@
+"""Sampling from a model: temperature, top-k, top-p, stop strings, seeds, streaming text.
+
+`generate_ids` yields token ids one at a time (with or without the KV cache); `generate_text` streams decoded
+text, holding back only what could still turn into a stop string or an incomplete UTF-8 character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from slmkit.model import KVCache, Transformer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0 or self.max_new_tokens < 0:
+            raise ValueError("top_k and max_new_tokens must be >= 0")
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from a (vocab,) logits vector."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cum = sorted_probs.cumsum(0)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = cum - sorted_probs >= p.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams,
+                 use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids. Without the cache every step re-runs the whole (cropped) context."""
+    model.eval()
+    device = next(model.parameters()).device
+    max_len = model.cfg.max_seq_len
+    ids = list(prompt_ids)[-max_len:] or [model.cfg.bos_token_id or 0]
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    eos = model.cfg.eos_token_id
+    cache = KVCache(model.cfg, 1, max_len, device=device,
+                    dtype=next(model.parameters()).dtype) if use_cache else None
+    pending = ids
+    for _ in range(params.max_new_tokens):
+        if cache is not None and cache.length + len(pending) > max_len:
+            # Context full: restart the cache on the most recent half of the window.
+            ids = ids[-(max_len // 2):]
+            cache.length = 0
+            pending = ids
+        if cache is None:
+            ids = ids[-max_len:]
+            pending = ids
+        x = torch.tensor([pending], device=device)
+        logits = model(x, cache=cache)[0, -1]
+        tok = sample_next(logits.cpu(), params, gen)
+        if params.stop_at_eos and tok == eos:
+            return
+        yield tok
+        ids.append(tok)
+        pending = [tok]
+
+
+def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams,
+                  use_cache: bool = True, add_bos: bool = True) -> Iterator[str]:
+    """Stream the completion of `prompt` as text pieces; stops at eos, a stop string, or max_new_tokens."""
+    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.bos_id is not None)
+    new: list[int] = []
+    emitted = ""
+    hold = max((len(s) for s in params.stop), default=0)
+    for tok in generate_ids(model, prompt_ids, params, use_cache=use_cache):
+        new.append(tok)
+        text = tokenizer.decode(new)
+        for s in params.stop:
+            cut = text.find(s, max(0, len(emitted) - len(s)))
+            if cut != -1:
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                return
+        # An incomplete UTF-8 sequence decodes to U+FFFD at the end; wait for the rest of the character.
+        safe = len(text) - hold
+        while safe > len(emitted) and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > len(emitted):
+            yield text[len(emitted):safe]
+            emitted = text[:safe]
+    text = tokenizer.decode(new)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def complete(model: Transformer, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True) -> str:
+    return "".join(generate_text(model, tokenizer, prompt, params, use_cache=use_cache))

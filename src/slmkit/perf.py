@@ -1,0 +1,59 @@
+"""Hardware facts the trainer and benchmarks need: device choice, bf16 support, measured matmul peak."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Without native bf16 instructions (AVX512-BF16/AMX) CPU autocast emulates bf16 and is slower than fp32.
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where the hardware does bf16 natively, else 'fp32'."""
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@functools.cache
+def matmul_peak_flops(device_type: str = "cpu", precision: str = "fp32", n: int = 1024,
+                      seconds: float = 0.5) -> float:
+    """Measured FLOP/s of a square matmul: the denominator for MFU on this very machine, right now."""
+    device = torch.device(device_type)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)

@@ -1,0 +1,178 @@
+"""`slm quickstart`: a code model trained on this Python's own standard library, start to finish.
+
+    OUT/data/        token dataset (stdlib .py files, deduplicated, 8k byte-level BPE)
+    OUT/run/         training run (checkpoint/, model/, metrics.jsonl, loss.png)
+    OUT/report.md    what happened and how good it is, next to gzip -9 and xz -9e on the same text
+
+Re-running continues where an interrupted run stopped: a finished dataset is reused and training resumes.
+The default hyperparameters were chosen for a ~10 minute budget on 2 CPU cores (see docs/quickstart-tuning.md):
+on a small budget many small steps beat big batches, so batches are 16 × 256 tokens with a high learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sysconfig
+from pathlib import Path
+
+from slmkit.checkpoint import load_model_dir
+from slmkit.eval.perplexity import compressor_bits_per_byte, text_bits_per_byte
+from slmkit.files import atomic_write_json, atomic_write_text
+from slmkit.generate import SamplingParams, complete
+from slmkit.train.loop import TrainConfig, read_metrics, train
+
+STDLIB_EXCLUDE = ["*/test/*", "*/tests/*", "*/idle_test/*", "*/site-packages/*", "*/__pycache__/*"]
+
+# What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md).
+QUICKSTART_TRAIN = dict(seq_len=256, batch_size=16, lr=3e-3, min_lr_ratio=0.05, warmup_steps=100,
+                        weight_decay=0.1, eval_every=500, eval_tokens=32768, save_every=250)
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def unseen_code_sample(n_files: int = 40, seed: int = 0) -> list[Path]:
+    """Python files the model never trains on: a fixed sample of the stdlib's own test suite."""
+    test_dir = stdlib_dir() / "test"
+    files = sorted(p for p in test_dir.glob("test_*.py") if p.is_file())
+    random.Random(seed).shuffle(files)
+    return sorted(files[:n_files])
+
+
+def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, preset: str = "micro",
+                   vocab_size: int = 8192, compile: bool | None = None, precision: str = "auto",
+                   log=print, **train_overrides) -> dict:
+    out = Path(out)
+    data_dir, run_dir = out / "data", out / "run"
+
+    if (data_dir / "meta.json").exists():
+        log(f"[1/4] reusing the token dataset in {data_dir}")
+    else:
+        from slmkit.data.prepare import prepare_dataset
+        log(f"[1/4] preparing {stdlib_dir()}/**/*.py (no tests, no site-packages) -> {data_dir}")
+        prepare_dataset([str(stdlib_dir() / "**" / "*.py")], data_dir, vocab_size=vocab_size, val_fraction=0.02,
+                        exclude=STDLIB_EXCLUDE, log=log)
+    meta = json.loads((data_dir / "meta.json").read_text())
+
+    if (run_dir / "model" / "config.json").exists():
+        log(f"[2/4] reusing the trained model in {run_dir / 'model'}")
+        summary = json.loads((run_dir / "model" / "slmkit.json").read_text()).get("metrics", {})
+    else:
+        resume = (run_dir / "checkpoint" / "trainer_state.json").exists()
+        if compile is None:
+            compile = _compile_helps()
+        cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, max_minutes=minutes,
+                          precision=precision, compile=compile, **{**QUICKSTART_TRAIN, **train_overrides})
+        log(f"[2/4] training `{preset}` for {minutes:g} minutes{' (resuming)' if resume else ''}")
+        summary = train(cfg, resume=resume, log=log)
+        if summary.get("interrupted"):
+            log("interrupted: run `slm quickstart` again to continue")
+            return summary
+
+    log("[3/4] evaluating against gzip -9 and xz -9e")
+    model = load_model_dir(run_dir / "model")
+    from slmkit.tokenizer import load_tokenizer
+    tok = load_tokenizer(run_dir / "model")
+    val_text = (data_dir / "val.txt").read_bytes()
+    val_model = summary.get("val_bpb")
+    unseen_texts = [p.read_text(encoding="utf-8", errors="replace") for p in unseen_code_sample()]
+    unseen = text_bits_per_byte(model, tok, unseen_texts, seq_len=256, batch_size=16)
+    results = {
+        "val": {"model": val_model, **compressor_bits_per_byte(val_text), "bytes": len(val_text)},
+        "unseen": {"model": unseen["bits_per_byte"],
+                   **compressor_bits_per_byte("".join(unseen_texts).encode("utf-8")), "bytes": unseen["bytes"],
+                   "files": len(unseen_texts)},
+    }
+
+    log("[4/4] sampling a completion of `def `")
+    sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0))
+    greedy = complete(model, tok, "def ", SamplingParams(max_new_tokens=96, temperature=0.0))
+    print("\n" + "-" * 60 + "\ndef " + sample + "\n" + "-" * 60)
+    report = render_report(out, meta, summary, results, sample, greedy, model.cfg, minutes)
+    atomic_write_text(out / "report.md", report)
+    atomic_write_json(out / "results.json", {**results, "train": summary, "sample": sample})
+    log(f"validation: {val_model:.3f} bits/byte (xz -9e {results['val']['xz -9e']:.3f}); unseen test code: "
+        f"{unseen['bits_per_byte']:.3f} (xz -9e {results['unseen']['xz -9e']:.3f}) -> {out / 'report.md'}")
+    return {**summary, "results": results, "sample": sample}
+
+
+def _compile_helps() -> bool:
+    """torch.compile pays 30-60 s once; it is on when BENCHMARKS.md-style measurement says it wins here."""
+    import torch
+    return torch.cuda.is_available() or _CPU_COMPILE_DEFAULT
+
+
+# Measured by benchmarks/train_throughput.py on the 2-core CI machines (see BENCHMARKS.md).
+_CPU_COMPILE_DEFAULT = True
+
+
+def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: str, greedy: str, mcfg,
+                  minutes: float) -> str:
+    cl = meta.get("cleaning", {})
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    metrics = read_metrics(out / "run" / "metrics.jsonl")
+    tok_s = [r["tok_s"] for r in metrics if "tok_s" in r][1:]  # the first window includes compilation
+    mfu = [r["mfu"] for r in metrics if "mfu" in r][1:]
+    med = statistics.median
+    tok_s, mfu = tok_s or [float("nan")], mfu or [float("nan")]
+    v, u = results["val"], results["unseen"]
+
+    def row(name, d):
+        return f"| {name} | {d['model']:.3f} | {d['gzip -9']:.3f} | {d['xz -9e']:.3f} | {d['bytes']:,} |"
+
+    return f"""# slmkit quickstart report
+
+A `{summary.get('preset', 'micro')}` Llama-style model trained for {minutes:g} minutes on this Python's standard
+library source (`{stdlib_dir()}`, `.py` files, no test folders, no site-packages).
+
+## Data
+| | |
+|---|---|
+| source files read | {len(meta.get('sources', [])):,} |
+| documents in | {cl.get('documents_in', 'n/a'):,} |
+| exact duplicates removed | {cl.get('exact_duplicates', 'n/a')} |
+| near-duplicates removed (MinHash) | {cl.get('near_duplicates', 'n/a')} |
+| empty documents | {cl.get('empty', 'n/a')} |
+| train documents / tokens / bytes | {tr['documents']:,} / {tr['tokens']:,} / {tr['bytes']:,} |
+| validation documents / tokens / bytes | {va['documents']:,} / {va['tokens']:,} / {va['bytes']:,} |
+| tokenizer | byte-level BPE, {meta['vocab_size']:,} tokens, {tr['bytes'] / max(1, tr['tokens']):.2f} bytes/token |
+
+## Model and training
+| | |
+|---|---|
+| parameters | {mcfg.num_params():,} (dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads}/{mcfg.n_kv_heads} heads) |
+| training FLOPs/token | {mcfg.flops_per_token(256) / 1e6:.1f} M |
+| steps / tokens seen | {summary.get('steps', 'n/a'):,} / {summary.get('tokens', 0):,} |
+| wall time | {summary.get('elapsed_s', 0) / 60:.1f} min ({summary.get('precision', '?')}) |
+| throughput (median) | {med(tok_s):,.0f} tokens/s, MFU {med(mfu):.1%} of this machine's measured matmul peak |
+| epochs over train | {summary.get('tokens', 0) / max(1, tr['tokens']):.2f} |
+
+![loss curve](run/loss.png)
+
+## Quality: bits per byte (lower is better)
+| text | slmkit model | gzip -9 | xz -9e | bytes |
+|---|---|---|---|---|
+{row('validation split (held-out stdlib files)', v)}
+{row(f"unseen code: {u['files']} files of the stdlib test suite", u)}
+
+## Sample: `def ` (temperature 0.6, top-k 40, seed 0)
+```python
+def {sample}
+```
+
+Greedy:
+```python
+def {greedy}
+```
+
+## Next
+```bash
+slm generate {out}/run "import os" --temperature 0.7
+slm chat {out}/run
+slm train --data {out}/data --out {out}/run2 --preset micro --max-minutes 30
+python -c "import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('{out}/run/model')"
+```
+"""
