@@ -69,6 +69,7 @@ def train(
     eval_every: int = 250,
     eval_tokens: int = 65536,
     save_every: int = 500,
+    log_every: int = 10,
     precision: Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 where the hardware has it)")] = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
     loss_chunk: Annotated[int, typer.Option(help="chunked cross-entropy: positions per chunk (0 = off)")] = 0,
@@ -85,7 +86,7 @@ def train(
                           init_from=init_from, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                           min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
                           grad_clip=grad_clip, max_steps=max_steps, max_tokens=max_tokens, max_minutes=max_minutes,
-                          eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every,
+                          eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every, log_every=log_every,
                           precision=precision, compile=compile, loss_chunk=loss_chunk, seed=seed, device=device)
         run_train(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -60,23 +60,20 @@ def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingPara
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
     ids = list(prompt_ids)[-max_len:] or [model.cfg.bos_token_id or 0]
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
     eos = model.cfg.eos_token_id
     cache = KVCache(model.cfg, 1, max_len, device=device,
                     dtype=next(model.parameters()).dtype) if use_cache else None
-    pending = ids
+    # The model sees ids[start:]. When that would exceed max_seq_len, both paths slide the window the same
+    # way (keep the most recent half), so cached and uncached decoding stay token-for-token identical.
+    start, pending = 0, ids
     for _ in range(params.max_new_tokens):
-        if cache is not None and cache.length + len(pending) > max_len:
-            # Context full: restart the cache on the most recent half of the window.
-            ids = ids[-(max_len // 2):]
-            cache.length = 0
-            pending = ids
-        if cache is None:
-            ids = ids[-max_len:]
-            pending = ids
-        x = torch.tensor([pending], device=device)
+        if len(ids) - start > max_len:
+            start = len(ids) - max_len // 2
+            pending = ids[start:]
+            if cache is not None:
+                cache.length = 0
+        x = torch.tensor([pending if cache is not None else ids[start:]], device=device)
         logits = model(x, cache=cache)[0, -1]
         tok = sample_next(logits.cpu(), params, gen)
         if params.stop_at_eos and tok == eos:

@@ -31,8 +31,9 @@ IPV4_RE = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 PHONE_RE = re.compile(
     r"(?<![\w+])(?:"
-    # international: +CC then 2-5 groups separated by space, dot or dash, e.g. +44 20 7946 0958
-    r"\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}"
+    # international: +CC then 2-5 digit groups separated by space, dot or dash, e.g. +44 20 7946 0958,
+    # +44 (0)20 7946 0958, +1 (555) 123-4567
+    r"\+\d{1,3}(?:[ .-](?:\(\d{1,4}\) ?)?\d{1,8}){2,5}"
     # North American: (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-0199
     r"|(?:1[ .-])?\(\d{3}\)[ ]?\d{3}[ .-]\d{4}"
     r"|(?:1[.-])?\d{3}([.-])\d{3}\1\d{4}"
@@ -78,8 +79,10 @@ def _card(match: re.Match) -> str | None:
 def _ipv6(match: re.Match) -> str | None:
     s = match.group()
     try:
-        ipaddress.IPv6Address(s)
+        ip = ipaddress.IPv6Address(s)
     except ValueError:
+        return None
+    if ip.is_loopback or ip.is_unspecified:
         return None
     groups = [g for g in s.split(":") if g]
     # `a[1::2]` and `::1` are valid IPv6 too; demand a full address or a compressed one with a
@@ -87,6 +90,20 @@ def _ipv6(match: re.Match) -> str | None:
     if len(groups) == 8 or ("::" in s and len(groups) >= 2 and max(len(g) for g in groups) >= 3):
         return PLACEHOLDERS["ip"]
     return None
+
+
+_NOT_AN_ADDRESS = re.compile(r"version|section|release|rfc|spec|§", re.IGNORECASE)
+
+
+def _ipv4(match: re.Match) -> str | None:
+    ip = ipaddress.IPv4Address(match.group())
+    # loopback, 0.0.0.0 and netmasks identify nobody, and code is full of them; dotted numbers right after
+    # "version 7.1.4.34" or "section 8.2.4.44" are not addresses at all
+    if ip.is_loopback or ip.is_unspecified or match.group().startswith("255."):
+        return None
+    if _NOT_AN_ADDRESS.search(match.string, max(0, match.start() - 24), match.start()):
+        return None
+    return PLACEHOLDERS["ip"]
 
 
 def _phone(match: re.Match) -> str | None:
@@ -103,7 +120,7 @@ REDACTORS = [
     ("email", EMAIL_RE, _always("email")),
     ("credit_card", CARD_RE, _card),
     ("ip", IPV6_RE, _ipv6),
-    ("ip", IPV4_RE, _always("ip")),
+    ("ip", IPV4_RE, _ipv4),
     ("phone", PHONE_RE, _phone),
 ]
 

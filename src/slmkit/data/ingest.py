@@ -72,20 +72,20 @@ def is_excluded(rel: str, full: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+def _keep_dir(rel: str, full: str, name: str, exclude: list[str]) -> bool:
+    if name.startswith(".") or name in SKIPPED_DIR_NAMES:
+        return False
+    # prune whole excluded folders early; the trailing "/" lets patterns such as */test/* match them
+    return not is_excluded(rel + "/", full + "/", exclude)
+
+
 def _walk(root: Path, exclude: list[str]) -> list[SourceFile]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         rel_dir = here.relative_to(root).as_posix()
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
-
-        def keep_dir(name: str) -> bool:
-            if name.startswith(".") or name in SKIPPED_DIR_NAMES:
-                return False
-            # prune whole excluded folders early; "dir/" lets patterns such as */test/* match them
-            return not is_excluded(f"{rel_dir}{name}/", f"{(here / name).as_posix()}/", exclude)
-
-        dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
+        dirnames[:] = sorted(d for d in dirnames if _keep_dir(rel_dir + d, (here / d).as_posix(), d, exclude))
         for name in filenames:
             path = here / name
             if name.startswith(".") or not path.is_file():
@@ -206,10 +206,21 @@ def _read_jsonl(f: SourceFile, field: str, on_problem: Callable[[DataError], Non
                 if not isinstance(value, str):
                     raise DataError(path, lineno, f"field {field!r} is {type(value).__name__}, not a string",
                                     "store the text as a JSON string")
+                if "\\u" in line and not _encodable(value):
+                    raise DataError(path, lineno, f"field {field!r} holds a lone surrogate escape (\\ud800-\\udfff)",
+                                    "write the character itself or a valid surrogate pair")
             except DataError as err:
                 on_problem(err)
                 continue
             yield Document(value, path, lineno, f"{f.rel}:{lineno}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode_line(raw: bytes, path: str, lineno: int) -> str:

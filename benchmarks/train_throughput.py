@@ -1,0 +1,248 @@
+"""Training throughput and MFU of slmkit's training step: eager vs torch.compile, fp32 vs bf16, full vs chunked loss.
+
+    python benchmarks/train_throughput.py                       # micro + stories15m, the full matrix
+    python benchmarks/train_throughput.py --presets micro --steps 4 --json out.json
+
+One step is exactly what `slmkit.train.loop.train` does per optimizer step (grad_accum 1): forward with the loss
+under `slmkit.perf.autocast`, backward, `clip_grad_norm_(1.0)`, the fused AdamW of `make_optimizer`, zero_grad.
+Batches are random tokens: data loading is not what is measured.
+
+Each configuration runs in a fresh subprocess (this script re-invoked with `--one JSON`), so compile caches and
+thread pools do not leak from one configuration into the next. By default each subprocess also gets an empty
+TorchInductor cache, so the warm-up column is the cold compile a first-time user pays (`--warm-cache` reuses
+the on-disk cache instead). The reported throughput is the MEDIAN step time after the warm-up steps; MFU divides
+`ModelConfig.flops_per_token(seq_len)` × tokens/s by the square-matmul peak measured in this same run
+(`slmkit.perf.matmul_peak_flops`; the bf16 peak for bf16 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _threads_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+# ---- one configuration (runs inside its own subprocess) --------------------------------------------------
+
+def run_one(conf: dict) -> dict:
+    import torch
+
+    from slmkit.config import model_config
+    from slmkit.model import Transformer
+    from slmkit.perf import autocast
+    from slmkit.train.loop import TrainConfig, make_optimizer
+
+    torch.set_num_threads(conf["threads"])
+    device = torch.device(conf["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seq_len, batch_size, precision = conf["seq_len"], conf["batch_size"], conf["precision"]
+
+    torch.manual_seed(0)
+    # As build_model does: the preset's shape, max_seq_len stretched to cover seq_len.
+    mcfg = model_config(conf["preset"], max_seq_len=max(seq_len, 256))
+    model = Transformer(mcfg).to(device)
+    model.train()
+    tcfg = TrainConfig(data="-", out="-", preset=conf["preset"], seq_len=seq_len, batch_size=batch_size,
+                       max_steps=1, precision=precision, compile=conf["compile"], loss_chunk=conf["loss_chunk"])
+    opt = make_optimizer(model, tcfg)
+    step_fn = torch.compile(model) if conf["compile"] else model
+
+    # A few random batches, made before timing and cycled through.
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        tok = torch.randint(mcfg.vocab_size, (batch_size, seq_len + 1), generator=gen)
+        batches.append((tok[:, :-1].contiguous().to(device), tok[:, 1:].contiguous().to(device)))
+
+    def step(i: int) -> float:
+        x, y = batches[i % len(batches)]
+        with autocast(device, precision):
+            loss = step_fn(x, y, loss_chunk=tcfg.loss_chunk)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # also a sync point, as the loop's logging is
+
+    t0 = time.perf_counter()
+    warmup_times, losses = [], []
+    for i in range(conf["warmup"]):
+        sync()
+        t = time.perf_counter()
+        losses.append(step(i))
+        sync()
+        warmup_times.append(time.perf_counter() - t)
+    warmup_s = time.perf_counter() - t0
+
+    times = []
+    for i in range(conf["steps"]):
+        sync()
+        t = time.perf_counter()
+        losses.append(step(conf["warmup"] + i))
+        sync()
+        times.append(time.perf_counter() - t)
+
+    tokens = batch_size * seq_len
+    med = statistics.median(times)
+    return {**conf, "params": mcfg.num_params(), "flops_per_token": mcfg.flops_per_token(seq_len),
+            "tokens_per_step": tokens, "warmup_s": warmup_s, "warmup_step_s": warmup_times, "step_s": times,
+            "median_step_s": med, "tok_s": tokens / med, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def spawn(conf: dict, timeout: float, warm_cache: bool) -> dict:
+    """Run one configuration in a fresh interpreter; a failure or timeout becomes a row with an error."""
+    env = _threads_env(conf["threads"])
+    with tempfile.TemporaryDirectory(prefix="slmkit-bench-") as tmp:
+        if not warm_cache:
+            env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+            env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(conf)],
+                                  env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**conf, "error": f"timed out after {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**conf, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return {**json.loads(lines[-1]), "subprocess_wall_s": wall}
+
+
+def measure_peaks(device_type: str, threads: int) -> dict:
+    """fp32 and bf16 matmul peaks, measured in a fresh subprocess with the benchmark's thread count."""
+    code = ("import json, torch; torch.set_num_threads(%d); from slmkit.perf import matmul_peak_flops as m; "
+            "print(json.dumps({p: m(%r, p, seconds=1.0) for p in ('fp32', 'bf16')}))" % (threads, device_type))
+    out = subprocess.run([sys.executable, "-c", code], env=_threads_env(threads), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- the matrix ----------------------------------------------------------------------------------------
+
+def machine_info(device_type: str, threads: int) -> dict:
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+        flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags:")), [])
+        simd = sorted(f for f in flags if f.startswith(("avx", "amx")))
+    except (OSError, subprocess.CalledProcessError):
+        simd = []
+    info = {"cpu": model, "cpus": os.cpu_count(), "simd": simd, "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(), "device": device_type}
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = os.getloadavg()
+    if device_type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(rows: list[dict], peaks: dict) -> str:
+    head = ("| preset | compile | precision | loss_chunk | median tok/s | MFU | vs eager fp32 | step spread | "
+            "warmup s |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    anchors = {r["preset"]: r["tok_s"] for r in rows
+               if "error" not in r and not r["compile"] and r["precision"] == "fp32" and r["loss_chunk"] == 0}
+    for r in rows:
+        cols = [r["preset"], "compile" if r["compile"] else "eager", r["precision"], str(r["loss_chunk"])]
+        if "error" in r:
+            lines.append("| " + " | ".join(cols + ["failed: " + r["error"][:80], "", "", "", ""]) + " |")
+            continue
+        mfu = r["flops_per_token"] * r["tok_s"] / peaks[r["precision"]]
+        anchor = anchors.get(r["preset"])
+        ratio = f"{r['tok_s'] / anchor:.2f}×" if anchor else "n/a"
+        spread = (max(r["step_s"]) - min(r["step_s"])) / r["median_step_s"]
+        cols += [f"{r['tok_s']:,.0f}", f"{mfu:.1%}", ratio, f"±{spread / 2:.0%} ({len(r['step_s'])} steps)",
+                 f"{r['warmup_s']:.1f}"]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["micro", "stories15m"])
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (median is reported)")
+    p.add_argument("--bf16-steps", type=int, default=None,
+                   help="timed steps for bf16 rows (default: --steps); fewer where bf16 is emulated and slow")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk for the chunked-loss rows")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--timeout", type=float, default=300, help="seconds before one configuration is abandoned")
+    p.add_argument("--warm-cache", action="store_true", help="reuse the on-disk TorchInductor cache")
+    p.add_argument("--json", help="write machine info, peaks and every row (with all step times) here")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))), flush=True)
+        return
+
+    t_start = time.perf_counter()
+    info = machine_info(args.device, args.threads)
+    peaks = measure_peaks(args.device, args.threads)
+    print(f"# {info['cpu']}, {info['cpus']} CPUs ({' '.join(info['simd']) or 'no AVX'}), torch {info['torch']}, "
+          f"{args.threads} threads, {info['date']}", flush=True)
+    print(f"# matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
+          flush=True)
+
+    rows = []
+    matrix = itertools.product(args.presets, args.compile, args.precisions, [0, args.loss_chunk])
+    for preset, mode, precision, chunk in matrix:
+        steps = args.bf16_steps if (precision == "bf16" and args.bf16_steps) else args.steps
+        conf = {"preset": preset, "compile": mode == "compile", "precision": precision, "loss_chunk": chunk,
+                "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": steps, "warmup": args.warmup,
+                "threads": args.threads, "device": args.device}
+        row = spawn(conf, args.timeout, args.warm_cache)
+        rows.append(row)
+        if "error" in row:
+            print(f"  {preset} {mode} {precision} chunk={chunk}: FAILED {row['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"  {preset:<10} {mode:<7} {precision} chunk={chunk:<5} {row['tok_s']:8,.0f} tok/s  "
+                  f"warmup {row['warmup_s']:5.1f} s  loss {row['first_loss']:.2f}->{row['last_loss']:.2f}",
+                  file=sys.stderr, flush=True)
+
+    # The peak again at the end: the machine is shared, so show how much it moved; MFU uses the higher one.
+    peaks_end = measure_peaks(args.device, args.threads)
+    best = {k: max(peaks[k], peaks_end[k]) for k in peaks}
+    print(f"# matmul peak at the end: fp32 {peaks_end['fp32'] / 1e9:.1f}, bf16 {peaks_end['bf16'] / 1e9:.1f} "
+          f"GFLOP/s (MFU uses the higher of start/end)")
+    print()
+    print(table(rows, best))
+    total = time.perf_counter() - t_start
+    print(f"\n# total {total / 60:.1f} min")
+    if args.json:
+        if hasattr(os, "getloadavg"):
+            info["loadavg_end"] = os.getloadavg()
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"machine": info, "args": vars(args), "peaks_start": peaks, "peaks_end": peaks_end,
+                       "peaks_used": best, "total_s": total, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

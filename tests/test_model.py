@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from slmkit.config import PRESETS, ModelConfig, model_config, parse_overrides
+from slmkit.model import KVCache, Transformer
+
+
+def test_presets_parameter_counts_match_the_built_model():
+    for name in ("nano", "micro", "stories15m"):
+        cfg = model_config(name)
+        assert Transformer(cfg).num_params() == cfg.num_params(), name
+    # published sizes
+    assert abs(model_config("smollm2-135m").num_params() - 134.5e6) < 0.1e6
+    assert abs(model_config("tinyllama-1.1b").num_params() - 1.100e9) < 0.001e9
+    assert 0.9e6 < model_config("nano").num_params() < 1.5e6
+    assert 5.5e6 < model_config("micro").num_params() < 7e6
+    assert set(PRESETS) >= {"stories15m", "stories42m", "stories110m", "litellama-460m"}
+
+
+def test_overrides_are_typed_and_validated():
+    assert parse_overrides(["dim=64", "tie_embeddings=false", "rope_theta=5e5"]) == {
+        "dim": 64, "tie_embeddings": False, "rope_theta": 500000.0}
+    with pytest.raises(ValueError, match="unknown model field"):
+        parse_overrides(["width=3"])
+    with pytest.raises(ValueError, match="field=value"):
+        parse_overrides(["dim"])
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = model_config("micro")
+    n = cfg.num_params(include_embeddings=False)
+    assert cfg.flops_per_token(256) == 6 * n + 12 * cfg.n_layers * cfg.dim * 256
+
+
+def test_kv_cache_matches_full_forward(tiny_cfg):
+    model = Transformer(tiny_cfg).eval()
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(tiny_cfg, 2, 64)
+        parts = [model(x[:, :10], cache=cache), model(x[:, 10:17], cache=cache)]
+        parts += [model(x[:, i:i + 1], cache=cache) for i in range(17, 24)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_past_logits(tiny_cfg):
+    model = Transformer(tiny_cfg).eval()
+    x = torch.randint(0, tiny_cfg.vocab_size, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % tiny_cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :10], model(y)[:, :10])
+
+
+def test_chunked_loss_equals_plain_loss_and_gradients(tiny_cfg):
+    model = Transformer(tiny_cfg)
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
+    y = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
+    y[0, :3] = -100
+    plain = model(x, y)
+    plain.backward()
+    g_plain = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    chunked = model(x, y, loss_chunk=7)
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(model.embed_tokens.weight.grad, g_plain)
+
+
+def test_sequence_longer_than_context_is_refused(tiny_cfg):
+    model = Transformer(tiny_cfg)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, tiny_cfg.max_seq_len + 1, dtype=torch.long))

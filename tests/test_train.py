@@ -1,0 +1,141 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slmkit.checkpoint import load_model_dir
+from slmkit.config import parse_overrides
+from slmkit.train.loop import TrainConfig, budget_progress, lr_at, read_metrics, train
+
+TINY_SET = ["vocab_size=96", "dim=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "hidden_dim=64", "max_seq_len=64"]
+
+
+def tiny_train_config(data, out, **kw):
+    overrides = parse_overrides(TINY_SET)
+    base = dict(data=str(data), out=str(out), preset="nano", model_overrides=overrides, seq_len=32, batch_size=4,
+                warmup_steps=5, eval_every=0, save_every=10, log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def cli_train_args(data, out, **kw):
+    args = [sys.executable, "-m", "slmkit.cli", "train", "--data", str(data), "--out", str(out), "--preset", "nano",
+            "--seq-len", "32", "--warmup-steps", "5", "--eval-every", "0", "--save-every", "10", "--log-every", "1"]
+    for s in TINY_SET:
+        args += ["--set", s]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def test_training_learns_and_writes_a_complete_run(token_data, tmp_path):
+    s = train(tiny_train_config(token_data, tmp_path / "run", max_steps=60, eval_every=20, lr=1e-2))
+    run = tmp_path / "run"
+    assert s["steps"] == 60 and s["tokens"] == 60 * 4 * 32
+    assert {"metrics.jsonl", "loss.png", "train_config.json", "model", "checkpoint"} <= {p.name for p in run.iterdir()}
+    recs = read_metrics(run / "metrics.jsonl")
+    first, last = recs[0]["loss"], [r for r in recs if "loss" in r][-1]["loss"]
+    assert last < first - 1.0  # the synthetic corpus is very learnable
+    assert any("val_bpb" in r for r in recs) and recs[-1].get("final")
+    model = load_model_dir(run / "model")
+    assert model.cfg.dim == 32
+    prov = json.loads((run / "model" / "slmkit.json").read_text())
+    assert prov["train_config"]["max_steps"] == 60 and prov["metrics"]["val_loss"] == s["val_loss"]
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(token_data, tmp_path):
+    train(tiny_train_config(token_data, tmp_path / "run", max_steps=3))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_train_config(token_data, tmp_path / "run", max_steps=3))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny_train_config(token_data, tmp_path / "other", max_steps=3), resume=True)
+
+
+def test_budget_requires_a_limit_and_token_budget_stops_on_time(token_data, tmp_path):
+    with pytest.raises(ValueError, match="budget"):
+        TrainConfig(data="d", out="o")
+    s = train(tiny_train_config(token_data, tmp_path / "run", max_tokens=10 * 4 * 32))
+    assert s["steps"] == 10
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, max_steps=100)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9, 0.09) == pytest.approx(1e-3)
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(1e-4)
+    assert budget_progress(TrainConfig(data="d", out="o", max_steps=10, max_minutes=1), 5, 0, 45.0) == 0.75
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_exactly_like_an_uninterrupted_run(token_data, tmp_path):
+    steps = 150
+    reference = train(tiny_train_config(token_data, tmp_path / "ref", max_steps=steps))
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cli_train_args(token_data, run, max_steps=steps, batch_size=4),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text())["step"] >= 40:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "model").exists()
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < steps
+
+    subprocess.run(cli_train_args(token_data, run, max_steps=steps, batch_size=4) + ["--resume"], check=True,
+                   capture_output=True)
+    assert losses(run) == losses(tmp_path / "ref")
+    final = [r for r in read_metrics(run / "metrics.jsonl") if r.get("final")]
+    assert len(final) == 1 and final[0]["val_loss"] == reference["val_loss"]
+    a, b = load_model_dir(run / "model"), load_model_dir(tmp_path / "ref" / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes(token_data, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli_train_args(token_data, run, max_steps=100000, batch_size=4, save_every=100000),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "interrupted at step" in out
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(token_data, tmp_path):
+    single = tmp_path / "single"
+    train(tiny_train_config(token_data, single, max_steps=12, batch_size=4, grad_accum=2))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = cli_train_args(token_data, tmp_path / "ddp", max_steps=12, batch_size=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *args[1:]], check=True, env=env,
+                   capture_output=True, timeout=300)
+    a, b = losses(single), losses(tmp_path / "ddp")
+    assert a.keys() == b.keys() and len(a) == 12
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    meta = json.loads((tmp_path / "ddp" / "model" / "slmkit.json").read_text())
+    assert meta["world_size"] == 2
