@@ -127,8 +127,8 @@ def spawn(conf: dict, timeout: float, warm_cache: bool) -> dict:
 
 def measure_peaks(device_type: str, threads: int) -> dict:
     """fp32 and bf16 matmul peaks, measured in a fresh subprocess with the benchmark's thread count."""
-    code = ("import json, torch; torch.set_num_threads(%d); from slmkit.perf import matmul_peak_flops as m; "
-            "print(json.dumps({p: m(%r, p, seconds=1.0) for p in ('fp32', 'bf16')}))" % (threads, device_type))
+    code = (f"import json, torch; torch.set_num_threads({threads}); from slmkit.perf import matmul_peak_flops as m; "
+            f"print(json.dumps({{p: m({device_type!r}, p, seconds=1.0) for p in ('fp32', 'bf16')}}))")
     out = subprocess.run([sys.executable, "-c", code], env=_threads_env(threads), capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

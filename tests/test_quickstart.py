@@ -1,0 +1,28 @@
+import json
+
+import pytest
+
+from slmkit.quickstart import run_quickstart, unseen_code_sample
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_on_the_stdlib_and_writes_a_report(tmp_path):
+    out = tmp_path / "qs"
+    result = run_quickstart(out, minutes=0.1, preset="nano", compile=False, eval_every=0)
+    report = (out / "report.md").read_text()
+    for needle in ("bits per byte", "gzip -9", "xz -9e", "near-duplicates removed", "loss.png", "slm generate"):
+        assert needle in report
+    results = json.loads((out / "results.json").read_text())
+    assert results["val"]["xz -9e"] > 1.0 and results["val"]["model"] > 0
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["cleaning"]["near_duplicates"] > 10  # encodings/cp*.py tables
+    assert not any("/test/" in s["path"] or "site-packages" in s["path"] for s in meta["sources"])
+    assert result["sample"]
+    # A second call reuses the finished dataset and model instead of redoing them.
+    again = run_quickstart(out, minutes=0.1, preset="nano", compile=False)
+    assert again["results"]["val"]["model"] == pytest.approx(results["val"]["model"])
+
+
+def test_unseen_code_is_disjoint_from_the_training_sources():
+    files = unseen_code_sample()
+    assert len(files) == 40 and all("/test/" in f.as_posix() for f in files)
