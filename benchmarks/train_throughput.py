@@ -12,7 +12,9 @@ thread pools do not leak from one configuration into the next. By default each s
 TorchInductor cache, so the warm-up column is the cold compile a first-time user pays (`--warm-cache` reuses
 the on-disk cache instead). The reported throughput is the MEDIAN step time after the warm-up steps; MFU divides
 `ModelConfig.flops_per_token(seq_len)` × tokens/s by the square-matmul peak measured in this same run
-(`slmkit.perf.matmul_peak_flops`; the bf16 peak for bf16 rows).
+(`slmkit.perf.matmul_peak_flops`; the bf16 peak for bf16 rows). Where the CPU has no native bf16 (AVX2-only
+machines; `slmkit.perf.bf16_supported`), bf16 autocast is emulated and tens of times slower than fp32, so by
+default only its eager full-loss row is measured, with one step; `--bf16 all` measures every bf16 row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,7 +83,7 @@ def run_one(conf: dict) -> dict:
         return loss.item()  # also a sync point, as the loop's logging is
 
     t0 = time.perf_counter()
-    warmup_times, losses = [], []
+    warmup_times, losses = [], []  # the first warm-up step of a compiled model is where compilation happens
     for i in range(conf["warmup"]):
         sync()
         t = time.perf_counter()
@@ -89,6 +92,8 @@ def run_one(conf: dict) -> dict:
         warmup_times.append(time.perf_counter() - t)
     warmup_s = time.perf_counter() - t0
 
+    # CPU seconds per wall second over the timed steps: ~threads on an idle machine, lower when others compete.
+    ru0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     times = []
     for i in range(conf["steps"]):
         sync()
@@ -97,11 +102,14 @@ def run_one(conf: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t)
 
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_util = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / (time.perf_counter() - w0)
     tokens = batch_size * seq_len
     med = statistics.median(times)
     return {**conf, "params": mcfg.num_params(), "flops_per_token": mcfg.flops_per_token(seq_len),
             "tokens_per_step": tokens, "warmup_s": warmup_s, "warmup_step_s": warmup_times, "step_s": times,
-            "median_step_s": med, "tok_s": tokens / med, "first_loss": losses[0], "last_loss": losses[-1]}
+            "median_step_s": med, "tok_s": tokens / med, "cpu_util": cpu_util,
+            "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def spawn(conf: dict, timeout: float, warm_cache: bool) -> dict:
@@ -126,9 +134,9 @@ def spawn(conf: dict, timeout: float, warm_cache: bool) -> dict:
 
 
 def measure_peaks(device_type: str, threads: int) -> dict:
-    """fp32 and bf16 matmul peaks, measured in a fresh subprocess with the benchmark's thread count."""
+    """fp32 and bf16 matmul peaks (best of several trials), in a fresh subprocess with the benchmark's threads."""
     code = (f"import json, torch; torch.set_num_threads({threads}); from slmkit.perf import matmul_peak_flops as m; "
-            f"print(json.dumps({{p: m({device_type!r}, p, seconds=1.0) for p in ('fp32', 'bf16')}}))")
+            f"print(json.dumps({{p: m({device_type!r}, p) for p in ('fp32', 'bf16')}}))")
     out = subprocess.run([sys.executable, "-c", code], env=_threads_env(threads), capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -159,42 +167,70 @@ def machine_info(device_type: str, threads: int) -> dict:
 
 
 def table(rows: list[dict], peaks: dict) -> str:
-    head = ("| preset | compile | precision | loss_chunk | median tok/s | MFU | vs eager fp32 | step spread | "
-            "warmup s |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    head = ("| preset | compile | precision | loss_chunk | median tok/s | MFU | vs eager fp32 | steps (spread) | "
+            "CPU/wall | warmup s |")
+    lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
+    note = ""
     anchors = {r["preset"]: r["tok_s"] for r in rows
-               if "error" not in r and not r["compile"] and r["precision"] == "fp32" and r["loss_chunk"] == 0}
+               if "tok_s" in r and not r["compile"] and r["precision"] == "fp32" and r["loss_chunk"] == 0}
     for r in rows:
         cols = [r["preset"], "compile" if r["compile"] else "eager", r["precision"], str(r["loss_chunk"])]
-        if "error" in r:
-            lines.append("| " + " | ".join(cols + ["failed: " + r["error"][:80], "", "", "", ""]) + " |")
+        if "tok_s" not in r:
+            what = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['error'][:100]}"
+            lines.append("| " + " | ".join(cols + [what, "", "", "", "", ""]) + " |")
             continue
         mfu = r["flops_per_token"] * r["tok_s"] / peaks[r["precision"]]
         anchor = anchors.get(r["preset"])
         ratio = f"{r['tok_s'] / anchor:.2f}×" if anchor else "n/a"
-        spread = (max(r["step_s"]) - min(r["step_s"])) / r["median_step_s"]
-        cols += [f"{r['tok_s']:,.0f}", f"{mfu:.1%}", ratio, f"±{spread / 2:.0%} ({len(r['step_s'])} steps)",
-                 f"{r['warmup_s']:.1f}"]
+        n, runs = len(r["step_s"]), r.get("runs_tok_s", [r["tok_s"]])
+        if len(runs) > 1:  # spread of the per-run medians
+            spread = f"{len(runs)}×{n // len(runs)} (±{(max(runs) - min(runs)) / 2 / r['tok_s']:.0%} over runs)"
+        else:  # spread of the single run's step times
+            spread = f"{n} (±{(max(r['step_s']) - min(r['step_s'])) / 2 / r['median_step_s']:.0%})" if n > 1 else "1"
+        cols += [f"{r['tok_s']:,.0f}", f"{mfu:.1%}" + ("†" if mfu > 1 else ""), ratio, spread,
+                 f"{r['cpu_util']:.2f}", f"{r['warmup_s']:.1f}"]
         lines.append("| " + " | ".join(cols) + " |")
-    return "\n".join(lines)
+        if mfu > 1:
+            note = (f"† MFU above 100%: this machine's {r['precision']} matmul speed depends strongly on shape, so "
+                    f"the square-matmul peak is no ceiling for this row's matmuls; against the fp32 peak it is "
+                    f"{r['flops_per_token'] * r['tok_s'] / peaks['fp32']:.1%}.")
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+
+
+def _bf16_native(device_type: str) -> bool:
+    import torch
+
+    from slmkit.perf import bf16_supported
+
+    return bf16_supported(torch.device(device_type))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["micro", "stories15m"])
-    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (median is reported)")
-    p.add_argument("--bf16-steps", type=int, default=None,
-                   help="timed steps for bf16 rows (default: --steps); fewer where bf16 is emulated and slow")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration; the median is reported")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps first; compilation happens in the first (default 1: the second step of a "
+                        "compiled model already runs at full speed)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk for the chunked-loss rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--compile", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--timeout", type=float, default=300, help="seconds before one configuration is abandoned")
-    p.add_argument("--warm-cache", action="store_true", help="reuse the on-disk TorchInductor cache")
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--bf16", default="auto", choices=["auto", "all", "none"],
+                   help="bf16-autocast rows. auto: all of them where the hardware does bf16 natively; otherwise "
+                        "(emulated bf16, tens of times slower) only eager with the full loss, --bf16-steps steps and "
+                        "no warm-up, to show the cost. all: every bf16 row. none: fp32 only")
+    p.add_argument("--bf16-steps", type=int, default=None,
+                   help="timed steps for bf16 rows (default: --steps, or 1 where bf16 is emulated)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole matrix this many times, round-robin, and report the median over runs "
+                        "(on a shared machine); the warm-up column is the first run's")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before one configuration is abandoned")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="reuse the on-disk TorchInductor cache (default: a fresh one per configuration, so the "
+                        "warm-up column shows a cold compile)")
     p.add_argument("--json", help="write machine info, peaks and every row (with all step times) here")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -205,43 +241,94 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     info = machine_info(args.device, args.threads)
+    native_bf16 = _bf16_native(args.device)
+    info["bf16_native"] = native_bf16
     peaks = measure_peaks(args.device, args.threads)
-    print(f"# {info['cpu']}, {info['cpus']} CPUs ({' '.join(info['simd']) or 'no AVX'}), torch {info['torch']}, "
-          f"{args.threads} threads, {info['date']}", flush=True)
-    print(f"# matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
-          flush=True)
+    print(f"# {info['cpu']}, {info['cpus']} CPUs ({' '.join(info['simd']) or 'no AVX'}, native bf16: "
+          f"{native_bf16}), torch {info['torch']}, {args.threads} threads, {info['date']}", flush=True)
+    print(f"# matmul peak at the start: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.2f} "
+          f"GFLOP/s", flush=True)
+    bf16_steps = args.bf16_steps or (args.steps if native_bf16 else 1)
 
-    rows = []
-    matrix = itertools.product(args.presets, args.compile, args.precisions, [0, args.loss_chunk])
-    for preset, mode, precision, chunk in matrix:
-        steps = args.bf16_steps if (precision == "bf16" and args.bf16_steps) else args.steps
+    precisions = ["fp32"] if args.bf16 == "none" else ["fp32", "bf16"]
+    plan = []  # (label, conf) to run, or (label, row) already decided as skipped
+    for preset, mode, precision, chunk in itertools.product(args.presets, args.modes, precisions,
+                                                            [0, args.loss_chunk]):
         conf = {"preset": preset, "compile": mode == "compile", "precision": precision, "loss_chunk": chunk,
-                "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": steps, "warmup": args.warmup,
+                "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                 "threads": args.threads, "device": args.device}
-        row = spawn(conf, args.timeout, args.warm_cache)
-        rows.append(row)
-        if "error" in row:
-            print(f"  {preset} {mode} {precision} chunk={chunk}: FAILED {row['error']}", file=sys.stderr, flush=True)
-        else:
-            print(f"  {preset:<10} {mode:<7} {precision} chunk={chunk:<5} {row['tok_s']:8,.0f} tok/s  "
-                  f"warmup {row['warmup_s']:5.1f} s  loss {row['first_loss']:.2f}->{row['last_loss']:.2f}",
-                  file=sys.stderr, flush=True)
+        label = f"{preset:<10} {mode:<7} {precision} chunk={chunk:<5}"
+        if precision == "bf16":
+            conf["steps"] = bf16_steps
+            if args.bf16 == "auto" and not native_bf16:
+                if mode == "compile" or chunk:
+                    plan.append((label, {**conf, "skipped": "no native bf16 here (see eager bf16 row); "
+                                                           "--bf16 all runs it"}))
+                    continue
+                conf["warmup"] = 0  # a single eager step of tens of seconds: allocation warm-up is noise
+        plan.append((label, conf))
 
-    # The peak again at the end: the machine is shared, so show how much it moved; MFU uses the higher one.
+    # Rounds go through the whole matrix in turn, so a neighbour's burst of load hits every configuration alike.
+    runs: list[list[dict]] = [[] for _ in plan]
+    for rnd in range(args.repeat):
+        for (label, conf), done in zip(plan, runs, strict=True):
+            if "skipped" in conf:
+                if rnd == 0:
+                    print(f"  {label} skipped (emulated bf16)", file=sys.stderr, flush=True)
+                continue
+            if hasattr(os, "getloadavg"):
+                conf = {**conf, "loadavg_before": os.getloadavg()[0]}
+            row = spawn(conf, args.timeout, args.warm_cache)
+            done.append(row)
+            if "error" in row:
+                print(f"  {label} FAILED {row['error']}", file=sys.stderr, flush=True)
+            else:
+                print(f"  {label} {row['tok_s']:8,.0f} tok/s  warmup {row['warmup_s']:5.1f} s  CPU/wall "
+                      f"{row['cpu_util']:.2f}  loss {row['first_loss']:.2f}->{row['last_loss']:.2f}",
+                      file=sys.stderr, flush=True)
+            if args.json:  # partial results survive an interrupted run
+                _write_json(args.json, info, args, peaks, None, runs)
+    rows = [merge_runs(conf, done) for (_, conf), done in zip(plan, runs, strict=True)]
+
+    # The peak again at the end: the machine may be shared, so show how much it moved; MFU uses the higher one.
     peaks_end = measure_peaks(args.device, args.threads)
     best = {k: max(peaks[k], peaks_end[k]) for k in peaks}
-    print(f"# matmul peak at the end: fp32 {peaks_end['fp32'] / 1e9:.1f}, bf16 {peaks_end['bf16'] / 1e9:.1f} "
-          f"GFLOP/s (MFU uses the higher of start/end)")
-    print()
+    print(f"# matmul peak at the end:   fp32 {peaks_end['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{peaks_end['bf16'] / 1e9:.2f} GFLOP/s (MFU uses the higher of start and end)")
+    print(f"# seq_len {args.seq_len}, batch {args.batch_size} sequences = {args.seq_len * args.batch_size:,} "
+          f"tokens/step; chunked loss = {args.loss_chunk} positions per chunk; warm-up "
+          f"{'warm' if args.warm_cache else 'cold'} inductor cache\n")
     print(table(rows, best))
     total = time.perf_counter() - t_start
     print(f"\n# total {total / 60:.1f} min")
     if args.json:
         if hasattr(os, "getloadavg"):
             info["loadavg_end"] = os.getloadavg()
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"machine": info, "args": vars(args), "peaks_start": peaks, "peaks_end": peaks_end,
-                       "peaks_used": best, "total_s": total, "rows": rows}, f, indent=1)
+        _write_json(args.json, {**info, "total_s": total}, args, peaks, peaks_end, runs, rows)
+
+
+def merge_runs(conf: dict, done: list[dict]) -> dict:
+    """One row per configuration: the median over rounds of each round's median tokens/s."""
+    ok = [r for r in done if "tok_s" in r]
+    if "skipped" in conf:
+        return conf
+    if not ok:
+        return done[0] if done else {**conf, "error": "not run"}
+    tok_s = statistics.median(r["tok_s"] for r in ok)
+    return {**ok[0], "tok_s": tok_s, "median_step_s": ok[0]["tokens_per_step"] / tok_s,
+            "step_s": [t for r in ok for t in r["step_s"]], "runs_tok_s": [r["tok_s"] for r in ok],
+            "cpu_util": min(r["cpu_util"] for r in ok),  # the most contended round
+            "warmup_s": ok[0]["warmup_s"]}  # the first round's: a cold compile unless --warm-cache
+
+
+def _write_json(path: str, info: dict, args, peaks: dict, peaks_end: dict | None, runs: list, rows=None) -> None:
+    out = {"machine": info, "args": vars(args), "peaks_start": peaks, "peaks_end": peaks_end, "runs": runs}
+    if peaks_end:
+        out["peaks_used"] = {k: max(peaks[k], peaks_end[k]) for k in peaks}
+    if rows is not None:
+        out["rows"] = rows
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Train the quickstart model under different settings for the same wall-clock budget; print validation bpb.
+
+    python benchmarks/quickstart_tuning.py --data runs/quickstart/data --minutes 10 \
+        --variant base --variant "batch_size=8" --variant "lr=2e-3,min_lr_ratio=0.0"
+
+Each variant is comma-separated TrainConfig fields (`preset=nano` and `set.n_layers=4` also work) on top of
+slmkit.quickstart.QUICKSTART_TRAIN. Variants run one after another (never concurrently: they share 2 cores).
+Results are appended as JSON lines to --log so an interrupted sweep keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from slmkit.config import parse_overrides
+from slmkit.quickstart import QUICKSTART_TRAIN
+from slmkit.train.loop import TrainConfig, train
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variant(text: str) -> tuple[dict, dict]:
+    fields, model = {}, []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item == "base":
+            continue
+        key, value = item.split("=", 1)
+        if key.startswith("set."):
+            model.append(f"{key[4:]}={value}")
+        else:
+            fields[key] = _number(value)
+    return fields, parse_overrides(model)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--log", default="quickstart_tuning.jsonl")
+    args = ap.parse_args()
+    for variant in args.variant or ["base"]:
+        fields, model = parse_variant(variant)
+        out = Path(tempfile.mkdtemp(prefix="qs-tune-"))
+        cfg = TrainConfig(data=args.data, out=str(out / "run"), max_minutes=args.minutes, compile=False,
+                          progress=False, **{**QUICKSTART_TRAIN, "eval_every": 0, "save_every": 0, **fields},
+                          model_overrides=model)
+        s = train(cfg, log=lambda *a: None)
+        rec = {"variant": variant, "minutes": args.minutes, "val_bpb": round(s["val_bpb"], 4),
+               "val_loss": round(s["val_loss"], 4), "steps": s["steps"], "tokens": s["tokens"],
+               "tok_s": round(s["tokens_per_s"]), "parameters": s["parameters"]}
+        print(json.dumps(rec), flush=True)
+        with open(args.log, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
