@@ -6,7 +6,7 @@
 
 Re-running continues where an interrupted run stopped: a finished dataset is reused and training resumes.
 The default hyperparameters were chosen for a ~10 minute budget on 2 CPU cores (see docs/quickstart-tuning.md):
-on a small budget many small steps beat big batches, so batches are 16 × 256 tokens with a high learning rate.
+on a small budget many small steps beat big batches, so batches are only 4 × 256 tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from slmkit.train.loop import TrainConfig, read_metrics, train
 STDLIB_EXCLUDE = ["*/test/*", "*/tests/*", "*/idle_test/*", "*/site-packages/*", "*/__pycache__/*"]
 
 # What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md).
-QUICKSTART_TRAIN = dict(seq_len=256, batch_size=16, lr=3e-3, min_lr_ratio=0.05, warmup_steps=100,
+QUICKSTART_TRAIN = dict(seq_len=256, batch_size=4, lr=2e-3, min_lr_ratio=0.05, warmup_steps=100,
                         weight_decay=0.1, eval_every=500, eval_tokens=32768, save_every=250)
 
 
