@@ -59,3 +59,21 @@ def test_stop_strings_cut_the_text_and_streaming_equals_full(tok, tiny_cfg):
     p.stop = [stop]
     cut = complete(model, tok, "def ", p)
     assert stop not in cut and full.startswith(cut)
+
+
+def test_token_healing_backs_off_the_trailing_space_and_constrains_the_first_token(tok, tiny_cfg):
+    import dataclasses
+
+    from slmkit.generate import heal_prompt
+    ids = tok.encode("def ", add_bos=True)
+    healed_ids, prefix, allowed = heal_prompt(tok, ids)
+    assert prefix == tok.decode(ids[-1:]) and healed_ids == ids[:-1] and prefix.endswith(" ")
+    assert allowed.sum() >= 1 and all(tok.decode([i]).startswith(prefix) for i in allowed.nonzero().flatten())
+    model = Transformer(dataclasses.replace(tiny_cfg, vocab_size=tok.vocab_size))
+    p = SamplingParams(max_new_tokens=1, temperature=1.0, seed=0, stop_at_eos=False)
+    first = list(generate_ids(model, healed_ids, p, first_allowed=allowed))
+    assert allowed[first[0]]
+    # The prompt text is never repeated: prompt + healed completion reads as one continuous text.
+    p.max_new_tokens = 20
+    out = complete(model, tok, "def ", p, heal=True)
+    assert ("def " + out).startswith(tok.decode(healed_ids + first, skip_special_tokens=True))

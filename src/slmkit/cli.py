@@ -118,6 +118,8 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable; escapes like \\n work)")] = None,
     seed: int | None = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="use the KV cache")] = True,
+    heal: Annotated[bool, typer.Option("--heal/--no-heal", help="token healing: let the first new token "
+                                       "complete the prompt's last token (helps prompts ending in a space)")] = True,
 ):
     """Continue a prompt, streaming the text as it is generated."""
     from slmkit.generate import generate_text
@@ -127,7 +129,7 @@ def generate(
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     sys.stdout.write(prompt)
-    for piece in generate_text(m, tok, prompt, params, use_cache=cache):
+    for piece in generate_text(m, tok, prompt, params, use_cache=cache, heal=heal):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

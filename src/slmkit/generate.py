@@ -53,9 +53,12 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
 
 
 @torch.no_grad()
-def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams,
-                 use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids. Without the cache every step re-runs the whole (cropped) context."""
+def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True,
+                 first_allowed: torch.Tensor | None = None) -> Iterator[int]:
+    """Yield new token ids. Without the cache every step re-runs the whole (cropped) context.
+
+    `first_allowed` (bool mask over the vocabulary) restricts the first sampled token (token healing).
+    """
     model.eval()
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
@@ -74,8 +77,11 @@ def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingPara
             if cache is not None:
                 cache.length = 0
         x = torch.tensor([pending if cache is not None else ids[start:]], device=device)
-        logits = model(x, cache=cache)[0, -1]
-        tok = sample_next(logits.cpu(), params, gen)
+        logits = model(x, cache=cache)[0, -1].cpu()
+        if first_allowed is not None:
+            logits = logits.masked_fill(~first_allowed, float("-inf"))
+            first_allowed = None
+        tok = sample_next(logits, params, gen)
         if params.stop_at_eos and tok == eos:
             return
         yield tok
@@ -83,16 +89,44 @@ def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingPara
         pending = [tok]
 
 
+def heal_prompt(tokenizer, prompt_ids: list[int]) -> tuple[list[int], str, torch.Tensor | None]:
+    """Token healing: drop the prompt's last token and allow only first tokens that start with its text.
+
+    A prompt like "def " ends in a lone-space token that BPE training data almost never shows at a word boundary
+    (it sees " name" as one token), so the model continues as if inside whitespace. Backing off one token and
+    letting the model choose any token that begins with " " puts it back on its training distribution.
+    """
+    if len(prompt_ids) < 2 or prompt_ids[-1] in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+        return prompt_ids, "", None
+    prefix = tokenizer.decode([prompt_ids[-1]])
+    if not prefix or "\ufffd" in prefix:
+        return prompt_ids, "", None
+    texts = _token_texts(tokenizer)
+    allowed = torch.tensor([t.startswith(prefix) for t in texts], dtype=torch.bool)
+    return prompt_ids[:-1], prefix, allowed
+
+
+def _token_texts(tokenizer) -> list[str]:
+    cached = getattr(tokenizer, "_slm_token_texts", None)
+    if cached is None:
+        cached = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+        tokenizer._slm_token_texts = cached
+    return cached
+
+
 def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams,
-                  use_cache: bool = True, add_bos: bool = True) -> Iterator[str]:
+                  use_cache: bool = True, add_bos: bool = True, heal: bool = False) -> Iterator[str]:
     """Stream the completion of `prompt` as text pieces; stops at eos, a stop string, or max_new_tokens."""
     prompt_ids = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.bos_id is not None)
+    healed, allowed = "", None
+    if heal:
+        prompt_ids, healed, allowed = heal_prompt(tokenizer, prompt_ids)
     new: list[int] = []
     emitted = ""
     hold = max((len(s) for s in params.stop), default=0)
-    for tok in generate_ids(model, prompt_ids, params, use_cache=use_cache):
+    for tok in generate_ids(model, prompt_ids, params, use_cache=use_cache, first_allowed=allowed):
         new.append(tok)
-        text = tokenizer.decode(new)
+        text = tokenizer.decode(new)[len(healed):]  # the healed prefix is already part of the prompt
         for s in params.stop:
             cut = text.find(s, max(0, len(emitted) - len(s)))
             if cut != -1:
@@ -106,10 +140,11 @@ def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingPa
         if safe > len(emitted):
             yield text[len(emitted):safe]
             emitted = text[:safe]
-    text = tokenizer.decode(new)
+    text = tokenizer.decode(new)[len(healed):]
     if len(text) > len(emitted):
         yield text[len(emitted):]
 
 
-def complete(model: Transformer, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True) -> str:
-    return "".join(generate_text(model, tokenizer, prompt, params, use_cache=use_cache))
+def complete(model: Transformer, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True,
+             heal: bool = False) -> str:
+    return "".join(generate_text(model, tokenizer, prompt, params, use_cache=use_cache, heal=heal))

@@ -91,8 +91,9 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     }
 
     log("[4/4] sampling a completion of `def `")
-    sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0))
-    greedy = complete(model, tok, "def ", SamplingParams(max_new_tokens=96, temperature=0.0))
+    sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0),
+                      heal=True)
+    greedy = complete(model, tok, "def ", SamplingParams(max_new_tokens=96, temperature=0.0), heal=True)
     print("\n" + "-" * 60 + "\ndef " + sample + "\n" + "-" * 60)
     report = render_report(out, meta, summary, results, sample, greedy, model.cfg, minutes)
     atomic_write_text(out / "report.md", report)
@@ -164,7 +165,7 @@ The model scores every file on its own (windows of {QUICKSTART_EVAL_SEQ} tokens)
 concatenation can also copy text across files, so "each file alone" is the like-for-like compressor.
 The validation text is the held-out documents of the split concatenated (`data/val.txt`).
 
-## Sample: `def ` (temperature 0.6, top-k 40, seed 0)
+## Sample: `def ` (temperature 0.6, top-k 40, seed 0, token healing)
 ```python
 def {sample}
 ```
