@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                         "compiled model already runs at full speed)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk for the chunked-loss rows")
+    p.add_argument("--loss-chunk", type=int, default=1024,
+                   help="positions per chunk for the chunked-loss rows (0: full-loss rows only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
@@ -252,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
 
     precisions = ["fp32"] if args.bf16 == "none" else ["fp32", "bf16"]
     plan = []  # (label, conf) to run, or (label, row) already decided as skipped
-    for preset, mode, precision, chunk in itertools.product(args.presets, args.modes, precisions,
-                                                            [0, args.loss_chunk]):
+    chunks = [0, args.loss_chunk] if args.loss_chunk > 0 else [0]
+    for preset, mode, precision, chunk in itertools.product(args.presets, args.modes, precisions, chunks):
         conf = {"preset": preset, "compile": mode == "compile", "precision": precision, "loss_chunk": chunk,
                 "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                 "threads": args.threads, "device": args.device}
