@@ -104,9 +104,15 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory (expected config.json + model.safetensors)")
     cfg = ModelConfig.from_hf(load_json(path / "config.json"))
-    tensors = load_state_dict(path)
+    return model_from_state_dict(cfg, load_state_dict(path), device, dtype, source=str(path))
+
+
+def model_from_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32, source: str = "weights") -> Transformer:
+    """A Transformer for `cfg` holding `tensors` (slmkit names), checked to match the config exactly."""
+    tensors = dict(tensors)
     if "lm_head.weight" not in tensors and not cfg.tie_embeddings:
-        raise ValueError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
+        raise ValueError(f"{source}: lm_head.weight missing and tie_word_embeddings is false")
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     with torch.device("meta"):
@@ -115,7 +121,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if missing or unexpected:
-        raise ValueError(f"{path}: weights don't match config.json: missing {sorted(missing)[:5]}, "
+        raise ValueError(f"{source}: weights don't match config.json: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model = model.to_empty(device=device)
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
@@ -124,6 +130,18 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     # Non-persistent RoPE tables were lost on the meta device: rebuild them.
     model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
     return model.to(dtype).eval()
+
+
+def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a model directory, a run directory, or a GGUF file (dequantized)."""
+    from slmkit.tokenizer import load_tokenizer
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from slmkit.gguf_io import read_gguf
+        cfg, tensors, tokenizer = read_gguf(path)
+        return model_from_state_dict(cfg, tensors, device, dtype, source=str(path)), tokenizer
+    d = find_model_dir(path)
+    return load_model_dir(d, device=device, dtype=dtype), load_tokenizer(d)
 
 
 def read_provenance(path: str | Path) -> dict:

@@ -117,16 +117,25 @@ def _token_texts(tokenizer) -> list[str]:
 def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams,
                   use_cache: bool = True, add_bos: bool = True, heal: bool = False) -> Iterator[str]:
     """Stream the completion of `prompt` as text pieces; stops at eos, a stop string, or max_new_tokens."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.bos_id is not None)
+    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.add_bos)
     healed, allowed = "", None
     if heal:
         prompt_ids, healed, allowed = heal_prompt(tokenizer, prompt_ids)
+    ids = generate_ids(model, prompt_ids, params, use_cache=use_cache, first_allowed=allowed)
+    yield from stream_text(tokenizer, ids, params, healed)
+
+
+def stream_text(tokenizer, new_ids: Iterator[int], params: SamplingParams, healed: str = "") -> Iterator[str]:
+    """Turn a stream of new token ids (from any backend) into text pieces, applying the stop strings.
+
+    `healed` is text the first new tokens repeat from the prompt (token healing); it is not emitted again.
+    """
     new: list[int] = []
     emitted = ""
     hold = max((len(s) for s in params.stop), default=0)
-    for tok in generate_ids(model, prompt_ids, params, use_cache=use_cache, first_allowed=allowed):
+    for tok in new_ids:
         new.append(tok)
-        text = tokenizer.decode(new)[len(healed):]  # the healed prefix is already part of the prompt
+        text = tokenizer.decode(new)[len(healed):]
         for s in params.stop:
             cut = text.find(s, max(0, len(emitted) - len(s)))
             if cut != -1:

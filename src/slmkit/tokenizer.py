@@ -49,13 +49,16 @@ class Tokenizer:
 
     def __init__(self, hf: tokenizers.Tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, chat_template: str | None = None,
-                 model_max_length: int | None = None):
+                 model_max_length: int | None = None, add_bos: bool | None = None):
         self.hf = hf
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.pad_token = pad_token
         self.chat_template = chat_template
         self.model_max_length = model_max_length  # written to tokenizer_config.json when known
+        # Whether the model saw a bos token in front of every text: true for slmkit's own data (each document
+        # starts with bos), false for e.g. SmolLM2, whose "bos" <|im_start|> only opens chat turns.
+        self.add_bos = (bos_token is not None) if add_bos is None else add_bos
         for name, token in [("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)]:
             if token is not None and hf.token_to_id(token) is None:
                 raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary")
@@ -173,9 +176,11 @@ class Tokenizer:
             "model_max_length": self.model_max_length or _UNKNOWN_MAX_LENGTH,
             # Spaces are part of the text; "cleaning them up" after decoding would change it.
             "clean_up_tokenization_spaces": False,
-            # bos/eos are added explicitly by whoever builds the sequences (see Tokenizer.encode).
+            # bos/eos are added explicitly by whoever builds the sequences (see Tokenizer.encode); slmkit_add_bos
+            # records whether they should be (Tokenizer.add_bos).
             "add_bos_token": False,
             "add_eos_token": False,
+            "slmkit_add_bos": self.add_bos,
         }
         atomic_write_json(directory / "tokenizer_config.json", config)
         atomic_write_json(directory / "special_tokens_map.json", {k: v for k, v in special.items() if v})
@@ -408,6 +413,13 @@ def _read_config(directory: Path) -> dict:
         template = template_file.read_text(encoding="utf-8")
     if isinstance(template, str):
         settings["chat_template"] = template
+
+    # slmkit's own record wins; otherwise transformers' add_bos_token flag, whose absence from a model's
+    # tokenizer_config.json means no bos (GPT-2 style); with no side files at all, a bos token means "use it".
+    if isinstance(config.get("slmkit_add_bos"), bool):
+        settings["add_bos"] = config["slmkit_add_bos"]
+    elif config_file.is_file():
+        settings["add_bos"] = bool(config.get("add_bos_token", False))
 
     max_len = config.get("model_max_length")
     if isinstance(max_len, int) and max_len < _UNKNOWN_MAX_LENGTH:

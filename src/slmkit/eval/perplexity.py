@@ -31,7 +31,7 @@ def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len:
         raise ValueError(f"stride must be in 1..seq_len ({seq_len}), got {stride}")
     windows = []  # (input ids, targets with -100 on context-only positions)
     for text in texts:
-        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
+        ids = tokenizer.encode(text, add_bos=tokenizer.add_bos)
         scored_until = 1  # position 0 (bos) is never predicted
         for start in range(0, max(1, len(ids) - 1), stride):
             chunk = ids[start:start + seq_len + 1]

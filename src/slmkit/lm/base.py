@@ -1,0 +1,136 @@
+"""The one interface every language model speaks: slmkit's own, transformers, llama.cpp, a remote endpoint.
+
+Evaluation, distillation teachers, serving and judges only ever see an `LM`:
+
+    lm.tokenizer                         slmkit Tokenizer (None for a remote, text-only model)
+    lm.logprobs(ids, top_k=0)            log p(ids[i] | ids[:i]) for every position i >= 1 (+ top-k alternatives)
+    lm.score(context, continuation)      total log-prob of the continuation and whether greedy decoding gives it
+    lm.generate(prompts, params)         completions, one per prompt
+    lm.stream(prompt, params)            the completion of one prompt, piece by piece
+
+A backend implements `logprobs` and `_new_ids` (a token-id stream); text handling (stop strings, UTF-8
+hold-back, token healing) and scoring are shared here so all backends behave identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slmkit.generate import SamplingParams, heal_prompt, stream_text
+
+
+@dataclass
+class LogProbs:
+    """Per-position log-probabilities of a token sequence (position i scores ids[i + 1] given ids[:i + 1])."""
+
+    ids: list[int]  # the scored tokens: ids[1:]
+    token_logprobs: np.ndarray  # (n,) float32
+    top_ids: np.ndarray | None = None  # (n, k) int64, most likely first
+    top_logprobs: np.ndarray | None = None  # (n, k) float32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Score:
+    logprob: float  # sum of log p over the continuation's tokens
+    is_greedy: bool  # every continuation token is the argmax at its position
+    n_tokens: int
+
+
+def logprobs_from_logits(logits: torch.Tensor, ids: Sequence[int], top_k: int = 0) -> LogProbs:
+    """LogProbs of `ids` from the (len(ids), vocab) logits a model produced for them."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = torch.tensor(ids[1:], dtype=torch.long)
+    token_lp = logp.gather(1, targets[:, None])[:, 0]
+    out = LogProbs(ids=list(ids[1:]), token_logprobs=token_lp.numpy())
+    if top_k:
+        top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        out.top_ids, out.top_logprobs = top.indices.numpy(), top.values.numpy()
+    return out
+
+
+def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation as the model would see them written together.
+
+    Encoding the joined text and cutting at the context's length keeps merges across the boundary the way the
+    model saw them in training (lm-eval does the same); a leading bos is added when the model expects one.
+    """
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    if whole[:len(ctx)] != ctx:  # a merge crossed the boundary: score the continuation on its own
+        return bos + ctx, tokenizer.encode(continuation)
+    return bos + ctx, whole[len(ctx):]
+
+
+class LM:
+    """Base class: subclasses set `name`, `tokenizer`, `max_length` and implement `logprobs` and `_new_ids`."""
+
+    name: str = "lm"
+    tokenizer = None
+    max_length: int = 2048
+    eos_id: int | None = None
+
+    # --- what a backend implements ----------------------------------------------------------------------
+
+    def logprobs(self, ids: Sequence[int], top_k: int = 0) -> LogProbs:
+        raise NotImplementedError(f"{type(self).__name__} cannot return log-probabilities")
+
+    def _new_ids(self, prompt_ids: list[int], params: SamplingParams,
+                 first_allowed: torch.Tensor | None) -> Iterator[int]:
+        """Sampled token ids after `prompt_ids`, stopping at eos (when params.stop_at_eos) or max_new_tokens."""
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, heal: bool = False) -> Iterator[str]:
+        """The completion of `prompt`, as text pieces while they are generated."""
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        healed, allowed = "", None
+        if heal:
+            ids, healed, allowed = heal_prompt(self.tokenizer, ids)
+        if len(ids) + params.max_new_tokens > self.max_length:
+            ids = ids[-max(1, self.max_length - params.max_new_tokens):]
+        yield from stream_text(self.tokenizer, self._new_ids(ids, params, allowed), params, healed)
+
+    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None,
+                 heal: bool = False) -> list[str]:
+        """One completion per prompt (a single string prompt gives a one-element list)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return ["".join(self.stream(p, params, heal=heal)) for p in prompts]
+
+    def score(self, context: str, continuation: str) -> Score:
+        """log p(continuation | context) summed over its tokens, and whether it is the greedy continuation."""
+        ctx, cont = split_continuation(self.tokenizer, context, continuation)
+        if not cont:
+            return Score(0.0, True, 0)
+        if not ctx:
+            raise ValueError("an empty context needs a tokenizer with a bos token to condition on")
+        ids = (ctx + cont)[-self.max_length:]
+        lp = self.logprobs(ids, top_k=1)
+        n = len(cont)
+        token_lp = lp.token_logprobs[-n:]
+        greedy = bool(np.all(lp.top_ids[-n:, 0] == np.asarray(cont)))
+        return Score(float(token_lp.sum()), greedy, n)
+
+    def close(self) -> None:
+        """Free what the backend holds (processes, memory); the LM is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
