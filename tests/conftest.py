@@ -41,3 +41,47 @@ def write_token_dataset(path, n_train=20000, n_val=2000, vocab=96, seed=0):
 @pytest.fixture
 def token_data(tmp_path):
     return write_token_dataset(tmp_path / "data")
+
+
+def pulled(name: str):
+    """The directory of a pulled registry source (`slm pull NAME`), downloading it on first use.
+
+    Offline, the test is skipped, except in CI (CI=true), where these downloads are the proof and must work.
+    """
+    import os
+
+    from slmkit.hub import pull
+    try:
+        return pull(name, log=lambda m: None)
+    except ConnectionError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"registry not reachable: {e}")
+
+
+def tiny_model_dir(path, tokenizer, tie=True, train_on: str | None = None, steps: int = 150, **overrides):
+    """A tiny slmkit model directory whose vocabulary matches `tokenizer`: random, or fitted to `train_on`.
+
+    A fitted model has confident predictions (large logit gaps), so greedy decoding is robust to the tiny
+    numerical differences between backends; a random one has near-ties everywhere.
+    """
+    import dataclasses
+
+    from slmkit.checkpoint import save_model_dir
+    from slmkit.model import Transformer
+    cfg = dataclasses.replace(model_config("nano", **TINY), vocab_size=tokenizer.vocab_size, tie_embeddings=tie,
+                              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                              pad_token_id=tokenizer.pad_id, **overrides)
+    model = Transformer(cfg)
+    if train_on:
+        ids = torch.tensor(tokenizer.encode(train_on * 20, add_bos=tokenizer.add_bos))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - cfg.max_seq_len - 1, (8,), generator=g)
+            batch = torch.stack([ids[s:s + cfg.max_seq_len + 1] for s in starts])
+            loss = model(batch[:, :-1], targets=batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return save_model_dir(model.eval(), path, tokenizer)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from slmkit import __version__
 from slmkit.config import ModelConfig, load_json
-from slmkit.files import atomic_dir, atomic_write_json
+from slmkit.files import atomic_dir, atomic_write_json, make_readable
 from slmkit.model import Transformer, rope_tables
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -51,26 +51,33 @@ def save_model_dir(model: Transformer, path: str | Path, tokenizer=None, provena
                    dtype: str | torch.dtype | None = None) -> Path:
     """Write `model` (+ tokenizer) as a model directory, atomically: readers never see a half-written one."""
     path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, tokenizer, provenance, dtype)
+    return path
+
+
+def write_model_files(model: Transformer, directory: Path, tokenizer=None, provenance: dict | None = None,
+                      dtype: str | torch.dtype | None = None) -> None:
+    """The files of a model directory, written into an existing (temporary) `directory`."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     cfg = model.cfg
-    with atomic_dir(path) as tmp:
-        hf_cfg = cfg.to_hf()
-        hf_cfg["torch_dtype"] = str(dt or torch.float32).removeprefix("torch.")
-        atomic_write_json(tmp / "config.json", hf_cfg)
-        save_file(hf_state_dict(model, dt), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        if cfg.pad_token_id is not None:
-            gen["pad_token_id"] = cfg.pad_token_id
-        atomic_write_json(tmp / "generation_config.json", gen)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        atomic_write_json(tmp / "slmkit.json", {
-            "slmkit_version": __version__,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "parameters": model.num_params(),
-            **(provenance or {}),
-        })
-    return path
+    hf_cfg = cfg.to_hf()
+    hf_cfg["torch_dtype"] = str(dt or torch.float32).removeprefix("torch.")
+    atomic_write_json(directory / "config.json", hf_cfg)
+    save_file(hf_state_dict(model, dt), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    make_readable(directory / "model.safetensors")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    atomic_write_json(directory / "generation_config.json", gen)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    atomic_write_json(directory / "slmkit.json", {
+        "slmkit_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "parameters": model.num_params(),
+        **(provenance or {}),
+    })
 
 
 def _weight_files(path: Path) -> list[Path]:

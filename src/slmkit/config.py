@@ -98,6 +98,8 @@ class ModelConfig:
             raise ValueError(f"config.json: model_type {arch!r} is not a Llama-family decoder")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise ValueError("config.json: attention_bias/mlp_bias models are not supported yet")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (slmkit's MLP is SwiGLU)")
         rope_scaling = cfg.get("rope_scaling") or {}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
             raise ValueError(f"config.json: rope_scaling {rope_scaling} is not supported yet")

@@ -36,6 +36,11 @@ def atomic_path(path: str | Path):
         raise
 
 
+def make_readable(path: str | Path) -> None:
+    """Give a file written by a library that creates private files the usual umask-based mode."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)

@@ -305,11 +305,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, quant: str = "f32", name:
             elif slm_name.endswith("k_proj.weight"):
                 a = _to_pairs(a, cfg.n_kv_heads)
             data, raw_dtype = _tensor_for(slm_name, a, quant, gguf)
-            if raw_dtype is None:
-                w.add_tensor(gguf_name(slm_name), data)
-            else:
-                w.add_tensor(gguf_name(slm_name), data, raw_shape=gguf.quant_shape_from_byte_shape(
-                    data.shape, raw_dtype) if data.dtype == np.uint8 else data.shape, raw_dtype=raw_dtype)
+            # Quantized data is a uint8 array of blocks; the writer derives the element shape from it.
+            w.add_tensor(gguf_name(slm_name), data, raw_dtype=raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

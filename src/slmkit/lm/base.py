@@ -90,7 +90,10 @@ class LM:
     # --- shared -----------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+        tok = self.tokenizer
+        # A chat template may already start the text with the bos token; never add a second one.
+        add_bos = tok.add_bos and not (tok.bos_token and prompt.startswith(tok.bos_token))
+        return tok.encode(prompt, add_bos=add_bos)
 
     def stream(self, prompt: str, params: SamplingParams | None = None, heal: bool = False) -> Iterator[str]:
         """The completion of `prompt`, as text pieces while they are generated."""

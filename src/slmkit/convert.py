@@ -1,0 +1,58 @@
+"""`slm import` and `slm export`: move models between slmkit and the formats other tools use.
+
+Import: a Hugging Face Llama-family directory (safetensors) or a GGUF file (any llama.cpp quantization,
+dequantized) becomes a slmkit model directory, tokenizer and chat template included.
+Export: a slmkit model or run directory becomes a GGUF file (llama.cpp, f32/f16/bf16/q8_0), a clean HF
+directory (transformers, vLLM) in a chosen dtype, or an ONNX graph (onnxruntime).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slmkit.checkpoint import DTYPES, find_model_dir, load_any, save_model_dir
+from slmkit.files import sha256_file
+
+EXPORT_FORMATS = ("gguf", "hf", "onnx")
+
+
+def import_model(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Convert `src` (HF directory or .gguf file) into the slmkit model directory `out`."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: nothing to import (expected a Hugging Face model directory or a .gguf file)")
+    if src.is_file() and src.suffix.lower() != ".gguf":
+        raise ValueError(f"{src}: not a .gguf file; import takes a GGUF file or a Hugging Face model directory")
+    if src.is_dir() and not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no config.json; not a Hugging Face model directory")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model, tokenizer = load_any(src)
+    origin = {"imported_from": str(src.resolve())}
+    if src.is_file():
+        origin["source_sha256"] = sha256_file(src)
+    return save_model_dir(model, out, tokenizer, provenance=origin, dtype=dtype)
+
+
+def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f32",
+                 dtype: str = "float32") -> Path:
+    """Write the model (or a run's final model) `model` to `out` in format `fmt` (gguf | hf | onnx).
+
+    `quant` applies to GGUF (f32, f16, bf16, q8_0); `dtype` to the HF directory (float32, bfloat16, float16).
+    """
+    src = find_model_dir(model)
+    if fmt == "gguf":
+        from slmkit.gguf_io import write_gguf
+        return write_gguf(src, out, quant=quant)
+    if fmt == "hf":
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        m, tokenizer = load_any(src)
+        return save_model_dir(m.to(torch.float32), out, tokenizer, provenance={"exported_from": str(src)},
+                              dtype=dtype)
+    if fmt == "onnx":
+        from slmkit.onnx_export import export_onnx
+        return export_onnx(src, out)
+    raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")

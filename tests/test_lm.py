@@ -1,0 +1,77 @@
+"""The LM interface: TorchLM and HFLM agree with each other and with slmkit's own generation code."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model_dir
+
+from slmkit.generate import SamplingParams, complete
+from slmkit.lm import load_lm
+from slmkit.lm.base import split_continuation
+from slmkit.lm.torch_lm import TorchLM
+from slmkit.tokenizer import train_tokenizer
+
+TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = train_tokenizer([TEXT, "héllo wörld ✓ 你好"] * 30, vocab_size=320)
+    return tiny_model_dir(tmp_path_factory.mktemp("lm") / "m", tok, tie=False, train_on=TEXT)
+
+
+def test_logprobs_are_normalised_and_score_sums_them(model_dir):
+    lm = load_lm(str(model_dir))
+    assert isinstance(lm, TorchLM)
+    ids = lm.encode_prompt(TEXT)
+    lp = lm.logprobs(ids, top_k=5)
+    assert len(lp) == len(ids) - 1 and lp.top_ids.shape == (len(ids) - 1, 5)
+    assert np.all(lp.top_logprobs[:, :-1] >= lp.top_logprobs[:, 1:])  # most likely first
+    assert np.all(lp.token_logprobs <= lp.top_logprobs[:, 0] + 1e-6)
+    ctx, cont = split_continuation(lm.tokenizer, "def add(a, b):", "\n    return a + b")
+    s = lm.score("def add(a, b):", "\n    return a + b")
+    full = lm.logprobs(ctx + cont, top_k=1)
+    assert s.n_tokens == len(cont) and s.logprob == pytest.approx(float(full.token_logprobs[-len(cont):].sum()),
+                                                                    abs=1e-5)
+    # the greedy continuation is recognised as greedy
+    greedy = lm.generate("def add", SamplingParams(max_new_tokens=5, temperature=0, stop_at_eos=False))[0]
+    assert greedy.startswith("(a, b)")  # the fitted model learned the text
+    assert lm.score("def add", greedy).is_greedy and not lm.score("def add", "(b, a)").is_greedy
+
+
+def test_generate_matches_the_generation_module_and_streams(model_dir):
+    lm = load_lm(str(model_dir))
+    p = SamplingParams(max_new_tokens=20, temperature=0.9, seed=1, stop_at_eos=False)
+    assert lm.generate(["def ", "print"], p) == [complete(lm.model, lm.tokenizer, s, p) for s in ["def ", "print"]]
+    assert "".join(lm.stream("def ", p)) == lm.generate("def ", p)[0]
+
+
+def test_hf_backend_agrees_with_torch(model_dir):
+    pytest.importorskip("transformers")
+    ours, hf = load_lm(str(model_dir)), load_lm(str(model_dir), backend="hf")
+    ids = ours.encode_prompt(TEXT)
+    a, b = ours.logprobs(ids, top_k=3), hf.logprobs(ids, top_k=3)
+    assert np.abs(a.token_logprobs - b.token_logprobs).max() <= 1e-4
+    p = SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False)
+    assert ours.generate("def ", p) == hf.generate("def ", p)
+    assert hf.score("def add", "(a, b)").logprob == pytest.approx(ours.score("def add", "(a, b)").logprob, abs=1e-4)
+
+
+def test_gguf_files_open_with_the_torch_backend(model_dir, tmp_path):
+    pytest.importorskip("gguf")
+    from slmkit.gguf_io import write_gguf
+    path = write_gguf(model_dir, tmp_path / "m.gguf")
+    a, b = load_lm(str(model_dir)), load_lm(str(path))
+    ids = a.encode_prompt(TEXT)
+    assert torch.equal(torch.from_numpy(a.logprobs(ids).token_logprobs), torch.from_numpy(b.logprobs(ids).token_logprobs))
+    with pytest.raises(ValueError, match="slm import"):
+        load_lm(str(path), backend="hf")
+
+
+def test_bad_backend_and_bos_handling(model_dir):
+    with pytest.raises(ValueError, match="llamacpp"):
+        load_lm(str(model_dir), backend="vllm")
+    lm = load_lm(str(model_dir))
+    bos = lm.tokenizer.bos_token
+    assert lm.encode_prompt(bos + "x") == lm.encode_prompt("x")  # a template's own bos is not doubled
+    assert lm.encode_prompt("x")[0] == lm.tokenizer.bos_id
