@@ -126,8 +126,9 @@ def generate(
     top_p: float = 1.0,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable; escapes like \\n work)")] = None,
     seed: int | None = None,
-    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="wrap the prompt as one user turn in the "
-                                       "model's chat template (for instruction-tuned models)")] = False,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="wrap the prompt as one user turn in the "
+                                              "model's chat template (default: on for instruction-tuned "
+                                              "models)")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="use the KV cache (torch backend)")] = True,
     heal: Annotated[bool | None, typer.Option("--heal/--no-heal", help="token healing: let the first new token "
                                               "complete the prompt's last token (default: on, off with --chat "
@@ -137,6 +138,8 @@ def generate(
     try:
         lm = _open_lm(model, backend, cache)
         params = _sampling(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        if chat is None:
+            chat = lm.instruction_tuned and (lm.tokenizer is None or lm.tokenizer.chat_template is not None)
         if chat:
             pieces = _chat_stream(lm, [{"role": "user", "content": prompt}], params)
         else:
@@ -233,11 +236,13 @@ def import_(
     src: Annotated[str, typer.Argument(help="Hugging Face Llama-family directory or .gguf file")],
     out: Annotated[Path, typer.Option("-o", "--out", help="slmkit model directory to write")],
     dtype: Annotated[str, typer.Option(help="weights dtype: float32 | bfloat16 | float16")] = "float32",
+    instruct: Annotated[bool | None, typer.Option("--instruct/--base", help="record the model as instruction-tuned "
+                                                  "or not (default: guessed from its name)")] = None,
 ):
     """Convert a HF directory or GGUF file (any quantization, dequantized) into a slmkit model directory."""
     from slmkit.convert import import_model
     try:
-        typer.echo(f"wrote {import_model(src, out, dtype=dtype)}")
+        typer.echo(f"wrote {import_model(src, out, dtype=dtype, instruction_tuned=instruct)}")
     except (ValueError, FileNotFoundError, ImportError) as e:
         _fail(e)
 

@@ -12,14 +12,25 @@ from pathlib import Path
 
 import torch
 
-from slmkit.checkpoint import DTYPES, find_model_dir, load_any, save_model_dir
+from slmkit.checkpoint import DTYPES, find_model_dir, load_any, read_provenance, save_model_dir
 from slmkit.files import sha256_file
 
 EXPORT_FORMATS = ("gguf", "hf", "onnx")
 
 
-def import_model(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    """Convert `src` (HF directory or .gguf file) into the slmkit model directory `out`."""
+def looks_instruction_tuned(path: str | Path) -> bool:
+    """Published chat models say so in their name (SmolLM2-135M-Instruct, TinyLlama-1.1B-Chat, ...)."""
+    name = Path(path).resolve().name.lower()
+    return any(word in name for word in ("instruct", "chat", "-it"))
+
+
+def import_model(src: str | Path, out: str | Path, dtype: str = "float32",
+                 instruction_tuned: bool | None = None) -> Path:
+    """Convert `src` (HF directory or .gguf file) into the slmkit model directory `out`.
+
+    `instruction_tuned` (default: guessed from the name) is recorded so `slm generate` knows to apply the
+    chat template.
+    """
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: nothing to import (expected a Hugging Face model directory or a .gguf file)")
@@ -30,7 +41,9 @@ def import_model(src: str | Path, out: str | Path, dtype: str = "float32") -> Pa
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model, tokenizer = load_any(src)
-    origin = {"imported_from": str(src.resolve())}
+    if instruction_tuned is None:
+        instruction_tuned = looks_instruction_tuned(src)
+    origin = {"imported_from": str(src.resolve()), "instruction_tuned": instruction_tuned}
     if src.is_file():
         origin["source_sha256"] = sha256_file(src)
     return save_model_dir(model, out, tokenizer, provenance=origin, dtype=dtype)
@@ -50,8 +63,8 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         m, tokenizer = load_any(src)
-        return save_model_dir(m.to(torch.float32), out, tokenizer, provenance={"exported_from": str(src)},
-                              dtype=dtype)
+        provenance = {**read_provenance(src), "exported_from": str(src)}
+        return save_model_dir(m.to(torch.float32), out, tokenizer, provenance=provenance, dtype=dtype)
     if fmt == "onnx":
         from slmkit.onnx_export import export_onnx
         return export_onnx(src, out)

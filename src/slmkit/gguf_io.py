@@ -190,6 +190,13 @@ def read_gguf_tokenizer(reader, path: Path):
                      add_bos=bool(add_bos) if add_bos is not None else None)
 
 
+def precision_rank(path: str | Path) -> int:
+    """0 for an all-F32 file, then F16, BF16, Q8_0, anything else: lower is closer to the original weights."""
+    reader = _gguf().GGUFReader(str(path))
+    file_type = _field(reader, "general.file_type")
+    return {0: 0, 1: 1, 32: 2, 7: 3}.get(None if file_type is None else int(file_type), 4)
+
+
 # --- writing ----------------------------------------------------------------------------------------------
 
 def _pre_tokenizer_name(hf_json: dict) -> str:

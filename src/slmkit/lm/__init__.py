@@ -20,6 +20,22 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     RemoteLM; "hf" uses transformers, "llamacpp" llama-cpp-python (on the GGUF file, or the one a pulled
     model keeps). Extra `options` go to the backend's constructor (e.g. n_ctx for llamacpp, chat for remote).
     """
+    lm = _open(spec, backend, device, dtype, options)
+    lm.instruction_tuned = _instruction_tuned(spec)
+    return lm
+
+
+def _instruction_tuned(spec: str) -> bool:
+    from slmkit.checkpoint import read_provenance
+    from slmkit.convert import looks_instruction_tuned
+    from slmkit.hub import resolve_model
+    ref = resolve_model(spec)
+    if ref.kind == "dir":
+        return bool(read_provenance(ref.location).get("instruction_tuned", False))
+    return ref.kind == "gguf" and looks_instruction_tuned(ref.location)
+
+
+def _open(spec: str, backend: str, device: str, dtype: torch.dtype, options: dict) -> LM:
     from slmkit.hub import resolve_model
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

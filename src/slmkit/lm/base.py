@@ -76,6 +76,7 @@ class LM:
     tokenizer = None
     max_length: int = 2048
     eos_id: int | None = None
+    instruction_tuned: bool = False  # expects chat-formatted prompts (set by load_lm from the model's record)
 
     # --- what a backend implements ----------------------------------------------------------------------
 

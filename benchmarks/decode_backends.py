@@ -1,0 +1,150 @@
+"""Batch-1 decode speed of every LM backend on the same model: slmkit torch fp32/bf16, llama.cpp f32/q8_0,
+transformers.
+
+    python benchmarks/decode_backends.py                          # micro + stories15m, every backend
+    python benchmarks/decode_backends.py --presets micro --new-tokens 64 --json out.json
+
+For each preset a randomly initialised model (the preset's exact shape; a real tokenizer padded to the preset's
+vocabulary) is written once as a slmkit model directory and exported to GGUF f32 and q8_0. Each backend then
+runs in a fresh subprocess with the same thread count, through the same `LM` code path (`LM._new_ids`, greedy,
+no eos stop): a warm-up generation, then `--repeats` timed generations of `--new-tokens` tokens after a 16-token
+prompt. Reported: the MEDIAN tokens/s, and the ratio to llama.cpp f32 measured in the same run (the anchor).
+Greedy decoding of a random model is as costly as of a trained one: every step does the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BACKENDS = [  # (label, backend, options)
+    ("slmkit torch fp32", "torch", {"dtype": "float32"}),
+    ("slmkit torch bf16", "torch", {"dtype": "bfloat16"}),
+    ("llama.cpp f32", "llamacpp", {"gguf": "f32"}),
+    ("llama.cpp q8_0", "llamacpp", {"gguf": "q8_0"}),
+    ("transformers fp32", "hf", {"dtype": "float32"}),
+]
+ANCHOR = "llama.cpp f32"
+
+
+def _threads_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def make_models(preset: str, root: Path) -> dict:
+    """The preset's model directory and its GGUF exports."""
+    import torch
+
+    from slmkit.checkpoint import save_model_dir
+    from slmkit.config import model_config
+    from slmkit.gguf_io import write_gguf
+    from slmkit.model import Transformer
+    from slmkit.tokenizer import train_tokenizer
+
+    texts = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]
+    tok = train_tokenizer(texts, vocab_size=2048)
+    torch.manual_seed(0)
+    cfg = model_config(preset, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    d = save_model_dir(Transformer(cfg).eval(), root / preset, tok)
+    paths = {"dir": str(d)}
+    for quant in ("f32", "q8_0"):
+        paths[quant] = str(write_gguf(d, root / f"{preset}-{quant}.gguf", quant=quant))
+    return paths
+
+
+def run_one(conf: dict) -> dict:
+    import torch
+
+    from slmkit.generate import SamplingParams
+    from slmkit.lm import load_lm
+
+    torch.set_num_threads(conf["threads"])
+    opts = conf["options"]
+    t0 = time.perf_counter()
+    if conf["backend"] == "llamacpp":
+        lm = load_lm(conf["paths"][opts["gguf"]], backend="llamacpp", n_threads=conf["threads"], logits_all=False)
+    else:
+        lm = load_lm(conf["paths"]["dir"], backend=conf["backend"], dtype=getattr(torch, opts["dtype"]))
+    load_s = time.perf_counter() - t0
+    prompt = lm.encode_prompt("import os\nimport sys\n\ndef main(argv):\n    ")[:16]
+    params = SamplingParams(max_new_tokens=conf["new_tokens"], temperature=0, stop_at_eos=False)
+
+    def one() -> float:
+        t = time.perf_counter()
+        n = sum(1 for _ in lm._new_ids(prompt, params, None))
+        assert n == conf["new_tokens"], n
+        return n / (time.perf_counter() - t)
+
+    one()  # warm-up: first-call allocations, thread-pool start
+    rates = [one() for _ in range(conf["repeats"])]
+    return {"label": conf["label"], "preset": conf["preset"], "tok_s": statistics.median(rates), "all_tok_s": rates,
+            "load_s": load_s, "prompt_tokens": len(prompt)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["micro", "stories15m"])
+    ap.add_argument("--backends", nargs="+", default=[b[0] for b in BACKENDS], help="labels to run")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="slm-decode-") as tmp:
+        for preset in args.presets:
+            paths = make_models(preset, Path(tmp))
+            for label, backend, options in BACKENDS:
+                if label not in args.backends:
+                    continue
+                conf = {"label": label, "backend": backend, "options": options, "preset": preset, "paths": paths,
+                        "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads}
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(conf)], capture_output=True,
+                                      text=True, env=_threads_env(args.threads))
+                if proc.returncode != 0:
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{preset:<12}{label:<20} failed: {err}", file=sys.stderr)
+                    results.append({"label": label, "preset": preset, "error": err})
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                results.append(r)
+                print(f"{preset:<12}{label:<20}{r['tok_s']:>9.1f} tok/s  (runs: "
+                      f"{', '.join(f'{x:.0f}' for x in r['all_tok_s'])}; load {r['load_s']:.1f}s)", file=sys.stderr)
+
+    print(f"\n| preset | backend | decode tok/s (median of {args.repeats}) | vs {ANCHOR} |")
+    print("|---|---|---:|---:|")
+    for preset in args.presets:
+        rows = [r for r in results if r["preset"] == preset]
+        anchor = next((r["tok_s"] for r in rows if r["label"] == ANCHOR and "tok_s" in r), None)
+        for r in rows:
+            if "tok_s" not in r:
+                print(f"| {preset} | {r['label']} | failed: {r['error'][:60]} | |")
+                continue
+            ratio = f"{r['tok_s'] / anchor:.2f}x" if anchor else "n/a"
+            print(f"| {preset} | {r['label']} | {r['tok_s']:.1f} | {ratio} |")
+    if args.json:
+        meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
+                or platform.machine(), "threads": args.threads, "new_tokens": args.new_tokens,
+                "command": " ".join(sys.argv)}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

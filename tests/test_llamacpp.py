@@ -1,0 +1,177 @@
+"""slmkit <-> llama.cpp (through llama-cpp-python): GGUF export, tokenizer agreement, identical greedy decoding.
+
+Tolerances, and why:
+- f32 GGUF: greedy tokens identical; per-token log-probs within 1e-2 nats. llama.cpp keeps its KV cache in f16 and
+  sums in a different order, which moves log-probs by ~1e-3 (SmolLM2: max 4e-3), never a confident argmax.
+- q8_0 GGUF: log-probs within 0.1 nats of the f32 model (8-bit weights, and activations quantized to 8 bits by
+  llama.cpp's q8_0 kernels).
+- SmolLM2's shipped Q4_1 file: slmkit dequantizes the weights exactly, but llama.cpp's Q4_1 kernels quantize
+  the activations to 8 bits, so log-probs differ by up to ~0.3 nats (mean <= 0.15). Greedy choices therefore
+  agree wherever slmkit's top-2 margin exceeds 1 nat; closer calls can flip (and do, on some prompts).
+"""
+
+import numpy as np
+import pytest
+from conftest import pulled, tiny_model_dir
+
+from slmkit.generate import SamplingParams
+from slmkit.gguf_io import write_gguf
+from slmkit.lm import load_lm
+from slmkit.lm.llamacpp_lm import LlamaCppLM
+from slmkit.lm.torch_lm import TorchLM
+from slmkit.tokenizer import load_tokenizer, train_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+CODE = '''def fibonacci(n: int) -> list[int]:
+    """Return the first n Fibonacci numbers."""
+    a, b = 0, 1
+    out = []
+    for _ in range(n):
+        out.append(a)
+        a, b = b, a + b
+    return out
+'''
+TEST_TEXTS = [
+    CODE,
+    "Hello, world! It's 2026-11-22 and the price is $1,234.56 (≈ €1 100).",
+    "naïve café, Übermaß, señor, 日本語のテキスト, 中文文本, 한국어, Ελληνικά, русский текст, עברית, العربية",
+    "emoji: 🤖🚀👩‍💻 ✓✗ — “quotes” ‘single’ … ¿qué? ¡sí!",
+    "   leading spaces\n\n\ttabs\t\tand   runs   of    spaces   \n\n\n",
+    "x=1;y=2\nif x<y:print(x**y)//3%4 @decorator #comment\r\nwindows line",
+    "numbers 0 12 345 6789 3.14159 1e-10 0xFF 1_000_000",
+    "I'll we've they're she'd it's 'quoted' don't CAN'T",
+    "",
+    " ",
+    "a",
+]
+
+
+def llama_ids(llm, text: str, special: bool = False) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+
+def vocab_only(path) -> "llama_cpp.Llama":
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def assert_same_tokenization(tok, gguf_path, extra_special_texts=()):
+    llm = vocab_only(gguf_path)
+    for text in TEST_TEXTS:
+        assert llama_ids(llm, text) == tok.encode(text), text
+        assert llm.detokenize(tok.encode(text)).decode("utf-8", errors="replace") == text
+    for text in extra_special_texts:
+        assert llama_ids(llm, text, special=True) == tok.encode(text), text
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model fitted to CODE (confident predictions), its tokenizer trained on code and unicode text."""
+    tok = train_tokenizer([CODE, *TEST_TEXTS] * 20, vocab_size=400)
+    d = tiny_model_dir(tmp_path_factory.mktemp("llamacpp") / "m", tok, tie=False, train_on=CODE, steps=200,
+                       max_seq_len=256)
+    return d, tok
+
+
+def test_slmkit_bpe_tokenizes_identically_in_llama_cpp(trained, tmp_path):
+    d, tok = trained
+    path = write_gguf(d, tmp_path / "m.gguf")
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi ✓"}])
+    assert_same_tokenization(tok, path, [chat])
+
+
+def test_f32_greedy_64_tokens_identical_and_logprobs_close(trained, tmp_path):
+    d, _ = trained
+    path = write_gguf(d, tmp_path / "m.gguf", quant="f32")
+    ours, theirs = TorchLM.load(d), LlamaCppLM(path)
+    params = SamplingParams(max_new_tokens=64, temperature=0, stop_at_eos=False)
+    for prompt in ["def fibonacci(n", "    a, b", "x"]:
+        ids = ours.encode_prompt(prompt)
+        a = list(ours._new_ids(ids, params, None))
+        b = list(theirs._new_ids(ids, params, None))
+        assert len(a) == 64 and a == b, prompt
+    ids = ours.encode_prompt(CODE)
+    diff = np.abs(ours.logprobs(ids).token_logprobs - theirs.logprobs(ids).token_logprobs)
+    assert diff.max() <= 1e-2
+    assert ours.generate("def fib", params) == theirs.generate("def fib", params)  # text layer too
+    s1, s2 = ours.score("def fibonacci(n", ": int)"), theirs.score("def fibonacci(n", ": int)")
+    assert s1.is_greedy == s2.is_greedy and s1.logprob == pytest.approx(s2.logprob, abs=1e-2)
+
+
+def test_q8_0_logprobs_within_tolerance(trained, tmp_path):
+    d, _ = trained
+    ours = TorchLM.load(d)
+    q8 = LlamaCppLM(write_gguf(d, tmp_path / "m-q8.gguf", quant="q8_0"))
+    ids = ours.encode_prompt(CODE)
+    diff = np.abs(ours.logprobs(ids).token_logprobs - q8.logprobs(ids).token_logprobs)
+    assert 0 < diff.max() <= 0.1
+
+
+def test_llamacpp_backend_from_the_command_line(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+    d, _ = trained
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(d), "-o", str(d / "model.gguf")])
+    assert r.exit_code == 0, r.output
+    args = [str(d), "def fibonacci(n", "--temperature", "0", "--max-new-tokens", "20"]
+    a = runner.invoke(app, ["generate", *args])
+    b = runner.invoke(app, ["generate", *args, "--backend", "llamacpp"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert a.stdout == b.stdout and len(a.stdout) > len("def fibonacci(n") + 5
+
+
+@pytest.mark.download
+@pytest.mark.slow
+def test_gpt2_tokenizer_in_gguf_tokenizes_identically(tmp_path):
+    tok = load_tokenizer(pulled("gpt2-tokenizer"))
+    d = tiny_model_dir(tmp_path / "gpt2", tok)
+    assert_same_tokenization(tok, write_gguf(d, tmp_path / "gpt2.gguf"), ["<|endoftext|>hello<|endoftext|>"])
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return pulled("smollm2-135m-instruct")
+
+
+@pytest.mark.download
+@pytest.mark.slow
+def test_smollm2_tokenizer_round_trips_through_gguf_export(smollm2, tmp_path):
+    tok = load_tokenizer(smollm2)
+    assert tok.eos_token == "<|im_end|>" and not tok.add_bos and "<|im_start|>" in tok.chat_template
+    d = tiny_model_dir(tmp_path / "smol-tok", tok)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    assert_same_tokenization(tok, write_gguf(d, tmp_path / "smol-tok.gguf"), [chat])
+
+
+@pytest.mark.download
+@pytest.mark.slow
+def test_smollm2_matches_llama_cpp_on_the_shipped_q4_1_file(smollm2):
+    shipped = next(smollm2.glob("*Q4_1.gguf"))
+    ours, theirs = load_lm(str(smollm2)), LlamaCppLM(shipped, n_ctx=512)
+    assert_same_tokenization(ours.tokenizer, shipped)
+    prompt = ours.tokenizer.apply_chat_template([{"role": "user", "content": "Write a Python function that "
+                                                                             "adds two numbers."}])
+    ids = ours.encode_prompt(prompt)
+    greedy = list(ours._new_ids(ids, SamplingParams(max_new_tokens=48, temperature=0), None))
+    a, b = ours.logprobs(ids + greedy, top_k=2), theirs.logprobs(ids + greedy, top_k=1)
+    diff = np.abs(a.token_logprobs - b.token_logprobs)
+    assert diff.mean() <= 0.15 and diff.max() <= 1.0, (diff.mean(), diff.max())
+    confident = (a.top_logprobs[:, 0] - a.top_logprobs[:, 1]) > 1.0
+    assert confident.mean() > 0.5
+    assert np.array_equal(a.top_ids[confident, 0], b.top_ids[confident, 0])
+
+
+@pytest.mark.download
+@pytest.mark.slow
+def test_pulled_smollm2_answers_through_both_backends(smollm2):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+    runner = CliRunner()
+    for backend in ("torch", "llamacpp"):
+        r = runner.invoke(app, ["generate", "smollm2-135m-instruct", "What is the capital of France?",
+                                "--temperature", "0", "--max-new-tokens", "30", "--backend", backend])
+        assert r.exit_code == 0, r.output
+        assert "Paris" in r.stdout, (backend, r.stdout)
