@@ -4,8 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# Extras: the tests exercise all of them; llama-cpp-python compiles from source the first time (~8-15 minutes on
+# 2 cores; pip caches the wheel), so `make demo` installs only what the quickstart needs.
+EXTRAS ?= hf,dev,onnx,llamacpp
+DEMO_EXTRAS ?= hf,dev
+comma := ,
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.slmkit-installed
+STAMP := $(VENV)/.slmkit-installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install demo test lint clean
 
@@ -14,10 +19,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[hf,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: install
+demo:
+	$(MAKE) install EXTRAS=$(DEMO_EXTRAS)
 	$(BIN)/slm quickstart
 
 lint: install

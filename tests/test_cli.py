@@ -66,7 +66,7 @@ def test_presets_lists_every_shape():
 
 def test_errors_are_one_clear_line_with_exit_code_2(tmp_path):
     r = runner.invoke(app, ["generate", str(tmp_path / "missing"), "hi"])
-    assert r.exit_code == 2 and "no model here" in r.output
+    assert r.exit_code == 2 and "not a model directory" in r.output
     r = runner.invoke(app, ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r"),
                             "--max-steps", "1"])
     assert r.exit_code == 2 and "slm data prepare" in r.output

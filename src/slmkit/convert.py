@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.checkpoint import DTYPES, find_model_dir, load_any, read_provenance, save_model_dir
+from slmkit.checkpoint import DTYPES, load_any, read_provenance, save_model_dir
 from slmkit.files import sha256_file
 
 EXPORT_FORMATS = ("gguf", "hf", "onnx")
@@ -51,11 +51,20 @@ def import_model(src: str | Path, out: str | Path, dtype: str = "float32",
 
 def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f32",
                  dtype: str = "float32") -> Path:
-    """Write the model (or a run's final model) `model` to `out` in format `fmt` (gguf | hf | onnx).
+    """Write `model` (a model or run directory, a .gguf file, a pulled name) to `out` in format `fmt`.
 
-    `quant` applies to GGUF (f32, f16, bf16, q8_0); `dtype` to the HF directory (float32, bfloat16, float16).
+    fmt is gguf | hf | onnx; `quant` applies to GGUF (f32, f16, bf16, q8_0), `dtype` to the HF directory
+    (float32, bfloat16, float16).
     """
-    src = find_model_dir(model)
+    from slmkit.hub import resolve_model
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    ref = resolve_model(str(model))
+    if ref.kind == "remote":
+        raise ValueError(f"{model}: a remote endpoint's weights cannot be exported")
+    if ref.kind == "gguf" and fmt == "onnx":
+        raise ValueError(f"{model}: import the GGUF first (`slm import {model} -o DIR`), then export DIR to ONNX")
+    src = Path(ref.location)
     if fmt == "gguf":
         from slmkit.gguf_io import write_gguf
         return write_gguf(src, out, quant=quant)
@@ -65,7 +74,5 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
         m, tokenizer = load_any(src)
         provenance = {**read_provenance(src), "exported_from": str(src)}
         return save_model_dir(m.to(torch.float32), out, tokenizer, provenance=provenance, dtype=dtype)
-    if fmt == "onnx":
-        from slmkit.onnx_export import export_onnx
-        return export_onnx(src, out)
-    raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    from slmkit.onnx_export import export_onnx
+    return export_onnx(src, out)

@@ -256,17 +256,21 @@ def _tensor_for(name: str, w: np.ndarray, quant: str, gguf):
 
 
 def write_gguf(model_dir: str | Path, out: str | Path, quant: str = "f32", name: str | None = None) -> Path:
-    """Write the model directory (or run directory) `model_dir` as a llama-architecture GGUF file `out`."""
-    from slmkit.checkpoint import find_model_dir, load_model_dir
+    """Write the model directory (or run directory, or GGUF file) `model_dir` as a llama-architecture GGUF."""
+    from slmkit.checkpoint import load_any
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    model, tokenizer = load_any(model_dir)
+    return write_model_gguf(model, tokenizer, out, quant, name or Path(model_dir).resolve().name)
+
+
+def write_model_gguf(model, tokenizer, out: str | Path, quant: str = "f32", name: str = "slmkit model") -> Path:
+    """Write a loaded slmkit model and its tokenizer as a GGUF file `out` (atomically)."""
     from slmkit.files import atomic_path
-    from slmkit.tokenizer import load_tokenizer
 
     gguf = _gguf()
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
-    src = find_model_dir(model_dir)
-    model = load_model_dir(src)
-    tokenizer = load_tokenizer(src)
     cfg = model.cfg
     meta = tokenizer_metadata(tokenizer, cfg.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -275,7 +279,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, quant: str = "f32", name:
     out = Path(out)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(name or Path(model_dir).resolve().name)
+        w.add_name(name)
         w.add_block_count(cfg.n_layers)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.dim)
