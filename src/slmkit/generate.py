@@ -130,28 +130,57 @@ def stream_text(tokenizer, new_ids: Iterator[int], params: SamplingParams, heale
 
     `healed` is text the first new tokens repeat from the prompt (token healing); it is not emitted again.
     """
-    new: list[int] = []
-    emitted = ""
-    hold = max((len(s) for s in params.stop), default=0)
+    text = TextStream(tokenizer, params.stop, healed)
     for tok in new_ids:
-        new.append(tok)
-        text = tokenizer.decode(new)[len(healed):]
-        for s in params.stop:
-            cut = text.find(s, max(0, len(emitted) - len(s)))
+        piece = text.push(tok)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    if tail := text.finish():
+        yield tail
+
+
+class TextStream:
+    """Incremental detokenization for one sequence: push token ids, get the text that is safe to show.
+
+    Text is held back while it could still become a stop string, or ends in an incomplete UTF-8 character
+    (which decodes to U+FFFD until its last byte arrives). After a stop string, `stopped` is set and the
+    text before the stop string is all that was emitted.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), healed: str = ""):
+        self.tokenizer, self.stop, self.healed = tokenizer, list(stop), healed
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+        self._hold = max((len(s) for s in self.stop), default=0)
+
+    def push(self, tok: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)[len(self.healed):]
+        for s in self.stop:
+            cut = text.find(s, max(0, len(self.emitted) - len(s)))
             if cut != -1:
-                if cut > len(emitted):
-                    yield text[len(emitted):cut]
-                return
-        # An incomplete UTF-8 sequence decodes to U+FFFD at the end; wait for the rest of the character.
-        safe = len(text) - hold
-        while safe > len(emitted) and text[safe - 1] == "\ufffd":
+                self.stopped = True
+                return self._emit(text[:cut]) if cut > len(self.emitted) else ""
+        safe = len(text) - self._hold
+        while safe > len(self.emitted) and text[safe - 1] == "\ufffd":
             safe -= 1
-        if safe > len(emitted):
-            yield text[len(emitted):safe]
-            emitted = text[:safe]
-    text = tokenizer.decode(new)[len(healed):]
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
+        return self._emit(text[:safe]) if safe > len(self.emitted) else ""
+
+    def finish(self) -> str:
+        """Everything still held back, once the sequence has ended without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)[len(self.healed):]
+        return self._emit(text) if len(text) > len(self.emitted) else ""
+
+    def _emit(self, upto: str) -> str:
+        piece, self.emitted = upto[len(self.emitted):], upto
+        return piece
 
 
 def complete(model: Transformer, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True,

@@ -64,6 +64,81 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attention_mask(self, T: int, device) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for T new queries after `length` cached positions."""
+        past = self.length
+        if past == 0:
+            return None, True
+        if T == 1:
+            return None, False  # one new query attends to everything before it
+        # SDPA's is_causal aligns top-left; with a cache prefix the diagonal is offset by `past`.
+        return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past), False
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class SlotKVCache:
+    """KV cache for continuous batching: row i is its own sequence, `lengths[i]` positions long.
+
+    The first `n_active` rows are decoding; a forward pass feeds them one new token each (B = n_active, T = 1),
+    at their own positions. A sequence enters with `load_row` (copying a prefilled single-sequence KVCache)
+    and leaves with `move_row` (the last active row takes its place, so the active rows stay contiguous and
+    attention reads plain slices, never gathers).
+    """
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.max_len, self.max_batch = max_len, max_batch
+        self.n_active = 0
+        self._mask = None
+
+    def positions(self) -> torch.Tensor:
+        return self.lengths[: self.n_active]
+
+    def update(self, layer: int, k, v):
+        n = self.n_active
+        rows, pos = torch.arange(n, device=k.device), self.lengths[:n]
+        self.k[layer][rows, :, pos] = k[:, :, 0]
+        self.v[layer][rows, :, pos] = v[:, :, 0]
+        end = self._end
+        return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
+
+    def attention_mask(self, T: int, device) -> tuple[torch.Tensor | None, bool]:
+        if T != 1:
+            raise ValueError("SlotKVCache decodes one token per row; prefill with a KVCache and load_row")
+        if self._mask is None:
+            pos = self.lengths[: self.n_active]
+            self._end = int(pos.max()) + 1
+            if self._end > self.max_len:
+                raise ValueError(f"KV cache full: {self._end} positions > max_len {self.max_len}")
+            keys = torch.arange(self._end, device=device)
+            self._mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+        return self._mask, False
+
+    def advance(self, T: int) -> None:
+        self.lengths[: self.n_active] += T
+        self._mask = None
+
+    def load_row(self, row: int, cache: KVCache) -> None:
+        n = cache.length
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :n] = cache.k[layer][0, :, :n]
+            self.v[layer][row, :, :n] = cache.v[layer][0, :, :n]
+        self.lengths[row] = n
+
+    def move_row(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
+        n = int(self.lengths[src])
+        for layer in range(len(self.k)):
+            self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+        self.lengths[dst] = n
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -80,19 +155,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
+        mask, causal = None, True
         if cache is not None:
-            past = cache.length
+            mask, causal = cache.attention_mask(T, x.device)
             k, v = cache.update(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if past == 0:
-            mask, causal = None, True
-        elif T == 1:
-            mask, causal = None, False  # one new query attends to everything before it
-        else:
-            # SDPA's is_causal aligns top-left; with a cache prefix the diagonal is offset by `past`.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -146,21 +213,28 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim) for token ids (B, T)."""
         T = idx.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if isinstance(cache, SlotKVCache):
+            pos = cache.positions()  # every row at its own position: (B, 1, 1, head_dim) RoPE tables
+            if int(pos.max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"a sequence exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[pos][:, None, None, :], self.rope_sin[pos][:, None, None, :]
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None,
                 loss_chunk: int = 0):
         """Logits (B, T, vocab) when `targets` is None, else the mean cross-entropy (ignore_index -100).
 

@@ -1,0 +1,346 @@
+"""The generation engine behind `slm serve`: requests in, token events out, on one background thread.
+
+The server only talks to `Engine`:
+
+    engine = Engine(lm, max_batch=16, max_queue=64)
+    async for event in engine.generate(GenerationRequest(prompt_ids, params, n=2, logprobs=3)):
+        ...   # TokenEvent(index, text, token_id, logprob, top_logprobs, finish_reason)
+
+`submit` raises QueueFull when the bounded queue is full (the server answers 429) and PromptTooLong when the
+prompt plus max_tokens exceed the context (400). Leaving the `async for` early (a client disconnecting)
+cancels the request at the next token boundary and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from slmkit.generate import SamplingParams, TextStream, sample_next
+from slmkit.lm.base import LM
+from slmkit.lm.torch_lm import TorchLM
+from slmkit.model import KVCache, SlotKVCache
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float = 1.0):
+        super().__init__(f"the server is busy; retry after {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int = 1  # independent choices (seeds seed, seed+1, ...)
+    logprobs: int | None = None  # also report the top-k alternatives of every generated token
+
+
+@dataclass
+class TokenEvent:
+    index: int  # which of the n choices
+    text: str  # the new text ("" when a piece is held back, e.g. a partial UTF-8 character or a stop string)
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: dict[str, float] | None = None
+    finish_reason: str | None = None  # "stop" (eos or stop string) | "length" | None while running
+
+
+@dataclass
+class EngineStats:
+    requests_total: int = 0
+    requests_active: int = 0
+    queue_depth: int = 0
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    busy_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Choice:
+    """One running sequence: a choice of a request."""
+
+    request: _Pending
+    index: int
+    generator: torch.Generator | None
+    text: TextStream
+    last_token: int = 0
+    n_generated: int = 0
+
+
+class _Pending:
+    """A submitted request: where its events go, and whether its client is still listening."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.remaining = request.n  # choices not finished yet
+
+    def emit(self, event: TokenEvent | BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the listener's event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class Engine:
+    """Continuous batching over slmkit's own model (TorchLM); other backends run one request at a time.
+
+    With a TorchLM, up to `max_batch` sequences decode together: each step feeds every running sequence its
+    last token as one (B, 1) batch through a SlotKVCache, so weights are read once per step for all of them.
+    New requests are prefilled and join between steps; finished or cancelled ones leave between steps.
+    """
+
+    def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64, device: str | None = None):
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.max_batch = max_batch if isinstance(lm, TorchLM) else 1
+        self.max_queue = max_queue
+        self.max_length = lm.max_length
+        self.stats = EngineStats()
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
+        self._thread.start()
+
+    # --- called from the server's event loop ------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> _Pending:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        n_prompt = len(request.prompt_ids)
+        if n_prompt == 0:
+            raise PromptTooLong("the prompt is empty")
+        if n_prompt + request.params.max_new_tokens > self.max_length:
+            raise PromptTooLong(f"prompt ({n_prompt} tokens) + max_tokens ({request.params.max_new_tokens}) "
+                                f"exceeds the model's context of {self.max_length} tokens")
+        if request.logprobs is not None and not isinstance(self.lm, TorchLM):
+            raise ValueError(f"log-probs are not available from the {type(self.lm).__name__} backend")
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(retry_after=1.0)
+        pending = _Pending(request, asyncio.get_running_loop())
+        self.stats.requests_total += 1
+        self.stats.prompt_tokens_total += n_prompt * request.n
+        self._queue.put(pending)
+        return pending
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Events of all n choices, interleaved, until every choice has finished."""
+        pending = self.submit(request)
+        try:
+            while True:
+                event = await pending.events.get()
+                if event is None:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            pending.cancelled = True  # a disconnected client frees its slots at the next step
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # --- the engine thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if isinstance(self.lm, TorchLM):
+            self._run_batched()
+        else:
+            self._run_sequential()
+
+    def _next_pending(self, block: bool) -> _Pending | None:
+        try:
+            return self._queue.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return None
+
+    def _run_sequential(self) -> None:
+        """One request at a time through the backend's own token stream (llama.cpp, transformers, remote)."""
+        while not self._closed:
+            pending = self._next_pending(block=True)
+            if pending is None:
+                continue
+            try:
+                for index in range(pending.request.n):
+                    if pending.cancelled:
+                        break
+                    self._sequential_choice(pending, index)
+            except Exception as e:  # one bad request must not take the engine down
+                pending.emit(e)
+            pending.emit(None)
+
+    def _sequential_choice(self, pending: _Pending, index: int) -> None:
+        req = pending.request
+        seed = None if req.params.seed is None else req.params.seed + index
+        params = dataclasses.replace(req.params, seed=seed)
+        text, n, start = TextStream(self.tokenizer, params.stop), 0, time.perf_counter()
+        finish = "stop"  # unless the loop runs out of tokens below
+        for tok in self.lm._new_ids(req.prompt_ids, params, None):
+            if pending.cancelled:
+                return
+            n += 1
+            piece = text.push(tok)
+            if text.stopped:
+                break
+            pending.emit(TokenEvent(index, piece, tok))
+        else:
+            piece = text.finish()
+            if n >= params.max_new_tokens:
+                finish = "length"
+        pending.emit(TokenEvent(index, piece, None, finish_reason=finish))
+        self.stats.completion_tokens_total += n
+        self.stats.busy_seconds += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _run_batched(self) -> None:
+        model = self.lm.model
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        cache = SlotKVCache(model.cfg, self.max_batch, model.cfg.max_seq_len, device=device, dtype=dtype)
+        rows: list[_Choice] = []
+        waiting: list[_Choice] = []  # choices of admitted requests not yet in a row
+        eos = self.lm.eos_id
+        while not self._closed:
+            # Admit: whole requests from the queue become choices; choices fill free rows (prefill each).
+            while len(rows) + len(waiting) < self.max_batch or not (rows or waiting):
+                pending = self._next_pending(block=not (rows or waiting))
+                if pending is None:
+                    break
+                req = pending.request
+                for index in range(req.n):
+                    gen = None
+                    if req.params.temperature > 0:
+                        gen = torch.Generator(device="cpu")
+                        gen.manual_seed((req.params.seed + index) % 2**64 if req.params.seed is not None
+                                        else random.randrange(2**63))  # torch takes seeds modulo 2**64
+                    waiting.append(_Choice(pending, index, gen, TextStream(self.tokenizer, req.params.stop)))
+            start = time.perf_counter()
+            while waiting and len(rows) < self.max_batch:
+                choice = waiting.pop(0)
+                if choice.request.cancelled:
+                    continue
+                try:
+                    logits = self._prefill(model, cache, len(rows), choice, device, dtype)
+                except Exception as e:
+                    choice.request.emit(e)
+                    choice.request.emit(None)
+                    choice.request.cancelled = True
+                    continue
+                rows.append(choice)
+                self._step_safely(choice, logits, eos)
+            rows = self._drop_finished(rows, cache)
+            if not rows:
+                self.stats.busy_seconds += time.perf_counter() - start
+                continue
+            # Decode: one token for every running row, in one batch.
+            cache.n_active = len(rows)
+            x = torch.tensor([[c.last_token] for c in rows], device=device)
+            try:
+                logits = model(x, cache=cache)[:, -1].float().cpu()
+            except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
+                for c in rows:
+                    c.request.emit(e)
+                    c.request.emit(None)
+                    c.request.cancelled = True
+                rows = self._drop_finished(rows, cache)
+                continue
+            for c, row_logits in zip(rows, logits, strict=True):
+                self._step_safely(c, row_logits, eos)
+            rows = self._drop_finished(rows, cache)
+            self.stats.busy_seconds += time.perf_counter() - start
+            self.stats.requests_active = len({id(c.request) for c in rows + waiting})
+        self._fail_all(rows + waiting, RuntimeError("the engine stopped"))
+
+    def _prefill(self, model, cache: SlotKVCache, row: int, choice: _Choice, device, dtype) -> torch.Tensor:
+        ids = choice.request.request.prompt_ids
+        single = KVCache(model.cfg, 1, len(ids), device=device, dtype=dtype)
+        logits = model(torch.tensor([ids], device=device), cache=single)[0, -1].float().cpu()
+        cache.load_row(row, single)
+        return logits
+
+    def _step_safely(self, c: _Choice, logits: torch.Tensor, eos: int | None) -> None:
+        """`_step_choice`, failing only this request when its settings break sampling (e.g. a temperature so
+        small the probabilities overflow), instead of the engine thread."""
+        if c.request.cancelled:
+            return
+        try:
+            self._step_choice(c, logits, eos)
+        except Exception as e:
+            c.request.emit(e)
+            c.request.emit(None)
+            c.request.cancelled = True
+
+    def _step_choice(self, c: _Choice, logits: torch.Tensor, eos: int | None) -> None:
+        """Sample the choice's next token from `logits` and report it; marks the choice finished when it is."""
+        pending, params = c.request, c.request.request.params
+        tok = sample_next(logits, params, c.generator)
+        c.last_token = tok
+        c.n_generated += 1
+        self.stats.completion_tokens_total += 1
+        finish = None
+        if params.stop_at_eos and tok == eos:
+            finish, piece = "stop", c.text.finish()
+        else:
+            piece = c.text.push(tok)
+            if c.text.stopped:
+                finish = "stop"
+            elif c.n_generated >= params.max_new_tokens:
+                finish, piece = "length", piece + c.text.finish()
+        event = TokenEvent(c.index, piece, tok, finish_reason=finish)
+        if pending.request.logprobs is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            event.logprob = float(logp[tok])
+            if pending.request.logprobs > 0:
+                top = logp.topk(pending.request.logprobs)
+                event.top_logprobs = {self.tokenizer.decode([int(i)]): float(v)
+                                      for v, i in zip(top.values, top.indices, strict=True)}
+        pending.emit(event)
+        if finish is not None:
+            c.n_generated = -1  # finished marker
+            pending.remaining -= 1
+            if pending.remaining == 0:
+                pending.emit(None)
+
+    def _drop_finished(self, rows: list[_Choice], cache: SlotKVCache) -> list[_Choice]:
+        """Remove finished and cancelled rows, keeping the running ones contiguous at the top of the cache."""
+        i = 0
+        while i < len(rows):
+            c = rows[i]
+            if c.n_generated == -1 or c.request.cancelled:
+                last = len(rows) - 1
+                cache.move_row(last, i)
+                rows[i] = rows[last]
+                rows.pop()
+            else:
+                i += 1
+        cache.n_active = len(rows)
+        return rows
+
+    def _fail_all(self, choices: list[_Choice], error: BaseException) -> None:
+        for c in choices:
+            c.request.emit(error)
+            c.request.emit(None)
