@@ -87,7 +87,7 @@ def test_bad_arguments_are_explained(model_dir, tmp_path):
         (["import", str(tmp_path / "weights.txt"), "-o", str(tmp_path / "o")], "not a .gguf file"),
         (["import", str(tmp_path / "missing"), "-o", str(tmp_path / "o")], "nothing to import"),
         (["export", str(model_dir), "--format", "tflite", "-o", str(tmp_path / "o")], "gguf, hf, onnx"),
-        (["export", str(model_dir), "--quant", "q2_k", "-o", str(tmp_path / "o.gguf")], "f32, f16, bf16, q8_0"),
+        (["export", str(model_dir), "--quant", "q2_k", "-o", str(tmp_path / "o.gguf")], "f32, f16, bf16, q8_0, q5_1"),
         (["generate", str(tmp_path / "missing"), "hi"], "not a model directory"),
     ]
     for args, message in cases:

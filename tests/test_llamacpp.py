@@ -175,3 +175,35 @@ def test_pulled_smollm2_answers_through_both_backends(smollm2):
                                 "--temperature", "0", "--max-new-tokens", "30", "--backend", backend])
         assert r.exit_code == 0, r.output
         assert "Paris" in r.stdout, (backend, r.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # llama.cpp's quantizer log
+def test_k_quant_and_legacy_quant_files_import_into_slmkit(tmp_path):
+    """llama.cpp's own quantizer makes Q4_K_M / Q6_K files; slmkit dequantizes them (via `gguf`) and agrees
+    with llama.cpp on them, and writes Q4_0/Q5_1 itself."""
+    import ctypes
+
+    from slmkit.checkpoint import load_any
+    tok = train_tokenizer([CODE, *TEST_TEXTS] * 20, vocab_size=400)
+    # K-quants need rows of 256 values; smaller rows would silently fall back to other types.
+    d = tiny_model_dir(tmp_path / "m", tok, tie=False, train_on=CODE, steps=60, dim=256, hidden_dim=512,
+                       n_heads=4, n_kv_heads=2, max_seq_len=256)
+    f32 = write_gguf(d, tmp_path / "m-f32.gguf")
+    ref = TorchLM.load(d)
+    ids = ref.encode_prompt(CODE)
+    ref_lp = ref.logprobs(ids).token_logprobs
+    files = {q: write_gguf(d, tmp_path / f"m-{q}.gguf", quant=q) for q in ("q4_0", "q5_1")}
+    for name, ftype in [("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K)]:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        out = tmp_path / f"m-{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        files[name] = out
+    for name, path in files.items():
+        model, _ = load_any(path)
+        ours = TorchLM(model, tok)
+        theirs = LlamaCppLM(path)
+        lp_ours, lp_theirs = ours.logprobs(ids).token_logprobs, theirs.logprobs(ids).token_logprobs
+        assert np.abs(lp_ours - ref_lp).mean() <= 0.3, name  # quantization error against the f32 model
+        assert np.abs(lp_ours - lp_theirs).mean() <= 0.15, name  # same weights: only activation rounding differs

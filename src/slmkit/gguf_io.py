@@ -41,7 +41,8 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
-QUANTS = ("f32", "f16", "bf16", "q8_0")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+_BLOCK_QUANTS = {"q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
 
 # How llama.cpp names the pre-tokenizers slmkit can reproduce exactly (see `_pre_tokenizer_name`).
 PRE_GPT2, PRE_SMOLLM = "gpt-2", "smollm"
@@ -248,10 +249,11 @@ def _tensor_for(name: str, w: np.ndarray, quant: str, gguf):
         return w.astype(np.float16), None
     if quant == "bf16":
         return gguf.quants.quantize(w.astype(np.float32), Q.BF16), Q.BF16
-    if quant == "q8_0":
-        if w.shape[-1] % 32:  # Q8_0 blocks are 32 values along a row; llama.cpp falls back the same way
+    if quant in _BLOCK_QUANTS:
+        if w.shape[-1] % 32:  # blocks are 32 values along a row; llama.cpp falls back to f16 the same way
             return w.astype(np.float16), None
-        return gguf.quants.quantize(w.astype(np.float32), Q.Q8_0), Q.Q8_0
+        qtype = Q[_BLOCK_QUANTS[quant]]
+        return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
     raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
 
 
@@ -273,8 +275,9 @@ def write_model_gguf(model, tokenizer, out: str | Path, quant: str = "f32", name
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     cfg = model.cfg
     meta = tokenizer_metadata(tokenizer, cfg.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}
+    file_type = file_types[quant] if quant in file_types else gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
     out = Path(out)
     with atomic_path(out) as tmp:
