@@ -274,7 +274,7 @@ def export(
     model: Annotated[str, typer.Argument(help="model or run directory")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output file (.gguf, .onnx) or directory (hf, onnx)")],
     format: Annotated[str, typer.Option("--format", help="gguf | hf | onnx")] = "gguf",
-    quant: Annotated[str, typer.Option(help="GGUF weights: f32 | f16 | bf16 | q8_0")] = "f32",
+    quant: Annotated[str, typer.Option(help="GGUF weights: f32 | f16 | bf16 | q8_0 | q5_1/q5_0/q4_1/q4_0")] = "f32",
     dtype: Annotated[str, typer.Option(help="HF weights: float32 | bfloat16 | float16")] = "float32",
 ):
     """Write a model for llama.cpp (GGUF), transformers/vLLM (HF directory) or onnxruntime (ONNX)."""
