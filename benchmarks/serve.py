@@ -4,12 +4,11 @@
     python benchmarks/serve.py                                 # stories15m-shaped random model, both servers
     python benchmarks/serve.py --preset micro --clients 1 4 16 --requests-per-client 4 --max-tokens 64
 
-Each server runs in its own process on 127.0.0.1 with the same thread count; this script's clients are
-asyncio streams (the official `openai` client), each sending `--requests-per-client` completions in turn.
-Reported per concurrency level: aggregate completion tokens/s (all tokens / wall time), median time to first
-token, and the ratio to the 1-client figure of the same server. Greedy decoding, no eos stop (`ignore_eos`
-for llama.cpp; slmkit's random model rarely emits eos and `max_tokens` is what is counted either way: the
-usage the server reports).
+Each server runs in its own process on 127.0.0.1 (slmkit's with its default threads: all cores but one for the
+model; llama.cpp's with `--threads`); this script's clients use the official `openai` async client, each
+sending `--requests-per-client` completions in turn. Reported per concurrency level: aggregate completion
+tokens/s (the usage the servers report / wall time), the ratio to the same server's 1-client figure, and the
+median time to first token of one streamed request per client sent all at once. Greedy, `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -53,31 +52,33 @@ def start(cmd: list[str], port: int, env: dict, timeout: float = 120) -> subproc
 
 
 async def run_clients(port: int, clients: int, per_client: int, max_tokens: int, prompt: str) -> dict:
+    """Throughput from non-streamed requests (tokens = the usage each response reports), then time to first
+    token from one streamed request per client, all clients at once."""
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
     model = (await client.models.list()).data[0].id
-    ttfts, tokens = [], 0
+    kwargs = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+    tokens = 0
 
     async def one_client():
         nonlocal tokens
         for _ in range(per_client):
-            t0 = time.perf_counter()
-            first = None
-            n = 0
-            stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                     temperature=0, stream=True,
-                                                     extra_body={"ignore_eos": True})
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    n += 1  # one chunk per token for both servers
-                    if first is None:
-                        first = time.perf_counter() - t0
-            ttfts.append(first or float("nan"))
-            tokens += n
+            r = await client.completions.create(**kwargs)
+            tokens += r.usage.completion_tokens
+
+    async def first_token() -> float:
+        t0 = time.perf_counter()
+        stream = await client.completions.create(**{**kwargs, "max_tokens": 8}, stream=True)
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+        return first if first is not None else float("nan")
 
     t = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(clients)))
     wall = time.perf_counter() - t
+    ttfts = await asyncio.gather(*(first_token() for _ in range(clients)))
     await client.close()
     return {"clients": clients, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "ttft_median_s": statistics.median(ttfts)}
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--servers", nargs="+", default=["slmkit", "llama-cpp-python"])
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per concurrency level")
     ap.add_argument("--json")
     args = ap.parse_args()
     env = _threads_env(args.threads)
@@ -109,18 +111,27 @@ def main() -> None:
             proc = start(cmd, port, env)
             try:
                 for clients in args.clients:
-                    r = asyncio.run(run_clients(port, clients, args.requests_per_client, args.max_tokens, prompt))
+                    try:
+                        r = asyncio.run(asyncio.wait_for(run_clients(port, clients, args.requests_per_client,
+                                                                     args.max_tokens, prompt), args.timeout))
+                    except Exception as e:  # a server that stalls or fails under load is a result too
+                        print(f"{server:<18}{clients:>3} clients failed: {type(e).__name__} {e}", file=sys.stderr)
+                        results.append({"server": server, "clients": clients, "error": f"{type(e).__name__}"})
+                        break
                     r["server"] = server
                     results.append(r)
                     print(f"{server:<18}{clients:>3} clients {r['tok_s']:>8.1f} tok/s  ttft {r['ttft_median_s']:.3f}s",
                           file=sys.stderr)
             finally:
-                proc.terminate()
+                proc.kill()
                 proc.wait(timeout=30)
     print(f"\n| server ({args.preset}, {args.threads} threads) | clients | aggregate tok/s | vs 1 client | "
           "median TTFT |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['server']} | {r['clients']} | did not finish in {args.timeout:.0f} s ({r['error']}) | | |")
+            continue
         base = next(x["tok_s"] for x in results if x["server"] == r["server"] and x["clients"] == min(args.clients))
         print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
               f"{r['ttft_median_s'] * 1000:.0f} ms |")
