@@ -100,6 +100,51 @@ class _Pending:
             self.cancelled = True
 
 
+def batch_decoder(lm: LM, max_batch: int):
+    """The backend's batched decoder (see TorchBatch for the interface), or None: one request at a time."""
+    if isinstance(lm, TorchLM):
+        return TorchBatch(lm, max_batch)
+    return None
+
+
+class TorchBatch:
+    """Rows of slmkit's model decoding together through a SlotKVCache.
+
+    The interface every batched backend gives the engine: `prefill(row, ids)` -> the (vocab,) logits after the
+    prompt, placed in `row`; `decode(tokens)` -> (n, vocab) logits, one new token for each of rows 0..n-1;
+    `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`.
+    """
+
+    def __init__(self, lm: TorchLM, max_batch: int):
+        self.model = lm.model
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = SlotKVCache(self.model.cfg, max_batch, self.model.cfg.max_seq_len, device=self.device,
+                                 dtype=self.dtype)
+
+    @property
+    def n_active(self) -> int:
+        return self.cache.n_active
+
+    @n_active.setter
+    def n_active(self, n: int) -> None:
+        self.cache.n_active = n
+
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        single = KVCache(self.model.cfg, 1, len(ids), device=self.device, dtype=self.dtype)
+        logits = self.model(torch.tensor([ids], device=self.device), cache=single)[0, -1].float().cpu()
+        self.cache.load_row(row, single)
+        return logits
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        self.cache.n_active = len(tokens)
+        x = torch.tensor([[t] for t in tokens], device=self.device)
+        return self.model(x, cache=self.cache)[:, -1].float().cpu()
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.cache.move_row(src, dst)
+
+
 class Engine:
     """Continuous batching over slmkit's own model (TorchLM); other backends run one request at a time.
 
@@ -111,7 +156,8 @@ class Engine:
     def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64, device: str | None = None):
         self.lm = lm
         self.tokenizer = lm.tokenizer
-        self.max_batch = max_batch if isinstance(lm, TorchLM) else 1
+        self._batch = batch_decoder(lm, max_batch)
+        self.max_batch = max_batch if self._batch is not None else 1
         self.max_queue = max_queue
         self.max_length = lm.max_length
         self.stats = EngineStats()
@@ -131,7 +177,7 @@ class Engine:
         if n_prompt + request.params.max_new_tokens > self.max_length:
             raise PromptTooLong(f"prompt ({n_prompt} tokens) + max_tokens ({request.params.max_new_tokens}) "
                                 f"exceeds the model's context of {self.max_length} tokens")
-        if request.logprobs is not None and not isinstance(self.lm, TorchLM):
+        if request.logprobs is not None and self._batch is None:
             raise ValueError(f"log-probs are not available from the {type(self.lm).__name__} backend")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(retry_after=1.0)
@@ -167,8 +213,8 @@ class Engine:
     # --- the engine thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if isinstance(self.lm, TorchLM):
-            self._run_batched()
+        if self._batch is not None:
+            self._run_batched(self._batch)
         else:
             self._run_sequential()
 
@@ -216,11 +262,7 @@ class Engine:
         self.stats.busy_seconds += time.perf_counter() - start
 
     @torch.no_grad()
-    def _run_batched(self) -> None:
-        model = self.lm.model
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        cache = SlotKVCache(model.cfg, self.max_batch, model.cfg.max_seq_len, device=device, dtype=dtype)
+    def _run_batched(self, batch) -> None:
         rows: list[_Choice] = []
         waiting: list[_Choice] = []  # choices of admitted requests not yet in a row
         eos = self.lm.eos_id
@@ -244,7 +286,7 @@ class Engine:
                 if choice.request.cancelled:
                     continue
                 try:
-                    logits = self._prefill(model, cache, len(rows), choice, device, dtype)
+                    logits = batch.prefill(len(rows), choice.request.request.prompt_ids)
                 except Exception as e:
                     choice.request.emit(e)
                     choice.request.emit(None)
@@ -252,35 +294,26 @@ class Engine:
                     continue
                 rows.append(choice)
                 self._step_safely(choice, logits, eos)
-            rows = self._drop_finished(rows, cache)
+            rows = self._drop_finished(rows, batch)
             if not rows:
                 self.stats.busy_seconds += time.perf_counter() - start
                 continue
             # Decode: one token for every running row, in one batch.
-            cache.n_active = len(rows)
-            x = torch.tensor([[c.last_token] for c in rows], device=device)
             try:
-                logits = model(x, cache=cache)[:, -1].float().cpu()
+                logits = batch.decode([c.last_token for c in rows])
             except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
                 for c in rows:
                     c.request.emit(e)
                     c.request.emit(None)
                     c.request.cancelled = True
-                rows = self._drop_finished(rows, cache)
+                rows = self._drop_finished(rows, batch)
                 continue
             for c, row_logits in zip(rows, logits, strict=True):
                 self._step_safely(c, row_logits, eos)
-            rows = self._drop_finished(rows, cache)
+            rows = self._drop_finished(rows, batch)
             self.stats.busy_seconds += time.perf_counter() - start
             self.stats.requests_active = len({id(c.request) for c in rows + waiting})
         self._fail_all(rows + waiting, RuntimeError("the engine stopped"))
-
-    def _prefill(self, model, cache: SlotKVCache, row: int, choice: _Choice, device, dtype) -> torch.Tensor:
-        ids = choice.request.request.prompt_ids
-        single = KVCache(model.cfg, 1, len(ids), device=device, dtype=dtype)
-        logits = model(torch.tensor([ids], device=device), cache=single)[0, -1].float().cpu()
-        cache.load_row(row, single)
-        return logits
 
     def _step_safely(self, c: _Choice, logits: torch.Tensor, eos: int | None) -> None:
         """`_step_choice`, failing only this request when its settings break sampling (e.g. a temperature so
@@ -325,19 +358,19 @@ class Engine:
             if pending.remaining == 0:
                 pending.emit(None)
 
-    def _drop_finished(self, rows: list[_Choice], cache: SlotKVCache) -> list[_Choice]:
+    def _drop_finished(self, rows: list[_Choice], batch) -> list[_Choice]:
         """Remove finished and cancelled rows, keeping the running ones contiguous at the top of the cache."""
         i = 0
         while i < len(rows):
             c = rows[i]
             if c.n_generated == -1 or c.request.cancelled:
                 last = len(rows) - 1
-                cache.move_row(last, i)
+                batch.move_row(last, i)
                 rows[i] = rows[last]
                 rows.pop()
             else:
                 i += 1
-        cache.n_active = len(rows)
+        batch.n_active = len(rows)
         return rows
 
     def _fail_all(self, choices: list[_Choice], error: BaseException) -> None:
