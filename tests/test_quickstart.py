@@ -21,6 +21,30 @@ def test_quickstart_runs_end_to_end_on_the_stdlib_and_writes_a_report(tmp_path):
     # A second call reuses the finished dataset and model instead of redoing them.
     again = run_quickstart(out, minutes=0.1, preset="nano", compile=False)
     assert again["results"]["val"]["model"] == pytest.approx(results["val"]["model"])
+    serve_with_the_openai_client(out / "run")
+
+
+def serve_with_the_openai_client(run_dir):
+    """The quickstart's model behind `slm serve`'s app answers the official client like local decoding does."""
+    openai = pytest.importorskip("openai")
+    from test_serve import live_server
+
+    from slmkit.generate import SamplingParams
+    from slmkit.lm import load_lm
+    from slmkit.serve.app import create_app
+    from slmkit.serve.engine import Engine
+    lm = load_lm(str(run_dir))
+    engine = Engine(lm)
+    try:
+        with live_server(create_app(engine, "quickstart")) as base:
+            c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            r = c.completions.create(model="quickstart", prompt="def ", max_tokens=16, temperature=0)
+            want = lm.generate("def ", SamplingParams(max_new_tokens=16, temperature=0))[0]
+            assert r.choices[0].text == want
+            stream = c.completions.create(model="quickstart", prompt="def ", max_tokens=16, temperature=0, stream=True)
+            assert "".join(ch.choices[0].text for ch in stream if ch.choices) == want
+    finally:
+        engine.close()
 
 
 def test_unseen_code_is_disjoint_from_the_training_sources():

@@ -477,3 +477,25 @@ def test_load_many_concurrent_streams(lm, url):
     growth = rss_mb() - start_rss
     assert growth < 200, f"RSS grew by {growth:.0f} MB"
     print(f"256 streamed requests in {elapsed:.1f} s; RSS growth {growth:.1f} MB")
+
+
+@pytest.mark.download
+@pytest.mark.slow
+def test_smollm2_answers_the_openai_client_streaming_and_not():
+    from conftest import pulled
+    pulled("smollm2-135m-instruct")
+    smol = load_lm("smollm2-135m-instruct")
+    engine = Engine(smol, max_batch=4)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    try:
+        with live_server(create_app(engine, "smollm2-135m-instruct")) as base:
+            c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            r = c.chat.completions.create(model="smollm2-135m-instruct", messages=messages, temperature=0,
+                                          max_tokens=24)
+            answer = r.choices[0].message.content
+            assert "Paris" in answer and r.choices[0].finish_reason == "stop"
+            stream = c.chat.completions.create(model="smollm2-135m-instruct", messages=messages, temperature=0,
+                                               max_tokens=24, stream=True)
+            assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == answer
+    finally:
+        engine.close()
