@@ -26,6 +26,7 @@ import torch
 
 from slmkit.generate import SamplingParams, TextStream, sample_next
 from slmkit.lm.base import LM
+from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.model import KVCache, SlotKVCache
 
@@ -104,6 +105,9 @@ def batch_decoder(lm: LM, max_batch: int):
     """The backend's batched decoder (see TorchBatch for the interface), or None: one request at a time."""
     if isinstance(lm, TorchLM):
         return TorchBatch(lm, max_batch)
+    if isinstance(lm, LlamaCppLM):
+        from slmkit.serve.llamacpp_batch import LlamaCppBatch  # imports llama_cpp, as the LM itself does
+        return LlamaCppBatch(lm, max_batch)
     return None
 
 
@@ -205,6 +209,8 @@ class Engine:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
+        if hasattr(self._batch, "close") and not self._thread.is_alive():  # never under a running decode
+            self._batch.close()
 
     @property
     def queue_depth(self) -> int:
