@@ -1,5 +1,6 @@
 """Aggregate generation throughput through an OpenAI-compatible HTTP server at 1, 4, 16 concurrent clients:
-`slm serve` (continuous batching over slmkit's model) vs llama-cpp-python's own server on the same weights.
+`slm serve` (continuous batching, over llama.cpp and over slmkit's torch model) vs llama-cpp-python's own
+server on the same weights.
 
     python benchmarks/serve.py                                 # stories15m-shaped random model, both servers
     python benchmarks/serve.py --preset micro --clients 1 4 16 --requests-per-client 4 --max-tokens 64
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--servers", nargs="+", default=["slmkit", "llama-cpp-python"])
+    ap.add_argument("--servers", nargs="+", default=["slmkit-llamacpp", "slmkit-torch", "llama-cpp-python"])
     ap.add_argument("--timeout", type=float, default=300, help="seconds per concurrency level")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -102,9 +103,10 @@ def main() -> None:
         paths = make_models(args.preset, Path(tmp))
         for server in args.servers:
             port = free_port()
-            if server == "slmkit":
-                cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths["dir"], "--port", str(port),
-                       "--backend", "torch", "--max-batch", str(max(args.clients))]
+            if server.startswith("slmkit"):  # slmkit-torch: the model directory; slmkit-llamacpp: the f32 GGUF
+                backend = server.removeprefix("slmkit-")
+                cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths["dir" if backend == "torch" else "f32"],
+                       "--port", str(port), "--backend", backend, "--max-batch", str(max(args.clients))]
             else:
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", paths["f32"], "--port", str(port),
                        "--n_threads", str(args.threads), "--n_ctx", "1024"]

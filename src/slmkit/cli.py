@@ -214,8 +214,9 @@ def serve(
     port: int = 8000,
     api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                      "(default: $SLM_API_KEY; none: open)")] = None,
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
-    max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch backend)")] = 16,
+    backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed, on the model's GGUF; "
+                                         "else slmkit's torch model) | torch | llamacpp | hf")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp)")] = 16,
     max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch before 429 answers")] = 64,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a

@@ -758,6 +758,49 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     return app
 
 
+def serving_backend(model: str, backend: str, device: str) -> tuple[str, str, dict]:
+    """(backend, model argument, backend options) for `slm serve`.
+
+    "auto" on a CPU serves through llama.cpp when llama-cpp-python is installed (its batched decoding is the
+    fastest CPU path: see BENCHMARKS.md), on the model's GGUF, written once into the cache as f32 when a model
+    directory has none; otherwise, and on a GPU, through slmkit's own model. Embeddings need the torch backend.
+    """
+    import importlib.util
+
+    from slmkit.hub import resolve_model
+    ref = resolve_model(model)
+    if backend != "auto" or ref.kind == "remote":
+        return backend, model, {}
+    if device != "cpu" or importlib.util.find_spec("llama_cpp") is None:
+        return "torch", model, {}
+    try:
+        path = ref.gguf_file()
+    except FileNotFoundError:
+        try:
+            path = _cached_gguf(Path(ref.location))
+        except ValueError as e:  # e.g. a tokenizer llama.cpp cannot reproduce exactly
+            log.warning("serving with the torch backend: no exact GGUF for llama.cpp (%s)", e)
+            return "torch", model, {}
+    # logits_all=False: the engine reads logits from its own batched context, so the LM's can stay small.
+    return "llamacpp", str(path), {"logits_all": False}
+
+
+def _cached_gguf(model_dir: Path) -> Path:
+    """An f32 GGUF of `model_dir` in $SLMKIT_CACHE/gguf, keyed by the weights' identity (path, size, mtime)."""
+    import hashlib
+
+    from slmkit.gguf_io import write_gguf
+    from slmkit.hub import cache_dir
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    key = hashlib.sha256(f"{model_dir.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+    path = cache_dir() / "gguf" / f"{key.hexdigest()[:20]}.gguf"
+    if not path.exists():
+        log.info("writing an f32 GGUF of %s for llama.cpp: %s", model_dir, path)
+        write_gguf(model_dir, path, quant="f32")
+    return path
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
           max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1_000_000,
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info") -> None:
@@ -778,7 +821,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
-    lm = load_lm(model, backend=backend, device=device)
+    backend, model_arg, options = serving_backend(model, backend, device)
+    log.info("serving %s with the %s backend", model, backend)
+    lm = load_lm(model_arg, backend=backend, device=device, **options)
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")
