@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models and a tiny synthetic token dataset, so tests run in seconds on a CPU."""
 
+import contextlib
 import json
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -85,3 +89,36 @@ def tiny_model_dir(path, tokenizer, tie=True, train_on: str | None = None, steps
             loss.backward()
             opt.step()
     return save_model_dir(model.eval(), path, tokenizer)
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Serve `app` on a free loopback port from a background thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def stop_process(proc) -> None:
+    """Terminate a child process, killing it if it does not exit within 10 s."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -12,7 +12,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
+from conftest import live_server, stop_process, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -192,19 +191,12 @@ def browser(chromium_binary, tmp_path_factory):
         yield cdp
         cdp.ws.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     from slmkit.lm import load_lm
     from slmkit.serve.app import create_app
     from slmkit.serve.engine import Engine
@@ -216,22 +208,11 @@ def server(tmp_path_factory):
     lm = load_lm(str(tiny_model_dir(tmp_path_factory.mktemp("chat") / "m", tok, train_on=TEXT, steps=60,
                                     max_seq_len=160)))
     engine = Engine(lm, max_batch=4, max_queue=8)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL, api_key=API_KEY), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with live_server(create_app(engine, MODEL, api_key=API_KEY)) as base:
+            yield base
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         engine.close()
-        sock.close()
 
 
 def api(base: str, path: str, body: dict | None = None, key: str | None = API_KEY) -> tuple[int, dict]:

@@ -12,6 +12,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import stop_process
 
 from slmkit.generate import SamplingParams
 from slmkit.lm.remote_lm import RemoteLM
@@ -416,9 +417,5 @@ def test_greedy_completion_through_llama_cpp_server_matches_torch(tmp_path, tiny
             assert lm.generate(prompt, p) == [expected]
             assert "".join(lm.stream(prompt, p)) == expected
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()

@@ -2,17 +2,14 @@
 
 import asyncio
 import base64
-import contextlib
 import http.client
 import json
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_dir
+from conftest import live_server, tiny_model_dir
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -28,26 +25,6 @@ MODEL = "tiny"
 KEY = "sk-test-123"
 CHAT_STOP = ["<|im_end|>", "</s>"]
 PROMPTS = ["def area", "for r in", "print(", "    return 3", "d", "café ✓", "r * r", "area(r))\n"]
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """Serve `app` on a free loopback port from a background thread; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
