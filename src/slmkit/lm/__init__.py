@@ -20,26 +20,24 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     RemoteLM; "hf" uses transformers, "llamacpp" llama-cpp-python (on the GGUF file, or the one a pulled
     model keeps). Extra `options` go to the backend's constructor (e.g. n_ctx for llamacpp, chat for remote).
     """
-    lm = _open(spec, backend, device, dtype, options)
-    lm.instruction_tuned = _instruction_tuned(spec)
+    from slmkit.hub import resolve_model
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ref = resolve_model(spec)
+    lm = _open(ref, spec, backend, device, dtype, options)
+    lm.instruction_tuned = _instruction_tuned(ref)
     return lm
 
 
-def _instruction_tuned(spec: str) -> bool:
+def _instruction_tuned(ref) -> bool:
     from slmkit.checkpoint import read_provenance
     from slmkit.convert import looks_instruction_tuned
-    from slmkit.hub import resolve_model
-    ref = resolve_model(spec)
     if ref.kind == "dir":
         return bool(read_provenance(ref.location).get("instruction_tuned", False))
     return ref.kind == "gguf" and looks_instruction_tuned(ref.location)
 
 
-def _open(spec: str, backend: str, device: str, dtype: torch.dtype, options: dict) -> LM:
-    from slmkit.hub import resolve_model
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    ref = resolve_model(spec)
+def _open(ref, spec: str, backend: str, device: str, dtype: torch.dtype, options: dict) -> LM:
     if ref.kind == "remote" or backend == "remote":
         if ref.kind != "remote":
             raise ValueError(f"backend 'remote' needs an http(s):// URL, got {spec!r}")

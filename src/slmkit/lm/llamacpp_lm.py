@@ -28,9 +28,9 @@ class LlamaCppLM(LM):
 
         from slmkit.gguf_io import read_gguf_tokenizer
         path = Path(path)
-        self.tokenizer = read_gguf_tokenizer(gguf.GGUFReader(str(path)), path)
-        trained_ctx = None
         reader = gguf.GGUFReader(str(path))
+        self.tokenizer = read_gguf_tokenizer(reader, path)
+        trained_ctx = None
         if (f := reader.fields.get("llama.context_length")) is not None:
             trained_ctx = int(f.contents())
         self.max_length = n_ctx or min(trained_ctx or 2048, 2048)

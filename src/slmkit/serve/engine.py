@@ -82,6 +82,7 @@ class _Choice:
     text: TextStream
     last_token: int = 0
     n_generated: int = 0
+    finished: bool = False
 
 
 class _Pending:
@@ -359,7 +360,7 @@ class Engine:
                                       for v, i in zip(top.values, top.indices, strict=True)}
         pending.emit(event)
         if finish is not None:
-            c.n_generated = -1  # finished marker
+            c.finished = True
             pending.remaining -= 1
             if pending.remaining == 0:
                 pending.emit(None)
@@ -369,7 +370,7 @@ class Engine:
         i = 0
         while i < len(rows):
             c = rows[i]
-            if c.n_generated == -1 or c.request.cancelled:
+            if c.finished or c.request.cancelled:
                 last = len(rows) - 1
                 batch.move_row(last, i)
                 rows[i] = rows[last]
