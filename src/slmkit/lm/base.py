@@ -5,6 +5,7 @@ Evaluation, distillation teachers, serving and judges only ever see an `LM`:
     lm.tokenizer                         slmkit Tokenizer (None for a remote, text-only model)
     lm.logprobs(ids, top_k=0)            log p(ids[i] | ids[:i]) for every position i >= 1 (+ top-k alternatives)
     lm.score(context, continuation)      total log-prob of the continuation and whether greedy decoding gives it
+    lm.score_many(pairs)                 the same for many (context, continuation) pairs, batched when possible
     lm.generate(prompts, params)         completions, one per prompt
     lm.stream(prompt, params)            the completion of one prompt, piece by piece
 
@@ -83,6 +84,10 @@ class LM:
     def logprobs(self, ids: Sequence[int], top_k: int = 0) -> LogProbs:
         raise NotImplementedError(f"{type(self).__name__} cannot return log-probabilities")
 
+    def logprobs_batch(self, sequences: list[Sequence[int]], top_k: int = 0) -> list[LogProbs]:
+        """`logprobs` of several sequences; backends that can batch override this."""
+        return [self.logprobs(ids, top_k=top_k) for ids in sequences]
+
     def _new_ids(self, prompt_ids: list[int], params: SamplingParams,
                  first_allowed: torch.Tensor | None) -> Iterator[int]:
         """Sampled token ids after `prompt_ids`, stopping at eos (when params.stop_at_eos) or max_new_tokens."""
@@ -115,17 +120,26 @@ class LM:
 
     def score(self, context: str, continuation: str) -> Score:
         """log p(continuation | context) summed over its tokens, and whether it is the greedy continuation."""
-        ctx, cont = split_continuation(self.tokenizer, context, continuation)
-        if not cont:
-            return Score(0.0, True, 0)
-        if not ctx:
-            raise ValueError("an empty context needs a tokenizer with a bos token to condition on")
-        ids = (ctx + cont)[-self.max_length:]
-        lp = self.logprobs(ids, top_k=1)
-        n = len(cont)
-        token_lp = lp.token_logprobs[-n:]
-        greedy = bool(np.all(lp.top_ids[-n:, 0] == np.asarray(cont)))
-        return Score(float(token_lp.sum()), greedy, n)
+        return self.score_many([(context, continuation)])[0]
+
+    def score_many(self, requests: Sequence[tuple[str, str]]) -> list[Score]:
+        """`score` of many (context, continuation) pairs, batched where the backend can.
+
+        A context longer than the model's window loses its oldest tokens (the continuation is always kept).
+        """
+        pairs = [split_continuation(self.tokenizer, c, x) for c, x in requests]
+        for ctx, cont in pairs:
+            if cont and not ctx:
+                raise ValueError("an empty context needs a tokenizer with a bos token to condition on")
+        todo = [i for i, (_, cont) in enumerate(pairs) if cont]
+        results = self.logprobs_batch([(pairs[i][0] + pairs[i][1])[-self.max_length:] for i in todo], top_k=1)
+        scores = [Score(0.0, True, 0)] * len(pairs)
+        for i, lp in zip(todo, results, strict=True):
+            cont = pairs[i][1]
+            n = len(cont)
+            greedy = bool(np.all(lp.top_ids[-n:, 0] == np.asarray(cont)))
+            scores[i] = Score(float(lp.token_logprobs[-n:].sum()), greedy, n)
+        return scores
 
     def close(self) -> None:
         """Free what the backend holds (processes, memory); the LM is unusable afterwards."""

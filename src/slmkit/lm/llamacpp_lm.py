@@ -48,10 +48,27 @@ class LlamaCppLM(LM):
             raise ValueError("this LlamaCppLM was opened with logits_all=False; open it with logits_all=True")
         if len(ids) > self.max_length:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_length} (n_ctx)")
-        self.llm.reset()
-        self.llm.eval(ids)
+        self._eval_reusing_prefix(ids)
         logits = torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
         return logprobs_from_logits(logits, ids, top_k)
+
+    def _eval_reusing_prefix(self, ids: list[int]) -> None:
+        """Evaluate `ids`, keeping the KV cache of a shared prefix with the previous call.
+
+        Scoring several continuations of one context (the choices of a multiple-choice question) then computes
+        the context once. At least the last token is evaluated again so that its logits are fresh.
+        """
+        llm = self.llm
+        keep = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], ids[:-1], strict=False):
+            if a != b:
+                break
+            keep += 1
+        if keep and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+        else:
+            llm.reset()
+        llm.eval(ids[llm.n_tokens:])
 
     def _new_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
         if params.seed is not None:

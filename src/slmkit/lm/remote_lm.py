@@ -34,7 +34,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
 
 from slmkit import __version__
 from slmkit.generate import SamplingParams
@@ -119,10 +118,14 @@ class RemoteLM(LM):
         _refuse_heal(heal)
         params = params or SamplingParams()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if self.concurrency > 1 and len(prompts) > 1:
-            with ThreadPoolExecutor(min(self.concurrency, len(prompts))) as pool:
-                return list(pool.map(self._complete, prompts, repeat(params)))
-        return [self._complete(p, params) for p in prompts]
+        return self._map(lambda prompt: self._complete(prompt, params), prompts)
+
+    def _map(self, fn, items: list) -> list:
+        """fn over items, `concurrency` at a time, results in order."""
+        if self.concurrency > 1 and len(items) > 1:
+            with ThreadPoolExecutor(min(self.concurrency, len(items))) as pool:
+                return list(pool.map(fn, items))
+        return [fn(x) for x in items]
 
     def generate_chat(self, messages: list[dict], params: SamplingParams | None = None) -> str:
         """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]), whatever `chat` is."""
@@ -206,6 +209,10 @@ class RemoteLM(LM):
             raise RuntimeError(f"{self.root}: no token of the echoed prompt covers the continuation "
                                f"(text_offset {offsets[:8]}..., context {start} chars, prompt {end} chars)")
         return Score(total, greedy, n)
+
+    def score_many(self, requests: Sequence[tuple[str, str]]) -> list[Score]:
+        """`score` of each pair, `concurrency` requests in flight at a time."""
+        return self._map(lambda pair: self.score(*pair), list(requests))
 
     def logprobs(self, ids: Sequence[int], top_k: int = 0) -> LogProbs:
         raise NotImplementedError(f"{self!r} is text only: the server's token ids are unknown here, so it cannot "
