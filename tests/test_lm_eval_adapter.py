@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import tiny_model_dir  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from slmkit.eval.lm_eval_adapter import SlmkitEvalLM  # noqa: E402
+from slmkit.eval.lm_eval_adapter import PTH_TEXT, SlmkitEvalLM, hook_path, install_hook, main  # noqa: E402
 from slmkit.generate import SamplingParams  # noqa: E402
 from slmkit.lm import load_lm  # noqa: E402
 from slmkit.tokenizer import train_tokenizer  # noqa: E402
@@ -149,10 +150,43 @@ def test_generate_until_stops_at_the_until_string(model_dir):
     assert short and full.startswith(short) and len(short) < len(full)
 
 
+def test_hook_is_cheap_and_install_hook_writes_a_pth(tmp_path, capsys):
+    # The hook runs at every interpreter start-up once installed: it must not pull in lm-eval or torch.
+    subprocess.run([sys.executable, "-c", "import slmkit.lm_eval_hook, sys; "
+                    "assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules"], check=True)
+
+    pth = tmp_path / "slmkit-lm-eval.pth"
+    for _ in range(2):  # idempotent
+        main(["--install-hook", "--site-dir", str(tmp_path)])
+        assert str(pth) in capsys.readouterr().out
+        assert [p.name for p in tmp_path.iterdir()] == [pth.name] and pth.read_text() == PTH_TEXT
+
+    # A site dir holding the .pth: lm-eval's own registry gains "slmkit" (lazily: the adapter is not imported)
+    # and keeps its built-in models.
+    check = (f"import site, sys; site.addsitedir({str(tmp_path)!r})\n"
+             "from lm_eval.api.registry import get_model, model_registry\n"
+             "assert get_model('dummy').__name__ == 'DummyLM'\n"
+             "assert 'slmkit' in model_registry and 'slmkit.eval.lm_eval_adapter' not in sys.modules\n"
+             "assert get_model('slmkit').__module__ == 'slmkit.eval.lm_eval_adapter'\n")
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+    for _ in range(2):
+        main(["--uninstall-hook", "--site-dir", str(tmp_path)])
+        assert not pth.exists()
+    assert "no lm_eval hook" in capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_cli_runs_the_task(model_dir, task_dir, tmp_path):
+@pytest.mark.parametrize("command", ["python-m", "lm_eval"])
+def test_cli_runs_the_task(model_dir, task_dir, tmp_path, command):
+    if command == "lm_eval":  # lm-eval's own console script: needs the start-up hook in this environment
+        if not hook_path().exists() or hook_path().read_text() != PTH_TEXT:
+            install_hook()
+        prefix = [str(Path(sys.executable).parent / "lm_eval")]
+    else:
+        prefix = [sys.executable, "-m", "slmkit.eval.lm_eval_adapter"]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "slmkit.eval.lm_eval_adapter", "--model", "slmkit",
+    cmd = [*prefix, "--model", "slmkit",
            "--model_args", f"path={model_dir},backend=torch,device=cpu,dtype=float32", "--tasks", TASK,
            "--include_path", str(task_dir / "lm_eval"), "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

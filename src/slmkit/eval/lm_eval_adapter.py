@@ -13,13 +13,19 @@ From Python:
 
 lm-eval 0.4 finds models only in its own registry (it reads no plugin entry points), so "slmkit" exists in a
 process once this module is imported; running the module does that and then hands the command line to lm-eval's
-own CLI. A plain `lm_eval --model slmkit` does not know the name.
+own CLI. For the plain `lm_eval --model slmkit ...` command, install the start-up hook once per environment
+(`make install` does it when the "eval" extra is installed; see `slmkit.lm_eval_hook`):
+
+    python -m slmkit.eval.lm_eval_adapter --install-hook      # or --uninstall-hook
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+import sysconfig
+from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm-eval fills its model table only while the registry is empty: fill it first)
 import torch
@@ -28,8 +34,10 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
+from slmkit.files import atomic_write_text
 from slmkit.generate import SamplingParams
 from slmkit.lm import LM, load_lm
+from slmkit.lm_eval_hook import TARGET as HOOK_TARGET
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +187,57 @@ def sampling_params(gen_kwargs: dict) -> SamplingParams:
 
 # Registered by import path (a lazy placeholder), so running this file as __main__ and importing it normally
 # register the same target instead of two clashing classes.
-model_registry.register("slmkit", target="slmkit.eval.lm_eval_adapter:SlmkitEvalLM")
+model_registry.register("slmkit", target=HOOK_TARGET)
+
+
+PTH_NAME = "slmkit-lm-eval.pth"
+# site runs the .pth lines that start with "import" at every interpreter start-up: the hook module is tiny, and a
+# file left behind once slmkit is uninstalled (pip does not know about it) does nothing.
+_PTH_CODE = "try: from slmkit.lm_eval_hook import install\nexcept ImportError: pass\nelse: install()"
+PTH_TEXT = ("# Written by `python -m slmkit.eval.lm_eval_adapter --install-hook` (remove with --uninstall-hook):\n"
+            "# makes the plain `lm_eval` command know `--model slmkit` (see slmkit.lm_eval_hook).\n"
+            f"import sys; exec({_PTH_CODE!r})\n")
+
+
+def hook_path(site_dir: str | Path | None = None) -> Path:
+    """Where the start-up hook goes: this interpreter's site-packages unless `site_dir` is given."""
+    return Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+
+
+def install_hook(site_dir: str | Path | None = None) -> Path:
+    """Write (or rewrite: idempotent) the .pth file that lets the plain `lm_eval` command know "slmkit"."""
+    path = hook_path(site_dir)
+    atomic_write_text(path, PTH_TEXT)
+    return path
+
+
+def uninstall_hook(site_dir: str | Path | None = None) -> Path:
+    path = hook_path(site_dir)
+    path.unlink(missing_ok=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line (`lm_eval ...` arguments), with the "slmkit" model registered."""
+    """lm-eval's command line (`lm_eval ...` arguments), with the "slmkit" model registered; or, with
+    --install-hook / --uninstall-hook, add or remove the hook that makes the plain `lm_eval` command know it."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if {"--install-hook", "--uninstall-hook"} & set(args):
+        parser = argparse.ArgumentParser(prog="python -m slmkit.eval.lm_eval_adapter")
+        action = parser.add_mutually_exclusive_group(required=True)
+        action.add_argument("--install-hook", action="store_true", help="make `lm_eval --model slmkit` work")
+        action.add_argument("--uninstall-hook", action="store_true", help="remove that hook again")
+        parser.add_argument("--site-dir", help=argparse.SUPPRESS)  # for tests: instead of site-packages
+        opts = parser.parse_args(args)
+        if opts.install_hook:
+            print(f"slmkit: installed the lm_eval hook: {install_hook(opts.site_dir)}")
+        else:
+            path = hook_path(opts.site_dir)
+            done = "removed the lm_eval hook:" if path.exists() else "no lm_eval hook at"
+            uninstall_hook(opts.site_dir)
+            print(f"slmkit: {done} {path}")
+        return
     from lm_eval.__main__ import cli_evaluate
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *args]
     cli_evaluate()
 
 

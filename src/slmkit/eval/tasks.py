@@ -16,6 +16,7 @@ files, bits per byte). Anything else is a YAML or JSONL file (see `load_task` an
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass, field, fields
@@ -144,6 +145,9 @@ def fewshot_examples(task: Task, item: dict, seed: int = 0) -> list[dict]:
         pool = [x for x in pool if x.get(task.fewshot_group) == item.get(task.fewshot_group)]
     order = list(range(len(pool)))
     random.Random(f"{seed}/{item.get(task.fewshot_group) if task.fewshot_group else ''}").shuffle(order)
+    if task.kind == "classify":  # stratified: one example of each label in turn, so every label is shown
+        by_label = {label: [i for i in order if str(pool[i]["label"]) == label] for label in task.labels}
+        order = [i for row in itertools.zip_longest(*by_label.values()) for i in row if i is not None]
     chosen = [pool[i] for i in order[: task.num_fewshot + 1] if pool[i].get("id") != item.get("id")]
     return chosen[: task.num_fewshot]
 

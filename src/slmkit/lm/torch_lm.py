@@ -43,26 +43,33 @@ class TorchLM(LM):
 
         Right padding never changes the logits of the real positions of a causal model, so the results equal
         one-at-a-time `logprobs`; batching amortises per-op overhead, which dominates small models on a CPU.
+        Scoring ids[i] needs the logits of ids[:i] only, so sequences that differ only in their last token
+        (the lettered answers of a multiple-choice question) share one forward pass over ids[:-1].
         """
         for ids in sequences:
             if len(ids) > self.max_length:
                 raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.max_length}")
         device = next(self.model.parameters()).device
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        out: list[LogProbs | None] = [None] * len(sequences)
+        prefixes = list(dict.fromkeys(tuple(ids[:-1]) for ids in sequences))
+        prefix_logits: dict[tuple, torch.Tensor] = {}
+        order = sorted(prefixes, key=len, reverse=True)
         start = 0
         while start < len(order):
-            width = len(sequences[order[start]])  # the longest of this batch (sorted descending)
-            n = max(1, min(len(order) - start, max_batch_tokens // max(1, width)))
-            batch = order[start:start + n]
+            width = max(1, len(order[start]))  # the longest of this batch (sorted descending)
+            batch = order[start:start + max(1, max_batch_tokens // width)]
             x = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                x[row, :len(sequences[i])] = torch.tensor(list(sequences[i]))
+            for row, prefix in enumerate(batch):
+                x[row, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
             logits = self.model(x.to(device)).float().cpu()
-            for row, i in enumerate(batch):
-                ids = list(sequences[i])
-                out[i] = logprobs_from_logits(logits[row, :len(ids)], ids, top_k)
-            start += n
+            for row, prefix in enumerate(batch):
+                prefix_logits[prefix] = logits[row, :len(prefix)]
+            start += len(batch)
+        out = []
+        for ids in sequences:
+            ids = list(ids)
+            logits = prefix_logits[tuple(ids[:-1])]
+            # logprobs_from_logits takes one row per token and ignores the last (nothing follows it)
+            out.append(logprobs_from_logits(torch.cat([logits, logits[-1:]]), ids, top_k))
         return out
 
     def _new_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
