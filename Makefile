@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	case ",$(EXTRAS)," in *,eval,*) $(BIN)/python -m slmkit.eval.lm_eval_adapter --install-hook ;; esac
 	touch $@
 
 demo:
