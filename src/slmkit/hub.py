@@ -208,16 +208,36 @@ class ModelRef:
     kind: str
     location: str
 
-    def gguf_file(self) -> Path:
-        """The GGUF to give llama.cpp: the file itself, or the most precise one kept in a model directory."""
+    def gguf_file(self, create: bool = False) -> Path:
+        """The GGUF to give llama.cpp: the file itself, or the most precise one kept in a model directory.
+
+        A directory without one gets an f32 GGUF written once into $SLMKIT_CACHE/gguf when `create` is set.
+        """
         if self.kind == "gguf":
             return Path(self.location)
         from slmkit.gguf_io import precision_rank
         found = sorted(Path(self.location).glob("*.gguf"), key=lambda p: (precision_rank(p), p.name))
-        if not found:
-            raise FileNotFoundError(f"{self.location} has no GGUF file for llama.cpp; write one with "
-                                    f"`slm export {self.location} --format gguf -o {self.location}/model.gguf`")
-        return found[0]
+        if found:
+            return found[0]
+        if create:
+            return cached_gguf(Path(self.location))
+        raise FileNotFoundError(f"{self.location} has no GGUF file for llama.cpp; write one with "
+                                f"`slm export {self.location} --format gguf -o {self.location}/model.gguf`")
+
+
+def cached_gguf(model_dir: Path, log=lambda message: print(message, file=sys.stderr)) -> Path:
+    """An f32 GGUF of `model_dir` in $SLMKIT_CACHE/gguf, keyed by the weights' identity (path, size, mtime)."""
+    import hashlib
+
+    from slmkit.gguf_io import write_gguf
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    key = hashlib.sha256(f"{model_dir.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+    path = cache_dir() / "gguf" / f"{key.hexdigest()[:20]}.gguf"
+    if not path.exists():
+        log(f"writing an f32 GGUF of {model_dir} for llama.cpp: {path}")
+        write_gguf(model_dir, path, quant="f32")
+    return path
 
 
 def resolve_model(spec: str) -> ModelRef:

@@ -17,8 +17,9 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     http(s):// OpenAI-compatible endpoint.
 
     backend "auto" runs files and directories through slmkit's own model code (TorchLM) and URLs through
-    RemoteLM; "hf" uses transformers, "llamacpp" llama-cpp-python (on the GGUF file, or the one a pulled
-    model keeps). Extra `options` go to the backend's constructor (e.g. n_ctx for llamacpp, chat for remote).
+    RemoteLM; "hf" uses transformers, "llamacpp" llama-cpp-python (on the GGUF file, the one a pulled
+    model keeps, or an f32 GGUF of a model directory written once into the cache). Extra `options` go to the
+    backend's constructor (e.g. n_ctx for llamacpp, chat for remote).
     """
     from slmkit.hub import resolve_model
     if backend not in BACKENDS:
@@ -53,4 +54,4 @@ def _open(ref, spec: str, backend: str, device: str, dtype: torch.dtype, options
         from slmkit.lm.hf_lm import HFLM
         return HFLM(ref.location, device=device, dtype=dtype)
     from slmkit.lm.llamacpp_lm import LlamaCppLM
-    return LlamaCppLM(ref.gguf_file(), **options)
+    return LlamaCppLM(ref.gguf_file(create=True), **options)

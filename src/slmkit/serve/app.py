@@ -780,30 +780,11 @@ def serving_backend(model: str, backend: str, device: str) -> tuple[str, str, di
     if device != "cpu" or importlib.util.find_spec("llama_cpp") is None:
         return "torch", model, {}
     try:
-        path = ref.gguf_file()
-    except FileNotFoundError:
-        try:
-            path = _cached_gguf(Path(ref.location))
-        except ValueError as e:  # e.g. a tokenizer llama.cpp cannot reproduce exactly
-            log.warning("serving with the torch backend: no exact GGUF for llama.cpp (%s)", e)
-            return "torch", model, {}
+        path = ref.gguf_file(create=True)
+    except ValueError as e:  # e.g. a tokenizer llama.cpp cannot reproduce exactly
+        log.warning("serving with the torch backend: no exact GGUF for llama.cpp (%s)", e)
+        return "torch", model, {}
     return "llamacpp", str(path), llamacpp_options
-
-
-def _cached_gguf(model_dir: Path) -> Path:
-    """An f32 GGUF of `model_dir` in $SLMKIT_CACHE/gguf, keyed by the weights' identity (path, size, mtime)."""
-    import hashlib
-
-    from slmkit.gguf_io import write_gguf
-    from slmkit.hub import cache_dir
-    weights = model_dir / "model.safetensors"
-    stat = weights.stat() if weights.exists() else None
-    key = hashlib.sha256(f"{model_dir.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
-    path = cache_dir() / "gguf" / f"{key.hexdigest()[:20]}.gguf"
-    if not path.exists():
-        log.info("writing an f32 GGUF of %s for llama.cpp: %s", model_dir, path)
-        write_gguf(model_dir, path, quant="f32")
-    return path
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
