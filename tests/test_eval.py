@@ -293,7 +293,7 @@ def test_report_card_and_cli(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     model = data["models"][0]
-    assert set(model["tasks"]) == {str(tmp_path / "mc.jsonl"), str(tmp_path / "text.jsonl")}
+    assert set(model["tasks"]) == {str(tmp_path / "mc.jsonl"), str(tmp_path / "text.jsonl") + ":stride=16"}
     eff = model["efficiency"]
     assert eff["parameters"] > 1000 and eff["decode_tokens_per_s"] > 0 and eff["peak_rss_bytes"] > 0
     assert eff["latency_p95_s"] >= eff["latency_p50_s"] > 0

@@ -147,9 +147,9 @@ def build_prompt(task: Task, item: dict, seed: int, chat: bool) -> str | list[di
         return preamble + "".join(parts) + task.render(item)
     messages = [{"role": "system", "content": task.system}] if task.system else []
     for ex in shots:
-        messages += [{"role": "user", "content": task.render(ex)},
+        messages += [{"role": "user", "content": task.render(ex, chat=True)},
                      {"role": "assistant", "content": task.render_target(ex)}]
-    messages.append({"role": "user", "content": task.render(item)})
+    messages.append({"role": "user", "content": task.render(item, chat=True)})
     first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[first_user] = {"role": "user", "content": preamble + messages[first_user]["content"]}
     return messages
@@ -172,8 +172,9 @@ def _generate(lm, prompts: list, params: SamplingParams) -> list[str]:
 def _sample(lm, task: Task, prompts: list, samples: int, temperature: float, seed: int) -> list[list[str]]:
     """samples completions per prompt: greedy when samples == 1, else seeded sampling."""
     outs = [[] for _ in prompts]
+    chat = bool(prompts) and isinstance(prompts[0], list)
     for s in range(samples):
-        params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop),
+        params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=list(task.chat_stop if chat else task.stop),
                                 temperature=0.0 if samples == 1 else temperature, seed=seed * 1000 + s)
         for i, text in enumerate(_generate(lm, prompts, params)):
             outs[i].append(text)

@@ -31,6 +31,10 @@ class TaskSpec:
 
     name: str
     options: dict = field(default_factory=dict)
+    label: str = ""  # how the report names it: the text as given, so "mmlu" and "mmlu:limit=500" can both run
+
+    def __post_init__(self):
+        self.label = self.label or self.name
 
     @classmethod
     def parse(cls, text: str) -> TaskSpec:
@@ -44,7 +48,7 @@ class TaskSpec:
                 raise ValueError(f"unknown task option {key!r} in {text!r}; known: "
                                  f"{', '.join(sorted(RUN_OPTIONS | TASK_OPTIONS))}")
             options[key] = _value(value)
-        return cls(name, options)
+        return cls(name, options, label=text)
 
 
 RUN_OPTIONS = {"limit", "seed", "chat", "samples", "temperature", "select_by"}
@@ -77,7 +81,7 @@ def report_card(models: list[str], tasks: list[str | TaskSpec], out: str | Path,
         overrides = {k: v for k, v in spec.options.items() if k in TASK_OPTIONS}
         if num_fewshot is not None:
             overrides.setdefault("num_fewshot", num_fewshot)
-        loaded[spec.name] = load_task(spec.name, **overrides)
+        loaded[spec.label] = load_task(spec.name, **overrides)
     verifier_lm = load_lm(verifier, backend=backend) if verifier else None
     results = {"command": command or shlex.join(["slm", *sys.argv[1:]]),
                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "models": []}
@@ -87,20 +91,20 @@ def report_card(models: list[str], tasks: list[str | TaskSpec], out: str | Path,
         lm = load_lm(model, backend=backend)
         entry["backend"] = type(lm).__name__
         for spec in specs:
-            task = loaded[spec.name]
+            task = loaded[spec.label]
             run = {k: v for k, v in spec.options.items() if k in RUN_OPTIONS}
             run.setdefault("limit", limit)
             run.setdefault("seed", seed)
             if chat is not None:
                 run.setdefault("chat", chat)
-            records = out / "records" / _slug(model) / f"{_slug(spec.name)}.jsonl"
+            records = out / "records" / _slug(model) / f"{_slug(spec.label)}.jsonl"
             records.parent.mkdir(parents=True, exist_ok=True)
             if not resume and records.exists():
                 records.unlink()
             result = evaluate(lm, task, records_file=records, verifier=verifier_lm, **run)
             headline = result.metrics.get(task.main_metric) or next(iter(result.metrics.values()))
-            log(f"   {spec.name}: {task.main_metric} {headline}  ({result.seconds:.0f} s)")
-            entry["tasks"][spec.name] = {**result.to_dict(), "main_metric": task.main_metric,
+            log(f"   {spec.label}: {task.main_metric} {headline}  ({result.seconds:.0f} s)")
+            entry["tasks"][spec.label] = {**result.to_dict(), "main_metric": task.main_metric,
                                          "description": task.description}
         lm.close()
         if efficiency:

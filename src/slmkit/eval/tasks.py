@@ -43,6 +43,8 @@ class Task:
     fewshot_items: list[dict] | None = None  # the pool for examples (default: the other items of the task)
     fewshot_group: str | None = None  # draw examples with the same value of this field (MMLU: subject)
     chat: bool | None = None  # None: generate/code tasks use the chat template of instruction-tuned models
+    chat_prompt: str | None = None  # the user turn in chat mode (default: `prompt`)
+    chat_stop: list[str] = field(default_factory=list)  # chat answers end at the end of the turn, not at `stop`
     # choice
     choice_texts: list[str] | None = None  # the same continuations for every item (MMLU's "A".."D")
     # generate / code
@@ -76,8 +78,8 @@ class Task:
             item.setdefault("id", f"{self.name}/{i}")
             _check_item(self, item, i)
 
-    def render(self, item: dict) -> str:
-        return _format(self.prompt, item, self.name)
+    def render(self, item: dict, chat: bool = False) -> str:
+        return _format(self.chat_prompt if chat and self.chat_prompt else self.prompt, item, self.name)
 
     def render_target(self, item: dict) -> str:
         if self.kind == "choice":
@@ -260,6 +262,8 @@ def _builtin(name: str, **overrides) -> Task:
         return _make(Task, dict(
             name=name, kind="code", items=benchmarks.load_humaneval(), prompt="{prompt}", target_delimiter="",
             stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"], max_new_tokens=384,
+            chat_prompt="Complete this Python function. Reply with the whole function in one ```python code "
+                        "block.\n\n```python\n{prompt}```",
             description="HumanEval: the function body is generated and run against the tests in a sandbox"),
             overrides)
     if name == "python":
