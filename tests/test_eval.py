@@ -317,3 +317,53 @@ def test_sampling_params_reach_the_model(lm):
     text = r.records[0]["completions"][0]
     assert "\n" not in text and text == lm.generate("def add", SamplingParams(max_new_tokens=5, temperature=0,
                                                                                stop=["\n"]))[0]
+
+
+# --- the real benchmarks, through the same code paths (registry packages; no model needed) ----------------------
+
+class ReferenceLM(ScriptedLM):
+    """Answers each benchmark item with its reference solution: the harness must then score 100%."""
+
+    def __init__(self, by_prompt):
+        super().__init__({})
+        self.by_prompt = by_prompt
+
+    def generate(self, prompts, params=None, heal=False):
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return [next(v for k, v in self.by_prompt.items() if p.endswith(k)) for p in prompts]
+
+
+@pytest.mark.download
+@pytest.mark.slow
+def test_humaneval_reference_solutions_all_pass_in_the_sandbox():
+    from conftest import pulled
+    pulled("humaneval")
+    task = load_task("humaneval")
+    lm = ReferenceLM({it["prompt"]: it["canonical_solution"] for it in task.items})
+    r = evaluate(lm, task, progress=False, batch=64)
+    assert r.metrics["pass@1"].n == 164 and r.metrics["pass@1"].value == 1.0, r.details
+
+
+@pytest.mark.download
+def test_gsm8k_reference_solutions_score_exactly():
+    from conftest import pulled
+    pulled("gsm8k")
+    task = load_task("gsm8k", num_fewshot=2)
+    lm = ReferenceLM({task.render(it): " " + it["solution"] for it in task.items})
+    r = evaluate(lm, task, limit=300, progress=False, batch=100)
+    assert r.metrics["exact_match"].value == 1.0 and r.metrics["exact_match"].n == 300
+    # and the few-shot prompt holds two other solved problems
+    prompt = build_prompt(task, task.items[0], 0, chat=False)
+    assert prompt.count("Question:") == 3 and prompt.count("####") == 2
+
+
+@pytest.mark.download
+def test_mmlu_prompts_and_subject_grouped_examples():
+    from conftest import pulled
+    pulled("mmlu")
+    task = load_task("mmlu", num_fewshot=2)
+    item = next(it for it in task.items if it["subject"] == "astronomy")
+    prompt = build_prompt(task, item, 0, chat=False)
+    assert prompt.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n")
+    assert prompt.count("\nAnswer:") == 3 and prompt.endswith("D. " + item["choices"][3] + "\nAnswer:")
+    assert len(task.items) == 14042 and task.continuations(item) == ["A", "B", "C", "D"]
