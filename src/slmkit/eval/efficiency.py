@@ -96,7 +96,7 @@ def weights_bytes(lm, spec: str) -> int | None:
     if ref.kind == "remote":
         return None
     if hasattr(lm, "llm"):
-        return ref.gguf_file().stat().st_size
+        return ref.gguf_file(create=True).stat().st_size
     if ref.kind == "gguf":
         return Path(ref.location).stat().st_size
     return sum(p.stat().st_size for p in Path(ref.location).glob("*.safetensors"))

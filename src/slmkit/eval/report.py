@@ -171,7 +171,7 @@ def _efficiency_rows(results: dict) -> list[tuple[str, list[str]]]:
         for m in results["models"]:
             eff = m.get("efficiency") or {}
             value = eff.get(key)
-            cells.append(fmt(value) if value is not None else ("error: " + eff["error"] if "error" in eff else "–"))
+            cells.append(fmt(value) if value is not None else ("error (results.json)" if "error" in eff else "–"))
         rows.append((label, cells))
     return rows
 
@@ -197,9 +197,12 @@ def render_markdown(results: dict, plots: list[str]) -> str:
             if task not in seen:
                 seen.add(task)
                 s = r["settings"]
+                chat = [x["name"] for x in results["models"] if x["tasks"].get(task, {}).get("settings", {})
+                        .get("chat")]
+                prompting = ("raw prompt" if not chat else "chat template" if len(chat) == len(results["models"])
+                             else f"chat template for {', '.join(chat)}, raw prompt otherwise")
                 lines.append(f"- **{task}** ({r['kind']}, headline: {r['main_metric']}): {r['description']} "
-                             f"— {s['n_items']} items, {s['num_fewshot']}-shot, "
-                             f"{'chat template' if s['chat'] else 'raw prompt'}, seed {s['seed']}"
+                             f"— {s['n_items']} items, {s['num_fewshot']}-shot, {prompting}, seed {s['seed']}"
                              + (f", {s['samples']} samples at T={s['temperature']}" if s["samples"] > 1 else ""))
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
