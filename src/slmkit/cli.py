@@ -97,6 +97,42 @@ MODEL_HELP = "model directory, run directory, .gguf file, pulled name (see `slm 
 BACKEND_HELP = "auto (slmkit's own code; remote for URLs) | torch | hf (transformers) | llamacpp | remote"
 
 
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="model to start from: a model/run directory or a pulled name")],
+    data: Annotated[Path, typer.Option(help="JSONL of {\"messages\": [...]} chat or {\"prompt\", \"completion\"} "
+                                            "records; the loss falls on the answers only")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    seq_len: Annotated[int, typer.Option(help="tokens per example (longer ones are cut)")] = 512,
+    batch_size: Annotated[int, typer.Option(help="examples per micro-batch")] = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    warmup_steps: int = 10,
+    max_steps: Annotated[int | None, typer.Option(help="budget: optimizer steps")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="budget: wall-clock minutes")] = None,
+    eval_every: int = 50,
+    save_every: int = 100,
+    precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    seed: int = 0,
+):
+    """Supervised fine-tuning (instruction tuning) of a model on chat or prompt/completion records."""
+    from slmkit.hub import resolve_model
+    from slmkit.train.loop import TrainConfig, train
+    try:
+        ref = resolve_model(model)
+        if ref.kind != "dir":
+            raise ValueError(f"{model}: fine-tuning starts from a model directory; import a GGUF first with "
+                             f"`slm import {model} -o DIR`")
+        cfg = TrainConfig(data=str(data), out=str(out), init_from=ref.location, seq_len=seq_len,
+                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                          max_steps=max_steps, max_minutes=max_minutes, eval_every=eval_every,
+                          save_every=save_every, precision=precision, seed=seed, weight_decay=0.0)
+        train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+
+
 def _open_lm(model: str, backend: str, cache: bool = True):
     from slmkit.lm import load_lm
     lm = load_lm(model, backend=backend)

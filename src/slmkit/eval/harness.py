@@ -173,8 +173,10 @@ def _sample(lm, task: Task, prompts: list, samples: int, temperature: float, see
     """samples completions per prompt: greedy when samples == 1, else seeded sampling."""
     outs = [[] for _ in prompts]
     chat = bool(prompts) and isinstance(prompts[0], list)
+    # A chat answer ends with the turn: ChatML's end-of-turn marker, which need not be the model's eos.
+    stop = [*task.chat_stop, "<|im_end|>"] if chat else list(task.stop)
     for s in range(samples):
-        params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=list(task.chat_stop if chat else task.stop),
+        params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=stop,
                                 temperature=0.0 if samples == 1 else temperature, seed=seed * 1000 + s)
         for i, text in enumerate(_generate(lm, prompts, params)):
             outs[i].append(text)

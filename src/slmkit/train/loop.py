@@ -163,8 +163,9 @@ def evaluate(model: Transformer, data: TokenDataset, seq_len: int, batch_size: i
     for x, y in data.val_batches(batch_size, seq_len, max_tokens):
         with autocast(device, precision):
             loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        count += y.numel()
+        targets = int((y != -100).sum())  # fine-tuning rows have padding and prompt positions
+        total += loss.item() * targets
+        count += targets
     model.train(was_training)
     if count == 0:
         return {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0}
@@ -197,6 +198,20 @@ def build_model(cfg: TrainConfig, data: TokenDataset, tokenizer) -> Transformer:
     return Transformer(mcfg)
 
 
+def open_training_data(cfg: TrainConfig):
+    """(dataset, tokenizer): a token dataset directory (pretraining), or a JSONL file of chat / prompt-completion
+    records (supervised fine-tuning of `init_from`, with the loss on the answers only; see data/sft.py)."""
+    path = Path(cfg.data)
+    if path.suffix == ".jsonl":
+        if not cfg.init_from:
+            raise ValueError(f"{path}: fine-tuning on JSONL records needs the model to start from (init_from)")
+        from slmkit.data.sft import SFTDataset
+        from slmkit.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(cfg.init_from)
+        return SFTDataset(path, tokenizer, seed=cfg.seed), tokenizer
+    return TokenDataset(path), _load_tokenizer(path)
+
+
 def _load_tokenizer(data_dir: Path):
     tok_dir = data_dir / "tokenizer"
     if not tok_dir.exists():
@@ -217,11 +232,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision, device)
     run = Path(cfg.out)
-    data = TokenDataset(cfg.data)
-    tokenizer = _load_tokenizer(Path(cfg.data))
+    data, tokenizer = open_training_data(cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data, tokenizer).to(device)
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}; "
+                         f"use --seq-len {model.cfg.max_seq_len} or less")
     model.train()
     opt = make_optimizer(model, cfg)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
@@ -239,6 +256,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     provenance = {"data": {"path": str(cfg.data), "manifest_sha256": data.meta.get("manifest_sha256"),
                            "tokenizer_sha256": data.meta.get("tokenizer_sha256")},
                   "train_config": dataclasses.asdict(cfg), "precision": precision, "world_size": world}
+    if data.meta.get("format") == "slmkit-sft":  # a chat fine-tune makes an assistant; else keep what it was
+        from slmkit.checkpoint import read_provenance
+        provenance["instruction_tuned"] = bool(data.meta["chat"] or
+                                               read_provenance(cfg.init_from).get("instruction_tuned", False))
     if master:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", provenance["train_config"])
