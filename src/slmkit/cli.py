@@ -115,8 +115,16 @@ def finetune(
     precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     seed: int = 0,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank: train low-rank adapters on the frozen model and write "
+                                                "OUT/adapter (PEFT format) + the merged OUT/model; 0 = full "
+                                                "fine-tuning")] = 0,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (default: 2 x rank)")] = None,
+    lora_dropout: Annotated[float, typer.Option(help="dropout on the LoRA path's input")] = 0.05,
+    lora_targets: Annotated[str, typer.Option(help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                                                   "down_proj, or all-linear")] = "q_proj,k_proj,v_proj,o_proj",
+    base_dtype: Annotated[str, typer.Option(help="LoRA's frozen base weights: float32 | bfloat16")] = "float32",
 ):
-    """Supervised fine-tuning (instruction tuning) of a model on chat or prompt/completion records."""
+    """Supervised fine-tuning (instruction tuning) of a model on chat or prompt/completion records, full or LoRA."""
     from slmkit.hub import resolve_model
     from slmkit.train.loop import TrainConfig, train
     try:
@@ -124,18 +132,51 @@ def finetune(
         if ref.kind != "dir":
             raise ValueError(f"{model}: fine-tuning starts from a model directory; import a GGUF first with "
                              f"`slm import {model} -o DIR`")
+        lora = None
+        if lora_rank:
+            alpha = 2.0 * lora_rank if lora_alpha is None else lora_alpha
+            lora = {"r": lora_rank, "alpha": alpha, "dropout": lora_dropout, "target_modules": lora_targets}
         cfg = TrainConfig(data=str(data), out=str(out), init_from=ref.location, seq_len=seq_len,
                           batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                           max_steps=max_steps, max_minutes=max_minutes, eval_every=eval_every,
-                          save_every=save_every, precision=precision, seed=seed, weight_decay=0.0)
+                          save_every=save_every, precision=precision, seed=seed, weight_decay=0.0,
+                          lora=lora, base_dtype=base_dtype)
         train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
 
 
-def _open_lm(model: str, backend: str, cache: bool = True):
+@app.command()
+def merge(
+    base: Annotated[str, typer.Argument(help="the model the adapter was trained on: a model/run directory or a "
+                                             "pulled name")],
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter directory (PEFT format), or a LoRA run directory")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="model directory to write")],
+):
+    """Fold a LoRA adapter into its base model and write a full model directory."""
+    from slmkit.hub import resolve_model
+    from slmkit.train.lora import merge_adapter
+    try:
+        ref = resolve_model(base)
+        if ref.kind != "dir":
+            raise ValueError(f"{base}: merging needs a model directory; import a GGUF first with `slm import`")
+        typer.echo(f"wrote {merge_adapter(ref.location, adapter, out)}")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+def _open_lm(model: str, backend: str, cache: bool = True, adapter: Path | None = None):
     from slmkit.lm import load_lm
     lm = load_lm(model, backend=backend)
+    if adapter is not None:
+        from slmkit.checkpoint import read_provenance
+        from slmkit.lm.torch_lm import TorchLM
+        from slmkit.train.lora import find_adapter_dir, load_adapter
+        if not isinstance(lm, TorchLM):
+            raise ValueError("--adapter runs on slmkit's torch backend; use --backend torch, or `slm merge` first")
+        adapter = find_adapter_dir(adapter)
+        load_adapter(lm.model, adapter)
+        lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
     if hasattr(lm, "use_cache"):
         lm.use_cache = cache
     return lm
@@ -169,10 +210,12 @@ def generate(
     heal: Annotated[bool | None, typer.Option("--heal/--no-heal", help="token healing: let the first new token "
                                               "complete the prompt's last token (default: on, off with --chat "
                                               "and for remote models)")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="apply this LoRA adapter (PEFT format) to MODEL, unmerged "
+                                                      "(MODEL is the base it was trained on)")] = None,
 ):
     """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
     try:
-        lm = _open_lm(model, backend, cache)
+        lm = _open_lm(model, backend, cache, adapter)
         params = _sampling(max_new_tokens, temperature, top_k, top_p, stop, seed)
         if chat is None:
             chat = lm.instruction_tuned and (lm.tokenizer is None or lm.tokenizer.chat_template is not None)

@@ -4,7 +4,8 @@ budgets, periodic validation, atomic checkpoints and exact resume.
 A run directory looks like:
 
     RUN/checkpoint/      latest checkpoint: a model directory + optimizer.safetensors + trainer_state.json
-    RUN/model/           the final model directory (what `slm generate RUN` loads)
+    RUN/model/           the final model directory (what `slm generate RUN` loads; with LoRA, merged)
+    RUN/adapter/         with LoRA: the adapter alone, in Hugging Face PEFT's format (see lora.py)
     RUN/metrics.jsonl    one JSON object per logged step / validation
     RUN/loss.png         loss curve
     RUN/train_config.json
@@ -30,12 +31,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from slmkit.checkpoint import load_model_dir, save_model_dir
+from slmkit.checkpoint import DTYPES, load_model_dir, save_model_dir
 from slmkit.config import ModelConfig, model_config
 from slmkit.data.loader import TokenDataset
 from slmkit.files import atomic_dir, atomic_write_json, atomic_write_text
 from slmkit.model import Transformer
 from slmkit.perf import autocast, matmul_peak_flops, pick_device, resolve_precision
+from slmkit.train.lora import LoRAConfig, add_lora, count_parameters, load_lora_weights, merged_copy, save_adapter
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
     preset: str = "micro"
     model_overrides: dict = field(default_factory=dict)
     init_from: str | None = None  # start from an existing model directory instead of random weights
+    lora: dict | None = None  # LoRAConfig fields: train low-rank adapters on the frozen init_from model
+    base_dtype: str = "float32"  # with LoRA: the frozen base's dtype (bfloat16 halves its memory)
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -73,6 +77,14 @@ class TrainConfig:
     def __post_init__(self):
         if not (self.max_steps or self.max_tokens or self.max_minutes):
             raise ValueError("set a budget: max_steps, max_tokens and/or max_minutes")
+        if self.lora is not None:
+            LoRAConfig(**self.lora)  # reject bad LoRA settings before any work
+            if not self.init_from:
+                raise ValueError("LoRA adapts an existing model: set init_from")
+        if self.base_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"base_dtype must be float32 or bfloat16, got {self.base_dtype!r}")
+        if self.base_dtype != "float32" and self.lora is None:
+            raise ValueError("base_dtype is the dtype of LoRA's frozen base; full fine-tuning trains in float32")
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * world_size * self.seq_len
@@ -119,23 +131,31 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, scalars
 
 
-def save_checkpoint(run: Path, model: Transformer, opt, tokenizer, state: dict, provenance: dict) -> None:
+def save_checkpoint(run: Path, model: Transformer, opt, tokenizer, state: dict, provenance: dict,
+                    lora: LoRAConfig | None = None) -> None:
+    """With LoRA, the checkpoint's model files hold the merged model (so it loads like any model directory) and
+    `adapter/` the LoRA matrices that resume reads back (the frozen base is init_from itself)."""
     with atomic_dir(run / "checkpoint") as tmp:
-        save_model_dir(model, tmp / "model", tokenizer=tokenizer, provenance=provenance)
+        save_model_dir(merged_copy(model) if lora else model, tmp / "model", tokenizer=tokenizer,
+                       provenance=provenance)
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()
         tensors, scalars = _optimizer_tensors(opt)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if lora:
+            save_adapter(model, lora, tmp / "adapter", provenance["train_config"]["init_from"], provenance)
         atomic_write_json(tmp / "trainer_state.json", {**state, "optimizer_scalars": scalars})
 
 
 def load_checkpoint(run: Path, model: Transformer, opt) -> dict:
     ckpt = run / "checkpoint"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    loaded = load_model_dir(ckpt)
-    model.load_state_dict(loaded.state_dict())
+    if (ckpt / "adapter").exists():
+        load_lora_weights(model, ckpt / "adapter")  # the frozen base is init_from, already loaded
+    else:
+        model.load_state_dict(load_model_dir(ckpt).state_dict())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     opt_state = opt.state_dict()
@@ -236,6 +256,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data, tokenizer).to(device)
+    lora = LoRAConfig(**cfg.lora) if cfg.lora is not None else None
+    if lora:
+        add_lora(model.to(DTYPES[cfg.base_dtype]), lora)  # freezes the base; A and B are fp32
+    trainable, total = count_parameters(model)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}; "
                          f"use --seq-len {model.cfg.max_seq_len} or less")
@@ -267,6 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         log(f"model: {mcfg.num_params():,} parameters ({model.num_params():,} tensors' elements), "
             f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, {precision}, world {world}, "
             f"{cfg.tokens_per_step(world):,} tokens/step")
+        log(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})"
+            + (f", LoRA r={lora.r} on {', '.join(lora.targets)}" if lora else ""))
 
     step_fn = model
     if cfg.compile:
@@ -352,7 +378,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             if cfg.save_every and step % cfg.save_every == 0 and not done:
                 if master:
                     state["elapsed"] = elapsed()
-                    save_checkpoint(run, model, opt, tokenizer, state, provenance)
+                    save_checkpoint(run, model, opt, tokenizer, state, provenance, lora)
                 _barrier(world)
     finally:
         bar.close()
@@ -362,17 +388,21 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     state["elapsed"] = elapsed()
     summary = {"run": str(run), "steps": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed"],
                "preset": cfg.preset, "precision": precision, "world_size": world, "parameters": mcfg.num_params(),
+               "trainable_parameters": trainable,
                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "interrupted": bool(stop["signal"])}
     if master:
-        save_checkpoint(run, model, opt, tokenizer, state, provenance)
+        save_checkpoint(run, model, opt, tokenizer, state, provenance, lora)
         if not stop["signal"]:
             final = evaluate(model, data, cfg.seq_len, cfg.batch_size, device, precision)
             _append_metrics(run / "metrics.jsonl", {"step": state["step"], "tokens": state["tokens"],
                                                     "final": True, **final})
             summary.update(final)
             provenance["metrics"] = {k: v for k, v in summary.items() if k != "run"}
-            save_model_dir(model, run / "model", tokenizer=tokenizer, provenance=provenance)
+            save_model_dir(merged_copy(model) if lora else model, run / "model", tokenizer=tokenizer,
+                           provenance=provenance)
             summary["model_dir"] = str(run / "model")
+            if lora:
+                summary["adapter_dir"] = str(save_adapter(model, lora, run / "adapter", cfg.init_from, provenance))
             log(f"done: {state['step']} steps, {state['tokens']:,} tokens in {_fmt_time(state['elapsed'])}; "
                 f"val loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte -> {run / 'model'}")
         _plot_losses(run)
