@@ -66,3 +66,30 @@ def test_pet_zero_shot_training_and_ensemble(base):
     assert (probs.argmax(1) == np.array([0] * 6 + [1] * 6)).mean() == 1.0
     with pytest.raises(ValueError, match="start with the same token"):
         PET(["{text} is"], {"a": " food", "b": " food court"}).slot_tokens(tok)
+
+
+def test_classify_cli_train_predict_eval(base, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+    data = tmp_path / "train.jsonl"
+    rows = [{"text": t, "label": "food"} for t in FRUIT] + [{"text": t, "label": "work"} for t in TOOLS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    for method, extra in [("head", []), ("pet", ["--pattern", "{text} is", "--verbalizer", "food= food",
+                                                 "--verbalizer", "work= work", "--epochs", "8", "--lr", "3e-3"])]:
+        out = tmp_path / method
+        r = runner.invoke(app, ["classify", "train", str(base), "--data", str(data), "--dev", str(data), "-o", str(out),
+                                "--method", method, *extra])
+        assert r.exit_code == 0, r.output
+        predicted = [json.loads(line) for line in runner.invoke(
+            app, ["classify", "predict", str(out), "--data", str(data)]).output.splitlines()]
+        assert [p["label"] for p in predicted] == [r["label"] for r in rows]
+        assert all(0 < p["confidence"] <= 1 for p in predicted)
+        report = json.loads(runner.invoke(app, ["classify", "eval", str(out), "--data", str(data)]).output)
+        assert report["accuracy"]["value"] == 1.0 and len(report["confusion"]) == 2
+    bad = runner.invoke(app, ["classify", "train", str(base), "--data", str(data), "-o", str(tmp_path / "x"),
+                              "--method", "pet", "--pattern", "{text} is", "--verbalizer", "food= food"])
+    assert bad.exit_code == 2 and "no --verbalizer for label(s) work" in bad.output

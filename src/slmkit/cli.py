@@ -12,6 +12,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="slmkit: build, train and run your own small language model.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare token datasets.")
 app.add_typer(data_app, name="data")
+classify_app = typer.Typer(no_args_is_help=True, help="Text classifiers on a language model (head or PET).")
+app.add_typer(classify_app, name="classify")
 
 
 def _fail(e: Exception) -> None:
@@ -361,6 +363,104 @@ def eval_(
                     log=lambda m: typer.echo(m, err=True))
     except _LOAD_ERRORS as e:
         _fail(e)
+
+
+@classify_app.command("train")
+def classify_train(
+    model: Annotated[str, typer.Argument(help="the decoder: a model/run directory or a pulled name")],
+    data: Annotated[Path, typer.Option(help="JSONL of {\"text\", \"label\"} training records")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="classifier directory to write")],
+    dev: Annotated[Path | None, typer.Option(help="JSONL of labelled dev records: calibrates the confidence")] = None,
+    method: Annotated[str, typer.Option(help="head: a linear head on the frozen decoder; pet: patterns + "
+                                             "verbalisers, then distilled into a head")] = "head",
+    prompt: Annotated[str, typer.Option(help="head: how the decoder reads a text")] = "{text}",
+    pattern: Annotated[list[str] | None, typer.Option(help="pet: a template over {text} ending at the slot "
+                                                           "(repeatable)")] = None,
+    verbalizer: Annotated[list[str] | None, typer.Option(help="pet: LABEL=WORD (repeatable)")] = None,
+    unlabelled: Annotated[Path | None, typer.Option(help="pet: JSONL of {\"text\"} to distil soft labels on")]
+    = None,
+    train_body: Annotated[bool, typer.Option(help="head: fine-tune the decoder too")] = False,
+    epochs: Annotated[int | None, typer.Option(help="training epochs (default: head 200, pet 6)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    seed: int = 0,
+):
+    """Train a classifier on labelled texts; confidence is calibrated on --dev (temperature scaling)."""
+    from slmkit.adapt.classify import read_labelled, train_classifier
+    from slmkit.hub import resolve_model
+    echo = lambda m: typer.echo(m, err=True)  # noqa: E731
+    try:
+        base = resolve_model(model).location
+        texts, labels = read_labelled(data)
+        if any(label is None for label in labels):
+            raise ValueError(f"{data}: every training record needs a `label`")
+        dev_set = read_labelled(dev) if dev else None
+        if method == "head":
+            clf = train_classifier(base, texts, labels, dev=dev_set, prompt=prompt, train_body=train_body,
+                                   epochs=epochs or 200, lr=lr, seed=seed, log=echo)
+        elif method == "pet":
+            from slmkit.adapt.pet import PET, pet_classifier
+            if not pattern or not verbalizer:
+                raise ValueError("--method pet needs at least one --pattern and a --verbalizer LABEL=WORD per label")
+            words = dict(v.split("=", 1) for v in verbalizer)
+            missing = sorted(set(labels) - set(words))
+            if missing:
+                raise ValueError(f"no --verbalizer for label(s) {', '.join(missing)}")
+            extra = read_labelled(unlabelled)[0] if unlabelled else None
+            clf = pet_classifier(base, PET(pattern, words), texts, labels, unlabelled=extra, dev=dev_set,
+                                 epochs=epochs or 6, lr=lr or 1e-5, seed=seed, log=echo)
+        else:
+            raise ValueError(f"--method must be head or pet, got {method!r}")
+        clf.save(out)
+        echo(f"classifier written to {out}")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@classify_app.command("predict")
+def classify_predict(
+    classifier: Annotated[Path, typer.Argument(help="directory written by `slm classify train`")],
+    data: Annotated[Path, typer.Option(help="JSONL with a \"text\" field per line")],
+):
+    """Print each record with its predicted label and calibrated confidence (JSONL)."""
+    import json
+
+    from slmkit.adapt.classify import Classifier, read_labelled
+    try:
+        clf = Classifier.load(classifier)
+        texts, _ = read_labelled(data)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    for text, (label, confidence) in zip(texts, clf.predict(texts), strict=True):
+        typer.echo(json.dumps({"text": text, "label": label, "confidence": round(confidence, 4)}, ensure_ascii=False))
+
+
+@classify_app.command("eval")
+def classify_eval(
+    classifier: Annotated[Path, typer.Argument(help="directory written by `slm classify train`")],
+    data: Annotated[Path, typer.Option(help="JSONL of labelled {\"text\", \"label\"} records")],
+):
+    """Accuracy, macro-F1, per-class scores, confusion matrix and calibration error on labelled data."""
+    import json
+
+    import numpy as np
+
+    from slmkit.adapt.classify import Classifier, expected_calibration_error, read_labelled
+    from slmkit.eval.metrics import classification_report
+    try:
+        clf = Classifier.load(classifier)
+        texts, labels = read_labelled(data)
+        unknown = sorted({y for y in labels if y not in clf.info.labels})
+        if unknown:
+            raise ValueError(f"{data}: label(s) {unknown} are not the classifier's {clf.info.labels}")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    probs = clf.predict_proba(texts)
+    preds = [clf.info.labels[int(p.argmax())] for p in probs]
+    report = classification_report(labels, preds, clf.info.labels)
+    golds = np.array([clf.info.labels.index(y) for y in labels])
+    typer.echo(json.dumps({"accuracy": report["accuracy"].to_dict(), "macro_f1": report["macro_f1"].value,
+                           "ece": expected_calibration_error(probs, golds), "per_class": report["per_class"],
+                           "labels": report["labels"], "confusion": report["confusion"]}, indent=2))
 
 
 @app.command("import")
