@@ -18,6 +18,7 @@ TEXT = " ".join(f"{t} is food. {u} is work." for t, u in zip(FRUIT, TOOLS, stric
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     tok = train_tokenizer([TEXT] * 30, vocab_size=300)
+    torch.manual_seed(0)  # a module fixture runs before the per-test seed: seed its initialisation here
     return tiny_model_dir(tmp_path_factory.mktemp("m") / "model", tok, train_on=TEXT, steps=100)
 
 

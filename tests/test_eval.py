@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_model_dir
 
 from slmkit.eval import metrics as M
@@ -21,6 +22,7 @@ TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\nThe capital of Fra
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tok = train_tokenizer([TEXT] * 30, vocab_size=300)
+    torch.manual_seed(0)  # a module fixture runs before the per-test seed: seed its initialisation here
     return tiny_model_dir(tmp_path_factory.mktemp("m") / "model", tok, train_on=TEXT, steps=120)
 
 

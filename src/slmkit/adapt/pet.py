@@ -44,23 +44,12 @@ class PET:
 def slot_logprobs(model, tokenizer, pet: PET, texts: list[str], pattern: str, batch_size: int = 16,
                   grad: bool = False) -> torch.Tensor:
     """(N, labels) log-probabilities over the labels' words at the slot (normalised over the labels)."""
+    from slmkit.adapt.classify import features
     slot = torch.tensor(pet.slot_tokens(tokenizer))
-    encoded = [tokenizer.encode(pattern.format(text=t), add_bos=tokenizer.add_bos)[-model.cfg.max_seq_len:]
-               for t in texts]
-    device = next(model.parameters()).device
-    out = []
+    hidden = features(model, tokenizer, texts, pattern, batch_size, grad=grad)  # the slot's hidden state
     with torch.set_grad_enabled(grad):
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start:start + batch_size]
-            width = max(len(ids) for ids in batch)
-            x = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, ids in enumerate(batch):
-                x[row, :len(ids)] = torch.tensor(ids)
-            h = model.hidden_states(x.to(device))
-            last = h[torch.arange(len(batch), device=device), torch.tensor([len(i) - 1 for i in batch])]
-            logits = model.lm_head(last).float()[:, slot.to(device)]  # only the labels' words
-            out.append(F.log_softmax(logits, dim=-1))
-    return torch.cat(out)
+        logits = F.linear(hidden, model.lm_head.weight[slot.to(hidden.device)].float())  # the labels' words only
+        return F.log_softmax(logits, dim=-1)
 
 
 def predict(model, tokenizer, pet: PET, texts: list[str]) -> np.ndarray:
