@@ -102,9 +102,14 @@ BACKEND_HELP = "auto (slmkit's own code; remote for URLs) | torch | hf (transfor
 @app.command()
 def finetune(
     model: Annotated[str, typer.Argument(help="model to start from: a model/run directory or a pulled name")],
-    data: Annotated[Path, typer.Option(help="JSONL of {\"messages\": [...]} chat or {\"prompt\", \"completion\"} "
-                                            "records; the loss falls on the answers only")],
     out: Annotated[Path, typer.Option(help="run directory")],
+    data: Annotated[Path | None, typer.Option(help="JSONL of {\"messages\": [...]} chat or {\"prompt\", "
+                                                   "\"completion\"} records; the loss falls on the answers only")]
+    = None,
+    mixture: Annotated[Path | None, typer.Option(help="instead of --data: a FLAN-style mixture YAML, sampled into "
+                                                      "OUT/mixture (see `slm mixture`)")] = None,
+    holdout_tasks: Annotated[str | None, typer.Option(help="with --mixture: comma list of task globs to hold out "
+                                                           "(zero-shot eval files in OUT/mixture/heldout)")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per example (longer ones are cut)")] = 512,
     batch_size: Annotated[int, typer.Option(help="examples per micro-batch")] = 8,
     grad_accum: int = 1,
@@ -134,6 +139,17 @@ def finetune(
         if ref.kind != "dir":
             raise ValueError(f"{model}: fine-tuning starts from a model directory; import a GGUF first with "
                              f"`slm import {model} -o DIR`")
+        if (data is None) == (mixture is None):
+            raise ValueError("give exactly one of --data (a JSONL file) or --mixture (a mixture YAML)")
+        if mixture is not None:
+            from slmkit.data.mixture import build_mixture, load_mixture
+            built = out / "mixture"
+            if not (resume and (built / "train.jsonl").exists()):  # a resumed run keeps the examples it had
+                build_mixture(load_mixture(mixture, _globs(holdout_tasks)), built,
+                              log=lambda m: typer.echo(m, err=True))
+            data = built / "train.jsonl"
+        elif holdout_tasks:
+            raise ValueError("--holdout-tasks needs --mixture")
         lora = None
         if lora_rank:
             alpha = 2.0 * lora_rank if lora_alpha is None else lora_alpha
@@ -146,6 +162,27 @@ def finetune(
         train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
+
+
+def _globs(text: str | None) -> list[str]:
+    return [g.strip() for g in (text or "").split(",") if g.strip()]
+
+
+@app.command("mixture")
+def mixture_cmd(
+    spec: Annotated[Path, typer.Argument(help="mixture YAML: source, templates, cap, task weights, holdout")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="directory for train.jsonl, heldout/ and mixture.json")],
+    holdout_tasks: Annotated[str | None, typer.Option(help="comma list of task globs to hold out as well")] = None,
+):
+    """Sample a FLAN-style instruction mixture into an SFT file, writing held-out tasks as `slm eval` task files."""
+    from slmkit.data.mixture import build_mixture, load_mixture
+    try:
+        summary = build_mixture(load_mixture(spec, _globs(holdout_tasks)), out,
+                                log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    for task in summary["heldout"]:
+        typer.echo(out / "heldout" / f"{task}.yaml")
 
 
 @app.command()

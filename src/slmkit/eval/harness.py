@@ -219,6 +219,8 @@ def _run_generate(lm, task: Task, items, *, seed, chat, samples, temperature, se
         extracted = [_extract(task, t) for t in texts]
         correct = [x is not None and x == gold for x in extracted]
         record = {"id": item["id"], "gold": gold, "completions": texts, "extracted": extracted, "correct": correct}
+        if task.scoring == "exact":  # partial credit for free text (Natural-Instructions' metric)
+            record["rouge_l"] = [M.rouge_l(t, str(item["answer"])) for t in texts]
         if samples > 1 and select_by == "verifier":
             context = _context_text(verifier, prompt)
             scored = verifier.score_many([(context, (" " if not chat else "") + t) for t in texts])
@@ -316,7 +318,10 @@ def _score_classify(task: Task, records, samples):
 def _score_generate(task: Task, records, samples):
     n = len(records)
     if samples == 1:
-        return {"exact_match": M.proportion(sum(r["correct"][0] for r in records), n)}, {}
+        out = {"exact_match": M.proportion(sum(r["correct"][0] for r in records), n)}
+        if all("rouge_l" in r for r in records):
+            out["rouge_l"] = M.mean([r["rouge_l"][0] for r in records])
+        return out, {}
     out, table = {}, {}
     for k in [k for k in BEST_OF if k <= samples]:
         chosen = [_select(r, k) for r in records]

@@ -133,6 +133,25 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower().rstrip(".").strip()
 
 
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased word tokens (Lin, 2004): the longest common subsequence's precision and
+    recall. Natural-Instructions reports it for every generation task; no stemming here."""
+    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for p in pred:  # dynamic programme over prefixes, one row at a time
+        row = [0]
+        for j, r in enumerate(ref):
+            row.append(previous[j] + 1 if p == r else max(previous[j + 1], row[j]))
+        previous = row
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def extract_regex(text: str, pattern: str) -> str | None:
     """The first capture group (or whole match) of the first match of `pattern`."""
     match = re.search(pattern, text, flags=re.MULTILINE)
