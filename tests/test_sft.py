@@ -63,7 +63,9 @@ def test_batches_keep_examples_apart_and_pad_without_targets(tok, tmp_path):
     data = SFTDataset(path, tok, val_fraction=0.2)
     assert len(data.train) == 8 and len(data.val) == 2 and data.meta["chat"]
     x, y = data.train_batch(0, 4, 64)
-    assert x.shape == y.shape == (4, 64)
+    longest = max(len(e.ids) for e in [data.train[int(i)] for i in data._perm[:4]]) - 1
+    assert x.shape == y.shape == (4, longest) and longest < 64  # padded to the longest row, not to seq_len
+    assert data.train_batch(0, 4, 8)[0].shape == (4, 8)  # longer examples are cut at seq_len
     for row in range(4):
         n = int((x[row] != data.pad_id).sum())
         assert (y[row, n:] == IGNORE).all()  # padding is never a target

@@ -9,8 +9,9 @@ end-of-turn token, is a target. Prompt/completion records are `[bos] prompt comp
 and eos being targets.
 
 No packing: every example is its own row of the batch, right-padded (padding is never a target), so an example
-can never attend to another one. That wastes compute on short examples, but needs no block-diagonal attention
-masks, which SDPA's fast paths don't take. Examples longer than the sequence length are cut (and counted).
+can never attend to another one. Batches are padded to their longest example (at most the sequence length), not to
+the sequence length; padding still costs compute on mixed lengths, but needs no block-diagonal attention masks,
+which SDPA's fast paths don't take. Examples longer than the sequence length are cut (and counted).
 
 `SFTDataset` offers the interface the training loop reads from a token dataset (`train_batch`, `val_batches`,
 `bytes_per_token`, `vocab_size`, `meta`), so fine-tuning runs through the one training loop.
@@ -149,8 +150,9 @@ class SFTDataset:
         return s["target_bytes"] / max(1, s["target_tokens"])
 
     def _rows(self, examples: list[Example], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.full((len(examples), seq_len), self.pad_id, dtype=torch.long)
-        y = torch.full((len(examples), seq_len), IGNORE, dtype=torch.long)
+        width = min(seq_len, max(len(e.ids) - 1 for e in examples))  # pad to the longest row, not to seq_len
+        x = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(examples), width), IGNORE, dtype=torch.long)
         for row, e in enumerate(examples):
             if len(e.ids) > seq_len + 1:
                 self.truncated += 1

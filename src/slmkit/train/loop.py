@@ -307,7 +307,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if master else {}
-    tokens_per_step = cfg.tokens_per_step(world)
     bar = tqdm(total=1000, disable=not (master and cfg.progress), dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {postfix}")
     t_start = time.perf_counter() - state["elapsed"]
@@ -324,11 +323,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            step_tokens = 0  # positions computed: fine-tuning batches are only as wide as their longest example
             for micro in range(cfg.grad_accum):
                 # Global sample index: identical data for any split of the batch across ranks/micro-steps.
                 first = (step * cfg.grad_accum * world + micro * world + rank) * cfg.batch_size
                 x, y = data.train_batch(first, cfg.batch_size, cfg.seq_len, cfg.seed)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                step_tokens += x.numel() * world
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 ctx = step_fn.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, autocast(device, precision):
@@ -342,8 +343,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             state["step"] += 1
-            state["tokens"] += tokens_per_step
-            window_tokens += tokens_per_step
+            state["tokens"] += step_tokens
+            window_tokens += step_tokens
             step = state["step"]
             prog = budget_progress(cfg, step, state["tokens"], elapsed())
 
