@@ -10,7 +10,7 @@ method is scored on the whole dev set (183 utterances, 7 intents):
 - head: a linear head on the frozen decoder's last hidden state (`adapt.classify.train_classifier`);
 - pet: the model fine-tuned with PET on the draw, ensemble over patterns (`adapt.pet.train_pet`);
 - pet+distil: PET's soft labels on the rest of the training texts (labels unused) distilled into a head on the
-  PET-tuned decoder (`adapt.pet.pet_classifier`), as in PET's final step.
+  PET-tuned decoder (`adapt.pet.distil_classifier`, the last step of `pet_classifier`), as in PET's final step.
 Results are appended as JSON lines to --log (one per seed and method), so an interrupted run keeps what it
 finished; the summary prints mean ± std over seeds.
 """
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from slmkit.adapt.classify import read_labelled, train_classifier
-from slmkit.adapt.pet import PET, pet_classifier, predict, train_pet
+from slmkit.adapt.pet import PET, distil_classifier, predict, train_pet
 from slmkit.checkpoint import load_model_dir
 from slmkit.hub import resolve_model
 from slmkit.tokenizer import load_tokenizer
@@ -88,16 +88,25 @@ def main() -> None:
         with args.log.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def rows_so_far() -> list[dict]:
+        rows = map(json.loads, args.log.read_text().splitlines()) if args.log.exists() else []
+        return [r for r in rows if r["model"] == args.model and r["shots"] == args.shots]
+
     majority = Counter(train_labels).most_common(1)[0][0]
     for seed in args.seeds:
         texts, labels, unlabelled = draw(train_texts, train_labels, args.shots, seed)
         t = time.time()
         if (seed, "majority") not in done:
             record(seed, "majority", accuracy([majority] * len(dev_labels), dev_labels), t)
-        if (seed, "zero-shot") not in done:  # independent of the seed; recorded per seed for a uniform table
-            model, tokenizer = load_model_dir(model_dir).eval(), load_tokenizer(model_dir)
-            probs = predict(model, tokenizer, pet, dev_texts)
-            record(seed, "zero-shot", accuracy([pet.labels[i] for i in probs.argmax(1)], dev_labels), t)
+        zero_shot = [r for r in rows_so_far() if r["method"] == "zero-shot"]
+        if (seed, "zero-shot") not in done:  # no training, so the same for every seed: computed once
+            if zero_shot:
+                acc = zero_shot[0]["dev_accuracy"]
+            else:
+                model, tokenizer = load_model_dir(model_dir).eval(), load_tokenizer(model_dir)
+                probs = predict(model, tokenizer, pet, dev_texts)
+                acc = accuracy([pet.labels[i] for i in probs.argmax(1)], dev_labels)
+            record(seed, "zero-shot", acc, t)
         t = time.time()
         if (seed, "head") not in done:
             clf = train_classifier(model_dir, texts, labels, seed=seed, log=lambda m: None)
@@ -109,14 +118,13 @@ def main() -> None:
             train_pet(model, tokenizer, pet, texts, labels, epochs=args.epochs, lr=args.lr, seed=seed, log=print)
             probs = predict(model, tokenizer, pet, dev_texts)
             record(seed, "pet", accuracy([pet.labels[i] for i in probs.argmax(1)], dev_labels), t)
-        t = time.time()
-        if (seed, "pet+distil") not in done:
-            clf = pet_classifier(model_dir, pet, texts, labels, unlabelled=unlabelled, epochs=args.epochs,
-                                 lr=args.lr, seed=seed, log=print)
+            # distil from the PET model just trained (a seed whose PET result was logged by an interrupted run
+            # has no model left to distil from, and is not retrained for it)
+            t = time.time()
+            clf = distil_classifier(model, tokenizer, pet, texts + unlabelled, str(model_dir))
             record(seed, "pet+distil", accuracy([y for y, _ in clf.predict(dev_texts)], dev_labels), t)
 
-    rows = [r for r in map(json.loads, args.log.read_text().splitlines())
-            if r["model"] == args.model and r["shots"] == args.shots and r["seed"] in args.seeds]
+    rows = [r for r in rows_so_far() if r["seed"] in args.seeds]
     print(f"\n{args.model}, {args.shots} examples per intent, dev accuracy over seeds {args.seeds}:")
     print("| method | mean | std | per seed |\n|---|---|---|---|")
     for method in ["majority", "zero-shot", "head", "pet", "pet+distil"]:

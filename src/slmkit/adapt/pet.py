@@ -93,23 +93,27 @@ def pet_classifier(model_dir, pet: PET, texts: list[str], labels: list[str], unl
     """PET end to end: fine-tune on the labelled texts, label `unlabelled` (and the labelled texts) softly with
     the pattern ensemble, and distil that into a head on the PET-tuned decoder (an `adapt.classify.Classifier`,
     calibrated on `dev`)."""
-    from slmkit.adapt.classify import Classifier, ClassifierInfo, fit_temperature
     from slmkit.checkpoint import load_model_dir
     from slmkit.tokenizer import load_tokenizer
     torch.manual_seed(seed)
     model, tokenizer = load_model_dir(model_dir), load_tokenizer(model_dir)
     train_pet(model, tokenizer, pet, texts, labels, epochs=epochs, lr=lr, seed=seed, log=log)
-    pool = list(texts) + list(unlabelled or [])
+    return distil_classifier(model, tokenizer, pet, list(texts) + list(unlabelled or []), str(model_dir), dev)
+
+
+def distil_classifier(model, tokenizer, pet: PET, pool: list[str], base: str,
+                      dev: tuple[list[str], list[str]] | None = None):
+    """A head on the (PET-tuned) decoder trained on the pattern ensemble's soft labels for `pool`."""
+    from slmkit.adapt.classify import Classifier, ClassifierInfo, features, fit_temperature
     soft = predict(model, tokenizer, pet, pool)
     # The head starts from the LM's own slot logits (hidden state · word embedding), so before any distillation
     # step the classifier already predicts exactly what pattern 1 does; the soft labels then tune it.
-    from slmkit.adapt.classify import features
     slot = pet.slot_tokens(tokenizer)
     head = torch.nn.Linear(model.cfg.dim, len(pet.labels))
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight[slot].float())
         head.bias.zero_()
-    info = ClassifierInfo(labels=pet.labels, base=str(model_dir), prompt=pet.patterns[0], body_trained=True)
+    info = ClassifierInfo(labels=pet.labels, base=base, prompt=pet.patterns[0], body_trained=True)
     feats = features(model, tokenizer, pool, info.prompt)
     targets = torch.tensor(soft, dtype=torch.float32)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
