@@ -204,3 +204,38 @@ def test_generate_with_adapter_equals_the_merged_model(tok, tmp_path):
     merged = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), *common])
     assert unmerged.exit_code == 0, unmerged.output
     assert unmerged.output == merged.output
+
+
+def test_serve_with_an_adapter_answers_like_the_merged_model(tok, tmp_path, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from slmkit.checkpoint import save_model_dir
+    from slmkit.cli import app as cli
+    from slmkit.generate import SamplingParams
+    from slmkit.lm import load_lm
+    base = tiny_model_dir(tmp_path / "base", tok)
+    cfg = LoRAConfig(r=4, alpha=8)
+    model = lora_model(base, cfg)
+    save_adapter(model, cfg, tmp_path / "adapter", base)
+    save_model_dir(merge_lora(model), tmp_path / "merged", tok)
+    prompt = "Translate red:"
+    want = load_lm(str(tmp_path / "merged"), backend="torch").generate(
+        prompt, SamplingParams(max_new_tokens=8, temperature=0))[0]
+    plain = load_lm(str(base), backend="torch").generate(prompt, SamplingParams(max_new_tokens=8, temperature=0))[0]
+    assert want != plain  # the adapter changes the answer
+    answers = []
+
+    def fake_run(app, **kw):  # serve() closes its engine when uvicorn returns, so ask while "running"
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 8,
+                                                     "temperature": 0})
+            answers.append(r.json()["choices"][0]["text"])
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    result = CliRunner().invoke(cli, ["serve", str(base), "--adapter", str(tmp_path / "adapter")])
+    assert result.exit_code == 0, result.output
+    assert answers == [want]
+    result = CliRunner().invoke(cli, ["serve", str(base), "--adapter", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no adapter_config.json" in result.output

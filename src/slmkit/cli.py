@@ -208,14 +208,8 @@ def _open_lm(model: str, backend: str, cache: bool = True, adapter: Path | None 
     from slmkit.lm import load_lm
     lm = load_lm(model, backend=backend)
     if adapter is not None:
-        from slmkit.checkpoint import read_provenance
-        from slmkit.lm.torch_lm import TorchLM
-        from slmkit.train.lora import find_adapter_dir, load_adapter
-        if not isinstance(lm, TorchLM):
-            raise ValueError("--adapter runs on slmkit's torch backend; use --backend torch, or `slm merge` first")
-        adapter = find_adapter_dir(adapter)
-        load_adapter(lm.model, adapter)
-        lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
+        from slmkit.train.lora import apply_adapter
+        apply_adapter(lm, adapter)
     if hasattr(lm, "use_cache"):
         lm.use_cache = cache
     return lm
@@ -336,13 +330,15 @@ def serve(
                                          "else slmkit's torch model) | torch | llamacpp | hf")] = "auto",
     max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp)")] = 16,
     max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch before 429 answers")] = 64,
+    adapter: Annotated[Path | None, typer.Option(help="serve MODEL with this LoRA adapter (PEFT format), unmerged "
+                                                      "(torch backend)")] = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     try:
         run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
-                   max_queue=max_queue)
+                   max_queue=max_queue, adapter=adapter)
     except _LOAD_ERRORS as e:
         _fail(e)
 

@@ -204,6 +204,18 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+def apply_adapter(lm, adapter: str | Path):
+    """Put a LoRA adapter (or a LoRA run's) on an open LM, unmerged: `generate/serve --adapter`."""
+    from slmkit.checkpoint import read_provenance
+    from slmkit.lm.torch_lm import TorchLM
+    if not isinstance(lm, TorchLM):
+        raise ValueError("--adapter runs on slmkit's torch backend; use --backend torch, or `slm merge` first")
+    adapter = find_adapter_dir(adapter)
+    load_adapter(lm.model, adapter)
+    lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
+    return lm
+
+
 def load_lora_weights(model: nn.Module, path: str | Path) -> None:
     """Read an adapter's matrices into a model that already has the same LoRA layers (resuming a run)."""
     _copy_lora_weights(model, read_adapter_weights(path), source=str(path))
