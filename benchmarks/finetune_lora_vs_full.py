@@ -1,11 +1,12 @@
 """LoRA vs full fine-tuning of one model on one SFT file, for the same wall-clock budget, one after the other.
 
     python benchmarks/finetune_lora_vs_full.py --model smollm2-135m-instruct --data runs/ni-mix/train.jsonl \
-        --minutes 10 --out runs/lora-vs-full --variant full:lr=2e-5 --variant lora:lora_rank=8,lr=2e-4
+        --minutes 5 --out runs/lora-vs-full --variant full:lr=5e-5 --variant lora:lora_rank=8,lr=5e-4
 
 Each variant is `slm finetune` in its own process (so its peak RSS is its own, read with wait4); the table
 shows trainable parameters, peak RSS, tokens/s (positions computed, padding included; the same batches for
-every variant) and the final validation loss on the answers. Results are appended to OUT/results.jsonl.
+every variant) and the final validation loss on the answers, against the untrained model's loss on them.
+Results are appended to OUT/results.jsonl.
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ def run_variant(name: str, options: str, args) -> dict:
             "final_val_bpb": round(final["val_bpb"], 4)}
 
 
+def base_row(args) -> dict:
+    """The model before any training, on the same validation answers (the anchor for the final losses)."""
+    import torch
+
+    from slmkit.checkpoint import load_model_dir
+    from slmkit.hub import resolve_model
+    from slmkit.train.loop import TrainConfig, evaluate, open_training_data
+    location = resolve_model(args.model).location
+    cfg = TrainConfig(data=str(args.data), out=str(args.out / "base"), init_from=location, seq_len=args.seq_len)
+    data, _ = open_training_data(cfg)
+    final = evaluate(load_model_dir(location).eval(), data, args.seq_len, args.batch_size, torch.device("cpu"), "fp32")
+    return {"variant": "base", "options": "no training", "model": args.model, "trainable_parameters": 0,
+            "final_val_loss": round(final["val_loss"], 4), "final_val_bpb": round(final["val_bpb"], 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -53,7 +69,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (finetune options)")
     ap.add_argument("--out", type=Path, default=Path("runs/lora-vs-full"))
     args = ap.parse_args()
-    rows = []
+    rows = [base_row(args)]
     for spec in args.variant:
         name, _, options = spec.partition(":")
         row = run_variant(name, options, args)
@@ -62,7 +78,8 @@ def main() -> None:
         with (args.out / "results.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
     print("\n| variant | trainable params | peak RSS | tokens/s | steps | final val loss |\n|---|---|---|---|---|---|")
-    for r in rows:
+    print(f"| base (no training) | - | - | - | - | {rows[0]['final_val_loss']:.4f} |")
+    for r in rows[1:]:
         print(f"| {r['variant']} ({r['options']}) | {r['trainable_parameters']:,} of {r['parameters']:,} | "
               f"{r['peak_rss_mib']:,} MiB | {r['tokens_per_s']:,.0f} | {r['steps']} | {r['final_val_loss']:.4f} |")
 
