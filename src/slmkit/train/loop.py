@@ -357,7 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                        "lr": lr, "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else None,
                        "tok_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(elapsed(), 2)}
                 _append_metrics(run / "metrics.jsonl", rec)
-                eta = elapsed() / prog - elapsed() if prog > 0 else float("nan")
+                eta = max(0.0, elapsed() / prog - elapsed()) if prog > 0 else float("nan")
                 bar.n = min(1000, int(prog * 1000))
                 bar.set_postfix_str(f"step {step} loss {rec['loss']:.3f} {tok_s:,.0f} tok/s MFU {mfu:.0%} "
                                     f"ETA {_fmt_time(eta)}", refresh=True)
