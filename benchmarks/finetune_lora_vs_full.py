@@ -51,7 +51,8 @@ def base_row(args) -> dict:
     from slmkit.hub import resolve_model
     from slmkit.train.loop import TrainConfig, evaluate, open_training_data
     location = resolve_model(args.model).location
-    cfg = TrainConfig(data=str(args.data), out=str(args.out / "base"), init_from=location, seq_len=args.seq_len)
+    cfg = TrainConfig(data=str(args.data), out=str(args.out / "base"), init_from=location, seq_len=args.seq_len,
+                      max_steps=1)  # a budget is required; nothing is trained here
     data, _ = open_training_data(cfg)
     final = evaluate(load_model_dir(location).eval(), data, args.seq_len, args.batch_size, torch.device("cpu"), "fp32")
     return {"variant": "base", "options": "no training", "model": args.model, "trainable_parameters": 0,
