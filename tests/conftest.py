@@ -15,6 +15,22 @@ from slmkit.config import model_config
 TINY = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
 
 
+# A tiny translation task shared by the fine-tuning tests (SFT, LoRA).
+PAIRS = [("red", "rouge"), ("blue", "bleu"), ("green", "vert"), ("black", "noir"), ("white", "blanc"),
+         ("cat", "chat"), ("dog", "chien"), ("house", "maison"), ("water", "eau"), ("bread", "pain")]
+
+
+def translation_tokenizer():
+    from slmkit.tokenizer import train_tokenizer
+    return train_tokenizer([" ".join(f"Translate {a}: {b}." for a, b in PAIRS)] * 20, vocab_size=320)
+
+
+def chat(a, b, system=None):
+    """A chat record asking to translate `a`, answered `b`."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": "user", "content": f"Translate {a}"}, {"role": "assistant", "content": b}]}
+
+
 @pytest.fixture
 def tiny_cfg():
     return model_config("nano", **TINY)

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_dir
+from conftest import PAIRS, chat, tiny_model_dir, translation_tokenizer
 from safetensors.torch import load_file
 
 from slmkit.checkpoint import load_model_dir, load_state_dict
 from slmkit.model import Transformer
-from slmkit.tokenizer import train_tokenizer
 from slmkit.train.lora import (
     ALL_LINEAR,
     LoRAConfig,
@@ -22,14 +21,10 @@ from slmkit.train.lora import (
     save_adapter,
 )
 
-PAIRS = [("red", "rouge"), ("blue", "bleu"), ("green", "vert"), ("black", "noir"), ("white", "blanc"),
-         ("cat", "chat"), ("dog", "chien"), ("house", "maison"), ("water", "eau"), ("bread", "pain")]
-
 
 @pytest.fixture(scope="module")
 def tok():
-    text = " ".join(f"Translate {a}: {b}." for a, b in PAIRS)
-    return train_tokenizer([text] * 20, vocab_size=320)
+    return translation_tokenizer()
 
 
 def ids(cfg, n=24):
@@ -137,10 +132,6 @@ def test_peft_loads_our_adapters_and_we_load_peft_adapters(tok, tmp_path):
         hf.save_pretrained(tmp_path / "peft")
         ours = load_adapter(load_model_dir(base), tmp_path / "peft")
         torch.testing.assert_close(ours(x), hf.eval()(x).logits, atol=1e-4, rtol=0)
-
-
-def chat(a, b):
-    return {"messages": [{"role": "user", "content": f"Translate {a}"}, {"role": "assistant", "content": b}]}
 
 
 def test_finetune_cli_with_lora(tok, tmp_path):

@@ -4,24 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_dir
+from conftest import PAIRS, chat, tiny_model_dir, translation_tokenizer
 
 from slmkit.data.sft import IGNORE, SFTDataset, encode_record
-from slmkit.tokenizer import train_tokenizer
-
-PAIRS = [("red", "rouge"), ("blue", "bleu"), ("green", "vert"), ("black", "noir"), ("white", "blanc"),
-         ("cat", "chat"), ("dog", "chien"), ("house", "maison"), ("water", "eau"), ("bread", "pain")]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    text = " ".join(f"Translate {a}: {b}." for a, b in PAIRS)
-    return train_tokenizer([text] * 20, vocab_size=320)
-
-
-def chat(a, b, system=None):
-    messages = [{"role": "system", "content": system}] if system else []
-    return {"messages": messages + [{"role": "user", "content": f"Translate {a}"}, {"role": "assistant", "content": b}]}
+    return translation_tokenizer()
 
 
 def targets(example):
