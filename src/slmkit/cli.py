@@ -164,6 +164,103 @@ def finetune(
         _fail(e)
 
 
+@app.command()
+def distill(
+    data: Annotated[Path, typer.Option(help="token dataset directory prepared with the teacher's tokenizer, or a "
+                                            "JSONL of fine-tuning records (online teacher)")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    teacher: Annotated[str | None, typer.Option(help="online teacher: " + "model directory, run directory, .gguf "
+                                                      "file or pulled name")] = None,
+    cache: Annotated[Path | None, typer.Option(help="offline teacher: a top-k cache from `slm teacher-cache`")]
+    = None,
+    student: Annotated[str, typer.Option(help="a preset (see `slm presets`, shaped by --set) or a model "
+                                              "directory to start from")] = "micro",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a student preset field, e.g. --set "
+                                                                  "n_layers=4")] = None,
+    student_from_teacher: Annotated[int, typer.Option(help="build the student from --teacher: its tokenizer, "
+                                                           "embeddings and every Nth block (0 = off)")] = 0,
+    loss: Annotated[str, typer.Option(help="fkl (forward KL) | rkl (reverse KL) | jsd (generalised JSD)")] = "fkl",
+    beta: Annotated[float, typer.Option(help="jsd's weight between teacher and student")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="softmax temperature of both distributions")] = 1.0,
+    alpha: Annotated[float, typer.Option(help="weight of the distillation term (1 - alpha: real-text "
+                                              "cross-entropy)")] = 0.5,
+    top_k: Annotated[int, typer.Option(help="online teacher: distil its top-k (+ the rest); 0 = full "
+                                            "distribution")] = 0,
+    teacher_backend: Annotated[str, typer.Option(help="auto | torch | hf | llamacpp")] = "auto",
+    on_policy: Annotated[float, typer.Option(help="lambda: fraction of batches the student samples and the "
+                                                  "teacher scores (GKD)")] = 0.0,
+    on_policy_tokens: Annotated[int, typer.Option(help="tokens sampled per on-policy sequence")] = 64,
+    seq_len: int = 256,
+    batch_size: Annotated[int, typer.Option(help="sequences per micro-batch per process")] = 8,
+    grad_accum: int = 1,
+    lr: float = 3e-3,
+    warmup_steps: int = 100,
+    max_steps: int | None = None,
+    max_tokens: int | None = None,
+    max_minutes: float | None = None,
+    eval_every: int = 250,
+    eval_tokens: int = 65536,
+    save_every: int = 500,
+    precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+):
+    """Train a student on a teacher's next-token distributions (+ the real text): online or from a top-k cache."""
+    from slmkit.config import PRESETS, parse_overrides
+    from slmkit.hub import resolve_model
+    from slmkit.train.distill import student_from_teacher as make_student
+    from slmkit.train.loop import TrainConfig, train
+    try:
+        init_from, preset = None, student
+        if student_from_teacher:
+            if not teacher:
+                raise ValueError("--student-from-teacher builds the student from --teacher; name one")
+            init_from = str(out / "student-init")
+            if not Path(init_from).exists():
+                make_student(teacher, init_from, layer_step=student_from_teacher)
+        elif student not in PRESETS:
+            init_from = resolve_model(student).location
+        if init_from and set_:
+            raise ValueError("--set shapes a student preset; this student starts from a model directory")
+        distill_cfg = {"teacher": teacher, "cache": str(cache) if cache else None, "loss": loss, "beta": beta,
+                       "temperature": temperature, "alpha": alpha, "top_k": top_k,
+                       "teacher_backend": teacher_backend, "on_policy": on_policy,
+                       "on_policy_tokens": on_policy_tokens}
+        cfg = TrainConfig(data=str(data), out=str(out), preset=preset if not init_from else "micro",
+                          model_overrides=parse_overrides(set_), init_from=init_from, seq_len=seq_len,
+                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                          max_steps=max_steps, max_tokens=max_tokens, max_minutes=max_minutes,
+                          eval_every=eval_every, eval_tokens=eval_tokens, save_every=save_every,
+                          precision=precision, seed=seed, distill=distill_cfg)
+        train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    teacher: Annotated[str, typer.Argument(help="model directory, run directory, .gguf file or pulled name")],
+    data: Annotated[Path, typer.Option(help="token dataset directory prepared with the teacher's tokenizer")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="cache directory to write")],
+    top_k: Annotated[int, typer.Option(help="log-probs kept per position")] = 16,
+    seq_len: Annotated[int, typer.Option(help="the --seq-len the students will train with")] = 256,
+    temperature: float = 1.0,
+    max_tokens: Annotated[int | None, typer.Option(help="cover only the first windows (students then train on "
+                                                        "those)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per teacher forward pass")] = 4,
+    backend: Annotated[str, typer.Option(help="auto | torch | hf | llamacpp")] = "auto",
+):
+    """Run a teacher once over a token dataset and store its top-k next-token log-probs for `slm distill --cache`.
+    Interrupted? Run the same command again to continue."""
+    from slmkit.train.distill import build_topk_cache
+    try:
+        build_topk_cache(teacher, data, out, seq_len=seq_len, top_k=top_k, temperature=temperature,
+                         max_tokens=max_tokens, batch_size=batch_size, backend=backend,
+                         log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+
+
 def _globs(text: str | None) -> list[str]:
     return [g.strip() for g in (text or "").split(",") if g.strip()]
 

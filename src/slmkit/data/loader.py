@@ -26,6 +26,7 @@ class TokenDataset:
         self.train = self._open("train", dtype)
         self.val = self._open("val", dtype)
         self._epoch, self._perm = -1, None
+        self.max_windows: int | None = None  # train on the first N windows only (e.g. those a teacher cache covers)
 
     def _open(self, split: str, dtype) -> np.ndarray:
         f = self.path / f"{split}.bin"
@@ -44,7 +45,8 @@ class TokenDataset:
         return s["bytes"] / max(1, s["tokens"])
 
     def num_train_windows(self, seq_len: int) -> int:
-        return (len(self.train) - 1) // seq_len
+        n = (len(self.train) - 1) // seq_len
+        return min(n, self.max_windows) if self.max_windows is not None else n
 
     def _window_start(self, sample: int, seq_len: int, seed: int) -> int:
         n = self.num_train_windows(seq_len)
@@ -57,9 +59,13 @@ class TokenDataset:
             self._epoch = epoch
         return int(self._perm[i]) * seq_len
 
+    def train_windows(self, first_sample: int, batch_size: int, seq_len: int, seed: int = 0) -> list[int]:
+        """Window indices of samples first_sample .. first_sample+batch_size-1 (window w starts at w*seq_len)."""
+        return [self._window_start(first_sample + j, seq_len, seed) // seq_len for j in range(batch_size)]
+
     def train_batch(self, first_sample: int, batch_size: int, seq_len: int, seed: int = 0):
         """Samples first_sample .. first_sample+batch_size-1 as (inputs, targets) int64 tensors (B, T)."""
-        rows = [self._window_start(first_sample + j, seq_len, seed) for j in range(batch_size)]
+        rows = [w * seq_len for w in self.train_windows(first_sample, batch_size, seq_len, seed)]
         buf = np.stack([self.train[r:r + seq_len + 1] for r in rows]).astype(np.int64)
         t = torch.from_numpy(buf)
         return t[:, :-1], t[:, 1:]

@@ -37,6 +37,7 @@ from slmkit.data.loader import TokenDataset
 from slmkit.files import atomic_dir, atomic_write_json, atomic_write_text
 from slmkit.model import Transformer
 from slmkit.perf import autocast, matmul_peak_flops, pick_device, resolve_precision
+from slmkit.train.distill import DistillConfig, Distiller
 from slmkit.train.lora import LoRAConfig, add_lora, count_parameters, load_lora_weights, merged_copy, save_adapter
 
 
@@ -49,6 +50,7 @@ class TrainConfig:
     init_from: str | None = None  # start from an existing model directory instead of random weights
     lora: dict | None = None  # LoRAConfig fields: train low-rank adapters on the frozen init_from model
     base_dtype: str = "float32"  # with LoRA: the frozen base's dtype (bfloat16 halves its memory)
+    distill: dict | None = None  # DistillConfig fields: learn from a teacher's distributions as well (distill.py)
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -85,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"base_dtype must be float32 or bfloat16, got {self.base_dtype!r}")
         if self.base_dtype != "float32" and self.lora is None:
             raise ValueError("base_dtype is the dtype of LoRA's frozen base; full fine-tuning trains in float32")
+        if self.distill is not None:
+            DistillConfig(**self.distill)
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * world_size * self.seq_len
@@ -264,6 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}; "
                          f"use --seq-len {model.cfg.max_seq_len} or less")
     model.train()
+    distiller = Distiller(DistillConfig(**cfg.distill), data, tokenizer, cfg.seq_len, device, seed=cfg.seed,
+                          log=log if master else lambda *_: None) if cfg.distill else None
     opt = make_optimizer(model, cfg)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if resume:
@@ -323,6 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            parts: dict[str, list] = {"kd": [], "ce": []}
             step_tokens = 0  # positions computed: fine-tuning batches are only as wide as their longest example
             for micro in range(cfg.grad_accum):
                 # Global sample index: identical data for any split of the batch across ranks/micro-steps.
@@ -333,7 +340,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 ctx = step_fn.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, autocast(device, precision):
-                    loss = step_fn(x, y, loss_chunk=cfg.loss_chunk) / cfg.grad_accum
+                    if distiller:
+                        windows = data.train_windows(first, cfg.batch_size, cfg.seq_len, cfg.seed) \
+                            if distiller.cache else None
+                        loss, micro_parts = distiller.loss(step_fn, model, x, y, windows, first)
+                        for k, v in micro_parts.items():
+                            if v is not None:
+                                parts[k].append(v.item())
+                        loss = loss / cfg.grad_accum
+                    else:
+                        loss = step_fn(x, y, loss_chunk=cfg.loss_chunk) / cfg.grad_accum
                 with ctx:
                     loss.backward()
                 loss_sum += loss.detach()
@@ -356,6 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                 rec = {"step": step, "tokens": state["tokens"], "loss": round(loss_sum.item(), 6),
                        "lr": lr, "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else None,
                        "tok_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(elapsed(), 2)}
+                rec.update({k: round(sum(v) / len(v), 6) for k, v in parts.items() if v})
                 _append_metrics(run / "metrics.jsonl", rec)
                 eta = max(0.0, elapsed() / prog - elapsed()) if prog > 0 else float("nan")
                 bar.n = min(1000, int(prog * 1000))
