@@ -242,3 +242,53 @@ def test_cli_teacher_cache_and_distill(world, tmp_path):
     r = runner.invoke(app, ["distill", "--data", str(world["small"]), "--out", str(tmp_path / "run3"),
                             "--max-steps", "2"])
     assert r.exit_code == 2 and "exactly one" in r.output
+
+
+# ---- sequence-level distillation -----------------------------------------------------------------------
+
+def test_teacher_text_keeps_real_prompts_and_val_and_resumes(world, tmp_path, monkeypatch):
+    from slmkit.data.loader import TokenDataset
+    from slmkit.distill import teacher_text as TT
+    src = TokenDataset(world["small"])
+    meta = TT.write_teacher_text(str(world["teacher"]), world["small"], tmp_path / "full", prompt_tokens=8,
+                                 seq_len=32, batch_size=4, progress=False, log=lambda m: None)
+    out = TokenDataset(tmp_path / "full")
+    n = src.num_train_windows(32)
+    assert meta["splits"]["train"]["tokens"] == n * 32 and meta["teacher_text"]["batched"]
+    for w in (0, n - 1):  # each window starts with the source's real prompt
+        assert np.array_equal(out.train[w * 32:w * 32 + 8], src.train[w * 32:w * 32 + 8])
+    assert np.array_equal(np.asarray(out.val), np.asarray(src.val))
+    # the teacher's text is like the text it learnt: a student's loss on it is finite and it trains
+    summary = train(_cfg(world, tmp_path / "student", data=str(tmp_path / "full"), max_steps=5), log=lambda m: None)
+    assert np.isfinite(summary["val_loss"])
+
+    real, calls = TT._sample_batch, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(TT, "_sample_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        TT.write_teacher_text(str(world["teacher"]), world["small"], tmp_path / "resumed", prompt_tokens=8,
+                              seq_len=32, batch_size=4, progress=False, log=lambda m: None)
+    assert not (tmp_path / "resumed" / "meta.json").exists()
+    monkeypatch.setattr(TT, "_sample_batch", real)
+    TT.write_teacher_text(str(world["teacher"]), world["small"], tmp_path / "resumed", prompt_tokens=8,
+                          seq_len=32, batch_size=4, progress=False, log=lambda m: None)
+    assert (tmp_path / "resumed" / "train.bin").read_bytes() == (tmp_path / "full" / "train.bin").read_bytes()
+
+
+def test_teacher_text_crosses_tokenizers(world, tmp_path):
+    from slmkit.tokenizer import train_tokenizer
+    other = train_tokenizer([TEXT.upper() + TEXT] * 30, vocab_size=280)
+    stranger = tiny_model_dir(tmp_path / "stranger", other, train_on=TEXT, steps=100)
+    r = CliRunner().invoke(app, ["teacher-text", str(stranger), "--data", str(world["small"]), "-o",
+                                 str(tmp_path / "out"), "--prompt-tokens", "8", "--seq-len", "32", "--max-tokens",
+                                 "128"])
+    assert r.exit_code == 0, r.output
+    assert "another tokenizer" in r.output
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert not meta["teacher_text"]["batched"] and meta["splits"]["train"]["documents"] == 4

@@ -261,6 +261,31 @@ def teacher_cache(
         _fail(e)
 
 
+@app.command("teacher-text")
+def teacher_text(
+    teacher: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    data: Annotated[Path, typer.Option(help="token dataset whose windows give the prompts (real text)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="token dataset to write (train: teacher text; val: "
+                                                          "the source's real text)")],
+    prompt_tokens: Annotated[int, typer.Option(help="real tokens kept at the start of each window")] = 32,
+    seq_len: Annotated[int, typer.Option(help="window length the students will train with")] = 256,
+    max_tokens: Annotated[int | None, typer.Option(help="cover only the first windows")] = None,
+    temperature: float = 0.8,
+    batch_size: Annotated[int, typer.Option(help="windows sampled together (same-tokenizer torch teacher)")] = 8,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    seed: int = 0,
+):
+    """Sequence-level distillation data: the teacher continues each window of a dataset; train a student on the
+    result with `slm train`. Works across tokenizers. Interrupted? Run the same command again."""
+    from slmkit.distill.teacher_text import write_teacher_text
+    try:
+        write_teacher_text(teacher, data, out, prompt_tokens=prompt_tokens, seq_len=seq_len, max_tokens=max_tokens,
+                           temperature=temperature, batch_size=batch_size, backend=backend, seed=seed,
+                           log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+
+
 def _globs(text: str | None) -> list[str]:
     return [g.strip() for g in (text or "").split(",") if g.strip()]
 

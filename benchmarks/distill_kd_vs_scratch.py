@@ -1,0 +1,118 @@
+"""Knowledge distillation vs training from scratch: same student, same data, same token budget.
+
+    python benchmarks/distill_kd_vs_scratch.py --out runs/kd --cache-tokens 262144 --epochs 2 \
+        --variants scratch kd-fkl --log docs/benchmark-logs/distill_kd_vs_scratch.jsonl
+
+1. data: this Python's standard library (the quickstart corpus: no tests, no site-packages), tokenized with the
+   teacher's tokenizer (SmolLM2's 49,152 tokens), 2% of files held out for validation;
+2. teacher cache: SmolLM2-135M-Instruct (`slm pull smollm2-135m-instruct`) run once over the first
+   --cache-tokens training tokens, top-16 log-probs per position (`slm teacher-cache`);
+3. students (about 17M parameters: dim 256, 6 layers, the teacher's vocabulary, tied embeddings), each trained
+   for --epochs passes over exactly those cached windows, in the same order, with the same seed:
+   - scratch: alpha 0 (the real text's cross-entropy only; the cache is read but has no weight),
+   - kd-fkl / kd-rkl / kd-jsd: alpha --alpha on the divergence from the teacher's top-16 (+ the rest).
+Validation cross-entropy against the real held-out text is logged every --eval-every steps; the summary reports
+each student's final loss and how many training tokens the distilled student needed to reach the scratch
+student's final loss. Each finished variant is appended to --log; rerunning skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+TEACHER = "smollm2-135m-instruct"
+STUDENT = dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=768, tie_embeddings=True)
+
+
+def prepare(out: Path, log) -> Path:
+    from slmkit.data.prepare import prepare_dataset
+    from slmkit.hub import resolve_model
+    from slmkit.quickstart import STDLIB_EXCLUDE, stdlib_dir
+    data = out / "data"
+    if not (data / "meta.json").exists():
+        prepare_dataset([str(stdlib_dir() / "**" / "*.py")], data, tokenizer=resolve_model(TEACHER).location,
+                        val_fraction=0.02, exclude=STDLIB_EXCLUDE, log=log)
+    return data
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """First training-token count at which a validation curve is at or below `target` (linear interpolation)."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:], strict=False):
+        if l1 <= target:
+            return int(t0 + (t1 - t0) * (l0 - target) / (l0 - l1)) if l0 > target else t0
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/kd")
+    ap.add_argument("--cache-tokens", type=int, default=262144)
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--eval-every", type=int, default=16)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--variants", nargs="+", default=["scratch", "kd-fkl"])
+    ap.add_argument("--log", default="runs/kd/results.jsonl")
+    args = ap.parse_args()
+
+    from slmkit.train.distill import build_topk_cache
+    from slmkit.train.loop import TrainConfig, read_metrics, train
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(out, print)
+    cache = out / f"cache-top{args.top_k}-{args.cache_tokens}"
+    if not (cache / "meta.json").exists():
+        build_topk_cache(TEACHER, data, cache, seq_len=args.seq_len, top_k=args.top_k,
+                         max_tokens=args.cache_tokens)
+    cache_meta = json.loads((cache / "meta.json").read_text())
+    log_path = Path(args.log)
+    done = {r["variant"]: r for r in map(json.loads, log_path.read_text().splitlines())} \
+        if log_path.exists() else {}
+
+    for variant in args.variants:
+        if variant in done:
+            continue
+        loss = "fkl" if variant == "scratch" else variant.split("-", 1)[1]
+        alpha = 0.0 if variant == "scratch" else args.alpha
+        run = out / variant
+        cfg = TrainConfig(data=str(data), out=str(run), preset="micro", model_overrides=STUDENT,
+                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=20,
+                          max_tokens=int(args.epochs * cache_meta["tokens"]), eval_every=args.eval_every,
+                          eval_tokens=args.eval_tokens, save_every=0, precision="fp32", seed=0,
+                          distill={"cache": str(cache), "loss": loss, "alpha": alpha})
+        t0 = time.perf_counter()
+        summary = train(cfg, resume=(run / "checkpoint").exists())
+        curve = [(r["tokens"], r["val_loss"]) for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+        rec = {"variant": variant, "loss": loss, "alpha": alpha, "parameters": summary["parameters"],
+               "train_tokens": summary["tokens"], "final_val_loss": summary["val_loss"],
+               "final_val_bpb": summary["val_bpb"], "student_tokens_per_s": round(summary["tokens_per_s"], 1),
+               "seconds": round(time.perf_counter() - t0, 1), "curve": curve,
+               "teacher": TEACHER, "teacher_tokens_per_s": cache_meta["teacher_tokens_per_s"],
+               "cache_tokens": cache_meta["tokens"], "top_k": cache_meta["top_k"],
+               "cache_bytes_per_token": cache_meta["bytes_per_token"]}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        done[variant] = rec
+
+    if "scratch" in done:
+        target = done["scratch"]["final_val_loss"]
+        print(f"\nteacher {TEACHER}: {cache_meta['teacher_tokens_per_s']:,.0f} tokens/s building the cache "
+              f"({cache_meta['tokens']:,} positions, top-{cache_meta['top_k']}, "
+              f"{cache_meta['bytes_per_token']} bytes/token)")
+        print(f"{'variant':10} {'val loss':>9} {'bits/byte':>9} {'tok/s':>7}  tokens to reach scratch's final loss")
+        for name, r in done.items():
+            reach = tokens_to_reach(r["curve"] + [(r["train_tokens"], r["final_val_loss"])], target)
+            print(f"{name:10} {r['final_val_loss']:9.4f} {r['final_val_bpb']:9.4f} {r['student_tokens_per_s']:7.0f}"
+                  f"  {reach if reach is not None else 'not reached':>}"
+                  + (f" ({reach / r['train_tokens']:.0%} of the budget)" if reach else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Teachers -> data: text a teacher wrote (sequence-level distillation) and synthetic-data recipes."""
