@@ -1,6 +1,6 @@
 """Knowledge distillation vs training from scratch: same student, same data, same token budget.
 
-    python benchmarks/distill_kd_vs_scratch.py --out runs/kd --cache-tokens 262144 --epochs 2 \
+    python benchmarks/distill_kd_vs_scratch.py --out runs/kd --cache-tokens 262144 --epochs 1 \
         --variants scratch kd-fkl --log docs/benchmark-logs/distill_kd_vs_scratch.jsonl
 
 1. data: this Python's standard library (the quickstart corpus: no tests, no site-packages), tokenized with the
@@ -10,7 +10,9 @@
 3. students (about 17M parameters: dim 256, 6 layers, the teacher's vocabulary, tied embeddings), each trained
    for --epochs passes over exactly those cached windows, in the same order, with the same seed:
    - scratch: alpha 0 (the real text's cross-entropy only; the cache is read but has no weight),
-   - kd-fkl / kd-rkl / kd-jsd: alpha --alpha on the divergence from the teacher's top-16 (+ the rest).
+   - kd-fkl / kd-rkl / kd-jsd: alpha --alpha on the divergence from the teacher's top-16 (+ the rest);
+   - seqkd: sequence-level KD, no logits: the same windows with only their first --prompt-tokens real tokens,
+     the rest written by the teacher (`slm teacher-text`, temperature 0.8), plain cross-entropy on that text.
 Validation cross-entropy against the real held-out text is logged every --eval-every steps; the summary reports
 each student's final loss and how many training tokens the distilled student needed to reach the scratch
 student's final loss. Each finished variant is appended to --log; rerunning skips finished ones.
@@ -51,17 +53,19 @@ def main():
     ap.add_argument("--out", default="runs/kd")
     ap.add_argument("--cache-tokens", type=int, default=262144)
     ap.add_argument("--top-k", type=int, default=16)
-    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--eval-every", type=int, default=16)
-    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--variants", nargs="+", default=["scratch", "kd-fkl"])
     ap.add_argument("--log", default="runs/kd/results.jsonl")
     args = ap.parse_args()
 
+    from slmkit.distill.teacher_text import write_teacher_text
     from slmkit.train.distill import build_topk_cache
     from slmkit.train.loop import TrainConfig, read_metrics, train
     out = Path(args.out)
@@ -79,22 +83,29 @@ def main():
     for variant in args.variants:
         if variant in done:
             continue
-        loss = "fkl" if variant == "scratch" else variant.split("-", 1)[1]
-        alpha = 0.0 if variant == "scratch" else args.alpha
         run = out / variant
-        cfg = TrainConfig(data=str(data), out=str(run), preset="micro", model_overrides=STUDENT,
+        train_data, distill, teacher_speed = data, None, cache_meta["teacher_tokens_per_s"]
+        if variant == "seqkd":
+            train_data = out / f"teacher-text-{cache_meta['tokens']}"
+            if not (train_data / "meta.json").exists():
+                write_teacher_text(TEACHER, data, train_data, prompt_tokens=args.prompt_tokens, seq_len=args.seq_len,
+                                   max_tokens=cache_meta["tokens"], batch_size=16)
+            teacher_speed = json.loads((train_data / "meta.json").read_text())["teacher_text"]["teacher_tokens_per_s"]
+        else:
+            loss = "fkl" if variant == "scratch" else variant.split("-", 1)[1]
+            distill = {"cache": str(cache), "loss": loss, "alpha": 0.0 if variant == "scratch" else args.alpha}
+        cfg = TrainConfig(data=str(train_data), out=str(run), preset="micro", model_overrides=STUDENT,
                           seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=20,
                           max_tokens=int(args.epochs * cache_meta["tokens"]), eval_every=args.eval_every,
-                          eval_tokens=args.eval_tokens, save_every=0, precision="fp32", seed=0,
-                          distill={"cache": str(cache), "loss": loss, "alpha": alpha})
+                          eval_tokens=args.eval_tokens, save_every=0, precision="fp32", seed=0, distill=distill)
         t0 = time.perf_counter()
         summary = train(cfg, resume=(run / "checkpoint").exists())
         curve = [(r["tokens"], r["val_loss"]) for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
-        rec = {"variant": variant, "loss": loss, "alpha": alpha, "parameters": summary["parameters"],
+        rec = {"variant": variant, "distill": distill, "parameters": summary["parameters"],
                "train_tokens": summary["tokens"], "final_val_loss": summary["val_loss"],
                "final_val_bpb": summary["val_bpb"], "student_tokens_per_s": round(summary["tokens_per_s"], 1),
                "seconds": round(time.perf_counter() - t0, 1), "curve": curve,
-               "teacher": TEACHER, "teacher_tokens_per_s": cache_meta["teacher_tokens_per_s"],
+               "teacher": TEACHER, "teacher_tokens_per_s": teacher_speed,
                "cache_tokens": cache_meta["tokens"], "top_k": cache_meta["top_k"],
                "cache_bytes_per_token": cache_meta["bytes_per_token"]}
         with open(log_path, "a") as f:
@@ -106,10 +117,12 @@ def main():
         print(f"\nteacher {TEACHER}: {cache_meta['teacher_tokens_per_s']:,.0f} tokens/s building the cache "
               f"({cache_meta['tokens']:,} positions, top-{cache_meta['top_k']}, "
               f"{cache_meta['bytes_per_token']} bytes/token)")
-        print(f"{'variant':10} {'val loss':>9} {'bits/byte':>9} {'tok/s':>7}  tokens to reach scratch's final loss")
+        print(f"{'variant':10} {'val loss':>9} {'bits/byte':>9} {'tok/s':>7} {'teacher tok/s':>13}  tokens to reach "
+              "scratch's final loss")
         for name, r in done.items():
             reach = tokens_to_reach(r["curve"] + [(r["train_tokens"], r["final_val_loss"])], target)
             print(f"{name:10} {r['final_val_loss']:9.4f} {r['final_val_bpb']:9.4f} {r['student_tokens_per_s']:7.0f}"
+                  f" {r['teacher_tokens_per_s'] if r['distill'] is None or r['distill']['alpha'] else '-':>13}"
                   f"  {reach if reach is not None else 'not reached':>}"
                   + (f" ({reach / r['train_tokens']:.0%} of the budget)" if reach else ""))
 

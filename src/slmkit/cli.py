@@ -286,6 +286,47 @@ def teacher_text(
         _fail(e)
 
 
+@app.command()
+def synth(
+    recipe: Annotated[str, typer.Argument(help="textbook | explain | program | instruct")],
+    teacher: Annotated[str, typer.Option(help=MODEL_HELP)],
+    seeds: Annotated[Path, typer.Option(help=".txt (one topic/question/instruction per line) or .jsonl records "
+                                             "(program: an \"answer\" field is checked)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="directory for records.jsonl, rejected.jsonl, "
+                                                          "report.json")],
+    seed_field: Annotated[str, typer.Option(help="text field of .jsonl seeds")] = "text",
+    samples_per_seed: int = 1,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+    strategies: Annotated[str, typer.Option(help="explain: comma list of step-by-step, direct, "
+                                                 "explain-then-answer")] = "step-by-step,direct,explain-then-answer",
+    decontaminate: Annotated[str, typer.Option(help="comma list of eval sets to remove overlaps with: built-in "
+                                                    "tasks (gsm8k, humaneval, mmlu), JSONL or task YAML")] = "",
+    ngram: Annotated[int, typer.Option(help="decontamination: words per shared n-gram")] = 13,
+    min_chars: int = 20,
+    max_chars: int = 20000,
+    max_repetition: Annotated[float, typer.Option(help="drop texts with more than this share in repeated lines or "
+                                                       "word 3-grams")] = 0.5,
+    min_ascii_letters: Annotated[float, typer.Option(help="language filter: minimum share of ASCII letters "
+                                                          "(0 = off, 0.9 ~ English)")] = 0.0,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    seed: int = 0,
+):
+    """Synthetic data from a teacher, filtered, deduplicated and decontaminated. Interrupted? Run it again."""
+    from slmkit.distill.synth import SynthConfig, synthesize
+    try:
+        cfg = SynthConfig(recipe=recipe, teacher=teacher, seeds=str(seeds), out=str(out), seed_field=seed_field,
+                          samples_per_seed=samples_per_seed, temperature=temperature, top_p=top_p,
+                          max_new_tokens=max_new_tokens, strategies=_globs(strategies),
+                          decontaminate=_globs(decontaminate), ngram=ngram, min_chars=min_chars,
+                          max_chars=max_chars, max_repetition=max_repetition, min_ascii_letters=min_ascii_letters,
+                          backend=backend, seed=seed)
+        synthesize(cfg, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+
+
 def _globs(text: str | None) -> list[str]:
     return [g.strip() for g in (text or "").split(",") if g.strip()]
 

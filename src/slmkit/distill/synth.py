@@ -1,0 +1,337 @@
+"""Synthetic data from a teacher: `slm synth RECIPE --teacher T --seeds FILE -o DIR`.
+
+Recipes (one seed per line of a .txt file, or one JSONL record per line):
+- textbook (phi-1.5, Gunasekar et al. / Li et al. 2023): topic -> a textbook-style lesson with exercises and
+  solutions; record {"text", "topic"}.
+- explain (Orca 2, Mitra et al. 2023): question x strategy system prompt ("think step by step", "answer
+  directly", ...) -> the answer; the record is a chat WITHOUT the strategy prompt (prompt erasure: the student
+  learns to pick the strategy itself); {"messages", "strategy"}.
+- program (TinyGSM, Liu et al. 2023): word problem -> a Python program that prints the answer, run in the
+  sandbox (eval/sandbox.py); kept only if it runs and prints a final line; when the seed has an "answer", only if
+  that line matches it; {"question", "program", "answer", "checked"}.
+- instruct: instruction -> response, for supervised fine-tuning; {"messages"}.
+
+Every record passes quality filters (length, repetition, language: the share of ASCII letters), exact +
+MinHash near-duplicate removal (data/dedup.py), and decontamination: any record sharing a word n-gram (13 by
+default, as in GPT-3's decontamination) with an evaluation set (`--decontaminate gsm8k,humaneval,FILE.jsonl`) is
+dropped and listed in report.json with the n-gram and the evaluation item it matched.
+
+Output: records.jsonl (kept), rejected.jsonl (with the reason), report.json (counts, teacher tokens/s,
+decontamination hits). Progress is saved after every seed: run the same command again to continue.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from slmkit.files import atomic_write_json
+
+RECIPES = ("textbook", "explain", "program", "instruct")
+STRATEGIES = {
+    "step-by-step": "Think step by step: work through the problem one step at a time, then state the answer.",
+    "direct": "Answer directly and concisely, without explanation.",
+    "explain-then-answer": "First explain the key idea in one or two sentences, then give the answer.",
+}
+PROMPTS = {
+    "textbook": "Write a short textbook section that teaches {seed} to a student. Explain the idea clearly with a "
+                "worked example, then give two exercises with their solutions.",
+    "explain": "{seed}",
+    "program": "Write a Python program that solves this problem and prints only the final numeric answer.\n\n"
+               "Problem: {seed}\n\nReply with one ```python code block.",
+    "instruct": "{seed}",
+}
+WORD = re.compile(r"\w+")
+
+
+@dataclass
+class SynthConfig:
+    recipe: str
+    teacher: str
+    seeds: str  # .txt (one seed per line) or .jsonl (field `seed_field`, plus "answer" for program)
+    out: str
+    seed_field: str = "text"
+    samples_per_seed: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))  # explain
+    min_chars: int = 20
+    max_chars: int = 20000
+    max_repetition: float = 0.5  # drop texts with more than this share in repeated lines / word 3-grams
+    min_ascii_letters: float = 0.0  # language filter: share of letters that are ASCII (0.9 ~ English only)
+    near_dup_threshold: float = 0.8
+    decontaminate: list[str] = field(default_factory=list)  # eval task names / JSONL / task YAML files
+    ngram: int = 13
+    timeout_s: float = 10.0  # program: sandbox limit per program
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+
+
+def read_seeds(path: str | Path, field_name: str = "text") -> list[dict]:
+    """Seeds as {"seed": text, ...the record's other fields}; a bad line is reported as file:line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: seeds file not found")
+    seeds = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            seeds.append({"seed": line.strip()})
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(field_name), str):
+            raise ValueError(f"{path}:{n}: missing text field {field_name!r} (set --seed-field)")
+        seeds.append({**rec, "seed": rec[field_name]})
+    if not seeds:
+        raise ValueError(f"{path}: no seeds")
+    return seeds
+
+
+# ---- quality filters -----------------------------------------------------------------------------------
+
+def repetition(text: str) -> float:
+    """Share of the text inside repeats (Gopher's heuristics, Rae et al. 2021): the larger of the share of lines
+    that repeat an earlier line and the share of words covered by a word 3-gram that occurs more than once.
+    A degenerate loop scores near 1; ordinary prose near 0."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    words = WORD.findall(text.lower())
+    worst = 0.0
+    if len(lines) >= 4:
+        worst = 1 - len(set(lines)) / len(lines)
+    if len(words) >= 12:
+        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        counts: dict[tuple, int] = {}
+        for g in grams:
+            counts[g] = counts.get(g, 0) + 1
+        covered = set()
+        for i, g in enumerate(grams):
+            if counts[g] > 1:
+                covered.update((i, i + 1, i + 2))
+        worst = max(worst, len(covered) / len(words))
+    return worst
+
+
+def ascii_letter_share(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isascii() for c in letters) / len(letters) if letters else 0.0
+
+
+def quality_problem(text: str, cfg: SynthConfig) -> str | None:
+    if len(text.strip()) < cfg.min_chars:
+        return "too_short"
+    if len(text) > cfg.max_chars:
+        return "too_long"
+    if repetition(text) > cfg.max_repetition:
+        return "repetitive"
+    if cfg.min_ascii_letters and ascii_letter_share(text) < cfg.min_ascii_letters:
+        return "language"
+    return None
+
+
+# ---- decontamination -----------------------------------------------------------------------------------
+
+class Decontaminator:
+    """Word n-grams of evaluation items; a text sharing any of them is contaminated."""
+
+    def __init__(self, specs: list[str], n: int = 13):
+        from slmkit.eval.tasks import load_task
+        self.n = n
+        self.index: dict[tuple, str] = {}
+        self.sources = []
+        for spec in specs:
+            task = load_task(spec)
+            for i, item in enumerate(task.items):
+                text = " ".join(str(v) for v in item.values() if isinstance(v, (str, list)))
+                for g in self.ngrams(text):
+                    self.index.setdefault(g, f"{task.name}:{item.get('id', i)}")
+            self.sources.append({"task": task.name, "items": len(task.items)})
+
+    def ngrams(self, text: str) -> set[tuple]:
+        words = WORD.findall(text.lower())
+        return {tuple(words[i:i + self.n]) for i in range(len(words) - self.n + 1)}
+
+    def match(self, text: str) -> dict | None:
+        for g in self.ngrams(text):
+            if g in self.index:
+                return {"ngram": " ".join(g), "eval_item": self.index[g]}
+        return None
+
+
+# ---- the recipes ---------------------------------------------------------------------------------------
+
+def extract_code(text: str) -> str:
+    """The first ```python block of a reply (or the whole reply when it has no fence)."""
+    m = re.search(r"```(?:python|py)?\s*\n(.*?)(```|$)", text, flags=re.S)
+    return (m.group(1) if m else text).strip()
+
+
+def _same_answer(a: str, b: str) -> bool:
+    def norm(s):
+        s = s.strip().replace(",", "").rstrip(".")
+        try:
+            return float(s)
+        except ValueError:
+            return s.lower()
+    return norm(a) == norm(b)
+
+
+def _ask(lm, prompt: str, cfg: SynthConfig, seed: int, system: str | None = None) -> tuple[str, int]:
+    """(reply, tokens it took): through the chat template when the teacher is a chat model."""
+    from slmkit.generate import SamplingParams
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            seed=seed)
+    tok = lm.tokenizer
+    if lm.instruction_tuned and tok is not None and tok.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        text = (system + "\n\n" if system else "") + prompt + "\n"
+    reply = lm.generate([text], params)[0]
+    return reply, len(tok.encode(reply)) if tok is not None else len(reply) // 4
+
+
+def make_records(lm, seed: dict, cfg: SynthConfig, draw: int) -> tuple[list[dict], int]:
+    """(candidate records, teacher tokens) for one seed: each still has to pass the filters."""
+    records, tokens = [], 0
+    prompt = PROMPTS[cfg.recipe].format(seed=seed["seed"])
+    if cfg.recipe == "explain":
+        for k, name in enumerate(cfg.strategies):
+            reply, n = _ask(lm, prompt, cfg, draw * 101 + k, system=STRATEGIES[name])
+            tokens += n
+            records.append({"messages": [{"role": "user", "content": seed["seed"]},
+                                         {"role": "assistant", "content": reply.strip()}], "strategy": name,
+                            "_text": reply})
+        return records, tokens
+    reply, tokens = _ask(lm, prompt, cfg, draw)
+    if cfg.recipe == "textbook":
+        return [{"text": reply.strip(), "topic": seed["seed"], "_text": reply}], tokens
+    if cfg.recipe == "instruct":
+        return [{"messages": [{"role": "user", "content": seed["seed"]},
+                              {"role": "assistant", "content": reply.strip()}], "_text": reply}], tokens
+    program = extract_code(reply)
+    rec = {"question": seed["seed"], "program": program, "_text": program}
+    from slmkit.eval.sandbox import run_python
+    result = run_python(program, timeout_s=cfg.timeout_s)
+    lines = [line for line in result.stdout.strip().splitlines() if line.strip()]
+    if not result.passed:
+        rec["_reject"] = f"program_{result.status}"
+    elif not lines:
+        rec["_reject"] = "program_no_output"
+    else:
+        rec["answer"] = lines[-1].strip()
+        rec["checked"] = "answer" in seed
+        if "answer" in seed and not _same_answer(rec["answer"], str(seed["answer"])):
+            rec["_reject"] = "program_wrong_answer"
+            rec["expected"] = str(seed["answer"])
+    return [rec], tokens
+
+
+def synthesize(cfg: SynthConfig, lm=None, progress: bool = True, log=print) -> dict:
+    """Run a recipe over every seed (resuming an interrupted run in cfg.out); returns report.json's content."""
+    from slmkit.data.dedup import Deduplicator
+    out = Path(cfg.out)
+    seeds = read_seeds(cfg.seeds, cfg.seed_field)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    decon = Decontaminator(cfg.decontaminate, cfg.ngram) if cfg.decontaminate else None
+    if lm is None:
+        from slmkit.train.distill import open_teacher_lm
+        lm = open_teacher_lm(cfg.teacher, cfg.backend)
+    state = {"seeds_done": 0, "teacher_tokens": 0, "teacher_seconds": 0.0, "kept": 0, "rejected": {},
+             "contaminated": []}
+    dedup = Deduplicator(cfg.near_dup_threshold)
+    if (out / "progress.json").exists():
+        prev = json.loads((out / "progress.json").read_text())
+        if prev["settings"] != settings:
+            raise ValueError(f"{out} holds an unfinished run with other settings; use another -o")
+        state = prev["state"]
+        kept = _read_lines(out / "records.jsonl", state["kept"])
+        _truncate_lines(out / "records.jsonl", state["kept"])
+        _truncate_lines(out / "rejected.jsonl", sum(state["rejected"].values()))
+        dedup.check([r.get("text") or r.get("program") or json.dumps(r.get("messages")) for r in kept])
+        log(f"resuming at seed {state['seeds_done']:,} of {len(seeds):,} ({state['kept']:,} records kept)")
+    elif (out / "report.json").exists():
+        raise FileExistsError(f"{out} already holds a finished run; choose another -o")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("records.jsonl", "rejected.jsonl"):
+            (out / name).write_text("")
+    bar = tqdm(total=len(seeds), initial=state["seeds_done"], unit="seed", disable=not progress, desc=cfg.recipe)
+    try:
+        for index in range(state["seeds_done"], len(seeds)):
+            for sample in range(cfg.samples_per_seed):
+                t0 = time.perf_counter()
+                candidates, tokens = make_records(lm, seeds[index], cfg, cfg.seed * 1_000_003 + index * 97 + sample)
+                state["teacher_seconds"] += time.perf_counter() - t0
+                state["teacher_tokens"] += tokens
+                for rec in candidates:
+                    _judge(rec, cfg, dedup, decon, state, out)
+            state["seeds_done"] = index + 1
+            atomic_write_json(out / "progress.json", {"settings": settings, "state": state})
+            bar.update(1)
+            speed = state["teacher_tokens"] / max(state["teacher_seconds"], 1e-9)
+            bar.set_postfix_str(f"kept {state['kept']:,}, {speed:,.0f} teacher tok/s")
+    finally:
+        bar.close()
+    report = {"recipe": cfg.recipe, "teacher": cfg.teacher, "seeds": len(seeds), "kept": state["kept"],
+              "rejected": state["rejected"], "teacher_tokens": state["teacher_tokens"],
+              "teacher_tokens_per_s": round(state["teacher_tokens"] / max(state["teacher_seconds"], 1e-9), 1),
+              "decontamination": {"ngram": cfg.ngram, "sources": decon.sources if decon else [],
+                                  "removed": state["contaminated"]}, "settings": settings}
+    atomic_write_json(out / "report.json", report)
+    (out / "progress.json").unlink(missing_ok=True)
+    log(f"{cfg.recipe}: {state['kept']:,} records kept from {len(seeds):,} seeds; rejected {state['rejected']}; "
+        f"{len(state['contaminated'])} contaminated -> {out}/records.jsonl")
+    return report
+
+
+def _judge(rec: dict, cfg: SynthConfig, dedup, decon, state: dict, out: Path) -> None:
+    text = rec.pop("_text")
+    reason = rec.pop("_reject", None) or quality_problem(text, cfg)
+    if reason is None:
+        key = rec.get("text") or rec.get("program") or json.dumps(rec.get("messages"))
+        reason = {"exact": "exact_duplicate", "near": "near_duplicate"}.get(dedup.check([key])[0])
+    if reason is None and decon is not None:
+        hit = decon.match(text + " " + json.dumps(rec.get("question", "")))
+        if hit:
+            reason = "contaminated"
+            state["contaminated"].append({**hit, "record": text[:200]})
+    if reason is None:
+        state["kept"] += 1
+        _append(out / "records.jsonl", rec)
+    else:
+        state["rejected"][reason] = state["rejected"].get(reason, 0) + 1
+        _append(out / "rejected.jsonl", {**rec, "reason": reason})
+
+
+def _append(path: Path, rec: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _read_lines(path: Path, n: int) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()[:n] if path.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Keep the first n lines: a crash between a record and its progress entry must not duplicate it."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()[:n]
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
