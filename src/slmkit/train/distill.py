@@ -116,13 +116,32 @@ def kd_loss(student_logits: torch.Tensor, targets: TeacherTargets, mask: torch.T
     """Mean divergence over positions where `mask` (B, T) is true, scaled by T^2 (Hinton) so gradients keep their
     size across temperatures."""
     s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    if targets.ids is None:
-        n = min(s_logp.shape[-1], targets.logp.shape[-1])  # a padded vocabulary's extra rows are never used
-        t, s = targets.logp[..., :n], torch.log_softmax(student_logits[..., :n].float() / temperature, dim=-1)
-    else:
-        t, s = with_rest(targets.logp.float()), with_rest(s_logp.gather(-1, targets.ids))
-    d = divergence(t, s, kind, beta)
-    return (d * mask).sum() / mask.sum().clamp(min=1) * temperature ** 2
+    return kd_loss_from_logp(s_logp, targets, mask, kind, beta, temperature)
+
+
+def kd_loss_from_logp(s_logp: torch.Tensor, targets: TeacherTargets, mask: torch.Tensor, kind: str, beta: float,
+                      temperature: float) -> torch.Tensor:
+    """`kd_loss` from the student's log-probs at the temperature (the training step computes them once for both
+    the divergence and the cross-entropy: over a 49k vocabulary the softmax is a large share of a small model's
+    step)."""
+    if targets.ids is not None:
+        return topk_kd(targets.logp, s_logp.gather(-1, targets.ids), mask, kind, beta, temperature)
+    n = min(s_logp.shape[-1], targets.logp.shape[-1])  # a padded vocabulary's extra rows are never used
+    t, s = targets.logp[..., :n], s_logp[..., :n]
+    if n < s_logp.shape[-1]:
+        s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    return _masked_mean(divergence(t, s, kind, beta), mask) * temperature ** 2
+
+
+def topk_kd(t_top: torch.Tensor, s_top: torch.Tensor, mask: torch.Tensor, kind: str, beta: float,
+            temperature: float) -> torch.Tensor:
+    """The divergence over the teacher's top-k + the rest, from both models' log-probs at those k tokens."""
+    d = divergence(with_rest(t_top.float()), with_rest(s_top), kind, beta)
+    return _masked_mean(d, mask) * temperature ** 2
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------------
@@ -376,12 +395,21 @@ class Distiller:
                                        cfg.temperature)
         targets = TeacherTargets(logp=targets.logp.to(self.device),
                                  ids=targets.ids.to(self.device) if targets.ids is not None else None)
-        logits = step_fn(x)
+        logits = step_fn(x).float()
         mask = (y != -100).float()
-        kd = kd_loss(logits, targets, mask, cfg.loss, cfg.beta, cfg.temperature)
+        s_logp = torch.log_softmax(logits / cfg.temperature if cfg.temperature != 1.0 else logits, dim=-1)
+        if targets.ids is not None and cfg.temperature == 1.0:
+            # One gather for the teacher's top-k and the real next token: the backward pass then scatters into the
+            # 49k-wide vocabulary once, not twice (that second pass cost a 17M student ~20% of its step).
+            picked = s_logp.gather(-1, torch.cat([targets.ids, y.clamp(min=0).unsqueeze(-1)], dim=-1))
+            kd = topk_kd(targets.logp, picked[..., :-1], mask, cfg.loss, cfg.beta, cfg.temperature)
+            ce = -_masked_mean(picked[..., -1], mask)
+        else:
+            kd = kd_loss_from_logp(s_logp, targets, mask, cfg.loss, cfg.beta, cfg.temperature)
+            logp = s_logp if cfg.temperature == 1.0 else torch.log_softmax(logits, dim=-1)
+            ce = F.nll_loss(logp.reshape(-1, logp.shape[-1]), y.reshape(-1), ignore_index=-100)
         if on_policy:
             return kd, {"kd": kd.detach(), "ce": None}
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
         return cfg.alpha * kd + (1 - cfg.alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
 
