@@ -98,10 +98,9 @@ def test_filters_and_duplicates_are_rejected_with_reasons(tmp_path):
 def test_explain_erases_the_strategy_prompt_and_records_which_one(tmp_path):
     seeds = _seeds(tmp_path, [{"text": "Why is the sky blue?"}])
     teacher = ScriptedTeacher({"sky": "Because air scatters short (blue) wavelengths of sunlight the most."})
-    teacher_replies = []
     cfg = S.SynthConfig(recipe="explain", teacher="scripted", seeds=seeds, out=str(tmp_path / "out"),
                         strategies=["step-by-step", "direct"], near_dup_threshold=1.0)
-    S.synthesize(cfg, lm=teacher, progress=False, log=teacher_replies.append)
+    S.synthesize(cfg, lm=teacher, progress=False, log=lambda m: None)
     assert S.STRATEGIES["step-by-step"] in teacher.calls[0] and S.STRATEGIES["direct"] in teacher.calls[1]
     records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from slmkit.files import atomic_dir
+from slmkit.files import atomic_dir, iter_jsonl
 
 
 @dataclass
@@ -195,16 +195,9 @@ def expected_calibration_error(probs: np.ndarray, golds: np.ndarray, bins: int =
 def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list, list]:
     """(texts, labels) of a JSONL file; a bad line is reported as file:line."""
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{n}: needs a string field {text_field!r}")
-            texts.append(record[text_field])
-            labels.append(str(record[label_field]) if label_field in record else None)
+    for n, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"{path}:{n}: needs a string field {text_field!r}")
+        texts.append(record[text_field])
+        labels.append(str(record[label_field]) if label_field in record else None)
     return texts, labels

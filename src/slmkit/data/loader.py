@@ -80,3 +80,12 @@ class TokenDataset:
             buf = np.stack([self.val[r * seq_len:r * seq_len + seq_len + 1] for r in rows]).astype(np.int64)
             t = torch.from_numpy(buf)
             yield t[:, :-1], t[:, 1:]
+
+
+def dataset_tokenizer(data_dir: str | Path):
+    """The tokenizer a token dataset was made with (its tokenizer/ folder), or None when it has none."""
+    tok_dir = Path(data_dir) / "tokenizer"
+    if not tok_dir.exists():
+        return None
+    from slmkit.tokenizer import load_tokenizer
+    return load_tokenizer(tok_dir)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from slmkit.files import atomic_write_json
+from slmkit.files import atomic_write_json, iter_jsonl
 
 RECIPES = ("textbook", "explain", "program", "instruct")
 STRATEGIES = {
@@ -85,20 +85,14 @@ def read_seeds(path: str | Path, field_name: str = "text") -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: seeds file not found")
-    seeds = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            seeds.append({"seed": line.strip()})
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get(field_name), str):
-            raise ValueError(f"{path}:{n}: missing text field {field_name!r} (set --seed-field)")
-        seeds.append({**rec, "seed": rec[field_name]})
+    if path.suffix != ".jsonl":
+        seeds = [{"seed": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        seeds = []
+        for n, rec in iter_jsonl(path):
+            if not isinstance(rec, dict) or not isinstance(rec.get(field_name), str):
+                raise ValueError(f"{path}:{n}: missing text field {field_name!r} (set --seed-field)")
+            seeds.append({**rec, "seed": rec[field_name]})
     if not seeds:
         raise ValueError(f"{path}: no seeds")
     return seeds

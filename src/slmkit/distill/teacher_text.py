@@ -33,16 +33,16 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
     """Write token dataset `out`: for each of the first windows of `data` (up to `max_tokens`), `prompt_tokens`
     real tokens + the teacher's continuation to `seq_len` + 1 tokens. Interrupted runs continue (progress.json);
     meta.json appears when the dataset is complete."""
-    from slmkit.data.loader import TokenDataset
+    from slmkit.data.loader import TokenDataset, dataset_tokenizer
     from slmkit.lm.torch_lm import TorchLM
-    from slmkit.train.distill import TokenizerMismatch, _dataset_tokenizer, check_same_tokenizer, open_teacher_lm
+    from slmkit.train.distill import TokenizerMismatch, check_same_tokenizer, open_teacher_lm
     data, out = Path(data), Path(out)
     if (out / "meta.json").exists():
         raise FileExistsError(f"{out} already holds a complete dataset; choose another -o")
     if not 0 < prompt_tokens < seq_len:
         raise ValueError(f"prompt_tokens must be between 1 and seq_len - 1 ({seq_len - 1}), got {prompt_tokens}")
     source = TokenDataset(data)
-    student_tok = _dataset_tokenizer(data)
+    student_tok = dataset_tokenizer(data)
     if student_tok is None:
         raise FileNotFoundError(f"{data}/tokenizer: the dataset's tokenizer is needed to write the prompts as text")
     lm = open_teacher_lm(teacher, backend)

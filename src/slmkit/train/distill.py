@@ -223,12 +223,12 @@ def build_topk_cache(teacher: str, data: str | Path, out: str | Path, *, seq_len
     that seq_len; `max_tokens` covers the first windows only (training then uses just those). Interrupted builds
     continue where they stopped (progress.json); meta.json appears only when the cache is complete.
     """
-    from slmkit.data.loader import TokenDataset
+    from slmkit.data.loader import TokenDataset, dataset_tokenizer
     out, dataset = Path(out), TokenDataset(data)
     if (out / "meta.json").exists():
         raise FileExistsError(f"{out} already holds a complete cache; choose another -o")
     lm = open_teacher_lm(teacher, backend, device)
-    check_same_tokenizer(lm.tokenizer, _dataset_tokenizer(Path(data)), teacher)
+    check_same_tokenizer(lm.tokenizer, dataset_tokenizer(data), teacher)
     windows = dataset.num_train_windows(seq_len)
     if max_tokens:
         windows = min(windows, max(1, max_tokens // seq_len))
@@ -285,13 +285,6 @@ def build_topk_cache(teacher: str, data: str | Path, out: str | Path, *, seq_len
         f"{(ids_arr.nbytes + logp_arr.nbytes) / 2**20:.1f} MiB) in {seconds:.0f} s "
         f"({meta['teacher_tokens_per_s']:,.0f} teacher tokens/s) -> {out}")
     return meta
-
-
-def _dataset_tokenizer(data: Path):
-    if not (data / "tokenizer").exists():
-        return None
-    from slmkit.tokenizer import load_tokenizer
-    return load_tokenizer(data / "tokenizer")
 
 
 class CachedTeacher:
@@ -427,10 +420,11 @@ def student_from_teacher(teacher: str, out: str | Path, layer_step: int = 2) -> 
     model, tokenizer = load_any(ref.location)
     keep = list(range(0, model.cfg.n_layers, layer_step))
     student = Transformer(dataclasses.replace(model.cfg, n_layers=len(keep)))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
+    teacher_state = model.state_dict()
+    state = {k: v for k, v in teacher_state.items() if not k.startswith("layers.")}
     for new, old in enumerate(keep):
         prefix = f"layers.{old}."
-        state.update({f"layers.{new}." + k[len(prefix):]: v for k, v in model.state_dict().items()
+        state.update({f"layers.{new}." + k[len(prefix):]: v for k, v in teacher_state.items()
                       if k.startswith(prefix)})
     student.load_state_dict(state)
     provenance = {"student_from_teacher": {"teacher": str(teacher), "layers_kept": keep,

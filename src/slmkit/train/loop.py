@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from slmkit.checkpoint import DTYPES, load_model_dir, save_model_dir
 from slmkit.config import ModelConfig, model_config
-from slmkit.data.loader import TokenDataset
+from slmkit.data.loader import TokenDataset, dataset_tokenizer
 from slmkit.files import atomic_dir, atomic_write_json, atomic_write_text
 from slmkit.model import Transformer
 from slmkit.perf import autocast, matmul_peak_flops, pick_device, resolve_precision
@@ -233,15 +233,7 @@ def open_training_data(cfg: TrainConfig):
         from slmkit.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(cfg.init_from)
         return SFTDataset(path, tokenizer, seed=cfg.seed), tokenizer
-    return TokenDataset(path), _load_tokenizer(path)
-
-
-def _load_tokenizer(data_dir: Path):
-    tok_dir = data_dir / "tokenizer"
-    if not tok_dir.exists():
-        return None
-    from slmkit.tokenizer import load_tokenizer
-    return load_tokenizer(tok_dir)
+    return TokenDataset(path), dataset_tokenizer(path)
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
