@@ -26,7 +26,11 @@ class ScriptedTeacher(LM):
         self.calls.append(prompts[0])
         if self.fail_on_call == len(self.calls):
             raise KeyboardInterrupt
-        return [next(v for k, v in self.replies.items() if k in prompts[0])]
+        # the key mentioned last: the real seed comes after any worked example in the prompt
+        reply = self.replies[max((k for k in self.replies if k in prompts[0]), key=prompts[0].rfind)]
+        for stop in params.stop if params else []:
+            reply = reply.split(stop)[0]
+        return [reply]
 
 
 def _seeds(tmp_path, records):
@@ -43,20 +47,27 @@ def test_program_recipe_keeps_only_programs_that_run_and_give_the_checked_answer
         {"text": "figs: forever"},
         {"text": "kiwis: silent"},
         {"text": "dates: unchecked"},
+        {"text": "chairs: 8 rows of 12", "answer": "96"},
     ])
+    # replies continue the ```python block the prompt opens, up to the closing fence (a stop string)
     teacher = ScriptedTeacher({
-        "apples": "Here you go:\n```python\nbags = 3\nprint(bags * 4)\n```",
-        "pears": "```python\nprint(2 + 2)\n```",
-        "plums": "```python\nraise ValueError('no')\n```",
-        "figs": "```python\nwhile True:\n    pass\n```",
-        "kiwis": "```python\nx = 1\n```",
-        "dates": "```python\nboxes = 7\nprint(boxes * 6)\n```",
+        "apples": "bags = 3\nprint(bags * 4)\n```\nThat prints 12.",
+        "pears": "print(2 + 2)\n```",
+        "plums": "raise ValueError('no')\n```",
+        "figs": "while True:\n    pass\n```",
+        "kiwis": "x = 1\n```",
+        "dates": "boxes = 7\nprint(boxes * 6)\n```",
+        "chairs": "rows = 8\nprint(f'There are {rows * 12} chairs.')\n```",
     })
     cfg = S.SynthConfig(recipe="program", teacher="scripted", seeds=seeds, out=str(tmp_path / "out"), timeout_s=2)
     report = S.synthesize(cfg, lm=teacher, progress=False, log=lambda m: None)
     kept = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
-    assert [(r["answer"], r["checked"]) for r in kept] == [("12", True), ("42", False)]
+    assert [(r["answer"], r["checked"]) for r in kept] == [("12", True), ("42", False), ("96", True)]
     assert kept[0]["program"] == "bags = 3\nprint(bags * 4)"
+    # one worked example first, then the problem, and the reply starts inside the code block
+    prompt = teacher.calls[0]
+    assert prompt.index(S.PROGRAM_EXAMPLE[0]) < prompt.index("apples: 3 bags of 4")
+    assert prompt.endswith(S.CODE_FENCE)
     assert report["rejected"] == {"program_wrong_answer": 1, "program_failed": 1, "program_timeout": 1,
                                   "program_no_output": 1}
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]

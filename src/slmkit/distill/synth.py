@@ -8,7 +8,9 @@ Recipes (one seed per line of a .txt file, or one JSONL record per line):
   learns to pick the strategy itself); {"messages", "strategy"}.
 - program (TinyGSM, Liu et al. 2023): word problem -> a Python program that prints the answer, run in the
   sandbox (eval/sandbox.py); kept only if it runs and prints a final line; when the seed has an "answer", only if
-  that line matches it; {"question", "program", "answer", "checked"}.
+  that line (or the last number in it) matches it; {"question", "program", "answer", "checked"}. The teacher is
+  shown one worked problem and its reply starts inside a ```python block, stopping at the closing fence: a small
+  teacher asked for code often answers in prose instead (SmolLM2-135M: 0 of 64 programs usable without this).
 - instruct: instruction -> response, for supervised fine-tuning; {"messages"}.
 
 Every record passes quality filters (length, repetition, language: the share of ASCII letters), exact +
@@ -46,7 +48,12 @@ PROMPTS = {
                "Problem: {seed}\n\nReply with one ```python code block.",
     "instruct": "{seed}",
 }
+# The program recipe's one worked example (a turn before the real problem) and where its reply starts.
+PROGRAM_EXAMPLE = ("Anna has 7 apples. She buys 5 more and eats 2. How many apples does she have now?",
+                   "apples = 7\nbought = 5\neaten = 2\nresult = apples + bought - eaten\nprint(result)\n")
+CODE_FENCE = "```python\n"
 WORD = re.compile(r"\w+")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass
@@ -186,19 +193,43 @@ def _same_answer(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def _ask(lm, prompt: str, cfg: SynthConfig, seed: int, system: str | None = None) -> tuple[str, int]:
-    """(reply, tokens it took): through the chat template when the teacher is a chat model."""
+def _ask(lm, prompt: str, cfg: SynthConfig, seed: int, system: str | None = None,
+         example: tuple[str, str] | None = None, reply_prefix: str = "", stop: list[str] | None = None
+         ) -> tuple[str, int]:
+    """(reply, tokens it took): through the chat template when the teacher is a chat model. `example` is one
+    (prompt, reply) turn shown first; the teacher's reply starts after `reply_prefix` (returned without it)."""
     from slmkit.generate import SamplingParams
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=seed)
+                            seed=seed, stop=list(stop or []))
     tok = lm.tokenizer
+    turns = [example, (prompt, None)] if example else [(prompt, None)]
     if lm.instruction_tuned and tok is not None and tok.chat_template:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": system}] if system else []
+        for user, assistant in turns:
+            messages.append({"role": "user", "content": user})
+            if assistant is not None:
+                messages.append({"role": "assistant", "content": reply_prefix + assistant + _closing(stop)})
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
     else:
-        text = (system + "\n\n" if system else "") + prompt + "\n"
-    reply = lm.generate([text], params)[0]
+        text = (system + "\n\n" if system else "") + "".join(
+            user + "\n" + (reply_prefix + assistant + _closing(stop) + "\n\n" if assistant is not None else "")
+            for user, assistant in turns)
+    reply = lm.generate([text + reply_prefix], params)[0]
     return reply, len(tok.encode(reply)) if tok is not None else len(reply) // 4
+
+
+def _closing(stop: list[str] | None) -> str:
+    return stop[0] if stop else ""
+
+
+def final_answer(line: str) -> str:
+    """A printed line's answer: the line itself when it is a number, else the last number in it
+    ("There are 96 chairs." -> "96"), else the line."""
+    line = line.strip()
+    if NUMBER.fullmatch(line.rstrip(".")):
+        return line
+    numbers = NUMBER.findall(line)
+    return numbers[-1].rstrip(".") if numbers else line
 
 
 def make_records(lm, seed: dict, cfg: SynthConfig, draw: int) -> tuple[list[dict], int]:
@@ -213,12 +244,21 @@ def make_records(lm, seed: dict, cfg: SynthConfig, draw: int) -> tuple[list[dict
                                          {"role": "assistant", "content": reply.strip()}], "strategy": name,
                             "_text": reply})
         return records, tokens
+    if cfg.recipe == "program":
+        example = (PROMPTS["program"].format(seed=PROGRAM_EXAMPLE[0]), PROGRAM_EXAMPLE[1])
+        reply, tokens = _ask(lm, prompt, cfg, draw, example=example, reply_prefix=CODE_FENCE, stop=["```"])
+        return [_checked_program(CODE_FENCE + reply, seed, cfg)], tokens
     reply, tokens = _ask(lm, prompt, cfg, draw)
     if cfg.recipe == "textbook":
         return [{"text": reply.strip(), "topic": seed["seed"], "_text": reply}], tokens
     if cfg.recipe == "instruct":
         return [{"messages": [{"role": "user", "content": seed["seed"]},
                               {"role": "assistant", "content": reply.strip()}], "_text": reply}], tokens
+    raise AssertionError(cfg.recipe)
+
+
+def _checked_program(reply: str, seed: dict, cfg: SynthConfig) -> dict:
+    """The reply's program, run in the sandbox: a record, with "_reject" set when it fails a check."""
     program = extract_code(reply)
     rec = {"question": seed["seed"], "program": program, "_text": program}
     from slmkit.eval.sandbox import run_python
@@ -229,12 +269,12 @@ def make_records(lm, seed: dict, cfg: SynthConfig, draw: int) -> tuple[list[dict
     elif not lines:
         rec["_reject"] = "program_no_output"
     else:
-        rec["answer"] = lines[-1].strip()
+        rec["answer"] = final_answer(lines[-1])
         rec["checked"] = "answer" in seed
         if "answer" in seed and not _same_answer(rec["answer"], str(seed["answer"])):
             rec["_reject"] = "program_wrong_answer"
             rec["expected"] = str(seed["answer"])
-    return [rec], tokens
+    return rec
 
 
 def synthesize(cfg: SynthConfig, lm=None, progress: bool = True, log=print) -> dict:
@@ -245,8 +285,12 @@ def synthesize(cfg: SynthConfig, lm=None, progress: bool = True, log=print) -> d
     settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
     decon = Decontaminator(cfg.decontaminate, cfg.ngram) if cfg.decontaminate else None
     if lm is None:
-        from slmkit.train.distill import open_teacher_lm
-        lm = open_teacher_lm(cfg.teacher, cfg.backend)
+        # the whole job is decoding: "auto" takes llama.cpp when installed (SmolLM2-135M on 2 cores: ~10 tokens/s
+        # batch-1 in torch fp32, several times that through llama.cpp's quantized GGUF)
+        from slmkit.lm import generation_backend, load_lm
+        backend, model_arg, options = generation_backend(cfg.teacher, cfg.backend, "cpu")
+        lm = load_lm(model_arg, backend=backend, **options)
+        log(f"teacher: {cfg.teacher} through {type(lm).__name__}")
     state = {"seeds_done": 0, "teacher_tokens": 0, "teacher_seconds": 0.0, "kept": 0, "rejected": {},
              "contaminated": []}
     dedup = Deduplicator(cfg.near_dup_threshold)

@@ -21,10 +21,17 @@ class TorchLM(LM):
         self.eos_id = model.cfg.eos_token_id
 
     @classmethod
-    def load(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TorchLM:
-        """From a model directory, a run directory or a GGUF file (dequantized to `dtype`)."""
+    def load(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             weights: str | None = None) -> TorchLM:
+        """From a model directory, a run directory or a GGUF file (dequantized to `dtype`).
+        weights="int8": projections and LM head quantized to int8 per channel (quantize.py), for decoding."""
         from slmkit.checkpoint import load_any
+        if weights not in (None, "int8"):
+            raise ValueError(f"unknown weights {weights!r}: the torch backend quantizes to 'int8' only")
         model, tokenizer = load_any(path, device=device, dtype=dtype)
+        if weights == "int8":
+            from slmkit.quantize import quantize_int8
+            quantize_int8(model)
         return cls(model, tokenizer, name=str(path))
 
     @torch.no_grad()

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmkit.generate import SamplingParams
+from slmkit.lm import generation_backend
 from slmkit.serve.engine import Engine, GenerationRequest, PromptTooLong, QueueFull, TokenEvent
 
 log = logging.getLogger("slmkit.serve")
@@ -758,41 +759,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     return app
 
 
-def serving_backend(model: str, backend: str, device: str) -> tuple[str, str, dict]:
-    """(backend, model argument, backend options) for `slm serve`.
-
-    "auto" on a CPU serves through llama.cpp when llama-cpp-python is installed (its batched decoding is the
-    fastest CPU path: see BENCHMARKS.md), on the model's GGUF, written once into the cache as f32 when a model
-    directory has none; otherwise, and on a GPU, through slmkit's own model. Embeddings need the torch backend.
-    """
-    import importlib.util
-
-    from slmkit.hub import resolve_model
-    ref = resolve_model(model)
-    # logits_all=False: the engine reads logits from its own batched context, so the LM's can stay small.
-    # llama.cpp keeps every core (measured on 2 cores: one thread served 137/258/334 tokens/s at 1/4/16 clients
-    # against 182/307/378 with two; torch is the other way round, see serve()).
-    llamacpp_options = {"logits_all": False}
-    if backend == "llamacpp":
-        return backend, model, llamacpp_options
-    if backend != "auto" or ref.kind == "remote":
-        return backend, model, {}
-    if device != "cpu" or importlib.util.find_spec("llama_cpp") is None:
-        return "torch", model, {}
-    try:
-        path = ref.gguf_file(create=True)
-    except ValueError as e:  # e.g. a tokenizer llama.cpp cannot reproduce exactly
-        log.warning("serving with the torch backend: no exact GGUF for llama.cpp (%s)", e)
-        return "torch", model, {}
-    return "llamacpp", str(path), llamacpp_options
-
-
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
           max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1_000_000,
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info",
-          adapter: str | Path | None = None) -> None:
+          adapter: str | Path | None = None, weights: str = "fp32") -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
-    `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it).
+    `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
+    int8 (torch backend; "auto" picks it when not fp32).
 
     The API key is `api_key`, else $SLM_API_KEY; without one the /v1 routes are open (a warning is logged
     when the address is not loopback).
@@ -811,9 +784,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
     if adapter is not None and backend == "auto":
         backend = "torch"  # the only backend that applies an adapter without merging it
-    backend, model_arg, options = serving_backend(model, backend, device)
-    log.info("serving %s with the %s backend%s", model, backend, f" and adapter {adapter}" if adapter else "")
-    lm = load_lm(model_arg, backend=backend, device=device, **options)
+    backend, model_arg, options = generation_backend(model, backend, device, weights)
+    log.info("serving %s with the %s backend (%s weights)%s", model, backend, weights,
+             f" and adapter {adapter}" if adapter else "")
+    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, **options)
     if adapter is not None:
         from slmkit.train.lora import apply_adapter
         try:

@@ -210,6 +210,9 @@ def apply_adapter(lm, adapter: str | Path):
     from slmkit.lm.torch_lm import TorchLM
     if not isinstance(lm, TorchLM):
         raise ValueError("--adapter runs on slmkit's torch backend; use --backend torch, or `slm merge` first")
+    from slmkit.quantize import Int8Linear
+    if any(isinstance(m, Int8Linear) for m in lm.model.modules()):
+        raise ValueError("--adapter needs float weights; `slm merge` the adapter first to serve it with int8 weights")
     adapter = find_adapter_dir(adapter)
     load_adapter(lm.model, adapter)
     lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
