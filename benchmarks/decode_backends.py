@@ -1,15 +1,18 @@
-"""Batch-1 decode speed of every LM backend on the same model: slmkit torch fp32/bf16, llama.cpp f32/q8_0,
-transformers.
+"""Batch-1 decode speed and time to first token of every LM backend on the same model: slmkit torch
+fp32/bf16/int8, llama.cpp f32/q8_0, transformers.
 
     python benchmarks/decode_backends.py                          # micro + stories15m, every backend
     python benchmarks/decode_backends.py --presets micro --new-tokens 64 --json out.json
+    python benchmarks/decode_backends.py --presets smollm2-135m-instruct   # a pulled model (`slm pull`)
 
 For each preset a randomly initialised model (the preset's exact shape; a real tokenizer padded to the preset's
-vocabulary) is written once as a slmkit model directory and exported to GGUF f32 and q8_0. Each backend then
-runs in a fresh subprocess with the same thread count, through the same `LM` code path (`LM._new_ids`, greedy,
-no eos stop): a warm-up generation, then `--repeats` timed generations of `--new-tokens` tokens after a 16-token
-prompt. Reported: the MEDIAN tokens/s, and the ratio to llama.cpp f32 measured in the same run (the anchor).
-Greedy decoding of a random model is as costly as of a trained one: every step does the same work.
+vocabulary) is written once as a slmkit model directory and exported to GGUF f32 and q8_0; a pulled model name
+uses its real weights instead. Each backend then runs in a fresh subprocess with the same thread count, through
+the same `LM` code path (`LM._new_ids`, greedy, no eos stop): a warm-up generation, then `--repeats` timed
+generations of `--new-tokens` tokens after a 16-token prompt, and `--repeats` times to the first token after a
+128-token prompt (prefill + one step). Reported: the MEDIANs, and the decode ratio to llama.cpp f32 measured in
+the same run (the anchor). Greedy decoding of a random model is as costly as of a trained one: every step does
+the same work.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 BACKENDS = [  # (label, backend, options)
     ("slmkit torch fp32", "torch", {"dtype": "float32"}),
     ("slmkit torch bf16", "torch", {"dtype": "bfloat16"}),
+    ("slmkit torch int8", "torch", {"dtype": "float32", "weights": "int8"}),
     ("llama.cpp f32", "llamacpp", {"gguf": "f32"}),
     ("llama.cpp q8_0", "llamacpp", {"gguf": "q8_0"}),
     ("transformers fp32", "hf", {"dtype": "float32"}),
@@ -48,11 +52,17 @@ def make_models(preset: str, root: Path) -> dict:
     import torch
 
     from slmkit.checkpoint import save_model_dir
-    from slmkit.config import model_config
+    from slmkit.config import PRESETS, model_config
     from slmkit.gguf_io import write_gguf
     from slmkit.model import Transformer
     from slmkit.tokenizer import train_tokenizer
-
+    if preset not in PRESETS:  # a pulled model: its own weights and tokenizer
+        from slmkit.hub import resolve_model
+        d = resolve_model(preset).location
+        paths = {"dir": str(d)}
+        for quant in ("f32", "q8_0"):
+            paths[quant] = str(write_gguf(d, root / f"{preset}-{quant}.gguf", quant=quant))
+        return paths
     texts = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]
     tok = train_tokenizer(texts, vocab_size=2048)
     torch.manual_seed(0)
@@ -76,9 +86,12 @@ def run_one(conf: dict) -> dict:
     if conf["backend"] == "llamacpp":
         lm = load_lm(conf["paths"][opts["gguf"]], backend="llamacpp", n_threads=conf["threads"], logits_all=False)
     else:
-        lm = load_lm(conf["paths"]["dir"], backend=conf["backend"], dtype=getattr(torch, opts["dtype"]))
+        lm = load_lm(conf["paths"]["dir"], backend=conf["backend"], dtype=getattr(torch, opts["dtype"]),
+                     weights=opts.get("weights", "fp32"))
     load_s = time.perf_counter() - t0
+    source = Path(os.__file__).read_text()
     prompt = lm.encode_prompt("import os\nimport sys\n\ndef main(argv):\n    ")[:16]
+    long_prompt = lm.encode_prompt(source)[:128]
     params = SamplingParams(max_new_tokens=conf["new_tokens"], temperature=0, stop_at_eos=False)
 
     def one() -> float:
@@ -87,10 +100,17 @@ def run_one(conf: dict) -> dict:
         assert n == conf["new_tokens"], n
         return n / (time.perf_counter() - t)
 
+    def first_token_ms() -> float:
+        t = time.perf_counter()
+        next(iter(lm._new_ids(long_prompt, params, None)))
+        return 1000 * (time.perf_counter() - t)
+
     one()  # warm-up: first-call allocations, thread-pool start
     rates = [one() for _ in range(conf["repeats"])]
+    ttfts = [first_token_ms() for _ in range(conf["repeats"])]
     return {"label": conf["label"], "preset": conf["preset"], "tok_s": statistics.median(rates), "all_tok_s": rates,
-            "load_s": load_s, "prompt_tokens": len(prompt)}
+            "ttft_ms": statistics.median(ttfts), "all_ttft_ms": ttfts, "load_s": load_s,
+            "prompt_tokens": len(prompt), "ttft_prompt_tokens": len(long_prompt)}
 
 
 def main() -> None:
@@ -126,19 +146,20 @@ def main() -> None:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(r)
                 print(f"{preset:<12}{label:<20}{r['tok_s']:>9.1f} tok/s  (runs: "
-                      f"{', '.join(f'{x:.0f}' for x in r['all_tok_s'])}; load {r['load_s']:.1f}s)", file=sys.stderr)
+                      f"{', '.join(f'{x:.0f}' for x in r['all_tok_s'])}; TTFT {r['ttft_ms']:.0f} ms; "
+                      f"load {r['load_s']:.1f}s)", file=sys.stderr)
 
-    print(f"\n| preset | backend | decode tok/s (median of {args.repeats}) | vs {ANCHOR} |")
-    print("|---|---|---:|---:|")
+    print(f"\n| preset | backend | decode tok/s (median of {args.repeats}) | vs {ANCHOR} | TTFT, 128-token prompt |")
+    print("|---|---|---:|---:|---:|")
     for preset in args.presets:
         rows = [r for r in results if r["preset"] == preset]
         anchor = next((r["tok_s"] for r in rows if r["label"] == ANCHOR and "tok_s" in r), None)
         for r in rows:
             if "tok_s" not in r:
-                print(f"| {preset} | {r['label']} | failed: {r['error'][:60]} | |")
+                print(f"| {preset} | {r['label']} | failed: {r['error'][:60]} | | |")
                 continue
             ratio = f"{r['tok_s'] / anchor:.2f}x" if anchor else "n/a"
-            print(f"| {preset} | {r['label']} | {r['tok_s']:.1f} | {ratio} |")
+            print(f"| {preset} | {r['label']} | {r['tok_s']:.1f} | {ratio} | {r['ttft_ms']:.0f} ms |")
     if args.json:
         meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
                 or platform.machine(), "threads": args.threads, "new_tokens": args.new_tokens,

@@ -22,7 +22,8 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("q") / "m", tok, train_on=TEXT, steps=120)
 
 
-def test_int8_linear_rounds_each_row_to_its_own_scale():
+def test_int8_linear_rounds_each_row_to_its_own_scale(monkeypatch):
+    monkeypatch.setattr(quantize, "_CPU_KERNEL", False)  # the weight-only path: the bound below is exact
     w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different magnitudes
     x = torch.randn(5, 3, 32)
     q = Int8Linear(w)
@@ -36,12 +37,14 @@ def test_int8_linear_rounds_each_row_to_its_own_scale():
     assert ((got - want).abs() <= bound + 1e-5).all()
 
 
-def test_fallback_kernel_agrees_with_the_packed_one(monkeypatch):
+def test_cpu_kernel_agrees_with_the_weight_only_path(monkeypatch):
     q = Int8Linear(torch.randn(40, 24))
-    x = torch.randn(7, 24)
-    packed = q(x)
-    monkeypatch.setattr(quantize, "_INT8_MM", None)
-    torch.testing.assert_close(q(x), packed, rtol=1e-4, atol=1e-4)
+    x = torch.randn(2, 7, 24)
+    fast = q(x)  # the CPU kernel also rounds each activation row to 7-8 bits
+    monkeypatch.setattr(quantize, "_CPU_KERNEL", False)
+    slow = q(x)
+    assert fast.shape == slow.shape == (2, 7, 40)
+    assert ((fast - slow).abs().max() / slow.abs().max()) < 0.03
 
 
 def test_quantized_model_keeps_its_loss_and_shrinks(model_dir):
@@ -59,6 +62,19 @@ def test_quantized_model_keeps_its_loss_and_shrinks(model_dir):
     assert decode_bytes(model) < 0.35 * size  # a quarter, plus one fp32 scale per row of 32 weights
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_int8(model)
+
+
+def test_a_failed_calibration_check_falls_back_to_weight_only(model_dir):
+    from slmkit.checkpoint import load_any
+    from slmkit.quantize import calibration_ids
+    model, tok = load_any(model_dir)
+    check = calibration_ids(tok, 64)
+    ok = quantize_int8(model, check)
+    assert ok["kernel"] == "dynamic" and abs(ok["loss_int8"] / ok["loss_fp32"] - 1) < 0.01
+    model, _ = load_any(model_dir)
+    strict = quantize_int8(model, check, max_loss_increase=-0.5)  # no int8 model can pass this
+    assert strict["kernel"] == "weight-only" and "loss_int8_dynamic" in strict
+    assert all(not m.dynamic for m in model.modules() if isinstance(m, Int8Linear))
 
 
 def test_load_lm_with_int8_weights_generates_like_fp32(model_dir):

@@ -1,23 +1,33 @@
-"""Weight-only int8 quantization of slmkit's model for decoding (`--weights int8`).
+"""int8 weights for decoding (`--weights int8`): per-channel scales, a quarter of fp32's memory traffic.
 
-Batch-1 decoding reads every weight once per token, so on a CPU it is bound by memory traffic: int8 weights
-move a quarter of fp32's bytes. Each output channel (row of a Linear weight) gets its own scale,
-max|w| / 127, and weights round to the nearest int8 (symmetric, no zero point): the scheme of LLM.int8's
-vector-wise quantization without outliers and of gpt-fast's int8 weight-only mode. Activations stay in floating
-point, so the only error is the weights' rounding (BENCHMARKS.md: validation loss within 1% of fp32).
+Batch-1 decoding reads every weight once per token, so on a CPU it is bound by memory traffic, and the LM head
+is the largest single read (stories15m: 37 of 61 MB per token). Each output channel (row of a Linear weight)
+gets its own scale, max|w| / 127, and weights round to the nearest int8 (symmetric, no zero point), as in
+LLM.int8's vector-wise quantization without the outlier split, or gpt-fast's int8 mode.
 
-Every projection of every block and the LM head are quantized; the embedding table stays as it was (a lookup
-reads one row per token, so it costs no traffic worth saving), which unties a tied LM head.
+Two kernels. On a CPU, PyTorch's fbgemm/oneDNN dynamic-quantized linear, which also rounds each activation
+tensor to 8 bits (7 on x86, `reduce_range`) on the fly, as llama.cpp's q8_0 kernels do: fast (the stories15m LM
+head ran 3.8x faster than fp32 here), and within 1% of fp32's validation loss for slmkit-trained models, but
+SmolLM2-135M's activation outliers (LLM.int8, Dettmers et al. 2022) make it 79% worse. Hence a check: the
+model's loss on a calibration text is computed with fp32 and with int8 weights, and when int8 is more than
+`max_loss_increase` worse, every layer falls back to weight-only int8 (weights dequantized per call: SmolLM2
+within 0.2% of fp32, a quarter of the memory, but no faster on a CPU: `aten._weight_int8pack_mm`, PyTorch's
+weight-only kernel, ran 4-10x slower than the fp32 matmul on this AVX2 CPU). Off the CPU (GPU, bf16
+activations) the weight-only path is the only one. Figures: benchmarks/int8_quality.py, BENCHMARKS.md.
+
+Every projection of every block and the LM head are quantized; the embedding table stays as it was (a step
+reads one row of it), which unties a tied LM head.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# PyTorch's CPU kernel for fp activations x int8 weights with per-channel scales (what gpt-fast uses on CPU)
-_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_CPU_KERNEL = bool(torch.backends.quantized.supported_engines) and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
 class Int8Linear(nn.Module):
@@ -28,37 +38,73 @@ class Int8Linear(nn.Module):
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(weight.dtype))
+        self.register_buffer("scale", scale)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self._packed = None  # the CPU kernel's prepacked weight, built on first use
+        self.dynamic = True  # use the CPU kernel that also quantizes activations, where it exists
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        scale = self.scale.to(x.dtype)
-        if _INT8_MM is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            y = _INT8_MM(x2.contiguous(), self.weight, scale)
-        else:
-            y = F.linear(x2, self.weight.to(x.dtype)) * scale
-        return y.reshape(*lead, self.out_features)
+        if self.dynamic and _CPU_KERNEL and x.device.type == "cpu" and x.dtype == torch.float32:
+            if self._packed is None:
+                self._packed = self._pack()
+            if self._packed is not False:
+                return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def _pack(self):
+        """The CPU kernel's weight, or False where this PyTorch no longer has quantized tensors (they are
+        deprecated): the weight-only path then takes over."""
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zero, 0)
+                return torch.ops.quantized.linear_prepack(q, None)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return False
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module, check_ids: torch.Tensor | None = None, max_loss_increase: float = 0.01) -> dict:
     """Replace the model's Linear layers (every block projection and the LM head) by Int8Linear, in place.
 
-    For inference only: the result is not trainable and is not saved (a model directory keeps float weights;
-    quantize again after loading, it takes well under a second for a 135M model).
+    With `check_ids` (1, T) token ids, the loss on them is compared before and after; when the fast kernel (int8
+    activations too) is more than `max_loss_increase` worse, the layers switch to weight-only int8. Returns
+    {"kernel": "dynamic" | "weight-only", "loss_fp32", "loss_int8"} (losses when checked).
+    For inference only: the result is not trainable and is not saved (a model directory keeps float weights).
     """
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not targets:
         raise ValueError("no nn.Linear layers to quantize (already quantized, or LoRA-wrapped: merge it first)")
-    for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8Linear(linear.weight))
-    return model
+    report = {"kernel": "dynamic" if _CPU_KERNEL else "weight-only"}
+    with torch.no_grad():
+        if check_ids is not None:
+            report["loss_fp32"] = model(check_ids[:, :-1], targets=check_ids[:, 1:]).item()
+        for name, linear in targets:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, Int8Linear(linear.weight))
+        if check_ids is not None:
+            report["loss_int8"] = model(check_ids[:, :-1], targets=check_ids[:, 1:]).item()
+            if report["loss_int8"] > report["loss_fp32"] * (1 + max_loss_increase) and _CPU_KERNEL:
+                for m in model.modules():
+                    if isinstance(m, Int8Linear):
+                        m.dynamic = False
+                report["kernel"] = "weight-only"
+                report["loss_int8_dynamic"] = report["loss_int8"]
+                report["loss_int8"] = model(check_ids[:, :-1], targets=check_ids[:, 1:]).item()
+    return report
+
+
+def calibration_ids(tokenizer, max_tokens: int = 512) -> torch.Tensor:
+    """(1, T) ids of a text every Python install has (the standard library's textwrap module: prose docstrings
+    and code), for quantize_int8's check."""
+    import inspect
+    import textwrap
+    ids = tokenizer.encode(inspect.getsource(textwrap), add_bos=tokenizer.add_bos)[:max_tokens]
+    return torch.tensor([ids])
 
 
 def decode_bytes(model: nn.Module) -> int:
