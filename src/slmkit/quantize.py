@@ -7,7 +7,7 @@ LLM.int8's vector-wise quantization without the outlier split, or gpt-fast's int
 
 Two kernels. On a CPU, PyTorch's fbgemm/oneDNN dynamic-quantized linear, which also rounds each activation
 tensor to 8 bits (7 on x86, `reduce_range`) on the fly, as llama.cpp's q8_0 kernels do: fast (stories15m
-decodes 1.8x faster than with fp32 weights here), and within 1% of fp32's validation loss for slmkit-trained
+decodes 1.6-2.0x faster than with fp32 weights here), and within 1% of fp32's validation loss for slmkit-trained
 models, but SmolLM2-135M's activation outliers (LLM.int8, Dettmers et al. 2022) make it 79% worse. Hence a check: the
 model's loss on a calibration text is computed with fp32 and with int8 weights, and when int8 is more than
 `max_loss_increase` worse, every layer falls back to weight-only int8 (weights dequantized per call: SmolLM2
