@@ -59,15 +59,12 @@ def make_models(preset: str, root: Path) -> dict:
     if preset not in PRESETS:  # a pulled model: its own weights and tokenizer
         from slmkit.hub import resolve_model
         d = resolve_model(preset).location
-        paths = {"dir": str(d)}
-        for quant in ("f32", "q8_0"):
-            paths[quant] = str(write_gguf(d, root / f"{preset}-{quant}.gguf", quant=quant))
-        return paths
-    texts = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]
-    tok = train_tokenizer(texts, vocab_size=2048)
-    torch.manual_seed(0)
-    cfg = model_config(preset, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    d = save_model_dir(Transformer(cfg).eval(), root / preset, tok)
+    else:
+        texts = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]
+        tok = train_tokenizer(texts, vocab_size=2048)
+        torch.manual_seed(0)
+        cfg = model_config(preset, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        d = save_model_dir(Transformer(cfg).eval(), root / preset, tok)
     paths = {"dir": str(d)}
     for quant in ("f32", "q8_0"):
         paths[quant] = str(write_gguf(d, root / f"{preset}-{quant}.gguf", quant=quant))

@@ -97,7 +97,8 @@ def train(
 
 MODEL_HELP = "model directory, run directory, .gguf file, pulled name (see `slm models`) or http(s):// endpoint"
 BACKEND_HELP = "auto (slmkit's own code; remote for URLs) | torch | hf (transformers) | llamacpp | remote"
-WEIGHTS_HELP = "fp32 | bf16 | int8 (per-channel weight-only: a quarter of the memory traffic; torch backend)"
+WEIGHTS_HELP = ("fp32 | bf16 | int8 (per-channel int8 weights, a quarter of the memory traffic; int8 activations "
+                "too unless that costs over 1% loss on a calibration text; torch backend)")
 
 
 @app.command()
