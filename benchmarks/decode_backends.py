@@ -1,5 +1,6 @@
 """Batch-1 decode speed and time to first token of every LM backend on the same model: slmkit torch
-fp32/bf16/int8, llama.cpp f32/q8_0, transformers.
+fp32/bf16/int8, llama.cpp f32/q8_0, transformers, and the plain eager loop (the model as training code holds it,
+through the same sampling loop: what the torch backend's decoding preparation is measured against).
 
     python benchmarks/decode_backends.py                          # micro + stories15m, every backend
     python benchmarks/decode_backends.py --presets micro --new-tokens 64 --json out.json
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 BACKENDS = [  # (label, backend, options)
+    # the model straight from its directory, as in training code: no fused projections, no head re-layout
+    ("plain eager loop fp32", "plain", {"dtype": "float32"}),
     ("slmkit torch fp32", "torch", {"dtype": "float32"}),
     ("slmkit torch bf16", "torch", {"dtype": "bfloat16"}),
     ("slmkit torch int8", "torch", {"dtype": "float32", "weights": "int8"}),
@@ -38,6 +41,7 @@ BACKENDS = [  # (label, backend, options)
     ("transformers fp32", "hf", {"dtype": "float32"}),
 ]
 ANCHOR = "llama.cpp f32"
+PLAIN = "plain eager loop fp32"
 
 
 def _threads_env(threads: int) -> dict:
@@ -80,7 +84,11 @@ def run_one(conf: dict) -> dict:
     torch.set_num_threads(conf["threads"])
     opts = conf["options"]
     t0 = time.perf_counter()
-    if conf["backend"] == "llamacpp":
+    if conf["backend"] == "plain":
+        from slmkit.checkpoint import load_any
+        from slmkit.lm.torch_lm import TorchLM
+        lm = TorchLM(*load_any(conf["paths"]["dir"]))
+    elif conf["backend"] == "llamacpp":
         lm = load_lm(conf["paths"][opts["gguf"]], backend="llamacpp", n_threads=conf["threads"], logits_all=False)
     else:
         lm = load_lm(conf["paths"]["dir"], backend=conf["backend"], dtype=getattr(torch, opts["dtype"]),
@@ -148,17 +156,19 @@ def main() -> None:
                       f"{', '.join(f'{x:.0f}' for x in r['all_tok_s'])}; TTFT {r['ttft_ms']:.0f} ms; "
                       f"load {r['load_s']:.1f}s)", file=sys.stderr)
 
-    print(f"\n| preset | backend | decode tok/s (median of {args.repeats}) | vs {ANCHOR} | TTFT, 128-token prompt |")
-    print("|---|---|---:|---:|---:|")
+    print(f"\n| preset | backend | decode tok/s (median of {args.repeats}) | vs {ANCHOR} | vs {PLAIN} | "
+          "TTFT, 128-token prompt |")
+    print("|---|---|---:|---:|---:|---:|")
     for preset in args.presets:
         rows = [r for r in results if r["preset"] == preset]
         anchor = next((r["tok_s"] for r in rows if r["label"] == ANCHOR and "tok_s" in r), None)
+        plain = next((r["tok_s"] for r in rows if r["label"] == PLAIN and "tok_s" in r), None)
         for r in rows:
             if "tok_s" not in r:
-                print(f"| {preset} | {r['label']} | failed: {r['error'][:60]} | | |")
+                print(f"| {preset} | {r['label']} | failed: {r['error'][:60]} | | | |")
                 continue
-            ratio = f"{r['tok_s'] / anchor:.2f}x" if anchor else "n/a"
-            print(f"| {preset} | {r['label']} | {r['tok_s']:.1f} | {ratio} | {r['ttft_ms']:.0f} ms |")
+            ratios = [f"{r['tok_s'] / a:.2f}x" if a else "n/a" for a in (anchor, plain)]
+            print(f"| {preset} | {r['label']} | {r['tok_s']:.1f} | {' | '.join(ratios)} | {r['ttft_ms']:.0f} ms |")
     if args.json:
         meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
                 or platform.machine(), "threads": args.threads, "new_tokens": args.new_tokens,

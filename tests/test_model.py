@@ -73,3 +73,45 @@ def test_sequence_longer_than_context_is_refused(tiny_cfg):
     model = Transformer(tiny_cfg)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, tiny_cfg.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_prepared_for_decoding_computes_the_same_and_unfuses_back(tiny_cfg, tie):
+    import copy
+
+    from slmkit.checkpoint import hf_state_dict
+    from slmkit.model import SlotKVCache, is_fused, prepare_for_decoding, unfuse_projections
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": tie})
+    plain = Transformer(cfg).eval()
+    fast = prepare_for_decoding(copy.deepcopy(plain))
+    assert is_fused(fast) and not hasattr(fast.layers[0].self_attn, "q_proj")
+    assert fast.num_params() == plain.num_params()  # a tied head stays tied: one (transposed) tensor
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
+        # cached decoding, single-sequence and slot (continuous batching) caches
+        c1, c2 = KVCache(cfg, 2, 32), KVCache(cfg, 2, 32)
+        plain(x[:, :20], cache=c1), fast(x[:, :20], cache=c2)
+        torch.testing.assert_close(fast(x[:, 20:21], cache=c2), plain(x[:, 20:21], cache=c1), atol=1e-5, rtol=0)
+        slot = SlotKVCache(cfg, 2, 32)
+        for row in range(2):
+            single = KVCache(cfg, 1, 32)
+            fast(x[row:row + 1, :20], cache=single)
+            slot.load_row(row, single)
+        slot.n_active = 2
+        torch.testing.assert_close(fast(x[:, 20:21], cache=slot), plain(x[:, :21])[:, 20:21], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        hf_state_dict(fast)
+    unfuse_projections(fast)
+    assert not is_fused(fast)
+    back, want = hf_state_dict(fast), hf_state_dict(plain)
+    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+
+
+def test_fusion_leaves_wrapped_projections_alone(tiny_cfg):
+    from slmkit.model import fuse_projections
+    from slmkit.train.lora import LoRAConfig, add_lora
+    model = add_lora(Transformer(tiny_cfg), LoRAConfig(r=2, alpha=4))  # q/k/v/o wrapped
+    fuse_projections(model)
+    assert hasattr(model.layers[0].self_attn, "q_proj") and hasattr(model.layers[0].mlp, "gate_up_proj")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from slmkit import __version__
 from slmkit.config import ModelConfig, load_json
 from slmkit.files import atomic_dir, atomic_write_json, make_readable
-from slmkit.model import Transformer, rope_tables
+from slmkit.model import Transformer, is_fused, rope_tables
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -38,6 +38,9 @@ def from_hf_name(name: str) -> str:
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under HF names; a tied LM head is stored once (as embed_tokens), as HF does."""
+    if is_fused(model):
+        raise ValueError("this model's projections are fused for inference (slmkit.model.fuse_projections); "
+                         "call slmkit.model.unfuse_projections(model) before saving or exporting it")
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.tie_embeddings:

@@ -52,7 +52,8 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+# inference_mode, not no_grad: cheaper per op (~10% of a batch-1 CPU decoding step)
+@torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True,
                  first_allowed: torch.Tensor | None = None) -> Iterator[int]:
     """Yield new token ids. Without the cache every step re-runs the whole (cropped) context.

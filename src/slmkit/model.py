@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op, not six: decoding is op-bound
         # Normalise in fp32 even under bf16 autocast, as HF does: the mean of squares is precision-sensitive.
         dtype = x.dtype
         x = x.float()
@@ -31,16 +33,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin), each (max_len, head_dim). The sin table's first half is negated (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: first half pairs with second half
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, : head_dim // 2] *= -1
+    return emb.cos(), sin
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """HF's rotate-half RoPE, x·cos + (-x2, x1)·sin, written as one roll against the signed sin table:
+    four ops instead of seven, and a decoding step on a CPU costs what its op count costs."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -166,11 +171,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None):
+        """x (B, T, dim); cos/sin broadcast against (B, T, heads, head_dim)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if hasattr(self, "qkv_proj"):  # fused by fuse_projections: one matmul, one RoPE for q and k together
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
+            qk = apply_rope(qkv[:, :, :H + KV], cos, sin)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(self.k_proj(x).view(B, T, KV, D), cos, sin)
+            v = self.v_proj(x).view(B, T, KV, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask, causal = None, True
         if cache is not None:
             mask, causal = cache.attention_mask(T, x.device)
@@ -192,7 +204,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):  # fused by fuse_projections
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -239,12 +255,12 @@ class Transformer(nn.Module):
             pos = cache.positions()  # every row at its own position: (B, 1, 1, head_dim) RoPE tables
             if int(pos.max()) >= self.cfg.max_seq_len:
                 raise ValueError(f"a sequence exceeds max_seq_len {self.cfg.max_seq_len}")
-            cos, sin = self.rope_cos[pos][:, None, None, :], self.rope_sin[pos][:, None, None, :]
+            cos, sin = self.rope_cos[pos][:, None, None, :], self.rope_sin[pos][:, None, None, :]  # T is 1
         else:
             start = cache.length if cache is not None else 0
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            cos, sin = self.rope_cos[start:start + T, None, :], self.rope_sin[start:start + T, None, :]
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache)
@@ -281,3 +297,77 @@ class Transformer(nn.Module):
 def _chunk_loss_sum(h, targets, weight):
     logits = F.linear(h, weight).float()
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+
+
+# ---- inference: fewer and faster ops per decoding step ----------------------------------------------------
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """Merge each block's q/k/v projections into one `qkv_proj` and gate/up into `gate_up_proj`, in place.
+
+    The same numbers with fewer ops: a batch-1 decoding step on a CPU costs mostly per-op overhead. For
+    inference only: the parameter names stop being Hugging Face's until `unfuse_projections`, and layers that
+    are not plain Linears (LoRA-wrapped, quantized) are left as they are.
+    """
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if all(type(getattr(attn, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj")):
+            attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        if all(type(getattr(mlp, n, None)) is nn.Linear for n in ("gate_proj", "up_proj")):
+            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+            del mlp.gate_proj, mlp.up_proj
+    return model
+
+
+def unfuse_projections(model: Transformer) -> Transformer:
+    """Undo `fuse_projections`: the Hugging Face layout again (e.g. before a LoRA adapter wraps q_proj)."""
+    cfg = model.cfg
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if hasattr(attn, "qkv_proj"):
+            sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+            attn.q_proj, attn.k_proj, attn.v_proj = _split_linear(attn.qkv_proj, sizes)
+            del attn.qkv_proj
+        if hasattr(mlp, "gate_up_proj"):
+            mlp.gate_proj, mlp.up_proj = _split_linear(mlp.gate_up_proj, [cfg.hidden_dim, cfg.hidden_dim])
+            del mlp.gate_up_proj
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    return any(hasattr(m, "qkv_proj") or hasattr(m, "gate_up_proj") for m in model.modules())
+
+
+def prepare_for_decoding(model: Transformer) -> Transformer:
+    """`fuse_projections`, and on a CPU in fp32 the LM head stored transposed (same values, other layout).
+
+    Why the layout: PyTorch's CPU matmul (MKL) multiplies one row by an (out, in) row-major weight ~3x slower
+    than by the same weight stored (in, out) on the AVX2 AMD CPUs measured in BENCHMARKS.md (stories15m's
+    32000 x 288 head: 6.4 vs 2.1 ms), and the head is most of a small model's per-token weight traffic.
+    A tied embedding shares the transposed tensor (a lookup reads one strided row: negligible).
+    """
+    fuse_projections(model.eval())
+    head = model.lm_head
+    w = head.weight
+    if type(head) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+        transposed = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+        if model.embed_tokens.weight is w:
+            model.embed_tokens.weight = transposed
+        head.weight = transposed
+    return model
+
+
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([m.weight.detach() for m in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w, requires_grad=linears[0].weight.requires_grad)
+    return out.train(linears[0].training)
+
+
+def _split_linear(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    parts = []
+    for w in linear.weight.detach().split(sizes):
+        m = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        m.weight = nn.Parameter(w.contiguous(), requires_grad=linear.weight.requires_grad)
+        parts.append(m.train(linear.training))
+    return parts

@@ -268,7 +268,7 @@ class Engine:
         self.stats.completion_tokens_total += n
         self.stats.busy_seconds += time.perf_counter() - start
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run_batched(self, batch) -> None:
         rows: list[_Choice] = []
         waiting: list[_Choice] = []  # choices of admitted requests not yet in a row

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from slmkit.config import load_json
 from slmkit.files import atomic_dir, atomic_write_json, make_readable
+from slmkit.model import unfuse_projections
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]  # PEFT's "all-linear": every Linear but lm_head
@@ -214,6 +215,7 @@ def apply_adapter(lm, adapter: str | Path):
     if any(isinstance(m, Int8Linear) for m in lm.model.modules()):
         raise ValueError("--adapter needs float weights; `slm merge` the adapter first to serve it with int8 weights")
     adapter = find_adapter_dir(adapter)
+    unfuse_projections(lm.model)  # LoRA wraps q_proj, up_proj, ...: back to the separate projections
     load_adapter(lm.model, adapter)
     lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
     return lm
