@@ -38,6 +38,9 @@ BACKENDS = [  # (label, backend, options)
     ("slmkit torch int8", "torch", {"dtype": "float32", "weights": "int8"}),
     ("llama.cpp f32", "llamacpp", {"gguf": "f32"}),
     ("llama.cpp q8_0", "llamacpp", {"gguf": "q8_0"}),
+    # llama.cpp's C API in a bare loop (decode one token, greedy sampler, repeat): what slmkit's llama.cpp
+    # backend is compared with for its own overhead
+    ("raw llama.cpp f32", "llamacpp-raw", {"gguf": "f32"}),
     ("transformers fp32", "hf", {"dtype": "float32"}),
 ]
 ANCHOR = "llama.cpp f32"
@@ -75,6 +78,33 @@ def make_models(preset: str, root: Path) -> dict:
     return paths
 
 
+class RawLlamaCpp:
+    """Greedy decoding through llama.cpp's C API with nothing else in the loop (no tokenizer, no Python sampler)."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int = 512):
+        import llama_cpp as L
+        self.L = L
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+        params = L.llama_context_default_params()
+        params.n_ctx = params.n_batch = n_ctx
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = L.llama_init_from_model(self.model, params)
+        self.sampler = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        L.llama_sampler_chain_add(self.sampler, L.llama_sampler_init_greedy())
+
+    def _new_ids(self, prompt_ids, params, first_allowed):
+        L = self.L
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        tokens = (L.llama_token * len(prompt_ids))(*prompt_ids)
+        L.llama_decode(self.ctx, L.llama_batch_get_one(tokens, len(prompt_ids)))
+        one = (L.llama_token * 1)()
+        for _ in range(params.max_new_tokens):
+            one[0] = L.llama_sampler_sample(self.sampler, self.ctx, -1)
+            yield one[0]
+            L.llama_decode(self.ctx, L.llama_batch_get_one(one, 1))
+
+
 def run_one(conf: dict) -> dict:
     import torch
 
@@ -88,6 +118,11 @@ def run_one(conf: dict) -> dict:
         from slmkit.checkpoint import load_any
         from slmkit.lm.torch_lm import TorchLM
         lm = TorchLM(*load_any(conf["paths"]["dir"]))
+    elif conf["backend"] == "llamacpp-raw":
+        from slmkit.tokenizer import load_tokenizer
+        lm = RawLlamaCpp(conf["paths"][opts["gguf"]], conf["threads"])
+        tok = load_tokenizer(conf["paths"]["dir"])
+        lm.encode_prompt = lambda text: tok.encode(text, add_bos=tok.add_bos)  # the ids the other rows get
     elif conf["backend"] == "llamacpp":
         lm = load_lm(conf["paths"][opts["gguf"]], backend="llamacpp", n_threads=conf["threads"], logits_all=False)
     else:
