@@ -92,7 +92,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--servers", nargs="+", default=["slmkit-llamacpp", "slmkit-torch", "llama-cpp-python"])
+    ap.add_argument("--servers", nargs="+", default=["slmkit-llamacpp", "slmkit-torch", "slmkit-torch-int8",
+                                                      "llama-cpp-python"])
     ap.add_argument("--timeout", type=float, default=300, help="seconds per concurrency level")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -103,10 +104,11 @@ def main() -> None:
         paths = make_models(args.preset, Path(tmp))
         for server in args.servers:
             port = free_port()
-            if server.startswith("slmkit"):  # slmkit-torch: the model directory; slmkit-llamacpp: the f32 GGUF
-                backend = server.removeprefix("slmkit-")
+            if server.startswith("slmkit"):  # slmkit-torch[-int8]: the model directory; slmkit-llamacpp: f32 GGUF
+                backend, _, weights = server.removeprefix("slmkit-").partition("-")
                 cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths["dir" if backend == "torch" else "f32"],
-                       "--port", str(port), "--backend", backend, "--max-batch", str(max(args.clients))]
+                       "--port", str(port), "--backend", backend, "--max-batch", str(max(args.clients)),
+                       *(["--weights", weights] if weights else [])]
             else:
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", paths["f32"], "--port", str(port),
                        "--n_threads", str(args.threads), "--n_ctx", "1024"]
