@@ -339,21 +339,24 @@ def is_fused(model: nn.Module) -> bool:
 
 
 def prepare_for_decoding(model: Transformer) -> Transformer:
-    """`fuse_projections`, and on a CPU in fp32 the LM head stored transposed (same values, other layout).
+    """`fuse_projections`, and on a CPU in fp32 the wide weights stored transposed (same values, other layout).
 
-    Why the layout: PyTorch's CPU matmul (MKL) multiplies one row by an (out, in) row-major weight ~3x slower
-    than by the same weight stored (in, out) on the AVX2 AMD CPUs measured in BENCHMARKS.md (stories15m's
-    32000 x 288 head: 6.4 vs 2.1 ms), and the head is most of a small model's per-token weight traffic.
-    A tied embedding shares the transposed tensor (a lookup reads one strided row: negligible).
+    Why the layout: PyTorch's CPU matmul (MKL) multiplies one row by an (out, in) row-major weight with
+    out > in up to 3x slower than by the same weight stored (in, out) on the AVX2 AMD CPUs measured in
+    BENCHMARKS.md (stories15m's 32000 x 288 LM head: 6.4 vs 2.1 ms; SmolLM2's fused gate/up: 1.15 vs 0.67 ms),
+    while narrow weights (down_proj) are faster as they are. A tied embedding shares the transposed head (a
+    lookup reads one strided row: negligible).
     """
     fuse_projections(model.eval())
-    head = model.lm_head
-    w = head.weight
-    if type(head) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not (type(module) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32
+                and w.shape[0] > w.shape[1] and w.is_contiguous()):
+            continue
         transposed = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
         if model.embed_tokens.weight is w:
             model.embed_tokens.weight = transposed
-        head.weight = transposed
+        module.weight = transposed
     return model
 
 
