@@ -166,6 +166,24 @@ def test_perplexity_scores_every_token_once_whatever_the_stride(lm):
     del task
 
 
+def test_model_bits_per_byte_scores_every_token_once_in_sliding_windows(lm):
+    from slmkit.eval.perplexity import text_bits_per_byte, token_bits_per_byte
+    model, tok = lm.model, lm.tokenizer
+    docs = [tok.encode(TEXT * 5, add_bos=True), tok.encode(TEXT, add_bos=True)]
+    n_bytes = len((TEXT * 6).encode())
+    runs = [token_bits_per_byte(model, docs, n_bytes, seq_len=32, stride=s) for s in (32, 16, 5)]
+    assert {r["tokens"] for r in runs} == {sum(len(d) - 1 for d in docs)}  # bos is context, never scored
+    assert runs[1]["bits_per_byte"] != runs[0]["bits_per_byte"]  # the overlap changes the context
+    with torch.no_grad():  # a document within one window: exactly the full forward's loss
+        logits = model(torch.tensor([docs[1][:-1]]))[0]
+        nats = torch.nn.functional.cross_entropy(logits, torch.tensor(docs[1][1:]), reduction="sum").item()
+    one = token_bits_per_byte(model, [docs[1]], len(TEXT.encode()), seq_len=64, stride=16)
+    assert one["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(TEXT.encode()), rel=1e-5)
+    assert text_bits_per_byte(model, tok, [TEXT], seq_len=64)["bits_per_byte"] == pytest.approx(one["bits_per_byte"])
+    with pytest.raises(ValueError, match="stride"):
+        token_bits_per_byte(model, docs, n_bytes, seq_len=32, stride=33)
+
+
 def test_classification_with_fewshot_and_a_report(lm, tmp_path):
     items = [{"text": "The capital of France", "label": "geo"}, {"text": "def add(a, b)", "label": "code"},
              {"text": "print(add(2, 3))", "label": "code"}, {"text": "Paris", "label": "geo"}]

@@ -15,7 +15,6 @@ import torch
 from slmkit.model import Transformer
 
 
-@torch.no_grad()
 def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len: int | None = None,
                        stride: int | None = None, batch_size: int = 8) -> dict:
     """Score every token of every document (each starts with bos), in windows of `seq_len` moved by `stride`.
@@ -23,6 +22,16 @@ def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len:
     With stride < seq_len each window re-reads `seq_len - stride` tokens of context that are not scored
     again (the usual sliding-window perplexity), so later tokens are predicted with more context.
     """
+    docs = [tokenizer.encode(text, add_bos=tokenizer.add_bos) for text in texts]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return token_bits_per_byte(model, docs, n_bytes, seq_len, stride, batch_size)
+
+
+@torch.no_grad()
+def token_bits_per_byte(model: Transformer, docs: list[list[int]], n_bytes: int, seq_len: int | None = None,
+                        stride: int | None = None, batch_size: int = 8) -> dict:
+    """`text_bits_per_byte` for documents already tokenized (e.g. a token dataset's val split), whose text is
+    `n_bytes` long in all. The first token of each document is context only."""
     model.eval()
     device = next(model.parameters()).device
     seq_len = seq_len or model.cfg.max_seq_len
@@ -30,8 +39,7 @@ def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len:
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in 1..seq_len ({seq_len}), got {stride}")
     windows = []  # (input ids, targets with -100 on context-only positions)
-    for text in texts:
-        ids = tokenizer.encode(text, add_bos=tokenizer.add_bos)
+    for ids in docs:
         scored_until = 1  # position 0 (bos) is never predicted
         for start in range(0, max(1, len(ids) - 1), stride):
             chunk = ids[start:start + seq_len + 1]
@@ -59,7 +67,6 @@ def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len:
                                                    ignore_index=-100, reduction="sum")
         total_nats += losses.item()
         n_tokens += int((ys != -100).sum())
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"bits_per_byte": total_nats / math.log(2) / max(1, n_bytes), "loss": total_nats / max(1, n_tokens),
             "tokens": n_tokens, "bytes": n_bytes}
 
