@@ -33,11 +33,6 @@ QUICKSTART_TRAIN = dict(seq_len=256, batch_size=4, lr=2e-3, min_lr_ratio=0.05, w
                         weight_decay=0.1, eval_every=500, eval_tokens=32768, save_every=250)
 
 
-QUICKSTART_EVAL_SEQ = 256  # the training context: the model never saw positions beyond it
-# Sliding windows (as llama.cpp's perplexity and HF's perplexity guide score a fixed-context model): each window
-# scores only its last 128 tokens, so every scored token sees at least 128 tokens of its file. Non-overlapping
-# windows are reported too; their first tokens are predicted from almost nothing.
-QUICKSTART_EVAL_STRIDE = 128
 
 
 def stdlib_dir() -> Path:
@@ -86,26 +81,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     model = load_model_dir(run_dir / "model")
     from slmkit.tokenizer import load_tokenizer
     tok = load_tokenizer(run_dir / "model")
-    val_docs = val_documents(data_dir, tok)
-    val_bytes = meta["splits"]["val"]["bytes"]
-    unseen_texts = [p.read_text(encoding="utf-8", errors="replace") for p in unseen_code_sample()]
-    unseen_docs = [tok.encode(t, add_bos=tok.add_bos) for t in unseen_texts]
-    unseen_bytes = sum(len(t.encode("utf-8")) for t in unseen_texts)
-
-    def score(docs, n_bytes, stride):
-        return token_bits_per_byte(model, docs, n_bytes, seq_len=QUICKSTART_EVAL_SEQ, stride=stride,
-                                   batch_size=16)["bits_per_byte"]
-
-    results = {
-        "val": {"model": score(val_docs, val_bytes, QUICKSTART_EVAL_STRIDE),
-                "model, non-overlapping": summary.get("val_bpb"),  # the training loop's own figure
-                # the held-out files again, as text: byte-level BPE decodes exactly
-                **compressor_bits_per_byte([tok.decode(d).encode("utf-8") for d in val_docs]),
-                "bytes": val_bytes, "files": len(val_docs)},
-        "unseen": {"model": score(unseen_docs, unseen_bytes, QUICKSTART_EVAL_STRIDE),
-                   **compressor_bits_per_byte([t.encode("utf-8") for t in unseen_texts]), "bytes": unseen_bytes,
-                   "files": len(unseen_texts)},
-    }
+    results = compare_with_compressors(model, tok, data_dir, summary.get("val_bpb"))
 
     log("[4/4] sampling a completion of `def `")
     sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0),
@@ -120,6 +96,34 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
         f"unseen test code: {u['model']:.3f} (xz -9e {u['xz -9e']:.3f}, per file {u['xz -9e (per file)']:.3f}) "
         f"-> {out / 'report.md'}")
     return {**summary, "results": results, "sample": sample}
+
+
+def compare_with_compressors(model, tok, data_dir: Path, val_bpb_non_overlapping: float | None = None) -> dict:
+    """Bits per byte of `model` on the dataset's validation files and on unseen stdlib test files, in sliding
+    windows of its context (each window scores its second half), next to gzip -9 and xz -9e on the same bytes."""
+    seq_len = model.cfg.max_seq_len  # the training context: the model never saw positions beyond it
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    val_docs = val_documents(data_dir, tok)
+    val_bytes = meta["splits"]["val"]["bytes"]
+    unseen_texts = [p.read_text(encoding="utf-8", errors="replace") for p in unseen_code_sample()]
+    unseen_docs = [tok.encode(t, add_bos=tok.add_bos) for t in unseen_texts]
+    unseen_bytes = sum(len(t.encode("utf-8")) for t in unseen_texts)
+
+    def score(docs, n_bytes):
+        return token_bits_per_byte(model, docs, n_bytes, seq_len=seq_len, stride=seq_len // 2,
+                                   batch_size=16)["bits_per_byte"]
+
+    return {
+        "val": {"model": score(val_docs, val_bytes),
+                "model, non-overlapping": val_bpb_non_overlapping,  # the training loop's own figure
+                # the held-out files again, as text: byte-level BPE decodes exactly
+                **compressor_bits_per_byte([tok.decode(d).encode("utf-8") for d in val_docs]),
+                "bytes": val_bytes, "files": len(val_docs)},
+        "unseen": {"model": score(unseen_docs, unseen_bytes),
+                   **compressor_bits_per_byte([t.encode("utf-8") for t in unseen_texts]), "bytes": unseen_bytes,
+                   "files": len(unseen_texts)},
+        "context": seq_len,
+    }
 
 
 def val_documents(data_dir: Path, tok) -> list[list[int]]:
@@ -146,7 +150,7 @@ def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: s
     mfu = [r["mfu"] for r in metrics if "mfu" in r][1:]
     med = statistics.median
     tok_s, mfu = tok_s or [float("nan")], mfu or [float("nan")]
-    v, u = results["val"], results["unseen"]
+    v, u, ctx = results["val"], results["unseen"], results["context"]
 
     def row(name, d):
         per_file = f"{d['xz -9e (per file)']:.3f}" if "xz -9e (per file)" in d else "(one file)"
@@ -175,7 +179,7 @@ library source (`{stdlib_dir()}`, `.py` files, no test folders, no site-packages
 | | |
 |---|---|
 | parameters | {mcfg.num_params():,} (dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads}/{mcfg.n_kv_heads} heads) |
-| training FLOPs/token | {mcfg.flops_per_token(256) / 1e6:.1f} M |
+| training FLOPs/token | {mcfg.flops_per_token(ctx) / 1e6:.1f} M |
 | steps / tokens seen | {summary.get('steps', 'n/a'):,} / {summary.get('tokens', 0):,} |
 | wall time | {summary.get('elapsed_s', 0) / 60:.1f} min ({summary.get('precision', '?')}) |
 | throughput (median) | {med(tok_s):,.0f} tokens/s, MFU {med(mfu):.1%} of this machine's measured matmul peak |
@@ -189,11 +193,10 @@ library source (`{stdlib_dir()}`, `.py` files, no test folders, no site-packages
 {row(f"validation split ({v['files']} held-out stdlib files)", v)}
 {row(f"unseen code: {u['files']} files of the stdlib test suite", u)}
 
-The model scores every file on its own, in sliding windows of {QUICKSTART_EVAL_SEQ} tokens (its training context)
-that score their last {QUICKSTART_EVAL_STRIDE} tokens, so each token is predicted from at least
-{QUICKSTART_EVAL_STRIDE} tokens of its file (llama.cpp's perplexity tool scores the same way); "non-overlapping"
-is the training loop's validation figure: consecutive {QUICKSTART_EVAL_SEQ}-token windows over the split, whose
-first tokens see almost no context.
+The model scores every file on its own, in sliding windows of {ctx} tokens (its training context) that
+score their last {ctx // 2} tokens, so each token is predicted from at least {ctx // 2} tokens of its file
+(llama.cpp's perplexity tool scores the same way); "non-overlapping" is the training loop's validation figure:
+consecutive {ctx}-token windows over the split, whose first tokens see almost no context.
 `xz -9e` on the concatenation can also copy text across files, so "each file alone" is the like-for-like
 compressor.
 
