@@ -55,7 +55,11 @@ def test_batches_keep_examples_apart_and_pad_without_targets(tok, tmp_path):
     x, y = data.train_batch(0, 4, 64)
     longest = max(len(e.ids) for e in [data.train[int(i)] for i in data._perm[:4]]) - 1
     assert x.shape == y.shape == (4, longest) and longest < 64  # padded to the longest row, not to seq_len
-    assert data.train_batch(0, 4, 8)[0].shape == (4, 8)  # longer examples are cut at seq_len
+    short_x, short_y = data.train_batch(0, 4, 8)
+    assert short_x.shape == (4, 8)  # longer examples are cut to seq_len ...
+    for row in range(4):  # ... from the left, as generation cuts prompts: the answer's end is still the target
+        e = data.train[int(data._perm[row])]
+        assert short_x[row].tolist() == e.ids[-9:-1] and short_y[row].tolist() == e.labels[-8:]
     for row in range(4):
         n = int((x[row] != data.pad_id).sum())
         assert (y[row, n:] == IGNORE).all()  # padding is never a target

@@ -112,7 +112,8 @@ def finetune(
                                                       "OUT/mixture (see `slm mixture`)")] = None,
     holdout_tasks: Annotated[str | None, typer.Option(help="with --mixture: comma list of task globs to hold out "
                                                            "(zero-shot eval files in OUT/mixture/heldout)")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per example (longer ones are cut)")] = 512,
+    seq_len: Annotated[int, typer.Option(help="tokens per example (longer ones lose their beginning, as prompts do "
+                                              "in generation; the answer is kept)")] = 512,
     batch_size: Annotated[int, typer.Option(help="examples per micro-batch")] = 8,
     grad_accum: int = 1,
     lr: float = 1e-4,

@@ -156,7 +156,9 @@ class SFTDataset:
         for row, e in enumerate(examples):
             if len(e.ids) > seq_len + 1:
                 self.truncated += 1
-            ids, labels = e.ids[:seq_len + 1], e.labels[:seq_len + 1]
+            # A long example loses its beginning, never its answer: generation truncates a long prompt the
+            # same way (LM.generate keeps its last tokens), so training sees what inference will.
+            ids, labels = e.ids[-(seq_len + 1):], e.labels[-(seq_len + 1):]
             x[row, :len(ids) - 1] = torch.tensor(ids[:-1])
             y[row, :len(ids) - 1] = torch.tensor(labels[1:])  # position t predicts token t+1
         return x, y
