@@ -12,6 +12,7 @@ Tolerances, and why:
 
 import numpy as np
 import pytest
+import torch
 from conftest import pulled, tiny_model_dir
 
 from slmkit.generate import SamplingParams
@@ -96,6 +97,29 @@ def test_f32_greedy_64_tokens_identical_and_logprobs_close(trained, tmp_path):
     assert ours.generate("def fib", params) == theirs.generate("def fib", params)  # text layer too
     s1, s2 = ours.score("def fibonacci(n", ": int)"), theirs.score("def fibonacci(n", ": int)")
     assert s1.is_greedy == s2.is_greedy and s1.logprob == pytest.approx(s2.logprob, abs=1e-2)
+
+
+def test_llamacpp_sampling_is_seeded_bounded_and_leaves_scoring_intact(trained, tmp_path):
+    d, tok = trained
+    lm = LlamaCppLM(write_gguf(d, tmp_path / "m.gguf", quant="f32"))
+    ids = lm.encode_prompt("def fibonacci(n")
+    before = lm.logprobs(ids).token_logprobs
+    hot = SamplingParams(max_new_tokens=24, temperature=1.5, seed=3, stop_at_eos=False)
+    a, b = list(lm._new_ids(ids, hot, None)), list(lm._new_ids(ids, hot, None))
+    assert len(a) == 24 and a == b  # the same seed, the same tokens
+    other = {tuple(lm._new_ids(ids, SamplingParams(max_new_tokens=24, temperature=1.5, seed=s,
+                                                  stop_at_eos=False), None)) for s in range(4)}
+    assert len(other) > 1  # and different seeds differ
+    # top-k 1 is greedy whatever the temperature
+    greedy = list(lm._new_ids(ids, SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False), None))
+    assert list(lm._new_ids(ids, SamplingParams(max_new_tokens=24, temperature=2.0, top_k=1, seed=0,
+                                                stop_at_eos=False), None)) == greedy
+    # token healing: only the allowed tokens can come first
+    allowed = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    allowed[greedy[1]] = True
+    assert next(iter(lm._new_ids(ids, SamplingParams(max_new_tokens=2, temperature=0), allowed))) == greedy[1]
+    # generation wrote its own KV cells: scoring afterwards must not reuse them as a cached prefix
+    np.testing.assert_allclose(lm.logprobs(ids).token_logprobs, before, atol=1e-5)
 
 
 def test_q8_0_logprobs_within_tolerance(trained, tmp_path):

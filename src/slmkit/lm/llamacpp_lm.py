@@ -71,40 +71,69 @@ class LlamaCppLM(LM):
         llm.eval(ids[llm.n_tokens:])
 
     def _new_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
-        if params.seed is not None:
-            self.llm.set_seed(params.seed)
-        # temp 0 is llama.cpp's greedy sampler; neutral repeat penalty and min_p so that the sampling is
-        # exactly temperature / top-k / top-p, as in the other backends.
-        tokens = self.llm.generate(list(prompt_ids), temp=params.temperature, top_k=params.top_k or 0,
-                                   top_p=params.top_p, min_p=0.0, repeat_penalty=1.0, reset=True,
-                                   logits_processor=_first_token_mask(first_allowed))
-        for n, tok in enumerate(tokens):
-            if n >= params.max_new_tokens:
-                return
-            if params.stop_at_eos and tok == self.eos_id:
-                return
-            yield int(tok)
-            if len(prompt_ids) + n + 1 >= self.max_length:
-                return
+        """llama.cpp's C API in a bare loop: decode one token, sample it with llama.cpp's own sampler chain,
+        repeat. llama-cpp-python's `Llama.generate` costs ~0.5 ms of Python per token on top (copying the
+        logits out, its sampling context), a third of a small model's step; this loop runs as fast as plain
+        llama.cpp (benchmarks/decode_backends.py compares the two).
+
+        Sampling: temperature, then top-k, then top-p, then a seeded draw (slmkit's order; temperature 0 is
+        greedy). `first_allowed` (token healing) becomes a logit bias on the first token only.
+        """
+        import llama_cpp as L
+        llm, ids = self.llm, list(prompt_ids)
+        ctx = llm._ctx.ctx
+        llm.n_tokens = 0  # the LM's prefix cache (logprobs) must not trust the KV cells this loop writes
+        L.llama_memory_seq_rm(L.llama_get_memory(ctx), -1, 0, -1)
+        n_batch = L.llama_n_batch(ctx)
+        for start in range(0, len(ids), n_batch):
+            chunk = ids[start:start + n_batch]
+            self._decode((L.llama_token * len(chunk))(*chunk))
+        sampler = _sampler_chain(params)
+        first = None
+        if first_allowed is not None:
+            n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
+            first = _sampler_chain(params, forbid=~first_allowed, n_vocab=n_vocab)
+        token = (L.llama_token * 1)()
+        try:
+            for n in range(params.max_new_tokens):
+                token[0] = L.llama_sampler_sample(first if first is not None and n == 0 else sampler, ctx, -1)
+                if params.stop_at_eos and token[0] == self.eos_id:
+                    return
+                yield int(token[0])
+                if len(ids) + n + 1 >= self.max_length:
+                    return
+                self._decode(token)
+        finally:
+            L.llama_sampler_free(sampler)
+            if first is not None:
+                L.llama_sampler_free(first)
+
+    def _decode(self, tokens) -> None:
+        import llama_cpp as L
+        rc = L.llama_decode(self.llm._ctx.ctx, L.llama_batch_get_one(tokens, len(tokens)))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
 
     def close(self) -> None:
         self.llm.close()
 
 
-def _first_token_mask(allowed: torch.Tensor | None):
-    """A llama-cpp-python logits processor restricting only the first sampled token (token healing)."""
-    if allowed is None:
-        return None
-    import llama_cpp
-    mask = allowed.numpy()
-    used = []
-
-    def restrict(input_ids, scores):
-        if used:
-            return scores
-        used.append(True)
-        keep = np.zeros(len(scores), dtype=bool)
-        keep[: len(mask)] = mask[: len(scores)]
-        return np.where(keep, scores, -np.inf).astype(scores.dtype)
-
-    return llama_cpp.LogitsProcessorList([restrict])
+def _sampler_chain(params: SamplingParams, forbid: torch.Tensor | None = None, n_vocab: int = 0):
+    """llama.cpp's sampler chain for `params`; `forbid` (bool over the vocabulary) bans tokens first."""
+    import llama_cpp as L
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    if forbid is not None:  # a mask shorter than llama.cpp's vocabulary bans the tokens it does not cover
+        banned = forbid[:n_vocab].nonzero().flatten().tolist() + list(range(len(forbid), n_vocab))
+        bias = (L.llama_logit_bias * len(banned))(*[L.llama_logit_bias(t, float("-inf")) for t in banned])
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(banned), bias))
+    if params.temperature == 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        return chain
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+    if params.top_k:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+    seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed % 2**32
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+    return chain
