@@ -3,9 +3,11 @@
     python benchmarks/quickstart_tuning.py --data runs/quickstart/data --minutes 10 \
         --variant base --variant "batch_size=8" --variant "lr=2e-3,min_lr_ratio=0.0"
 
-Each variant is comma-separated TrainConfig fields (`preset=nano` and `set.n_layers=4` also work) on top of
-slmkit.quickstart.QUICKSTART_TRAIN. Variants run one after another (never concurrently: they share 2 cores).
-Results are appended as JSON lines to --log so an interrupted sweep keeps what it finished.
+Each variant is comma-separated TrainConfig fields (`preset=micro` and `set.n_layers=4` also work) on top of
+the quickstart's defaults (slmkit.quickstart.QUICKSTART_PRESET, QUICKSTART_MODEL, QUICKSTART_TRAIN); `base` is
+those defaults unchanged. A variant naming a preset (`preset=micro`) starts from that preset as it is.
+Variants run one after another (never concurrently: they share 2 cores). Results are appended as JSON lines to
+--log so an interrupted sweep keeps what it finished.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from slmkit.config import parse_overrides
-from slmkit.quickstart import QUICKSTART_TRAIN
+from slmkit.quickstart import QUICKSTART_MODEL, QUICKSTART_PRESET, QUICKSTART_TRAIN
 from slmkit.train.loop import TrainConfig, train
 
 
@@ -52,6 +54,8 @@ def main() -> None:
     args = ap.parse_args()
     for variant in args.variant or ["base"]:
         fields, model = parse_variant(variant)
+        if "preset" not in fields:
+            fields["preset"], model = QUICKSTART_PRESET, {**QUICKSTART_MODEL, **model}
         out = Path(tempfile.mkdtemp(prefix="qs-tune-"))
         cfg = TrainConfig(data=args.data, out=str(out / "run"), max_minutes=args.minutes, compile=False,
                           progress=False, **{**QUICKSTART_TRAIN, "eval_every": 0, "save_every": 0, **fields},

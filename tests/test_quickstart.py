@@ -2,15 +2,17 @@ import json
 
 import pytest
 
-from slmkit.quickstart import run_quickstart, unseen_code_sample
+from slmkit.quickstart import QUICKSTART_PRESET, run_quickstart, unseen_code_sample
 
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_on_the_stdlib_and_writes_a_report(tmp_path):
     out = tmp_path / "qs"
-    result = run_quickstart(out, minutes=0.1, preset="nano", compile=False, eval_every=0)
+    # The default shape (QUICKSTART_PRESET + QUICKSTART_MODEL), cut to 2 layers to keep the test short.
+    result = run_quickstart(out, minutes=0.1, model_overrides={"n_layers": 2}, compile=False, eval_every=0)
     report = (out / "report.md").read_text()
-    for needle in ("bits per byte", "gzip -9", "xz -9e", "near-duplicates removed", "loss.png", "slm generate"):
+    for needle in ("bits per byte", "gzip -9", "xz -9e", "near-duplicates removed", "loss.png", "slm generate",
+                   f"`{QUICKSTART_PRESET}` preset, ", "n_layers=2)", "2 layers"):
         assert needle in report
     results = json.loads((out / "results.json").read_text())
     assert results["val"]["xz -9e"] > 1.0 and results["val"]["model"] > 0
@@ -19,7 +21,7 @@ def test_quickstart_runs_end_to_end_on_the_stdlib_and_writes_a_report(tmp_path):
     assert not any("/test/" in s["path"] or "site-packages" in s["path"] for s in meta["sources"])
     assert result["sample"]
     # A second call reuses the finished dataset and model instead of redoing them.
-    again = run_quickstart(out, minutes=0.1, preset="nano", compile=False)
+    again = run_quickstart(out, minutes=0.1, model_overrides={"n_layers": 2}, compile=False)
     assert again["results"]["val"]["model"] == pytest.approx(results["val"]["model"])
     serve_with_the_openai_client(out / "run")
 

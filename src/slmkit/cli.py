@@ -714,16 +714,20 @@ def presets():
 def quickstart(
     out: Annotated[Path, typer.Option(help="where the data, run and report go")] = Path("runs/quickstart"),
     minutes: Annotated[float, typer.Option(help="training budget in minutes")] = 10.0,
-    preset: str = "micro",
+    preset: Annotated[str | None, typer.Option(help="model shape (`slm presets`); default: the shape measured "
+                                                    "best for 10 CPU minutes")] = None,
+    set_: Annotated[list[str] | None,
+                    typer.Option("--set", help="override a model field, e.g. --set n_layers=4")] = None,
     vocab_size: int = 8192,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="default: measured choice")] = None,
     precision: str = "auto",
 ):
     """Train a small code model on this Python's own standard library and write report.md."""
+    from slmkit.config import parse_overrides
     from slmkit.quickstart import run_quickstart
     try:
-        run_quickstart(out, minutes=minutes, preset=preset, vocab_size=vocab_size, compile=compile,
-                       precision=precision)
+        run_quickstart(out, minutes=minutes, preset=preset, model_overrides=parse_overrides(set_),
+                       vocab_size=vocab_size, compile=compile, precision=precision)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
 

@@ -5,8 +5,9 @@
     OUT/report.md    what happened and how good it is, next to gzip -9 and xz -9e on the same text
 
 Re-running continues where an interrupted run stopped: a finished dataset is reused and training resumes.
-The default hyperparameters were chosen for a ~10 minute budget on 2 CPU cores (see docs/quickstart-tuning.md):
-on a small budget many small steps beat big batches, so batches are only 4 × 256 tokens.
+The default model and hyperparameters were chosen for a ~10 minute budget on 2 CPU cores (see
+docs/quickstart-tuning.md): on a small budget many small steps beat big batches (batches are only 4 × 256 tokens),
+and a small model that sees more tokens beats a bigger one that sees fewer.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from slmkit.train.loop import TrainConfig, read_metrics, train
 
 STDLIB_EXCLUDE = ["*/test/*", "*/tests/*", "*/idle_test/*", "*/site-packages/*", "*/__pycache__/*"]
 
-# What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md).
-QUICKSTART_TRAIN = dict(seq_len=256, batch_size=4, lr=2e-3, min_lr_ratio=0.05, warmup_steps=100,
+# What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md). The model: `nano` (4 layers)
+# narrowed to dim 96, with the data's 8k vocabulary: 1.2M parameters. On 2 AVX2 cores `micro` (6.5M) sees 1.0M
+# tokens in 10 minutes and this one 2.6M, and ends 0.11 bits/byte lower.
+QUICKSTART_PRESET = "nano"
+QUICKSTART_MODEL = {"dim": 96, "hidden_dim": 256}
+QUICKSTART_TRAIN = dict(seq_len=256, batch_size=4, lr=3e-3, min_lr_ratio=0.05, warmup_steps=100,
                         weight_decay=0.1, eval_every=500, eval_tokens=32768, save_every=250)
-
-
 
 
 def stdlib_dir() -> Path:
@@ -47,10 +50,14 @@ def unseen_code_sample(n_files: int = 40, seed: int = 0) -> list[Path]:
     return sorted(files[:n_files])
 
 
-def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, preset: str = "micro",
-                   vocab_size: int = 8192, compile: bool | None = None, precision: str = "auto",
-                   log=print, **train_overrides) -> dict:
+def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, preset: str | None = None,
+                   model_overrides: dict | None = None, vocab_size: int = 8192, compile: bool | None = None,
+                   precision: str = "auto", log=print, **train_overrides) -> dict:
+    """preset=None trains the measured quickstart shape (QUICKSTART_PRESET + QUICKSTART_MODEL); a named preset
+    trains that preset as it is, plus `model_overrides`."""
     out = Path(out)
+    if preset is None:
+        preset, model_overrides = QUICKSTART_PRESET, {**QUICKSTART_MODEL, **(model_overrides or {})}
     data_dir, run_dir = out / "data", out / "run"
 
     if (data_dir / "meta.json").exists():
@@ -69,9 +76,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
         resume = (run_dir / "checkpoint" / "trainer_state.json").exists()
         if compile is None:
             compile = _compile_helps()
-        cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, max_minutes=minutes,
-                          precision=precision, compile=compile, **{**QUICKSTART_TRAIN, **train_overrides})
-        log(f"[2/4] training `{preset}` for {minutes:g} minutes{' (resuming)' if resume else ''}")
+        cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, model_overrides=model_overrides or {},
+                          max_minutes=minutes, precision=precision, compile=compile,
+                          **{**QUICKSTART_TRAIN, **train_overrides})
+        shape = "".join(f", {k}={v}" for k, v in (model_overrides or {}).items())
+        log(f"[2/4] training `{preset}`{shape} for {minutes:g} minutes{' (resuming)' if resume else ''}")
         summary = train(cfg, resume=resume, log=log)
         if summary.get("interrupted"):
             log("interrupted: run `slm quickstart` again to continue")
@@ -84,10 +93,15 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     results = compare_with_compressors(model, tok, data_dir, summary.get("val_bpb"))
 
     log("[4/4] sampling a completion of `def `")
-    sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0),
+    # Training documents are separated by bos: a bos in the output means the model ended the file.
+    end_of_file = [tok.bos_token] if tok.bos_token else []
+    sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0,
+                                                        stop=end_of_file), heal=True)
+    greedy = complete(model, tok, "def ", SamplingParams(max_new_tokens=96, temperature=0.0, stop=end_of_file),
                       heal=True)
-    greedy = complete(model, tok, "def ", SamplingParams(max_new_tokens=96, temperature=0.0), heal=True)
-    print("\n" + "-" * 60 + "\ndef " + sample + "\n" + "-" * 60)
+    rule = "-" * 60
+    print(f"\n{rule}\nsampled (temperature 0.6, top-k 40, seed 0):\ndef {sample}\n{rule}\n"
+          f"greedy:\ndef {greedy}\n{rule}")
     report = render_report(out, meta, summary, results, sample, greedy, model.cfg, minutes)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "results.json", {**results, "train": summary, "sample": sample})
@@ -135,10 +149,15 @@ def val_documents(data_dir: Path, tok) -> list[list[int]]:
 
 
 def _compile_helps() -> bool:
-    """On GPUs compile wins. On the 2-core AVX2 CPUs measured in BENCHMARKS.md it does not for `micro`
-    (0.95x eager fp32, plus ~50 s of compilation out of a 10-minute budget), so CPU runs stay eager."""
+    """On GPUs compile wins. On the 2-core AVX2 CPUs measured in BENCHMARKS.md it does not for models this small
+    (`micro`: 0.95x eager fp32, plus ~50 s of compilation out of a 10-minute budget), so CPU runs stay eager."""
     import torch
     return torch.cuda.is_available()
+
+
+def _shape_note(summary: dict) -> str:
+    overrides = summary.get("model_overrides") or {}
+    return "".join(f", {k}={v}" for k, v in overrides.items())
 
 
 def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: str, greedy: str, mcfg,
@@ -160,8 +179,8 @@ def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: s
 
     return f"""# slmkit quickstart report
 
-A `{summary.get('preset', 'micro')}` Llama-style model trained for {minutes:g} minutes on this Python's standard
-library source (`{stdlib_dir()}`, `.py` files, no test folders, no site-packages).
+A Llama-style model (`{summary.get('preset', '?')}` preset{_shape_note(summary)}) trained for {minutes:g} minutes on
+this Python's standard library source (`{stdlib_dir()}`, `.py` files, no test folders, no site-packages).
 
 ## Data
 | | |
@@ -214,7 +233,7 @@ def {greedy}
 ```bash
 slm generate {out}/run "import os" --temperature 0.7
 slm chat {out}/run
-slm train --data {out}/data --out {out}/run2 --preset micro --max-minutes 30
+slm quickstart --out {out}-30min --minutes 30   # the same recipe, three times the budget
 python -c "import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('{out}/run/model')"
 ```
 """

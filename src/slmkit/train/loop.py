@@ -397,7 +397,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     state["elapsed"] = elapsed()
     summary = {"run": str(run), "steps": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed"],
-               "preset": cfg.preset, "precision": precision, "world_size": world, "parameters": mcfg.num_params(),
+               "preset": cfg.preset, "model_overrides": cfg.model_overrides, "precision": precision,
+               "world_size": world, "parameters": mcfg.num_params(),
                "trainable_parameters": trainable,
                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "interrupted": bool(stop["signal"])}
     if master:
