@@ -56,8 +56,9 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     """preset=None trains the measured quickstart shape (QUICKSTART_PRESET + QUICKSTART_MODEL); a named preset
     trains that preset as it is, plus `model_overrides`."""
     out = Path(out)
+    model_overrides = model_overrides or {}
     if preset is None:
-        preset, model_overrides = QUICKSTART_PRESET, {**QUICKSTART_MODEL, **(model_overrides or {})}
+        preset, model_overrides = QUICKSTART_PRESET, {**QUICKSTART_MODEL, **model_overrides}
     data_dir, run_dir = out / "data", out / "run"
 
     if (data_dir / "meta.json").exists():
@@ -76,11 +77,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
         resume = (run_dir / "checkpoint" / "trainer_state.json").exists()
         if compile is None:
             compile = _compile_helps()
-        cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, model_overrides=model_overrides or {},
+        cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, model_overrides=model_overrides,
                           max_minutes=minutes, precision=precision, compile=compile,
                           **{**QUICKSTART_TRAIN, **train_overrides})
-        shape = "".join(f", {k}={v}" for k, v in (model_overrides or {}).items())
-        log(f"[2/4] training `{preset}`{shape} for {minutes:g} minutes{' (resuming)' if resume else ''}")
+        log(f"[2/4] training `{preset}`{_shape_note(model_overrides)} for {minutes:g} minutes"
+            f"{' (resuming)' if resume else ''}")
         summary = train(cfg, resume=resume, log=log)
         if summary.get("interrupted"):
             log("interrupted: run `slm quickstart` again to continue")
@@ -155,9 +156,8 @@ def _compile_helps() -> bool:
     return torch.cuda.is_available()
 
 
-def _shape_note(summary: dict) -> str:
-    overrides = summary.get("model_overrides") or {}
-    return "".join(f", {k}={v}" for k, v in overrides.items())
+def _shape_note(model_overrides: dict) -> str:
+    return "".join(f", {k}={v}" for k, v in model_overrides.items())
 
 
 def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: str, greedy: str, mcfg,
@@ -170,6 +170,7 @@ def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: s
     med = statistics.median
     tok_s, mfu = tok_s or [float("nan")], mfu or [float("nan")]
     v, u, ctx = results["val"], results["unseen"], results["context"]
+    shape = _shape_note(summary.get("model_overrides") or {})
 
     def row(name, d):
         per_file = f"{d['xz -9e (per file)']:.3f}" if "xz -9e (per file)" in d else "(one file)"
@@ -179,7 +180,7 @@ def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: s
 
     return f"""# slmkit quickstart report
 
-A Llama-style model (`{summary.get('preset', '?')}` preset{_shape_note(summary)}) trained for {minutes:g} minutes on
+A Llama-style model (`{summary.get('preset', '?')}` preset{shape}) trained for {minutes:g} minutes on
 this Python's standard library source (`{stdlib_dir()}`, `.py` files, no test folders, no site-packages).
 
 ## Data
