@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
-	case ",$(EXTRAS)," in *,eval,*) $(BIN)/python -m slmkit.eval.lm_eval_adapter --install-hook ;; esac
+	case ",$(EXTRAS)," in *,eval,*) $(BIN)/python -m slmkit.eval.lm_eval.adapter --install-hook ;; esac
 	touch $@
 
 demo:
@@ -29,6 +29,7 @@ demo:
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports  # the package layers in pyproject.toml ([tool.importlinter])
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -58,10 +58,10 @@ def make_models(preset: str, root: Path) -> dict:
     """The preset's model directory and its GGUF exports."""
     import torch
 
-    from slmkit.checkpoint import save_model_dir
-    from slmkit.config import PRESETS, model_config
-    from slmkit.gguf_io import write_gguf
-    from slmkit.model import Transformer
+    from slmkit.formats.gguf import write_gguf
+    from slmkit.formats.hf_dir import save_model_dir
+    from slmkit.model.config import PRESETS, model_config
+    from slmkit.model.llama import Transformer
     from slmkit.tokenizer import train_tokenizer
     if preset not in PRESETS:  # a pulled model: its own weights and tokenizer
         from slmkit.hub import resolve_model
@@ -108,14 +108,14 @@ class RawLlamaCpp:
 def run_one(conf: dict) -> dict:
     import torch
 
-    from slmkit.generate import SamplingParams
     from slmkit.lm import load_lm
+    from slmkit.sampling import SamplingParams
 
     torch.set_num_threads(conf["threads"])
     opts = conf["options"]
     t0 = time.perf_counter()
     if conf["backend"] == "plain":
-        from slmkit.checkpoint import load_any
+        from slmkit.formats import load_any
         from slmkit.lm.torch_lm import TorchLM
         lm = TorchLM(*load_any(conf["paths"]["dir"]))
     elif conf["backend"] == "llamacpp-raw":

@@ -32,8 +32,8 @@ STUDENT = dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=768, tie
 
 def prepare(out: Path, log) -> Path:
     from slmkit.data.prepare import prepare_dataset
+    from slmkit.data.stdlib import STDLIB_EXCLUDE, stdlib_dir
     from slmkit.hub import resolve_model
-    from slmkit.quickstart import STDLIB_EXCLUDE, stdlib_dir
     data = out / "data"
     if not (data / "meta.json").exists():
         prepare_dataset([str(stdlib_dir() / "**" / "*.py")], data, tokenizer=resolve_model(TEACHER).location,
@@ -69,7 +69,7 @@ def main():
     args = ap.parse_args()
 
     from slmkit.distill.teacher_text import write_teacher_text
-    from slmkit.train.distill import build_topk_cache
+    from slmkit.distill.topk_cache import build_topk_cache
     from slmkit.train.loop import TrainConfig, read_metrics, train
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +138,8 @@ def main():
 def subset_loss(run: Path, data: Path, args) -> float:
     import torch
 
-    from slmkit.checkpoint import load_model_dir
-    from slmkit.data.loader import TokenDataset
+    from slmkit.data.tokens import TokenDataset
+    from slmkit.formats.hf_dir import load_model_dir
     from slmkit.train.loop import evaluate
     model = load_model_dir(run / "model")
     return evaluate(model, TokenDataset(data), args.seq_len, args.batch_size, torch.device("cpu"), "fp32",

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from slmkit.config import model_config
-from slmkit.data.loader import TokenDataset
-from slmkit.model import Transformer
-from slmkit.train.distill import DistillConfig, Distiller
+from slmkit.data.tokens import TokenDataset
+from slmkit.distill.kd import DistillConfig, Distiller
+from slmkit.model.config import model_config
+from slmkit.model.llama import Transformer
 from slmkit.train.loop import TrainConfig, make_optimizer
 
 STUDENT = dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=768, tie_embeddings=True)

@@ -47,7 +47,7 @@ def base_row(args) -> dict:
     """The model before any training, on the same validation answers (the anchor for the final losses)."""
     import torch
 
-    from slmkit.checkpoint import load_model_dir
+    from slmkit.formats.hf_dir import load_model_dir
     from slmkit.hub import resolve_model
     from slmkit.train.loop import TrainConfig, evaluate, open_training_data
     location = resolve_model(args.model).location

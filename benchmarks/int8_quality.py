@@ -23,11 +23,11 @@ from pathlib import Path
 
 
 def main() -> None:
-    from slmkit.checkpoint import load_any
     from slmkit.eval.perplexity import text_bits_per_byte
     from slmkit.eval.tasks import heldout_python
+    from slmkit.formats import load_any
     from slmkit.hub import resolve_model
-    from slmkit.quantize import Int8Linear, calibration_ids, decode_bytes, quantize_int8
+    from slmkit.model.quantize import Int8Linear, calibration_ids, decode_bytes, quantize_int8
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct"])

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.adapt.classify import read_labelled, train_classifier
-from slmkit.adapt.pet import PET, distil_classifier, predict, train_pet
-from slmkit.checkpoint import load_model_dir
+from slmkit.classify.head import read_labelled, train_classifier
+from slmkit.classify.pet import PET, distil_classifier, predict, train_pet
+from slmkit.formats.hf_dir import load_model_dir
 from slmkit.hub import resolve_model
 from slmkit.tokenizer import load_tokenizer
 

@@ -4,7 +4,7 @@
         --variant base --variant "batch_size=8" --variant "lr=2e-3,min_lr_ratio=0.0"
 
 Each variant is comma-separated TrainConfig fields (`preset=micro` and `set.n_layers=4` also work) on top of
-the quickstart's defaults (slmkit.quickstart.QUICKSTART_PRESET, QUICKSTART_MODEL, QUICKSTART_TRAIN); `base` is
+the quickstart's defaults (slmkit.recipes.quickstart.QUICKSTART_PRESET, QUICKSTART_MODEL, QUICKSTART_TRAIN); `base` is
 those defaults unchanged. A variant naming a preset (`preset=micro`) starts from that preset as it is.
 Variants run one after another (never concurrently: they share 2 cores). Results are appended as JSON lines to
 --log so an interrupted sweep keeps what it finished.
@@ -18,8 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from slmkit.config import parse_overrides
-from slmkit.quickstart import QUICKSTART_MODEL, QUICKSTART_PRESET, QUICKSTART_TRAIN
+from slmkit.model.config import parse_overrides
+from slmkit.recipes.quickstart import QUICKSTART_MODEL, QUICKSTART_PRESET, QUICKSTART_TRAIN
 from slmkit.train.loop import TrainConfig, train
 
 

@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --presets micro --steps 4 --json out.json
 
 One step is exactly what `slmkit.train.loop.train` does per optimizer step (grad_accum 1): forward with the loss
-under `slmkit.perf.autocast`, backward, `clip_grad_norm_(1.0)`, the fused AdamW of `make_optimizer`, zero_grad.
+under `slmkit.train.perf.autocast`, backward, `clip_grad_norm_(1.0)`, the fused AdamW of `make_optimizer`, zero_grad.
 Batches are random tokens: data loading is not what is measured.
 
 Each configuration runs in a fresh subprocess (this script re-invoked with `--one JSON`), so compile caches and
@@ -12,8 +12,8 @@ thread pools do not leak from one configuration into the next. By default each s
 TorchInductor cache, so the warm-up column is the cold compile a first-time user pays (`--warm-cache` reuses
 the on-disk cache instead). The reported throughput is the MEDIAN step time after the warm-up steps; MFU divides
 `ModelConfig.flops_per_token(seq_len)` × tokens/s by the square-matmul peak measured in this same run
-(`slmkit.perf.matmul_peak_flops`; the bf16 peak for bf16 rows). Where the CPU has no native bf16 (AVX2-only
-machines; `slmkit.perf.bf16_supported`), bf16 autocast is emulated and tens of times slower than fp32, so by
+(`slmkit.train.perf.matmul_peak_flops`; the bf16 peak for bf16 rows). Where the CPU has no native bf16 (AVX2-only
+machines; `slmkit.train.perf.bf16_supported`), bf16 autocast is emulated and tens of times slower than fp32, so by
 default only its eager full-loss row is measured, with one step; `--bf16 all` measures every bf16 row.
 """
 
@@ -45,10 +45,10 @@ def _threads_env(threads: int) -> dict:
 def run_one(conf: dict) -> dict:
     import torch
 
-    from slmkit.config import model_config
-    from slmkit.model import Transformer
-    from slmkit.perf import autocast
+    from slmkit.model.config import model_config
+    from slmkit.model.llama import Transformer
     from slmkit.train.loop import TrainConfig, make_optimizer
+    from slmkit.train.perf import autocast
 
     torch.set_num_threads(conf["threads"])
     device = torch.device(conf["device"])
@@ -135,7 +135,8 @@ def spawn(conf: dict, timeout: float, warm_cache: bool) -> dict:
 
 def measure_peaks(device_type: str, threads: int) -> dict:
     """fp32 and bf16 matmul peaks (best of several trials), in a fresh subprocess with the benchmark's threads."""
-    code = (f"import json, torch; torch.set_num_threads({threads}); from slmkit.perf import matmul_peak_flops as m; "
+    code = (f"import json, torch; torch.set_num_threads({threads}); "
+            "from slmkit.train.perf import matmul_peak_flops as m; "
             f"print(json.dumps({{p: m({device_type!r}, p) for p in ('fp32', 'bf16')}}))")
     out = subprocess.run([sys.executable, "-c", code], env=_threads_env(threads), capture_output=True, text=True,
                          check=True)
@@ -200,7 +201,7 @@ def table(rows: list[dict], peaks: dict) -> str:
 def _bf16_native(device_type: str) -> bool:
     import torch
 
-    from slmkit.perf import bf16_supported
+    from slmkit.train.perf import bf16_supported
 
     return bf16_supported(torch.device(device_type))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit.config import model_config
+from slmkit.model.config import model_config
 
 TINY = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
 
@@ -87,8 +87,8 @@ def tiny_model_dir(path, tokenizer, tie=True, train_on: str | None = None, steps
     """
     import dataclasses
 
-    from slmkit.checkpoint import save_model_dir
-    from slmkit.model import Transformer
+    from slmkit.formats.hf_dir import save_model_dir
+    from slmkit.model.llama import Transformer
     cfg = dataclasses.replace(model_config("nano", **TINY), vocab_size=tokenizer.vocab_size, tie_embeddings=tie,
                               bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                               pad_token_id=tokenizer.pad_id, **overrides)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import tiny_model_dir
 
-from slmkit.adapt.classify import Classifier, expected_calibration_error, features, fit_temperature, train_classifier
-from slmkit.adapt.pet import PET, predict, slot_logprobs, train_pet
-from slmkit.checkpoint import load_model_dir
+from slmkit.classify.head import Classifier, expected_calibration_error, features, fit_temperature, train_classifier
+from slmkit.classify.pet import PET, predict, slot_logprobs, train_pet
+from slmkit.formats.hf_dir import load_model_dir
 from slmkit.tokenizer import train_tokenizer
 
 FRUIT = ["apple pie", "banana bread", "cherry jam", "apple juice", "banana split", "cherry tart"]

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from slmkit.checkpoint import find_model_dir, load_model_dir, save_model_dir
-from slmkit.model import Transformer
+from slmkit.formats.hf_dir import find_model_dir, load_model_dir, save_model_dir
+from slmkit.model.llama import Transformer
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_model_dir
 from typer.testing import CliRunner
 
-from slmkit.checkpoint import load_any
 from slmkit.cli import app
+from slmkit.formats import load_any
 from slmkit.tokenizer import load_tokenizer, train_tokenizer
 
 runner = CliRunner()
@@ -72,7 +72,7 @@ def test_import_gguf_gives_back_the_model(model_dir, tmp_path):
 @pytest.mark.slow
 def test_export_onnx_from_the_command_line(model_dir, tmp_path):
     pytest.importorskip("onnxruntime")
-    from slmkit.onnx_export import onnx_logits
+    from slmkit.formats.onnx import onnx_logits
     r = runner.invoke(app, ["export", str(model_dir), "--format", "onnx", "-o", str(tmp_path / "onnx")])
     assert r.exit_code == 0, r.output
     model, tok = load_any(model_dir)

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from slmkit.cli import app
 from slmkit.data.prepare import prepare_dataset
-from slmkit.train import distill as D
+from slmkit.distill import kd as D
+from slmkit.distill import student_init, topk_cache
+from slmkit.distill import teacher as T
 from slmkit.train.loop import TrainConfig, train
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. "
@@ -40,10 +42,10 @@ def test_divergences_are_zero_on_equal_and_positive_on_different_distributions()
 
 def test_top_k_with_the_rest_is_exact_for_k_equal_vocab_and_a_lower_bound_below():
     t, s = _dist(4, 50, seed=3), torch.randn(4, 50)
-    full = D.kd_loss(s, D.TeacherTargets(logp=t), torch.ones(4), "fkl", 0.5, 1.0)
+    full = D.kd_loss(s, T.TeacherTargets(logp=t), torch.ones(4), "fkl", 0.5, 1.0)
     for k, exact in [(50, True), (8, False)]:
         top = t.topk(k, dim=-1)
-        approx = D.kd_loss(s, D.TeacherTargets(logp=top.values, ids=top.indices), torch.ones(4), "fkl", 0.5, 1.0)
+        approx = D.kd_loss(s, T.TeacherTargets(logp=top.values, ids=top.indices), torch.ones(4), "fkl", 0.5, 1.0)
         if exact:
             assert abs(approx - full) < 1e-4
         else:  # coarsening both distributions can only lose information (data processing inequality)
@@ -56,7 +58,7 @@ def test_minimising_each_loss_moves_the_student_to_the_teacher(kind):
     logits = torch.zeros(3, 20, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=0.1)
     for _ in range(400):
-        loss = D.kd_loss(logits, D.TeacherTargets(logp=teacher), torch.ones(3), kind, 0.5, 1.0)
+        loss = D.kd_loss(logits, T.TeacherTargets(logp=teacher), torch.ones(3), kind, 0.5, 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -69,12 +71,12 @@ def test_masked_positions_do_not_count_and_temperature_scales_by_t_squared():
     s2 = s.clone()
     s2[0, 2] += 100  # a masked position's logits cannot change the loss
     s2[1, 1:] -= 50
-    a = D.kd_loss(s, D.TeacherTargets(logp=t), mask, "fkl", 0.5, 1.0)
-    b = D.kd_loss(s2, D.TeacherTargets(logp=t), mask, "fkl", 0.5, 1.0)
+    a = D.kd_loss(s, T.TeacherTargets(logp=t), mask, "fkl", 0.5, 1.0)
+    b = D.kd_loss(s2, T.TeacherTargets(logp=t), mask, "fkl", 0.5, 1.0)
     assert torch.allclose(a, b)
     t2 = torch.log_softmax(t / 2, -1)
     manual = D.divergence(t2, torch.log_softmax(s / 2, -1), "fkl")
-    assert torch.allclose(D.kd_loss(s, D.TeacherTargets(logp=t2), mask, "fkl", 0.5, 2.0),
+    assert torch.allclose(D.kd_loss(s, T.TeacherTargets(logp=t2), mask, "fkl", 0.5, 2.0),
                           (manual * mask).sum() / mask.sum() * 4)
 
 
@@ -127,23 +129,23 @@ def _cfg(world, out, **kw):
 
 
 def test_cache_holds_the_teachers_top_k_and_resumes_after_an_interruption(world, tmp_path, monkeypatch):
-    meta = D.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "full", seq_len=32, top_k=4,
+    meta = topk_cache.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "full", seq_len=32, top_k=4,
                               batch_size=2, progress=False, log=lambda m: None)
     assert meta["top_k"] == 4 and meta["bytes_per_token"] == 4 * (2 + 2) and meta["teacher_tokens_per_s"] > 0
-    cache = D.CachedTeacher(tmp_path / "full", D.DistillConfig(cache="x"), seq_len=32)
+    cache = topk_cache.CachedTeacher(tmp_path / "full", D.DistillConfig(cache="x"), seq_len=32)
     # the cache equals the online teacher's top-k at the same windows (up to fp16)
-    lm = D.open_teacher_lm(str(world["teacher"]))
-    from slmkit.data.loader import TokenDataset
+    lm = T.open_teacher_lm(str(world["teacher"]))
+    from slmkit.data.tokens import TokenDataset
     ds = TokenDataset(world["small"])
     windows = [0, 3]
     batch = torch.from_numpy(np.stack([ds.train[w * 32:w * 32 + 33] for w in windows]).astype(np.int64))
-    online = D.teacher_logprobs(lm, batch, 4, 1.0)
+    online = T.teacher_logprobs(lm, batch, 4, 1.0)
     cached = cache.targets(windows)
     assert torch.equal(cached.ids, online.ids)
     assert torch.allclose(cached.logp, online.logp, atol=2e-2)
 
     # interrupt a second build after two batches: no meta.json, progress kept; the rerun finishes it identically
-    real, calls = D.teacher_logprobs, {"n": 0}
+    real, calls = T.teacher_logprobs, {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -151,28 +153,28 @@ def test_cache_holds_the_teachers_top_k_and_resumes_after_an_interruption(world,
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(D, "teacher_logprobs", flaky)
+    monkeypatch.setattr(topk_cache, "teacher_logprobs", flaky)
     with pytest.raises(KeyboardInterrupt):
-        D.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "resumed", seq_len=32, top_k=4,
+        topk_cache.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "resumed", seq_len=32, top_k=4,
                            batch_size=2, progress=False, log=lambda m: None)
     assert not (tmp_path / "resumed" / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="interrupted"):
-        D.CachedTeacher(tmp_path / "resumed", D.DistillConfig(cache="x"), seq_len=32)
+        topk_cache.CachedTeacher(tmp_path / "resumed", D.DistillConfig(cache="x"), seq_len=32)
     assert json.loads((tmp_path / "resumed" / "progress.json").read_text())["windows_done"] == 4
-    monkeypatch.setattr(D, "teacher_logprobs", real)
+    monkeypatch.setattr(topk_cache, "teacher_logprobs", real)
     logs = []
-    D.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "resumed", seq_len=32, top_k=4,
+    topk_cache.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "resumed", seq_len=32, top_k=4,
                        batch_size=2, progress=False, log=logs.append)
     assert any("resuming" in m for m in logs)
     for f in ("ids.bin", "logp.bin"):
         assert (tmp_path / "resumed" / f).read_bytes() == (tmp_path / "full" / f).read_bytes()
     with pytest.raises(ValueError, match="seq_len 32"):
-        D.CachedTeacher(tmp_path / "full", D.DistillConfig(cache="x"), seq_len=16)
+        topk_cache.CachedTeacher(tmp_path / "full", D.DistillConfig(cache="x"), seq_len=16)
 
 
 def test_distilled_student_beats_the_same_student_from_scratch(world, tmp_path):
     # The students see 12 documents; the teacher learnt from all of them. Same steps, same data, same seed.
-    D.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "cache", seq_len=32, top_k=8,
+    topk_cache.build_topk_cache(str(world["teacher"]), world["small"], tmp_path / "cache", seq_len=32, top_k=8,
                        progress=False, log=lambda m: None)
     common = dict(data=str(world["small"]), max_steps=60, lr=1e-2)
     scratch = train(_cfg(world, tmp_path / "scratch", **common), log=lambda m: None)
@@ -196,7 +198,7 @@ def test_on_policy_batches_train_on_the_students_own_samples(world, tmp_path):
     rec = [json.loads(line) for line in (tmp_path / "gkd" / "metrics.jsonl").read_text().splitlines()]
     assert all("kd" in r and "ce" not in r for r in rec if "loss" in r)  # no ground truth for sampled tokens
 
-    from slmkit.checkpoint import load_model_dir
+    from slmkit.formats.hf_dir import load_model_dir
     model = load_model_dir(world["teacher"])
     windows = torch.randint(3, 300, (2, 33))
     out = D.sample_continuations(model, windows, 8, torch.Generator().manual_seed(0))
@@ -204,8 +206,8 @@ def test_on_policy_batches_train_on_the_students_own_samples(world, tmp_path):
 
 
 def test_student_from_teacher_keeps_every_nth_block_and_the_embeddings(world, tmp_path):
-    from slmkit.checkpoint import load_model_dir
-    D.student_from_teacher(str(world["teacher"]), tmp_path / "student", layer_step=2)
+    from slmkit.formats.hf_dir import load_model_dir
+    student_init.student_from_teacher(str(world["teacher"]), tmp_path / "student", layer_step=2)
     teacher, student = load_model_dir(world["teacher"]), load_model_dir(tmp_path / "student")
     assert student.cfg.n_layers == 1 and teacher.cfg.n_layers == 2
     assert torch.equal(student.embed_tokens.weight, teacher.embed_tokens.weight)
@@ -217,11 +219,11 @@ def test_mismatched_tokenizers_are_refused_with_a_way_out(world, tmp_path):
     from slmkit.tokenizer import train_tokenizer
     other = train_tokenizer(["completely different words here " * 40], vocab_size=280)
     stranger = tiny_model_dir(tmp_path / "stranger", other)
-    with pytest.raises(D.TokenizerMismatch, match="different tokenizers.*sequence level"):
+    with pytest.raises(T.TokenizerMismatch, match="different tokenizers.*sequence level"):
         train(_cfg(world, tmp_path / "run", distill={"teacher": str(stranger)}), log=lambda m: None)
-    with pytest.raises(D.TokenizerMismatch, match="different tokenizers"):
-        D.build_topk_cache(str(stranger), world["data"], tmp_path / "c", seq_len=32, progress=False)
-    D.check_same_tokenizer(world["tok"], world["tok"], "self")  # the same tokenizer passes
+    with pytest.raises(T.TokenizerMismatch, match="different tokenizers"):
+        topk_cache.build_topk_cache(str(stranger), world["data"], tmp_path / "c", seq_len=32, progress=False)
+    T.check_same_tokenizer(world["tok"], world["tok"], "self")  # the same tokenizer passes
 
 
 def test_cli_teacher_cache_and_distill(world, tmp_path):
@@ -247,7 +249,7 @@ def test_cli_teacher_cache_and_distill(world, tmp_path):
 # ---- sequence-level distillation -----------------------------------------------------------------------
 
 def test_teacher_text_keeps_real_prompts_and_val_and_resumes(world, tmp_path, monkeypatch):
-    from slmkit.data.loader import TokenDataset
+    from slmkit.data.tokens import TokenDataset
     from slmkit.distill import teacher_text as TT
     src = TokenDataset(world["small"])
     meta = TT.write_teacher_text(str(world["teacher"]), world["small"], tmp_path / "full", prompt_tokens=8,

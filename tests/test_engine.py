@@ -5,8 +5,8 @@ import asyncio
 import pytest
 from conftest import tiny_model_dir
 
-from slmkit.generate import SamplingParams
 from slmkit.lm import load_lm
+from slmkit.sampling import SamplingParams
 from slmkit.serve.engine import Engine, GenerationRequest, PromptTooLong, QueueFull
 from slmkit.tokenizer import train_tokenizer
 

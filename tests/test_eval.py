@@ -12,8 +12,8 @@ from conftest import tiny_model_dir
 from slmkit.eval import metrics as M
 from slmkit.eval.harness import build_prompt, doctest_program, evaluate
 from slmkit.eval.tasks import Task, fewshot_examples, load_task, select
-from slmkit.generate import SamplingParams
 from slmkit.lm.base import LM
+from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import train_tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\nThe capital of France is Paris.\n"

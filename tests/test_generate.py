@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from slmkit.generate import SamplingParams, complete, generate_ids, generate_text, sample_next
-from slmkit.model import Transformer
+from slmkit.lm.torch_lm import complete, generate_ids, generate_text
+from slmkit.model.llama import Transformer
+from slmkit.sampling import SamplingParams, sample_next
 from slmkit.tokenizer import train_tokenizer
 
 
@@ -64,7 +65,7 @@ def test_stop_strings_cut_the_text_and_streaming_equals_full(tok, tiny_cfg):
 def test_token_healing_backs_off_the_trailing_space_and_constrains_the_first_token(tok, tiny_cfg):
     import dataclasses
 
-    from slmkit.generate import heal_prompt
+    from slmkit.sampling import heal_prompt
     ids = tok.encode("def ", add_bos=True)
     healed_ids, prefix, allowed = heal_prompt(tok, ids)
     assert prefix == tok.decode(ids[-1:]) and healed_ids == ids[:-1] and prefix.endswith(" ")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import tiny_model_dir
 
-from slmkit.checkpoint import load_any, load_model_dir
-from slmkit.gguf_io import _to_halves, _to_pairs, read_gguf, tokenizer_metadata, write_gguf
+from slmkit.formats import load_any
+from slmkit.formats.gguf import _to_halves, _to_pairs, read_gguf, tokenizer_metadata, write_gguf
+from slmkit.formats.hf_dir import load_model_dir
 from slmkit.tokenizer import train_tokenizer
 
 pytest.importorskip("gguf")

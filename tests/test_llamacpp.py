@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import pulled, tiny_model_dir
 
-from slmkit.generate import SamplingParams
-from slmkit.gguf_io import write_gguf
+from slmkit.formats.gguf import write_gguf
 from slmkit.lm import load_lm
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
+from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import load_tokenizer, train_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -208,7 +208,7 @@ def test_k_quant_and_legacy_quant_files_import_into_slmkit(tmp_path):
     with llama.cpp on them, and writes Q4_0/Q5_1 itself."""
     import ctypes
 
-    from slmkit.checkpoint import load_any
+    from slmkit.formats import load_any
     tok = train_tokenizer([CODE, *TEST_TEXTS] * 20, vocab_size=400)
     # K-quants need rows of 256 values; smaller rows would silently fall back to other types.
     d = tiny_model_dir(tmp_path / "m", tok, tie=False, train_on=CODE, steps=60, dim=256, hidden_dim=512,

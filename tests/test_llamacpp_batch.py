@@ -7,15 +7,15 @@ import time
 import pytest
 from conftest import tiny_model_dir
 
-from slmkit.generate import SamplingParams
-from slmkit.gguf_io import write_gguf
+from slmkit.formats.gguf import write_gguf
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
+from slmkit.sampling import SamplingParams
 from slmkit.serve.engine import Engine, GenerationRequest
 from slmkit.tokenizer import train_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from slmkit.serve.llamacpp_batch import LlamaCppBatch  # noqa: E402  (needs llama_cpp)
+from slmkit.serve.batch_llamacpp import LlamaCppBatch  # noqa: E402  (needs llama_cpp
 
 TEXT = "def area(r):\n    return 3.14159 * r * r\n\nfor r in range(5):\n    print(r, area(r))\n"
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from conftest import tiny_model_dir
 
-from slmkit.generate import SamplingParams, complete
 from slmkit.lm import load_lm
 from slmkit.lm.base import split_continuation
-from slmkit.lm.torch_lm import TorchLM
+from slmkit.lm.torch_lm import TorchLM, complete
+from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import train_tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"
@@ -58,7 +58,7 @@ def test_hf_backend_agrees_with_torch(model_dir):
 
 def test_gguf_files_open_with_the_torch_backend(model_dir, tmp_path):
     pytest.importorskip("gguf")
-    from slmkit.gguf_io import write_gguf
+    from slmkit.formats.gguf import write_gguf
     path = write_gguf(model_dir, tmp_path / "m.gguf")
     a, b = load_lm(str(model_dir)), load_lm(str(path))
     ids = a.encode_prompt(TEXT)

@@ -17,9 +17,9 @@ from conftest import tiny_model_dir  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from slmkit.eval.lm_eval_adapter import PTH_TEXT, SlmkitEvalLM, hook_path, install_hook, main  # noqa: E402
-from slmkit.generate import SamplingParams  # noqa: E402
+from slmkit.eval.lm_eval.adapter import PTH_TEXT, SlmkitEvalLM, hook_path, install_hook, main  # noqa: E402
 from slmkit.lm import load_lm  # noqa: E402
+from slmkit.sampling import SamplingParams  # noqa: E402
 from slmkit.tokenizer import train_tokenizer  # noqa: E402
 
 FACTS = [("the cat sat on the", "mat"), ("the dog ran to the", "park"), ("a bird sang in the", "tree"),
@@ -152,7 +152,7 @@ def test_generate_until_stops_at_the_until_string(model_dir):
 
 def test_hook_is_cheap_and_install_hook_writes_a_pth(tmp_path, capsys):
     # The hook runs at every interpreter start-up once installed: it must not pull in lm-eval or torch.
-    subprocess.run([sys.executable, "-c", "import slmkit.lm_eval_hook, sys; "
+    subprocess.run([sys.executable, "-c", "import slmkit.eval.lm_eval.hook, sys; "
                     "assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules"], check=True)
 
     pth = tmp_path / "slmkit-lm-eval.pth"
@@ -166,8 +166,8 @@ def test_hook_is_cheap_and_install_hook_writes_a_pth(tmp_path, capsys):
     check = (f"import site, sys; site.addsitedir({str(tmp_path)!r})\n"
              "from lm_eval.api.registry import get_model, model_registry\n"
              "assert get_model('dummy').__name__ == 'DummyLM'\n"
-             "assert 'slmkit' in model_registry and 'slmkit.eval.lm_eval_adapter' not in sys.modules\n"
-             "assert get_model('slmkit').__module__ == 'slmkit.eval.lm_eval_adapter'\n")
+             "assert 'slmkit' in model_registry and 'slmkit.eval.lm_eval.adapter' not in sys.modules\n"
+             "assert get_model('slmkit').__module__ == 'slmkit.eval.lm_eval.adapter'\n")
     subprocess.run([sys.executable, "-c", check], check=True)
 
     for _ in range(2):
@@ -184,7 +184,7 @@ def test_cli_runs_the_task(model_dir, task_dir, tmp_path, command):
             install_hook()
         prefix = [str(Path(sys.executable).parent / "lm_eval")]
     else:
-        prefix = [sys.executable, "-m", "slmkit.eval.lm_eval_adapter"]
+        prefix = [sys.executable, "-m", "slmkit.eval.lm_eval.adapter"]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     cmd = [*prefix, "--model", "slmkit",
            "--model_args", f"path={model_dir},backend=torch,device=cpu,dtype=float32", "--tasks", TASK,

@@ -7,9 +7,9 @@ import torch
 from conftest import PAIRS, chat, tiny_model_dir, translation_tokenizer
 from safetensors.torch import load_file
 
-from slmkit.checkpoint import load_model_dir, load_state_dict
-from slmkit.model import Transformer
-from slmkit.train.lora import (
+from slmkit.formats.hf_dir import load_model_dir, load_state_dict
+from slmkit.model.llama import Transformer
+from slmkit.model.lora import (
     ALL_LINEAR,
     LoRAConfig,
     LoRALinear,
@@ -138,7 +138,7 @@ def test_finetune_cli_with_lora(tok, tmp_path):
     from typer.testing import CliRunner
 
     from slmkit.cli import app
-    from slmkit.train.lora import read_adapter_config
+    from slmkit.model.lora import read_adapter_config
     base = tiny_model_dir(tmp_path / "base", tok)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(chat(a, b)) + "\n" for a, b in PAIRS * 3))
@@ -202,10 +202,10 @@ def test_serve_with_an_adapter_answers_like_the_merged_model(tok, tmp_path, monk
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from slmkit.checkpoint import save_model_dir
     from slmkit.cli import app as cli
-    from slmkit.generate import SamplingParams
+    from slmkit.formats.hf_dir import save_model_dir
     from slmkit.lm import load_lm
+    from slmkit.sampling import SamplingParams
     base = tiny_model_dir(tmp_path / "base", tok)
     cfg = LoRAConfig(r=4, alpha=8)
     model = lora_model(base, cfg)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from slmkit.config import PRESETS, ModelConfig, model_config, parse_overrides
-from slmkit.model import KVCache, Transformer
+from slmkit.model.config import PRESETS, ModelConfig, model_config, parse_overrides
+from slmkit.model.decode import KVCache
+from slmkit.model.llama import Transformer
 
 
 def test_presets_parameter_counts_match_the_built_model():
@@ -79,8 +80,8 @@ def test_sequence_longer_than_context_is_refused(tiny_cfg):
 def test_prepared_for_decoding_computes_the_same_and_unfuses_back(tiny_cfg, tie):
     import copy
 
-    from slmkit.checkpoint import hf_state_dict
-    from slmkit.model import SlotKVCache, is_fused, prepare_for_decoding, unfuse_projections
+    from slmkit.formats.hf_dir import hf_state_dict
+    from slmkit.model.decode import SlotKVCache, is_fused, prepare_for_decoding, unfuse_projections
     torch.manual_seed(0)
     cfg = ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": tie})
     plain = Transformer(cfg).eval()
@@ -110,8 +111,8 @@ def test_prepared_for_decoding_computes_the_same_and_unfuses_back(tiny_cfg, tie)
 
 
 def test_fusion_leaves_wrapped_projections_alone(tiny_cfg):
-    from slmkit.model import fuse_projections
-    from slmkit.train.lora import LoRAConfig, add_lora
+    from slmkit.model.decode import fuse_projections
+    from slmkit.model.lora import LoRAConfig, add_lora
     model = add_lora(Transformer(tiny_cfg), LoRAConfig(r=2, alpha=4))  # q/k/v/o wrapped
     fuse_projections(model)
     assert hasattr(model.layers[0].self_attn, "q_proj") and hasattr(model.layers[0].mlp, "gate_up_proj")

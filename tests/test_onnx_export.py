@@ -11,9 +11,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
-from slmkit.checkpoint import save_model_dir  # noqa: E402
-from slmkit.model import Transformer  # noqa: E402
-from slmkit.onnx_export import export_onnx, onnx_logits  # noqa: E402
+from slmkit.formats.hf_dir import save_model_dir  # noqa: E402
+from slmkit.formats.onnx import export_onnx, onnx_logits  # noqa: E402
+from slmkit.model.llama import Transformer  # noqa: E402
 from slmkit.tokenizer import train_tokenizer  # noqa: E402
 
 

@@ -7,10 +7,10 @@ import torch.nn as nn
 from conftest import tiny_model_dir
 from typer.testing import CliRunner
 
-from slmkit import quantize
 from slmkit.cli import app
 from slmkit.lm import load_lm
-from slmkit.quantize import Int8Linear, decode_bytes, quantize_int8
+from slmkit.model import quantize
+from slmkit.model.quantize import Int8Linear, decode_bytes, quantize_int8
 from slmkit.tokenizer import train_tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n"
@@ -48,7 +48,7 @@ def test_cpu_kernel_agrees_with_the_weight_only_path(monkeypatch):
 
 
 def test_quantized_model_keeps_its_loss_and_shrinks(model_dir):
-    from slmkit.checkpoint import load_any
+    from slmkit.formats import load_any
     model, tok = load_any(model_dir)
     ids = torch.tensor([tok.encode(TEXT * 3)])[:, :64]
     with torch.no_grad():
@@ -65,8 +65,8 @@ def test_quantized_model_keeps_its_loss_and_shrinks(model_dir):
 
 
 def test_a_failed_calibration_check_falls_back_to_weight_only(model_dir):
-    from slmkit.checkpoint import load_any
-    from slmkit.quantize import calibration_ids
+    from slmkit.formats import load_any
+    from slmkit.model.quantize import calibration_ids
     model, tok = load_any(model_dir)
     check = calibration_ids(tok, 64)
     ok = quantize_int8(model, check)
@@ -78,7 +78,7 @@ def test_a_failed_calibration_check_falls_back_to_weight_only(model_dir):
 
 
 def test_load_lm_with_int8_weights_generates_like_fp32(model_dir):
-    from slmkit.generate import SamplingParams
+    from slmkit.sampling import SamplingParams
     p = SamplingParams(max_new_tokens=12, temperature=0)
     fp32, int8 = load_lm(str(model_dir)), load_lm(str(model_dir), weights="int8")
     assert any(isinstance(m, Int8Linear) for m in int8.model.modules())

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from slmkit.quickstart import QUICKSTART_PRESET, run_quickstart, unseen_code_sample
+from slmkit.data.stdlib import unseen_code_sample
+from slmkit.recipes.quickstart import QUICKSTART_PRESET, run_quickstart
 
 
 @pytest.mark.slow
@@ -31,8 +32,8 @@ def serve_with_the_openai_client(run_dir):
     openai = pytest.importorskip("openai")
     from test_serve import live_server
 
-    from slmkit.generate import SamplingParams
     from slmkit.lm import load_lm
+    from slmkit.sampling import SamplingParams
     from slmkit.serve.app import create_app
     from slmkit.serve.engine import Engine
     lm = load_lm(str(run_dir))

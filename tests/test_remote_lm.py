@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import stop_process
 
-from slmkit.generate import SamplingParams
 from slmkit.lm.remote_lm import RemoteLM
+from slmkit.sampling import SamplingParams
 
 # --- the fake server ------------------------------------------------------------------------------------------
 
@@ -366,10 +366,10 @@ def test_greedy_completion_through_llama_cpp_server_matches_torch(tmp_path, tiny
     pytest.importorskip("llama_cpp.server")
     import torch
 
-    from slmkit.checkpoint import save_model_dir
-    from slmkit.gguf_io import write_gguf
+    from slmkit.formats.gguf import write_gguf
+    from slmkit.formats.hf_dir import save_model_dir
     from slmkit.lm.torch_lm import TorchLM
-    from slmkit.model import Transformer
+    from slmkit.model.llama import Transformer
     from slmkit.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["def foo(x):\n    return x + 1\n", "the cat sat on the mat. the end."] * 20, vocab_size=300)

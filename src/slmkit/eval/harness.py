@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from slmkit.eval import metrics as M
 from slmkit.eval.tasks import Task, fewshot_examples, select
-from slmkit.generate import SamplingParams
+from slmkit.sampling import SamplingParams
 
 BEST_OF = (1, 4, 16)
 SELECTORS = ("vote", "verifier", "execute", "first")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from slmkit.model import Transformer
+from slmkit.model.llama import Transformer
 
 
 def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len: int | None = None,

@@ -275,7 +275,7 @@ def _builtin(name: str, **overrides) -> Task:
 
 
 def heldout_python(n_files: int = 20, max_bytes: int = 8192) -> list[dict]:
-    from slmkit.quickstart import unseen_code_sample
+    from slmkit.data.stdlib import unseen_code_sample
     items = []
     for path in unseen_code_sample(n_files):
         data = path.read_bytes()[:max_bytes].decode("utf-8", errors="ignore")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slmkit.generate import SamplingParams, heal_prompt, stream_text
+from slmkit.sampling import SamplingParams, heal_prompt, stream_text
 
 
 @dataclass

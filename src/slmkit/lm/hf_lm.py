@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from slmkit.generate import SamplingParams, sample_next
 from slmkit.lm.base import LM, LogProbs, logprobs_from_logits
+from slmkit.sampling import SamplingParams, sample_next
 
 
 class HFLM(LM):

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.generate import SamplingParams
 from slmkit.lm.base import LM, LogProbs, logprobs_from_logits
+from slmkit.sampling import SamplingParams
 
 
 class LlamaCppLM(LM):
@@ -26,7 +26,7 @@ class LlamaCppLM(LM):
                               "(it compiles llama.cpp, ~8 minutes on 2 cores)") from e
         import gguf
 
-        from slmkit.gguf_io import read_gguf_tokenizer
+        from slmkit.formats.gguf import read_gguf_tokenizer
         path = Path(path)
         reader = gguf.GGUFReader(str(path))
         self.tokenizer = read_gguf_tokenizer(reader, path)

@@ -36,8 +36,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from slmkit import __version__
-from slmkit.generate import SamplingParams
 from slmkit.lm.base import LM, LogProbs, Score
+from slmkit.sampling import SamplingParams
 
 _BODY_CHARS = 500  # how much of a server's error body goes into an exception message
 

@@ -44,8 +44,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slmkit.generate import SamplingParams
 from slmkit.lm import generation_backend
+from slmkit.sampling import SamplingParams
 from slmkit.serve.engine import Engine, GenerationRequest, PromptTooLong, QueueFull, TokenEvent
 
 log = logging.getLogger("slmkit.serve")
@@ -789,7 +789,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
              f" and adapter {adapter}" if adapter else "")
     lm = load_lm(model_arg, backend=backend, device=device, weights=weights, **options)
     if adapter is not None:
-        from slmkit.train.lora import apply_adapter
+        from slmkit.lm.torch_lm import apply_adapter
         try:
             apply_adapter(lm, adapter)
         except BaseException:

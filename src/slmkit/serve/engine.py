@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slmkit.generate import SamplingParams, TextStream, sample_next
 from slmkit.lm.base import LM
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
-from slmkit.model import KVCache, SlotKVCache
+from slmkit.model.decode import KVCache, SlotKVCache
+from slmkit.sampling import SamplingParams, TextStream, sample_next
 
 
 class QueueFull(Exception):
@@ -107,7 +107,7 @@ def batch_decoder(lm: LM, max_batch: int):
     if isinstance(lm, TorchLM):
         return TorchBatch(lm, max_batch)
     if isinstance(lm, LlamaCppLM):
-        from slmkit.serve.llamacpp_batch import LlamaCppBatch  # imports llama_cpp, as the LM itself does
+        from slmkit.serve.batch_llamacpp import LlamaCppBatch  # imports llama_cpp, as the LM itself does
         return LlamaCppBatch(lm, max_batch)
     return None
 

@@ -31,14 +31,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from slmkit.checkpoint import DTYPES, load_model_dir, save_model_dir
-from slmkit.config import ModelConfig, model_config
-from slmkit.data.loader import TokenDataset, dataset_tokenizer
+from slmkit.data.tokens import TokenDataset, dataset_tokenizer
+from slmkit.distill.kd import DistillConfig, Distiller
 from slmkit.files import atomic_dir, atomic_write_json, atomic_write_text
-from slmkit.model import Transformer
-from slmkit.perf import autocast, matmul_peak_flops, pick_device, resolve_precision
-from slmkit.train.distill import DistillConfig, Distiller
-from slmkit.train.lora import LoRAConfig, add_lora, count_parameters, load_lora_weights, merged_copy, save_adapter
+from slmkit.formats.hf_dir import DTYPES, load_model_dir, save_model_dir
+from slmkit.model.config import ModelConfig, model_config
+from slmkit.model.llama import Transformer
+from slmkit.model.lora import LoRAConfig, add_lora, count_parameters, load_lora_weights, merged_copy, save_adapter
+from slmkit.train.perf import autocast, matmul_peak_flops, pick_device, resolve_precision
 
 
 @dataclass
@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                            "tokenizer_sha256": data.meta.get("tokenizer_sha256")},
                   "train_config": dataclasses.asdict(cfg), "precision": precision, "world_size": world}
     if data.meta.get("format") == "slmkit-sft":  # a chat fine-tune makes an assistant; else keep what it was
-        from slmkit.checkpoint import read_provenance
+        from slmkit.formats.hf_dir import read_provenance
         provenance["instruction_tuned"] = bool(data.meta["chat"] or
                                                read_provenance(cfg.init_from).get("instruction_tuned", False))
     if master:

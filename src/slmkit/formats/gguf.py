@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.config import ModelConfig
+from slmkit.formats.hf_dir import load_dir, model_from_state_dict
+from slmkit.model.config import ModelConfig
 
 # slmkit name (inside layers.N. for per-layer tensors) -> GGUF name
 _NAMES = {
@@ -147,6 +148,12 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     return cfg, tensors, tokenizer
 
 
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a GGUF file, dequantized to `dtype`."""
+    cfg, tensors, tokenizer = read_gguf(path)
+    return model_from_state_dict(cfg, tensors, device, dtype, source=str(path)), tokenizer
+
+
 def read_gguf_tokenizer(reader, path: Path):
     """Rebuild the Hugging Face tokenizer a GGUF's metadata describes (byte-level BPE only)."""
     import tokenizers
@@ -259,10 +266,12 @@ def _tensor_for(name: str, w: np.ndarray, quant: str, gguf):
 
 def write_gguf(model_dir: str | Path, out: str | Path, quant: str = "f32", name: str | None = None) -> Path:
     """Write the model directory (or run directory, or GGUF file) `model_dir` as a llama-architecture GGUF."""
-    from slmkit.checkpoint import load_any
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
-    model, tokenizer = load_any(model_dir)
+    if Path(model_dir).suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf(model_dir)
+    else:
+        model, tokenizer = load_dir(model_dir)
     return write_model_gguf(model, tokenizer, out, quant, name or Path(model_dir).resolve().name)
 
 

@@ -44,7 +44,7 @@ class PET:
 def slot_logprobs(model, tokenizer, pet: PET, texts: list[str], pattern: str, batch_size: int = 16,
                   grad: bool = False) -> torch.Tensor:
     """(N, labels) log-probabilities over the labels' words at the slot (normalised over the labels)."""
-    from slmkit.adapt.classify import features
+    from slmkit.classify.head import features
     slot = torch.tensor(pet.slot_tokens(tokenizer))
     hidden = features(model, tokenizer, texts, pattern, batch_size, grad=grad)  # the slot's hidden state
     with torch.set_grad_enabled(grad):
@@ -93,7 +93,7 @@ def pet_classifier(model_dir, pet: PET, texts: list[str], labels: list[str], unl
     """PET end to end: fine-tune on the labelled texts, label `unlabelled` (and the labelled texts) softly with
     the pattern ensemble, and distil that into a head on the PET-tuned decoder (an `adapt.classify.Classifier`,
     calibrated on `dev`)."""
-    from slmkit.checkpoint import load_model_dir
+    from slmkit.formats.hf_dir import load_model_dir
     from slmkit.tokenizer import load_tokenizer
     torch.manual_seed(seed)
     model, tokenizer = load_model_dir(model_dir), load_tokenizer(model_dir)
@@ -104,7 +104,7 @@ def pet_classifier(model_dir, pet: PET, texts: list[str], labels: list[str], unl
 def distil_classifier(model, tokenizer, pet: PET, pool: list[str], base: str,
                       dev: tuple[list[str], list[str]] | None = None):
     """A head on the (PET-tuned) decoder trained on the pattern ensemble's soft labels for `pool`."""
-    from slmkit.adapt.classify import Classifier, ClassifierInfo, features, fit_temperature
+    from slmkit.classify.head import Classifier, ClassifierInfo, features, fit_temperature
     soft = predict(model, tokenizer, pet, pool)
     # The head starts from the LM's own slot logits (hidden state · word embedding), so before any distillation
     # step the classifier already predicts exactly what pattern 1 does; the soft labels then tune it.

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from slmkit import __version__
-from slmkit.checkpoint import find_model_dir, load_model_dir
 from slmkit.files import atomic_write_bytes
+from slmkit.formats.hf_dir import find_model_dir, load_model_dir
 
 MODEL_FILE = "model.onnx"
 MIN_OPSET = 18
@@ -175,7 +175,7 @@ def onnx_logits(onnx_path: str | Path, ids: np.ndarray) -> np.ndarray:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no ONNX model here (export one with slmkit.onnx_export.export_onnx)")
+        raise FileNotFoundError(f"{path}: no ONNX model here (export one with slmkit.formats.onnx.export_onnx)")
     stat = path.stat()
     session = _session(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     ids = np.asarray(ids)

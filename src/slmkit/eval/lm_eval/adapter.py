@@ -2,21 +2,21 @@
 
 From the command line (lm-eval's own arguments, with the model "slmkit" added):
 
-    python -m slmkit.eval.lm_eval_adapter --model slmkit --model_args path=runs/tiny,backend=torch \\
+    python -m slmkit.eval.lm_eval.adapter --model slmkit --model_args path=runs/tiny,backend=torch \\
         --tasks hellaswag,arc_easy --device cpu
 
 From Python:
 
     import lm_eval
-    from slmkit.eval.lm_eval_adapter import SlmkitEvalLM
+    from slmkit.eval.lm_eval.adapter import SlmkitEvalLM
     lm_eval.simple_evaluate(model=SlmkitEvalLM(lm), tasks=["arc_easy"])
 
 lm-eval 0.4 finds models only in its own registry (it reads no plugin entry points), so "slmkit" exists in a
 process once this module is imported; running the module does that and then hands the command line to lm-eval's
 own CLI. For the plain `lm_eval --model slmkit ...` command, install the start-up hook once per environment
-(`make install` does it when the "eval" extra is installed; see `slmkit.lm_eval_hook`):
+(`make install` does it when the "eval" extra is installed; see `slmkit.eval.lm_eval.hook`):
 
-    python -m slmkit.eval.lm_eval_adapter --install-hook      # or --uninstall-hook
+    python -m slmkit.eval.lm_eval.adapter --install-hook      # or --uninstall-hook
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
+from slmkit.eval.lm_eval.hook import TARGET as HOOK_TARGET
 from slmkit.files import atomic_write_text
-from slmkit.generate import SamplingParams
 from slmkit.lm import LM, load_lm
-from slmkit.lm_eval_hook import TARGET as HOOK_TARGET
+from slmkit.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ model_registry.register("slmkit", target=HOOK_TARGET)
 PTH_NAME = "slmkit-lm-eval.pth"
 # site runs the .pth lines that start with "import" at every interpreter start-up: the hook module is tiny, and a
 # file left behind once slmkit is uninstalled (pip does not know about it) does nothing.
-_PTH_CODE = "try: from slmkit.lm_eval_hook import install\nexcept ImportError: pass\nelse: install()"
-PTH_TEXT = ("# Written by `python -m slmkit.eval.lm_eval_adapter --install-hook` (remove with --uninstall-hook):\n"
-            "# makes the plain `lm_eval` command know `--model slmkit` (see slmkit.lm_eval_hook).\n"
+_PTH_CODE = "try: from slmkit.eval.lm_eval.hook import install\nexcept ImportError: pass\nelse: install()"
+PTH_TEXT = ("# Written by `python -m slmkit.eval.lm_eval.adapter --install-hook` (remove with --uninstall-hook):\n"
+            "# makes the plain `lm_eval` command know `--model slmkit` (see slmkit.eval.lm_eval.hook).\n"
             f"import sys; exec({_PTH_CODE!r})\n")
 
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     --install-hook / --uninstall-hook, add or remove the hook that makes the plain `lm_eval` command know it."""
     args = sys.argv[1:] if argv is None else list(argv)
     if {"--install-hook", "--uninstall-hook"} & set(args):
-        parser = argparse.ArgumentParser(prog="python -m slmkit.eval.lm_eval_adapter")
+        parser = argparse.ArgumentParser(prog="python -m slmkit.eval.lm_eval.adapter")
         action = parser.add_mutually_exclusive_group(required=True)
         action.add_argument("--install-hook", action="store_true", help="make `lm_eval --model slmkit` work")
         action.add_argument("--uninstall-hook", action="store_true", help="remove that hook again")

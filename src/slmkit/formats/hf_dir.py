@@ -20,9 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slmkit import __version__
-from slmkit.config import ModelConfig, load_json
 from slmkit.files import atomic_dir, atomic_write_json, make_readable
-from slmkit.model import Transformer, is_fused, rope_tables
+from slmkit.model.config import ModelConfig, load_json
+from slmkit.model.decode import is_fused
+from slmkit.model.llama import Transformer, rope_tables
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -39,8 +40,8 @@ def from_hf_name(name: str) -> str:
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under HF names; a tied LM head is stored once (as embed_tokens), as HF does."""
     if is_fused(model):
-        raise ValueError("this model's projections are fused for inference (slmkit.model.fuse_projections); "
-                         "call slmkit.model.unfuse_projections(model) before saving or exporting it")
+        raise ValueError("this model's projections are fused for inference (slmkit.model.decode.fuse_projections); "
+                         "call slmkit.model.decode.unfuse_projections(model) before saving or exporting it")
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
@@ -142,16 +143,17 @@ def model_from_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], de
     return model.to(dtype).eval()
 
 
-def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a model directory, a run directory, or a GGUF file (dequantized)."""
+def load_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a model directory or a run directory."""
     from slmkit.tokenizer import load_tokenizer
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":
-        from slmkit.gguf_io import read_gguf
-        cfg, tensors, tokenizer = read_gguf(path)
-        return model_from_state_dict(cfg, tensors, device, dtype, source=str(path)), tokenizer
     d = find_model_dir(path)
     return load_model_dir(d, device=device, dtype=dtype), load_tokenizer(d)
+
+
+def looks_instruction_tuned(path: str | Path) -> bool:
+    """Published chat models say so in their name (SmolLM2-135M-Instruct, TinyLlama-1.1B-Chat, ...)."""
+    name = Path(path).resolve().name.lower()
+    return any(word in name for word in ("instruct", "chat", "-it"))
 
 
 def read_provenance(path: str | Path) -> dict:

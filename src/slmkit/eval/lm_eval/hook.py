@@ -2,7 +2,7 @@
 
 lm-eval 0.4 has no plugin mechanism for models: `lm_eval.api.registry.get_model` sees only models registered in
 the running process, and fills its table from the fixed `MODEL_MAPPING` when it first imports `lm_eval.models`.
-`python -m slmkit.eval.lm_eval_adapter --install-hook` writes a .pth file that calls `install()` at interpreter
+`python -m slmkit.eval.lm_eval.adapter --install-hook` writes a .pth file that calls `install()` at interpreter
 start-up; `install()` puts a finder on `sys.meta_path` that, right after `lm_eval.models` has filled the table,
 adds "slmkit" as a lazy import path (the adapter, torch and slmkit's models load only if "slmkit" is asked for).
 This module imports nothing heavy: start-up stays as fast as without it.
@@ -10,7 +10,7 @@ This module imports nothing heavy: start-up stays as fast as without it.
 
 import sys
 
-TARGET = "slmkit.eval.lm_eval_adapter:SlmkitEvalLM"
+TARGET = "slmkit.eval.lm_eval.adapter:SlmkitEvalLM"
 
 
 def register() -> None:

@@ -59,7 +59,7 @@ class Classifier:
         return [(self.info.labels[int(p.argmax())], float(p.max())) for p in probs]
 
     def save(self, directory: str | Path) -> None:
-        from slmkit.checkpoint import save_model_dir
+        from slmkit.formats.hf_dir import save_model_dir
         with atomic_dir(directory) as tmp:
             info = self.info
             if info.body_trained:
@@ -70,7 +70,7 @@ class Classifier:
 
     @classmethod
     def load(cls, directory: str | Path) -> Classifier:
-        from slmkit.checkpoint import load_model_dir
+        from slmkit.formats.hf_dir import load_model_dir
         from slmkit.tokenizer import load_tokenizer
         directory = Path(directory)
         path = directory / "classifier.json"
@@ -114,7 +114,7 @@ def train_classifier(model_dir: str | Path, texts: list[str], labels: list[str],
     `soft_targets` (N, labels) trains on probability distributions instead of hard labels (distilling e.g.
     PET's soft labels on unlabelled text into the classifier).
     """
-    from slmkit.checkpoint import load_model_dir
+    from slmkit.formats.hf_dir import load_model_dir
     from slmkit.tokenizer import load_tokenizer
     torch.manual_seed(seed)
     label_set = list(label_set or sorted(set(labels)))

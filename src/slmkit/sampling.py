@@ -1,7 +1,7 @@
-"""Sampling from a model: temperature, top-k, top-p, stop strings, seeds, streaming text.
+"""Sampling: the parameters, the sampler chain (temperature, top-k, top-p), token healing, streaming text.
 
-`generate_ids` yields token ids one at a time (with or without the KV cache); `generate_text` streams decoded
-text, holding back only what could still turn into a stop string or an incomplete UTF-8 character.
+Every backend decodes with these parameters; `TextStream` turns new token ids into text, holding back only what
+could still turn into a stop string or an incomplete UTF-8 character.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-
-from slmkit.model import KVCache, Transformer
 
 
 @dataclass
@@ -52,44 +50,6 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-# inference_mode, not no_grad: cheaper per op (~10% of a batch-1 CPU decoding step)
-@torch.inference_mode()
-def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True,
-                 first_allowed: torch.Tensor | None = None) -> Iterator[int]:
-    """Yield new token ids. Without the cache every step re-runs the whole (cropped) context.
-
-    `first_allowed` (bool mask over the vocabulary) restricts the first sampled token (token healing).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    max_len = model.cfg.max_seq_len
-    ids = list(prompt_ids)[-max_len:] or [model.cfg.bos_token_id or 0]
-    gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
-    eos = model.cfg.eos_token_id
-    cache = KVCache(model.cfg, 1, max_len, device=device,
-                    dtype=next(model.parameters()).dtype) if use_cache else None
-    # The model sees ids[start:]. When that would exceed max_seq_len, both paths slide the window the same
-    # way (keep the most recent half), so cached and uncached decoding stay token-for-token identical.
-    start, pending = 0, ids
-    for _ in range(params.max_new_tokens):
-        if len(ids) - start > max_len:
-            start = len(ids) - max_len // 2
-            pending = ids[start:]
-            if cache is not None:
-                cache.length = 0
-        x = torch.tensor([pending if cache is not None else ids[start:]], device=device)
-        logits = model(x, cache=cache)[0, -1].cpu()
-        if first_allowed is not None:
-            logits = logits.masked_fill(~first_allowed, float("-inf"))
-            first_allowed = None
-        tok = sample_next(logits, params, gen)
-        if params.stop_at_eos and tok == eos:
-            return
-        yield tok
-        ids.append(tok)
-        pending = [tok]
-
-
 def heal_prompt(tokenizer, prompt_ids: list[int]) -> tuple[list[int], str, torch.Tensor | None]:
     """Token healing: drop the prompt's last token and allow only first tokens that start with its text.
 
@@ -113,17 +73,6 @@ def _token_texts(tokenizer) -> list[str]:
         cached = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
         tokenizer._slm_token_texts = cached
     return cached
-
-
-def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams,
-                  use_cache: bool = True, add_bos: bool = True, heal: bool = False) -> Iterator[str]:
-    """Stream the completion of `prompt` as text pieces; stops at eos, a stop string, or max_new_tokens."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.add_bos)
-    healed, allowed = "", None
-    if heal:
-        prompt_ids, healed, allowed = heal_prompt(tokenizer, prompt_ids)
-    ids = generate_ids(model, prompt_ids, params, use_cache=use_cache, first_allowed=allowed)
-    yield from stream_text(tokenizer, ids, params, healed)
 
 
 def stream_text(tokenizer, new_ids: Iterator[int], params: SamplingParams, healed: str = "") -> Iterator[str]:
@@ -183,7 +132,3 @@ class TextStream:
         piece, self.emitted = upto[len(self.emitted):], upto
         return piece
 
-
-def complete(model: Transformer, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True,
-             heal: bool = False) -> str:
-    return "".join(generate_text(model, tokenizer, prompt, params, use_cache=use_cache, heal=heal))

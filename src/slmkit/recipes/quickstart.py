@@ -13,41 +13,31 @@ and a small model that sees more tokens beats a bigger one that sees fewer.
 from __future__ import annotations
 
 import json
-import random
 import statistics
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 
-from slmkit.checkpoint import load_model_dir
-from slmkit.data.loader import TokenDataset
+from slmkit.data.stdlib import STDLIB_EXCLUDE, stdlib_dir, unseen_code_sample
+from slmkit.data.tokens import TokenDataset
 from slmkit.eval.perplexity import compressor_bits_per_byte, token_bits_per_byte
 from slmkit.files import atomic_write_json, atomic_write_text
-from slmkit.generate import SamplingParams, complete
+from slmkit.formats.hf_dir import load_model_dir
+from slmkit.lm.torch_lm import complete
+from slmkit.sampling import SamplingParams
 from slmkit.train.loop import TrainConfig, read_metrics, train
-
-STDLIB_EXCLUDE = ["*/test/*", "*/tests/*", "*/idle_test/*", "*/site-packages/*", "*/__pycache__/*"]
 
 # What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md). The model: `nano` (4 layers)
 # narrowed to dim 96, with the data's 8k vocabulary: 1.2M parameters. On 2 AVX2 cores `micro` (6.5M) sees 1.0M
 # tokens in 10 minutes and this one 2.6M, and ends 0.11 bits/byte lower.
 QUICKSTART_PRESET = "nano"
+
+
 QUICKSTART_MODEL = {"dim": 96, "hidden_dim": 256}
+
+
 QUICKSTART_TRAIN = dict(seq_len=256, batch_size=4, lr=3e-3, min_lr_ratio=0.05, warmup_steps=100,
                         weight_decay=0.1, eval_every=500, eval_tokens=32768, save_every=250)
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def unseen_code_sample(n_files: int = 40, seed: int = 0) -> list[Path]:
-    """Python files the model never trains on: a fixed sample of the stdlib's own test suite."""
-    test_dir = stdlib_dir() / "test"
-    files = sorted(p for p in test_dir.glob("test_*.py") if p.is_file())
-    random.Random(seed).shuffle(files)
-    return sorted(files[:n_files])
 
 
 def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, preset: str | None = None,
@@ -238,3 +228,4 @@ slm quickstart --out {out}-30min --minutes 30   # the same recipe, three times t
 python -c "import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('{out}/run/model')"
 ```
 """
+

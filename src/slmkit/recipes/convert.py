@@ -12,16 +12,12 @@ from pathlib import Path
 
 import torch
 
-from slmkit.checkpoint import DTYPES, load_any, read_provenance, save_model_dir
 from slmkit.files import sha256_file
+from slmkit.formats import load_any
+from slmkit.formats.hf_dir import DTYPES, looks_instruction_tuned, read_provenance, save_model_dir
+from slmkit.hub import resolve_model
 
 EXPORT_FORMATS = ("gguf", "hf", "onnx")
-
-
-def looks_instruction_tuned(path: str | Path) -> bool:
-    """Published chat models say so in their name (SmolLM2-135M-Instruct, TinyLlama-1.1B-Chat, ...)."""
-    name = Path(path).resolve().name.lower()
-    return any(word in name for word in ("instruct", "chat", "-it"))
 
 
 def import_model(src: str | Path, out: str | Path, dtype: str = "float32",
@@ -56,7 +52,6 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
     fmt is gguf | hf | onnx; `quant` applies to GGUF (f32, f16, bf16, q8_0), `dtype` to the HF directory
     (float32, bfloat16, float16).
     """
-    from slmkit.hub import resolve_model
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     ref = resolve_model(str(model))
@@ -66,7 +61,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
         raise ValueError(f"{model}: import the GGUF first (`slm import {model} -o DIR`), then export DIR to ONNX")
     src = Path(ref.location)
     if fmt == "gguf":
-        from slmkit.gguf_io import write_gguf
+        from slmkit.formats.gguf import write_gguf
         return write_gguf(src, out, quant=quant)
     if fmt == "hf":
         if dtype not in DTYPES:
@@ -74,5 +69,5 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
         m, tokenizer = load_any(src)
         provenance = {**read_provenance(src), "exported_from": str(src)}
         return save_model_dir(m.to(torch.float32), out, tokenizer, provenance=provenance, dtype=dtype)
-    from slmkit.onnx_export import export_onnx
+    from slmkit.formats.onnx import export_onnx
     return export_onnx(src, out)

@@ -24,12 +24,15 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slmkit.config import load_json
 from slmkit.files import atomic_dir, atomic_write_json, make_readable
-from slmkit.model import unfuse_projections
+from slmkit.model.config import load_json
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 ALL_LINEAR = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]  # PEFT's "all-linear": every Linear but lm_head
+
+
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel that wraps the LlamaForCausalLM
 
 
@@ -205,22 +208,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def apply_adapter(lm, adapter: str | Path):
-    """Put a LoRA adapter (or a LoRA run's) on an open LM, unmerged: `generate/serve --adapter`."""
-    from slmkit.checkpoint import read_provenance
-    from slmkit.lm.torch_lm import TorchLM
-    if not isinstance(lm, TorchLM):
-        raise ValueError("--adapter runs on slmkit's torch backend; use --backend torch, or `slm merge` first")
-    from slmkit.quantize import Int8Linear
-    if any(isinstance(m, Int8Linear) for m in lm.model.modules()):
-        raise ValueError("--adapter needs float weights; `slm merge` the adapter first to serve it with int8 weights")
-    adapter = find_adapter_dir(adapter)
-    unfuse_projections(lm.model)  # LoRA wraps q_proj, up_proj, ...: back to the separate projections
-    load_adapter(lm.model, adapter)
-    lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
-    return lm
-
-
 def load_lora_weights(model: nn.Module, path: str | Path) -> None:
     """Read an adapter's matrices into a model that already has the same LoRA layers (resuming a run)."""
     _copy_lora_weights(model, read_adapter_weights(path), source=str(path))
@@ -268,14 +255,3 @@ def merged_copy(model: nn.Module) -> nn.Module:
     """An fp32 copy of `model` with its LoRA merged (the model itself keeps training, unchanged)."""
     return merge_lora(copy.deepcopy(model).float())
 
-
-def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Write a full model directory: `base` with the adapter merged in, with the base's tokenizer."""
-    from slmkit.checkpoint import find_model_dir, load_any, read_provenance, save_model_dir
-    base, adapter = find_model_dir(base), find_adapter_dir(adapter)
-    model, tokenizer = load_any(base)
-    merge_lora(load_adapter(model, adapter))
-    provenance = {"instruction_tuned": read_provenance(base).get("instruction_tuned", False),
-                  **read_provenance(adapter),
-                  "merged_from": {"base": str(base.resolve()), "adapter": str(adapter.resolve())}}
-    return save_model_dir(model, out, tokenizer=tokenizer, provenance=provenance)

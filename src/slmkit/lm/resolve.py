@@ -1,0 +1,102 @@
+"""`load_lm`: any model argument a user gives (directory, file, pulled name, URL) opened with the right backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from slmkit.lm.base import LM
+
+BACKENDS = ("auto", "torch", "hf", "llamacpp", "remote")
+
+
+
+
+WEIGHTS = ("fp32", "bf16", "int8")
+
+
+def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
+            weights: str = "fp32", **options) -> LM:
+    """An LM for `spec`: a model or run directory, a .gguf file, a pulled name (`slm models`), or an
+    http(s):// OpenAI-compatible endpoint.
+
+    backend "auto" runs files and directories through slmkit's own model code (TorchLM) and URLs through
+    RemoteLM; "hf" uses transformers, "llamacpp" llama-cpp-python (on the GGUF file, the one a pulled
+    model keeps, or an f32 GGUF of a model directory written once into the cache). Extra `options` go to the
+    backend's constructor (e.g. n_ctx for llamacpp, chat for remote). `weights` bf16 or int8 (per-channel,
+    quantize.py) is for slmkit's torch backend; llama.cpp's counterpart is a q8_0 GGUF (`slm export --quant`).
+    """
+    from slmkit.hub import resolve_model
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    ref = resolve_model(spec)
+    if weights != "fp32":
+        if backend not in ("auto", "torch") or ref.kind == "remote":
+            raise ValueError(f"--weights {weights} is for the torch backend; for llama.cpp use a q8_0 GGUF "
+                             "(slm export MODEL -o FILE.gguf --quant q8_0)")
+        backend = "torch"
+        if weights == "bf16":
+            dtype = torch.bfloat16
+        else:
+            options["weights"] = "int8"
+    lm = _open(ref, spec, backend, device, dtype, options)
+    lm.instruction_tuned = _instruction_tuned(ref)
+    return lm
+
+
+def _instruction_tuned(ref) -> bool:
+    from slmkit.formats.hf_dir import looks_instruction_tuned, read_provenance
+    if ref.kind == "dir":
+        return bool(read_provenance(ref.location).get("instruction_tuned", False))
+    return ref.kind == "gguf" and looks_instruction_tuned(ref.location)
+
+
+def _open(ref, spec: str, backend: str, device: str, dtype: torch.dtype, options: dict) -> LM:
+    if ref.kind == "remote" or backend == "remote":
+        if ref.kind != "remote":
+            raise ValueError(f"backend 'remote' needs an http(s):// URL, got {spec!r}")
+        from slmkit.lm.remote_lm import RemoteLM
+        return RemoteLM(ref.location, **options)
+    if backend in ("auto", "torch"):
+        from slmkit.lm.torch_lm import TorchLM
+        return TorchLM.load(ref.location, device=device, dtype=dtype, **options)
+    if backend == "hf":
+        if ref.kind != "dir":
+            raise ValueError(f"backend 'hf' needs a model directory, got a GGUF file ({spec}); import it first "
+                             "with `slm import FILE.gguf -o DIR`")
+        from slmkit.lm.hf_lm import HFLM
+        return HFLM(ref.location, device=device, dtype=dtype)
+    from slmkit.lm.llamacpp_lm import LlamaCppLM
+    return LlamaCppLM(ref.gguf_file(create=True), **options)
+
+
+def generation_backend(model: str, backend: str, device: str, weights: str = "fp32") -> tuple[str, str, dict]:
+    """(backend, model argument, backend options) for work that is mostly decoding (`slm serve`, `slm synth`).
+
+    "auto" on a CPU serves through llama.cpp when llama-cpp-python is installed (its batched decoding is the
+    fastest CPU path: see BENCHMARKS.md), on the model's GGUF, written once into the cache as f32 when a model
+    directory has none; otherwise, on a GPU, and for bf16/int8 `weights`, through slmkit's own model.
+    Embeddings need the torch backend.
+    """
+    from slmkit.hub import resolve_model
+    ref = resolve_model(model)
+    # logits_all=False: the engine reads logits from its own batched context, so the LM's can stay small.
+    # llama.cpp keeps every core (measured on 2 cores: one thread served 137/258/334 tokens/s at 1/4/16 clients
+    # against 182/307/378 with two; torch is the other way round, see serve()).
+    llamacpp_options = {"logits_all": False}
+    if backend == "llamacpp":
+        return backend, model, llamacpp_options
+    if backend != "auto" or ref.kind == "remote":
+        return backend, model, {}
+    if device != "cpu" or weights != "fp32" or importlib.util.find_spec("llama_cpp") is None:
+        return "torch", model, {}
+    try:
+        path = ref.gguf_file(create=True)
+    except ValueError as e:  # e.g. a tokenizer llama.cpp cannot reproduce exactly
+        logging.getLogger(__name__).warning("serving with the torch backend: no exact GGUF for llama.cpp (%s)", e)
+        return "torch", model, {}
+    return "llamacpp", str(path), llamacpp_options

@@ -1,0 +1,190 @@
+"""Decoding state and decoding-only rewrites of the model.
+
+`KVCache` (one batch of sequences that advance together) and `SlotKVCache` (continuous batching: each row its
+own sequence) hold keys and values between forward passes; `prepare_for_decoding` fuses projections and lays
+out weights for the fastest CPU matmuls. Nothing here changes what the model computes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from slmkit.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from slmkit.model.llama import Transformer
+
+class KVCache:
+    """Preallocated keys/values for every layer: (batch, n_kv_heads, max_len, head_dim).
+
+    `length` is how many positions are filled; the model appends at `length` and advances it once per forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def attention_mask(self, T: int, device) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for T new queries after `length` cached positions."""
+        past = self.length
+        if past == 0:
+            return None, True
+        if T == 1:
+            return None, False  # one new query attends to everything before it
+        # SDPA's is_causal aligns top-left; with a cache prefix the diagonal is offset by `past`.
+        return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past), False
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class SlotKVCache:
+    """KV cache for continuous batching: row i is its own sequence, `lengths[i]` positions long.
+
+    The first `n_active` rows are decoding; a forward pass feeds them one new token each (B = n_active, T = 1),
+    at their own positions. A sequence enters with `load_row` (copying a prefilled single-sequence KVCache)
+    and leaves with `move_row` (the last active row takes its place, so the active rows stay contiguous and
+    attention reads plain slices, never gathers).
+    """
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.max_len, self.max_batch = max_len, max_batch
+        self.n_active = 0
+        self._mask = None
+
+    def positions(self) -> torch.Tensor:
+        return self.lengths[: self.n_active]
+
+    def update(self, layer: int, k, v):
+        n = self.n_active
+        rows, pos = torch.arange(n, device=k.device), self.lengths[:n]
+        self.k[layer][rows, :, pos] = k[:, :, 0]
+        self.v[layer][rows, :, pos] = v[:, :, 0]
+        end = self._end
+        return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
+
+    def attention_mask(self, T: int, device) -> tuple[torch.Tensor | None, bool]:
+        if T != 1:
+            raise ValueError("SlotKVCache decodes one token per row; prefill with a KVCache and load_row")
+        if self._mask is None:
+            pos = self.lengths[: self.n_active]
+            self._end = int(pos.max()) + 1
+            if self._end > self.max_len:
+                raise ValueError(f"KV cache full: {self._end} positions > max_len {self.max_len}")
+            keys = torch.arange(self._end, device=device)
+            self._mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+        return self._mask, False
+
+    def advance(self, T: int) -> None:
+        self.lengths[: self.n_active] += T
+        self._mask = None
+
+    def load_row(self, row: int, cache: KVCache) -> None:
+        n = cache.length
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :n] = cache.k[layer][0, :, :n]
+            self.v[layer][row, :, :n] = cache.v[layer][0, :, :n]
+        self.lengths[row] = n
+
+    def move_row(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
+        n = int(self.lengths[src])
+        for layer in range(len(self.k)):
+            self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+        self.lengths[dst] = n
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """Merge each block's q/k/v projections into one `qkv_proj` and gate/up into `gate_up_proj`, in place.
+
+    The same numbers with fewer ops: a batch-1 decoding step on a CPU costs mostly per-op overhead. For
+    inference only: the parameter names stop being Hugging Face's until `unfuse_projections`, and layers that
+    are not plain Linears (LoRA-wrapped, quantized) are left as they are.
+    """
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if all(type(getattr(attn, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj")):
+            attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        if all(type(getattr(mlp, n, None)) is nn.Linear for n in ("gate_proj", "up_proj")):
+            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+            del mlp.gate_proj, mlp.up_proj
+    return model
+
+
+def unfuse_projections(model: Transformer) -> Transformer:
+    """Undo `fuse_projections`: the Hugging Face layout again (e.g. before a LoRA adapter wraps q_proj)."""
+    cfg = model.cfg
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if hasattr(attn, "qkv_proj"):
+            sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+            attn.q_proj, attn.k_proj, attn.v_proj = _split_linear(attn.qkv_proj, sizes)
+            del attn.qkv_proj
+        if hasattr(mlp, "gate_up_proj"):
+            mlp.gate_proj, mlp.up_proj = _split_linear(mlp.gate_up_proj, [cfg.hidden_dim, cfg.hidden_dim])
+            del mlp.gate_up_proj
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    return any(hasattr(m, "qkv_proj") or hasattr(m, "gate_up_proj") for m in model.modules())
+
+
+def prepare_for_decoding(model: Transformer) -> Transformer:
+    """`fuse_projections`, and on a CPU in fp32 the wide weights stored transposed (same values, other layout).
+
+    Why the layout: PyTorch's CPU matmul (MKL) multiplies one row by an (out, in) row-major weight with
+    out > in up to 3x slower than by the same weight stored (in, out) on the AVX2 AMD CPUs measured in
+    BENCHMARKS.md (stories15m's 32000 x 288 LM head: 6.4 vs 2.1 ms; SmolLM2's fused gate/up: 1.15 vs 0.67 ms),
+    while narrow weights (down_proj) are faster as they are. A tied embedding shares the transposed head (a
+    lookup reads one strided row: negligible).
+    """
+    fuse_projections(model.eval())
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not (type(module) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32
+                and w.shape[0] > w.shape[1] and w.is_contiguous()):
+            continue
+        transposed = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+        if model.embed_tokens.weight is w:
+            model.embed_tokens.weight = transposed
+        module.weight = transposed
+    return model
+
+
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([m.weight.detach() for m in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w, requires_grad=linears[0].weight.requires_grad)
+    return out.train(linears[0].training)
+
+
+def _split_linear(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    parts = []
+    for w in linear.weight.detach().split(sizes):
+        m = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        m.weight = nn.Parameter(w.contiguous(), requires_grad=linear.weight.requires_grad)
+        parts.append(m.train(linear.training))
+    return parts
+
