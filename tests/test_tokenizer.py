@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from slmkit.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
+from slmkit.chat import CHATML_TEMPLATE
+from slmkit.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",

@@ -437,7 +437,8 @@ def _chat_stream(lm, messages: list[dict], params):
     if lm.tokenizer is None:
         return lm.stream_chat(messages, params)
     tok = lm.tokenizer
-    params.stop = [*params.stop, *(t for t in ("<|im_end|>", tok.eos_token) if t and t not in params.stop)]
+    from slmkit.chat import with_chat_stops
+    params.stop = with_chat_stops(params.stop, tok)
     return lm.stream(tok.apply_chat_template(messages, add_generation_prompt=True), params)
 
 

@@ -21,19 +21,11 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from slmkit.chat import CHATML_TEMPLATE, TURN_END, TURN_START
 from slmkit.files import atomic_write_json, atomic_write_text
 
 # Special tokens come first in the vocabulary, so a trained tokenizer always has pad=0, bos=1, eos=2.
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-
-# ChatML, as used by SmolLM2 (without its default system prompt): every message is
-# "<|im_start|>{role}\n{content}<|im_end|>\n", and the generation prompt opens an assistant turn.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", TURN_START, TURN_END]
 
 # GPT-2's end-of-text token doubles as its bos and eos.
 GPT2_ENDOFTEXT = "<|endoftext|>"
@@ -276,7 +268,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     def present(token):
         return token if token in special_tokens else None
 
-    has_chatml = "<|im_start|>" in special_tokens and "<|im_end|>" in special_tokens
+    has_chatml = TURN_START in special_tokens and TURN_END in special_tokens
     return Tokenizer(hf, bos_token=present("<s>"), eos_token=present("</s>"), pad_token=present("<pad>"),
                      chat_template=CHATML_TEMPLATE if has_chatml else None)
 

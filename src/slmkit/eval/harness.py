@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from slmkit.chat import with_chat_stops
 from slmkit.eval import metrics as M
 from slmkit.eval.tasks import Task, fewshot_examples, select
 from slmkit.sampling import SamplingParams
@@ -174,7 +175,7 @@ def _sample(lm, task: Task, prompts: list, samples: int, temperature: float, see
     outs = [[] for _ in prompts]
     chat = bool(prompts) and isinstance(prompts[0], list)
     # A chat answer ends with the turn: ChatML's end-of-turn marker, which need not be the model's eos.
-    stop = [*task.chat_stop, "<|im_end|>"] if chat else list(task.stop)
+    stop = with_chat_stops(list(task.chat_stop)) if chat else list(task.stop)
     for s in range(samples):
         params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=stop,
                                 temperature=0.0 if samples == 1 else temperature, seed=seed * 1000 + s)

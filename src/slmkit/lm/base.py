@@ -78,6 +78,8 @@ class LM:
     max_length: int = 2048
     eos_id: int | None = None
     instruction_tuned: bool = False  # expects chat-formatted prompts (set by load_lm from the model's record)
+    # The model's own sampling defaults (SamplingParams fields, e.g. from generation_config.json; set by load_lm)
+    generation_defaults: dict = {}
 
     # --- what a backend implements ----------------------------------------------------------------------
 
@@ -94,6 +96,13 @@ class LM:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------------------
+
+    def sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams from this model's defaults, with every `given` field that is not None on top.
+
+        What `slm generate`, `slm chat` and the server use when a user or a request leaves a field out.
+        """
+        return SamplingParams(**{**self.generation_defaults, **{k: v for k, v in given.items() if v is not None}})
 
     def encode_prompt(self, prompt: str) -> list[int]:
         tok = self.tokenizer

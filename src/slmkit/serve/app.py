@@ -44,6 +44,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slmkit.chat import stop_strings
 from slmkit.lm import generation_backend
 from slmkit.sampling import SamplingParams
 from slmkit.serve.engine import Engine, GenerationRequest, PromptTooLong, QueueFull, TokenEvent
@@ -55,7 +56,6 @@ MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 20  # top-k alternatives per token
 MAX_STOP = 16  # stop strings per request
 MAX_EMBED_INPUTS = 2048
-CHAT_STOP = "<|im_end|>"
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/models/{model}", "/v1/completions",
           "/v1/chat/completions", "/v1/embeddings")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -626,7 +626,7 @@ class _Server:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.engine.max_length - len(ids))
-        params = self.sampling(body, max_tokens, [CHAT_STOP, tok.eos_token])
+        params = self.sampling(body, max_tokens, stop_strings(tok))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await self.generate(request, body, [ids], params, logprobs, chat=True, what="messages")
 
