@@ -25,8 +25,9 @@ def _fail(e: Exception) -> None:
 def data_prepare(
     sources: Annotated[list[str], typer.Argument(help="files, folders or globs (.txt/.md/.py/..., .jsonl, .csv)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output token dataset directory")],
-    tokenizer: Annotated[str | None, typer.Option(help="use this tokenizer (tokenizer.json, HF dir, GPT-2 "
-                                                       "encoder.json+vocab.bpe dir) instead of training one")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="use this tokenizer (tokenizer.json, model/HF dir, GPT-2 "
+                                                       "encoder.json+vocab.bpe dir, or a pulled name) instead of "
+                                                       "training one")] = None,
     vocab_size: Annotated[int, typer.Option(help="vocabulary size of the trained tokenizer")] = 8192,
     jsonl_field: Annotated[str, typer.Option(help="text field of .jsonl records")] = "text",
     csv_column: Annotated[str, typer.Option(help="text column of .csv files")] = "text",
@@ -40,8 +41,10 @@ def data_prepare(
 ):
     """Ingest, clean, deduplicate and split text, train (or load) a tokenizer, write a token dataset."""
     from slmkit.data.prepare import prepare_dataset
+    from slmkit.hub import resolve_tokenizer
     try:
-        prepare_dataset(sources, out, tokenizer=tokenizer, vocab_size=vocab_size, jsonl_field=jsonl_field,
+        tokenizer_path = str(resolve_tokenizer(tokenizer)) if tokenizer else None
+        prepare_dataset(sources, out, tokenizer=tokenizer_path, vocab_size=vocab_size, jsonl_field=jsonl_field,
                         csv_column=csv_column, val_fraction=val_fraction, seed=seed, dedup=dedup,
                         near_dup_threshold=near_dup_threshold, redact_pii=redact_pii, on_error=on_error,
                         exclude=exclude or [])

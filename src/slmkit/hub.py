@@ -261,3 +261,25 @@ def resolve_model(spec: str) -> ModelRef:
         return ModelRef("dir", str(pulled))
     raise FileNotFoundError(f"{spec}: not a model directory, .gguf file, pulled model name ({', '.join(SOURCES)}) "
                             "or http(s):// endpoint")
+
+
+def resolve_tokenizer(spec: str) -> Path:
+    """A tokenizer argument: a tokenizer.json file, a directory holding one (a model or run directory too), GPT-2
+    BPE files, or a pulled name (a model's tokenizer, or a tokenizer source such as gpt2-tokenizer)."""
+    from slmkit.formats.hf_dir import find_model_dir
+    path = Path(spec).expanduser()
+    if path.exists():
+        try:
+            return find_model_dir(path) if path.is_dir() and not (path / "tokenizer.json").exists() else path
+        except FileNotFoundError:
+            return path  # e.g. a folder of GPT-2 BPE files: load_tokenizer says what it expects
+    if spec in SOURCES:
+        if SOURCES[spec].kind not in ("model", "tokenizer"):
+            raise ValueError(f"{spec} is a {SOURCES[spec].kind}, not a model or tokenizer")
+        pulled = pulled_path(spec)
+        if pulled is None:
+            raise FileNotFoundError(f"{spec} is not pulled yet: run `slm pull {spec}` first")
+        return pulled
+    names = ", ".join(s.name for s in SOURCES.values() if s.kind in ("model", "tokenizer"))
+    raise FileNotFoundError(f"tokenizer not found: {spec} (a tokenizer.json file, a model/tokenizer directory, "
+                            f"GPT-2 BPE files, or a pulled name: {names})")
