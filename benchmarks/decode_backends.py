@@ -9,7 +9,7 @@ through the same sampling loop: what the torch backend's decoding preparation is
 For each preset a randomly initialised model (the preset's exact shape; a real tokenizer padded to the preset's
 vocabulary) is written once as a slmkit model directory and exported to GGUF f32 and q8_0; a pulled model name
 uses its real weights instead. Each backend then runs in a fresh subprocess with the same thread count, through
-the same `LM` code path (`LM._new_ids`, greedy, no eos stop): a warm-up generation, then `--repeats` timed
+the same `LM` code path (`LM.stream_ids`, greedy, no eos stop): a warm-up generation, then `--repeats` timed
 generations of `--new-tokens` tokens after a 16-token prompt, and `--repeats` times to the first token after a
 128-token prompt (prefill + one step). Reported: the MEDIANs, and the decode ratio to llama.cpp f32 measured in
 the same run (the anchor). Greedy decoding of a random model is as costly as of a trained one: every step does
@@ -93,7 +93,7 @@ class RawLlamaCpp:
         self.sampler = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         L.llama_sampler_chain_add(self.sampler, L.llama_sampler_init_greedy())
 
-    def _new_ids(self, prompt_ids, params, first_allowed):
+    def stream_ids(self, prompt_ids, params, first_allowed):
         L = self.L
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
         tokens = (L.llama_token * len(prompt_ids))(*prompt_ids)
@@ -138,13 +138,13 @@ def run_one(conf: dict) -> dict:
 
     def one() -> float:
         t = time.perf_counter()
-        n = sum(1 for _ in lm._new_ids(prompt, params, None))
+        n = sum(1 for _ in lm.stream_ids(prompt, params, None))
         assert n == conf["new_tokens"], n
         return n / (time.perf_counter() - t)
 
     def first_token_ms(long_prompt: list[int]) -> float:
         t = time.perf_counter()
-        next(iter(lm._new_ids(long_prompt, params, None)))
+        next(iter(lm.stream_ids(long_prompt, params, None)))
         return 1000 * (time.perf_counter() - t)
 
     one()  # warm-up: first-call allocations, thread-pool start

@@ -216,7 +216,7 @@ class ScriptedLM(LM):
     def generate_chat(self, messages, params=None):  # like RemoteLM: the server applies the chat template
         return self.generate(messages[-1]["content"], params)[0]
 
-    def _new_ids(self, prompt_ids, params, first_allowed) -> Iterator[int]:
+    def stream_ids(self, prompt_ids, params, first_allowed) -> Iterator[int]:
         raise NotImplementedError
 
 

@@ -88,8 +88,8 @@ def test_f32_greedy_64_tokens_identical_and_logprobs_close(trained, tmp_path):
     params = SamplingParams(max_new_tokens=64, temperature=0, stop_at_eos=False)
     for prompt in ["def fibonacci(n", "    a, b", "x"]:
         ids = ours.encode_prompt(prompt)
-        a = list(ours._new_ids(ids, params, None))
-        b = list(theirs._new_ids(ids, params, None))
+        a = list(ours.stream_ids(ids, params, None))
+        b = list(theirs.stream_ids(ids, params, None))
         assert len(a) == 64 and a == b, prompt
     ids = ours.encode_prompt(CODE)
     diff = np.abs(ours.logprobs(ids).token_logprobs - theirs.logprobs(ids).token_logprobs)
@@ -105,19 +105,19 @@ def test_llamacpp_sampling_is_seeded_bounded_and_leaves_scoring_intact(trained, 
     ids = lm.encode_prompt("def fibonacci(n")
     before = lm.logprobs(ids).token_logprobs
     hot = SamplingParams(max_new_tokens=24, temperature=1.5, seed=3, stop_at_eos=False)
-    a, b = list(lm._new_ids(ids, hot, None)), list(lm._new_ids(ids, hot, None))
+    a, b = list(lm.stream_ids(ids, hot, None)), list(lm.stream_ids(ids, hot, None))
     assert len(a) == 24 and a == b  # the same seed, the same tokens
-    other = {tuple(lm._new_ids(ids, SamplingParams(max_new_tokens=24, temperature=1.5, seed=s,
+    other = {tuple(lm.stream_ids(ids, SamplingParams(max_new_tokens=24, temperature=1.5, seed=s,
                                                   stop_at_eos=False), None)) for s in range(4)}
     assert len(other) > 1  # and different seeds differ
     # top-k 1 is greedy whatever the temperature
-    greedy = list(lm._new_ids(ids, SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False), None))
-    assert list(lm._new_ids(ids, SamplingParams(max_new_tokens=24, temperature=2.0, top_k=1, seed=0,
+    greedy = list(lm.stream_ids(ids, SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False), None))
+    assert list(lm.stream_ids(ids, SamplingParams(max_new_tokens=24, temperature=2.0, top_k=1, seed=0,
                                                 stop_at_eos=False), None)) == greedy
     # token healing: only the allowed tokens can come first
     allowed = torch.zeros(tok.vocab_size, dtype=torch.bool)
     allowed[greedy[1]] = True
-    assert next(iter(lm._new_ids(ids, SamplingParams(max_new_tokens=2, temperature=0), allowed))) == greedy[1]
+    assert next(iter(lm.stream_ids(ids, SamplingParams(max_new_tokens=2, temperature=0), allowed))) == greedy[1]
     # generation wrote its own KV cells: scoring afterwards must not reuse them as a cached prefix
     np.testing.assert_allclose(lm.logprobs(ids).token_logprobs, before, atol=1e-5)
 
@@ -178,7 +178,7 @@ def test_smollm2_matches_llama_cpp_on_the_shipped_q4_1_file(smollm2):
     prompt = ours.tokenizer.apply_chat_template([{"role": "user", "content": "Write a Python function that "
                                                                              "adds two numbers."}])
     ids = ours.encode_prompt(prompt)
-    greedy = list(ours._new_ids(ids, SamplingParams(max_new_tokens=48, temperature=0), None))
+    greedy = list(ours.stream_ids(ids, SamplingParams(max_new_tokens=48, temperature=0), None))
     a, b = ours.logprobs(ids + greedy, top_k=2), theirs.logprobs(ids + greedy, top_k=1)
     diff = np.abs(a.token_logprobs - b.token_logprobs)
     assert diff.mean() <= 0.15 and diff.max() <= 1.0, (diff.mean(), diff.max())

@@ -52,8 +52,8 @@ def test_concurrent_requests_decode_exactly_like_one_at_a_time(models):
     prompts = ["def area", "for r in", "print(", "    return 3", "d", "café ✓ naïve\ndef area(r):"]
     params = [greedy(8 + 5 * i) for i in range(6)]
     prompt_ids = [lm.encode_prompt(p) for p in prompts]
-    expected = [list(lm._new_ids(ids, sp, None)) for ids, sp in zip(prompt_ids, params, strict=True)]
-    assert expected == [list(torch_lm._new_ids(ids, sp, None)) for ids, sp in zip(prompt_ids, params, strict=True)]
+    expected = [list(lm.stream_ids(ids, sp, None)) for ids, sp in zip(prompt_ids, params, strict=True)]
+    assert expected == [list(torch_lm.stream_ids(ids, sp, None)) for ids, sp in zip(prompt_ids, params, strict=True)]
     engine = Engine(lm, max_batch=4)  # fewer rows than requests: some wait, join as others leave
     assert isinstance(engine._batch, LlamaCppBatch) and engine.max_batch == 4
     assert engine._batch.n_ctx_seq >= lm.max_length  # every row holds the whole context
@@ -87,7 +87,7 @@ def test_cancelled_requests_free_their_rows(models):
 
     try:
         got, _, _ = asyncio.run(main())
-        assert got[0] == list(lm._new_ids(ids, greedy(6), None))
+        assert got[0] == list(lm.stream_ids(ids, greedy(6), None))
         deadline = time.monotonic() + 5
         while batch.n_active and time.monotonic() < deadline:  # the last request leaves after its last event
             time.sleep(0.01)

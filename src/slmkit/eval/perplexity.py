@@ -15,6 +15,11 @@ import torch
 from slmkit.model.llama import Transformer
 
 
+def bits_per_byte(nats: float, n_bytes: int) -> float:
+    """Cross-entropy `nats` summed over a text, in bits per UTF-8 byte of that text."""
+    return nats / math.log(2) / max(1, n_bytes)
+
+
 def text_bits_per_byte(model: Transformer, tokenizer, texts: list[str], seq_len: int | None = None,
                        stride: int | None = None, batch_size: int = 8) -> dict:
     """Score every token of every document (each starts with bos), in windows of `seq_len` moved by `stride`.
@@ -67,7 +72,7 @@ def token_bits_per_byte(model: Transformer, docs: list[list[int]], n_bytes: int,
                                                    ignore_index=-100, reduction="sum")
         total_nats += losses.item()
         n_tokens += int((ys != -100).sum())
-    return {"bits_per_byte": total_nats / math.log(2) / max(1, n_bytes), "loss": total_nats / max(1, n_tokens),
+    return {"bits_per_byte": bits_per_byte(total_nats, n_bytes), "loss": total_nats / max(1, n_tokens),
             "tokens": n_tokens, "bytes": n_bytes}
 
 

@@ -9,7 +9,7 @@ Evaluation, distillation teachers, serving and judges only ever see an `LM`:
     lm.generate(prompts, params)         completions, one per prompt
     lm.stream(prompt, params)            the completion of one prompt, piece by piece
 
-A backend implements `logprobs` and `_new_ids` (a token-id stream); text handling (stop strings, UTF-8
+A backend implements `logprobs` and `stream_ids` (a token-id stream); text handling (stop strings, UTF-8
 hold-back, token healing) and scoring are shared here so all backends behave identically.
 """
 
@@ -71,7 +71,7 @@ def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list
 
 
 class LM:
-    """Base class: subclasses set `name`, `tokenizer`, `max_length` and implement `logprobs` and `_new_ids`."""
+    """Base class: subclasses set `name`, `tokenizer`, `max_length` and implement `logprobs` and `stream_ids`."""
 
     name: str = "lm"
     tokenizer = None
@@ -90,7 +90,7 @@ class LM:
         """`logprobs` of several sequences; backends that can batch override this."""
         return [self.logprobs(ids, top_k=top_k) for ids in sequences]
 
-    def _new_ids(self, prompt_ids: list[int], params: SamplingParams,
+    def stream_ids(self, prompt_ids: list[int], params: SamplingParams,
                  first_allowed: torch.Tensor | None) -> Iterator[int]:
         """Sampled token ids after `prompt_ids`, stopping at eos (when params.stop_at_eos) or max_new_tokens."""
         raise NotImplementedError
@@ -119,7 +119,7 @@ class LM:
             ids, healed, allowed = heal_prompt(self.tokenizer, ids)
         if len(ids) + params.max_new_tokens > self.max_length:
             ids = ids[-max(1, self.max_length - params.max_new_tokens):]
-        yield from stream_text(self.tokenizer, self._new_ids(ids, params, allowed), params, healed)
+        yield from stream_text(self.tokenizer, self.stream_ids(ids, params, allowed), params, healed)
 
     def generate(self, prompts: list[str] | str, params: SamplingParams | None = None,
                  heal: bool = False) -> list[str]:

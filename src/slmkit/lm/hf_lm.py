@@ -37,7 +37,7 @@ class HFLM(LM):
         return logprobs_from_logits(logits, ids, top_k)
 
     @torch.no_grad()
-    def _new_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
+    def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         x, past = torch.tensor([prompt_ids], device=self.device), None
         for _ in range(params.max_new_tokens):

@@ -73,7 +73,7 @@ class LlamaCppLM(LM):
             llm.reset()
         llm.eval(ids[llm.n_tokens:])
 
-    def _new_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
+    def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
         """llama.cpp's C API in a bare loop: decode one token, sample it with llama.cpp's own sampler chain,
         repeat. llama-cpp-python's `Llama.generate` costs ~0.5 ms of Python per token on top (copying the
         logits out, its sampling context), a third of a small model's step; this loop runs as fast as plain

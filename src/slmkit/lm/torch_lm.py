@@ -92,7 +92,7 @@ class TorchLM(LM):
             out.append(logprobs_from_logits(torch.cat([logits, logits[-1:]]), ids, top_k))
         return out
 
-    def _new_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
+    def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
         return generate_ids(self.model, prompt_ids, params, use_cache=self.use_cache, first_allowed=first_allowed)
 
 

@@ -252,7 +252,7 @@ class Engine:
         params = dataclasses.replace(req.params, seed=seed)
         text, n, start = TextStream(self.tokenizer, params.stop), 0, time.perf_counter()
         finish = "stop"  # unless the loop runs out of tokens below
-        for tok in self.lm._new_ids(req.prompt_ids, params, None):
+        for tok in self.lm.stream_ids(req.prompt_ids, params, None):
             if pending.cancelled:
                 return
             n += 1

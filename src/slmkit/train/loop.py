@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from slmkit.data.tokens import TokenDataset, dataset_tokenizer
 from slmkit.distill.kd import DistillConfig, Distiller
+from slmkit.eval.perplexity import bits_per_byte
 from slmkit.files import atomic_dir, atomic_write_json, atomic_write_text
 from slmkit.formats.hf_dir import DTYPES, load_model_dir, save_model_dir
 from slmkit.model.config import ModelConfig, model_config
@@ -194,7 +195,8 @@ def evaluate(model: Transformer, data: TokenDataset, seq_len: int, batch_size: i
     if count == 0:
         return {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0}
     loss = total / count
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token("val"), "val_tokens": count}
+    # mean nats per token over bytes per token = total nats over total bytes
+    return {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.bytes_per_token("val")), "val_tokens": count}
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
