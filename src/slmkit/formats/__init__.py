@@ -1,5 +1,5 @@
-"""The model formats slmkit reads and writes: Hugging Face model directories (hf_dir.py), GGUF (gguf.py), ONNX
-(onnx.py), and `slm import` / `slm export` between them (convert.py). `load_any` opens any of the first two."""
+"""The model formats slmkit reads and writes: Hugging Face model directories (hf_dir.py), GGUF (gguf.py) and ONNX
+(onnx.py); `load_any` opens either of the first two. `slm import` / `slm export` are recipes/convert.py."""
 
 from __future__ import annotations
 
