@@ -16,8 +16,10 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from slmkit.lm import load_lm  # noqa: E402
 from slmkit.sampling import SamplingParams  # noqa: E402
-from slmkit.serve.app import create_app  # noqa: E402
+from slmkit.serve import guard  # noqa: E402
+from slmkit.serve.app import create_app, sampling  # noqa: E402
 from slmkit.serve.engine import Engine  # noqa: E402
+from slmkit.serve.protocol import APIError, ChatBody, CompletionBody  # noqa: E402
 from slmkit.tokenizer import train_tokenizer  # noqa: E402
 
 TEXT = "def area(r):\n    return 3.14159 * r * r\n\nfor r in range(5):\n    print(r, area(r))\n"
@@ -283,6 +285,34 @@ def test_a_body_over_the_limit_is_a_413(url):
     with pytest.raises(openai.APIStatusError) as e:
         client(url).completions.create(model=MODEL, prompt="x" * 300_000, max_tokens=1)
     assert e.value.status_code == 413
+
+
+def test_request_limits_refuse_with_the_field_they_name():
+    assert guard.authorized(b"Bearer sk-1", "sk-1") and guard.authorized(b"bearer  sk-1", "sk-1")
+    assert not any(guard.authorized(h, "sk-1") for h in (None, b"Basic sk-1", b"Bearer sk-12", b"Bearer sk-"))
+    assert guard.check_n(None) == 1 and guard.check_n(guard.MAX_N) == guard.MAX_N
+    assert guard.stop_list("a") == ["a"] and guard.stop_list(["", "a"], ["a", "b"]) == ["a", "b"]
+    refused = [(lambda: guard.check_n(guard.MAX_N + 1), "n", None),
+               (lambda: guard.check_logprobs(guard.MAX_LOGPROBS + 1, "top_logprobs"), "top_logprobs", None),
+               (lambda: guard.stop_list(["x"] * (guard.MAX_STOP + 1)), "stop", None),
+               (lambda: guard.check_embedding_inputs([[1], []], 8), "input", None),
+               (lambda: guard.check_embedding_inputs([[1] * 9], 8), "input", "context_length_exceeded")]
+    for call, param, code in refused:
+        with pytest.raises(APIError) as e:
+            call()
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+    with pytest.raises(APIError, match="context of 8 tokens"):
+        guard.check_embedding_inputs([[1] * 9], 8)
+
+
+def test_sampling_fields_left_out_take_the_models_defaults(lm, monkeypatch):
+    monkeypatch.setattr(lm, "generation_defaults", {"temperature": 0.3, "top_k": 7, "top_p": 0.9})
+    p = sampling(lm, CompletionBody(prompt="x"), 16)
+    assert (p.temperature, p.top_k, p.top_p, p.max_new_tokens, p.stop, p.stop_at_eos) == (0.3, 7, 0.9, 16, [], True)
+    p = sampling(lm, ChatBody(messages=[{"role": "user", "content": "hi"}], temperature=1e-6, top_k=0, seed=3,
+                              stop="\n", ignore_eos=True), 5, CHAT_STOP)
+    assert (p.temperature, p.top_k, p.top_p, p.seed, p.stop, p.stop_at_eos) == (0.0, 0, 0.9, 3, ["\n", *CHAT_STOP],
+                                                                                False)
 
 
 def test_a_full_queue_answers_429_with_retry_after(lm):

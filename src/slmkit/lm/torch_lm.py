@@ -95,6 +95,27 @@ class TorchLM(LM):
     def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
         return generate_ids(self.model, prompt_ids, params, use_cache=self.use_cache, first_allowed=first_allowed)
 
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """One unit-length vector per text, a (len(texts), dim) float32 CPU tensor.
+
+        A text's vector is its final-norm hidden states (after the last layer and norm, before the output head)
+        averaged over all its positions, then L2-normalised, so dot products are cosine similarities. Each text
+        is encoded as a prompt (with bos when the model uses one) and run on its own: no padding in the mean.
+        """
+        device = next(self.model.parameters()).device
+        out = torch.empty(len(texts), self.model.cfg.dim)
+        for i, text in enumerate(texts):
+            ids = self.encode_prompt(text)
+            if not ids:
+                raise ValueError(f"text {i} is empty: nothing to embed")
+            if len(ids) > self.max_length:
+                raise ValueError(f"text {i} has {len(ids)} tokens, more than the model's context of "
+                                 f"{self.max_length}")
+            h = self.model.hidden_states(torch.tensor([ids], device=device))[0].float().mean(dim=0)
+            out[i] = torch.nn.functional.normalize(h, dim=0).cpu()
+        return out
+
 
 # inference_mode, not no_grad: cheaper per op (~10% of a batch-1 CPU decoding step)
 @torch.inference_mode()

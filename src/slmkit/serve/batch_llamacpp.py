@@ -29,7 +29,8 @@ _SAME_AS_LM = ("n_threads", "n_threads_batch", "rope_scaling_type", "rope_freq_b
 
 
 class LlamaCppBatch:
-    """Rows of a llama.cpp context decoding together, one llama.cpp sequence per row (see TorchBatch)."""
+    """Rows of a llama.cpp context decoding together, one llama.cpp sequence per row (the interface:
+    engine.batch_decoder)."""
 
     def __init__(self, lm: LlamaCppLM, max_batch: int):
         if not 1 <= max_batch <= llama_cpp.llama_max_parallel_sequences():

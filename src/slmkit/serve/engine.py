@@ -27,8 +27,8 @@ import torch
 from slmkit.lm.base import LM
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
-from slmkit.model.decode import KVCache, SlotKVCache
 from slmkit.sampling import SamplingParams, TextStream, sample_next
+from slmkit.serve.batch_torch import TorchBatch
 
 
 class QueueFull(Exception):
@@ -103,7 +103,12 @@ class _Pending:
 
 
 def batch_decoder(lm: LM, max_batch: int):
-    """The backend's batched decoder (see TorchBatch for the interface), or None: one request at a time."""
+    """The backend's batched decoder, or None: one request at a time.
+
+    What every batched decoder gives the engine: `prefill(row, ids)` -> the (vocab,) logits after the prompt,
+    placed in `row`; `decode(tokens)` -> (n, vocab) logits, one new token for each of rows 0..n-1;
+    `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`; optionally `close()`.
+    """
     if isinstance(lm, TorchLM):
         return TorchBatch(lm, max_batch)
     if isinstance(lm, LlamaCppLM):
@@ -112,49 +117,11 @@ def batch_decoder(lm: LM, max_batch: int):
     return None
 
 
-class TorchBatch:
-    """Rows of slmkit's model decoding together through a SlotKVCache.
-
-    The interface every batched backend gives the engine: `prefill(row, ids)` -> the (vocab,) logits after the
-    prompt, placed in `row`; `decode(tokens)` -> (n, vocab) logits, one new token for each of rows 0..n-1;
-    `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`.
-    """
-
-    def __init__(self, lm: TorchLM, max_batch: int):
-        self.model = lm.model
-        p = next(self.model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.cache = SlotKVCache(self.model.cfg, max_batch, self.model.cfg.max_seq_len, device=self.device,
-                                 dtype=self.dtype)
-
-    @property
-    def n_active(self) -> int:
-        return self.cache.n_active
-
-    @n_active.setter
-    def n_active(self, n: int) -> None:
-        self.cache.n_active = n
-
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        single = KVCache(self.model.cfg, 1, len(ids), device=self.device, dtype=self.dtype)
-        logits = self.model(torch.tensor([ids], device=self.device), cache=single)[0, -1].float().cpu()
-        self.cache.load_row(row, single)
-        return logits
-
-    def decode(self, tokens: list[int]) -> torch.Tensor:
-        self.cache.n_active = len(tokens)
-        x = torch.tensor([[t] for t in tokens], device=self.device)
-        return self.model(x, cache=self.cache)[:, -1].float().cpu()
-
-    def move_row(self, src: int, dst: int) -> None:
-        self.cache.move_row(src, dst)
-
-
 class Engine:
-    """Continuous batching over slmkit's own model (TorchLM); other backends run one request at a time.
+    """Continuous batching over slmkit's own model (TorchLM) and llama.cpp; other backends run one request at a time.
 
-    With a TorchLM, up to `max_batch` sequences decode together: each step feeds every running sequence its
-    last token as one (B, 1) batch through a SlotKVCache, so weights are read once per step for all of them.
+    With a batched decoder (see batch_decoder), up to `max_batch` sequences decode together: each step feeds every
+    running sequence its last token in one batch, so weights are read once per step for all of them.
     New requests are prefilled and join between steps; finished or cancelled ones leave between steps.
     """
 

@@ -1,0 +1,46 @@
+"""`TorchBatch`: continuous batching over slmkit's own model, the engine's batched decoder for a `TorchLM`.
+
+Every running row keeps its keys and values in one row of a SlotKVCache (each row at its own position), so a
+decoding step is one (n, 1) forward pass for all n rows: the weights are read once per step for all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmkit.lm.torch_lm import TorchLM
+from slmkit.model.decode import KVCache, SlotKVCache
+
+
+class TorchBatch:
+    """Rows of slmkit's model decoding together through a SlotKVCache (the interface: engine.batch_decoder)."""
+
+    def __init__(self, lm: TorchLM, max_batch: int):
+        self.model = lm.model
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = SlotKVCache(self.model.cfg, max_batch, self.model.cfg.max_seq_len, device=self.device,
+                                 dtype=self.dtype)
+
+    @property
+    def n_active(self) -> int:
+        return self.cache.n_active
+
+    @n_active.setter
+    def n_active(self, n: int) -> None:
+        self.cache.n_active = n
+
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        # The prompt runs through a cache of its own, then is copied into its row: the running rows are untouched.
+        single = KVCache(self.model.cfg, 1, len(ids), device=self.device, dtype=self.dtype)
+        logits = self.model(torch.tensor([ids], device=self.device), cache=single)[0, -1].float().cpu()
+        self.cache.load_row(row, single)
+        return logits
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        self.cache.n_active = len(tokens)
+        x = torch.tensor([[t] for t in tokens], device=self.device)
+        return self.model(x, cache=self.cache)[:, -1].float().cpu()
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.cache.move_row(src, dst)
