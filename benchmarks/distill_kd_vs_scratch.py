@@ -70,7 +70,8 @@ def main():
 
     from slmkit.distill.teacher_text import write_teacher_text
     from slmkit.distill.topk_cache import build_topk_cache
-    from slmkit.train.loop import TrainConfig, read_metrics, train
+    from slmkit.train.loop import TrainConfig, train
+    from slmkit.train.metrics import read_metrics
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(out, print)

@@ -57,11 +57,30 @@ def test_chat_repl_streams_and_keeps_history(trained_run):
     assert proc.stdout.count("model> ") == 2
 
 
-def test_presets_lists_every_shape():
+def test_presets_prints_each_shapes_size_and_cost_as_built():
+    import re
+
+    import torch
+
+    from slmkit.model.config import PRESETS, model_config
+    from slmkit.model.llama import Transformer
     r = runner.invoke(app, ["presets"])
-    assert r.exit_code == 0
-    for name in ("nano", "micro", "stories15m", "smollm2-135m", "tinyllama-1.1b"):
-        assert name in r.output
+    assert r.exit_code == 0, r.output
+    rows = {m[1]: m for m in re.finditer(r"^(\S+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+dim (\d+), (\d+) layers",
+                                         r.output, re.M)}
+    assert set(rows) == set(PRESETS)
+    for name, row in rows.items():
+        cfg = model_config(name)
+        with torch.device("meta"):  # the model as built, counted without allocating it
+            params = dict(Transformer(cfg).named_parameters())
+        total = sum(p.numel() for p in params.values())
+        embedding = sum(params[k].numel() for k in ("embed_tokens.weight", "lm_head.weight") if k in params)
+        assert int(row[2].replace(",", "")) == total, name
+        assert int(row[3].replace(",", "")) == total - embedding, name
+        # training FLOPs per token at the full context: 6 x (non-embedding + LM head) + attention
+        flops = 6 * (total - embedding + cfg.vocab_size * cfg.dim) + 12 * cfg.n_layers * cfg.dim * cfg.max_seq_len
+        assert float(row[4]) == pytest.approx(flops / 1e9, abs=5e-4), name
+        assert (int(row[5]), int(row[6])) == (cfg.dim, cfg.n_layers)
 
 
 def test_errors_are_one_clear_line_with_exit_code_2(tmp_path):
@@ -78,3 +97,32 @@ def test_errors_are_one_clear_line_with_exit_code_2(tmp_path):
     r = runner.invoke(app, ["data", "prepare", str(bad), "-o", str(tmp_path / "d")])
     assert r.exit_code == 2 and "bad.jsonl:2" in r.output
     assert not (tmp_path / "d").exists()
+
+
+def test_sampling_options_left_out_come_from_the_model(trained_run, monkeypatch):
+    from slmkit.lm.base import LM
+    run = str(trained_run / "run")
+    greedy = runner.invoke(app, ["generate", run, "def ", "--max-new-tokens", "20", "--temperature", "0"]).output
+    monkeypatch.setattr(LM, "generation_defaults", {"temperature": 0.0})  # as a generation_config.json would say
+    for seed in ("1", "2"):
+        r = runner.invoke(app, ["generate", run, "def ", "--max-new-tokens", "20", "--seed", seed])
+        assert r.exit_code == 0, r.output
+        assert r.output == greedy
+    r = runner.invoke(app, ["generate", run, "def ", "--max-new-tokens", "20", "--seed", "1", "--temperature", "5"])
+    assert r.output != greedy  # what the user gives wins over the model's default
+
+
+def test_a_run_that_exists_is_one_error_line_not_a_traceback(trained_run):
+    r = runner.invoke(app, ["train", "--data", str(trained_run / "data"), "-o", str(trained_run / "run"),
+                            "--max-steps", "1"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1 and "--resume" in r.output
+
+
+def test_train_continues_from_a_run_directory(trained_run):
+    r = runner.invoke(app, ["train", "--data", str(trained_run / "data"), "-o", str(trained_run / "more"),
+                            "--init-from", str(trained_run / "run"), "--seq-len", "32", "--batch-size", "4",
+                            "--max-steps", "2", "--eval-every", "0"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((trained_run / "more" / "train_config.json").read_text())
+    assert config["init_from"] == str(trained_run / "run" / "model")  # resolved to the run's model directory

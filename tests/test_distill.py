@@ -178,9 +178,9 @@ def test_distilled_student_beats_the_same_student_from_scratch(world, tmp_path):
                        progress=False, log=lambda m: None)
     common = dict(data=str(world["small"]), max_steps=60, lr=1e-2)
     scratch = train(_cfg(world, tmp_path / "scratch", **common), log=lambda m: None)
-    offline = train(_cfg(world, tmp_path / "offline", distill={"cache": str(tmp_path / "cache"), "alpha": 0.9},
-                         **common), log=lambda m: None)
-    online = train(_cfg(world, tmp_path / "online", distill={"teacher": str(world["teacher"]), "alpha": 0.9},
+    offline = train(_cfg(world, tmp_path / "offline", distill=D.DistillConfig(cache=str(tmp_path / "cache"),
+                                                                              alpha=0.9), **common), log=lambda m: None)
+    online = train(_cfg(world, tmp_path / "online", distill=D.DistillConfig(teacher=str(world["teacher"]), alpha=0.9),
                         **common), log=lambda m: None)
     assert world["teacher_val"] < 0.5  # a teacher worth learning from
     assert offline["val_loss"] < scratch["val_loss"] - 0.04
@@ -192,8 +192,8 @@ def test_distilled_student_beats_the_same_student_from_scratch(world, tmp_path):
 
 def test_on_policy_batches_train_on_the_students_own_samples(world, tmp_path):
     summary = train(_cfg(world, tmp_path / "gkd", max_steps=4, log_every=1,
-                         distill={"teacher": str(world["teacher"]), "loss": "jsd", "on_policy": 1.0,
-                                  "on_policy_tokens": 8}), log=lambda m: None)
+                         distill=D.DistillConfig(teacher=str(world["teacher"]), loss="jsd", on_policy=1.0,
+                                                 on_policy_tokens=8)), log=lambda m: None)
     assert np.isfinite(summary["val_loss"])
     rec = [json.loads(line) for line in (tmp_path / "gkd" / "metrics.jsonl").read_text().splitlines()]
     assert all("kd" in r and "ce" not in r for r in rec if "loss" in r)  # no ground truth for sampled tokens
@@ -220,7 +220,7 @@ def test_mismatched_tokenizers_are_refused_with_a_way_out(world, tmp_path):
     other = train_tokenizer(["completely different words here " * 40], vocab_size=280)
     stranger = tiny_model_dir(tmp_path / "stranger", other)
     with pytest.raises(T.TokenizerMismatch, match="different tokenizers.*sequence level"):
-        train(_cfg(world, tmp_path / "run", distill={"teacher": str(stranger)}), log=lambda m: None)
+        train(_cfg(world, tmp_path / "run", distill=D.DistillConfig(teacher=str(stranger))), log=lambda m: None)
     with pytest.raises(T.TokenizerMismatch, match="different tokenizers"):
         topk_cache.build_topk_cache(str(stranger), world["data"], tmp_path / "c", seq_len=32, progress=False)
     T.check_same_tokenizer(world["tok"], world["tok"], "self")  # the same tokenizer passes

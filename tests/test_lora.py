@@ -75,7 +75,7 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="rank"):
         LoRAConfig(r=0)
     with pytest.raises(ValueError, match="init_from"):
-        TrainConfig(data="d", out="o", max_steps=1, lora={"r": 4})
+        TrainConfig(data="d", out="o", max_steps=1, lora=LoRAConfig(r=4))
     with pytest.raises(ValueError, match="full fine-tuning"):
         TrainConfig(data="d", out="o", max_steps=1, init_from="m", base_dtype="bfloat16")
 

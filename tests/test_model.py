@@ -6,16 +6,34 @@ from slmkit.model.decode import KVCache
 from slmkit.model.llama import Transformer
 
 
-def test_presets_parameter_counts_match_the_built_model():
-    for name in ("nano", "micro", "stories15m"):
-        cfg = model_config(name)
-        assert Transformer(cfg).num_params() == cfg.num_params(), name
-    # published sizes
+def built_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, non-embedding ones) of the model actually built, on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())  # a tied head is the embedding tensor: one entry
+    embedding = sum(p.numel() for name, p in params.items() if name in ("embed_tokens.weight", "lm_head.weight"))
+    total = sum(p.numel() for p in params.values())
+    return total, total - embedding
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("tie", [True, False])
+def test_parameter_counts_match_the_built_model(name, tie):
+    cfg = model_config(name, tie_embeddings=tie)
+    total, non_embedding = built_counts(cfg)
+    assert cfg.num_params() == total
+    # non-embedding (Kaplan et al.): neither the token embedding nor an untied head; tying changes only the total
+    assert cfg.num_params(include_embeddings=False) == non_embedding
+    assert total - non_embedding == cfg.vocab_size * cfg.dim * (1 if tie else 2)
+
+
+def test_presets_have_their_published_sizes():
     assert abs(model_config("smollm2-135m").num_params() - 134.5e6) < 0.1e6
     assert abs(model_config("tinyllama-1.1b").num_params() - 1.100e9) < 0.001e9
+    assert abs(model_config("stories15m").num_params() - 15.2e6) < 0.1e6
+    assert abs(model_config("stories110m").num_params() - 109.5e6) < 0.1e6
     assert 0.9e6 < model_config("nano").num_params() < 1.5e6
     assert 5.5e6 < model_config("micro").num_params() < 7e6
-    assert set(PRESETS) >= {"stories15m", "stories42m", "stories110m", "litellama-460m"}
 
 
 def test_overrides_are_typed_and_validated():
@@ -29,10 +47,19 @@ def test_overrides_are_typed_and_validated():
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
 
 
-def test_flops_per_token_is_6n_plus_attention():
-    cfg = model_config("micro")
-    n = cfg.num_params(include_embeddings=False)
-    assert cfg.flops_per_token(256) == 6 * n + 12 * cfg.n_layers * cfg.dim * 256
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_per_token_counts_every_matmul_of_a_training_step(tiny_cfg, tie):
+    """One forward + backward, its matmuls counted by torch: flops_per_token(T) x T, less the 6 FLOPs per norm
+    weight that the 6N rule charges but no matmul spends. The LM head counts once, tied or not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": tie})
+    model, t = Transformer(cfg), 24
+    x, y = torch.randint(0, cfg.vocab_size, (2, t)), torch.randint(0, cfg.vocab_size, (2, t))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # attention as countable bmm
+        model(x, y).backward()
+    norm_weights = (2 * cfg.n_layers + 1) * cfg.dim
+    assert counter.get_total_flops() == 2 * t * (cfg.flops_per_token(t) - 6 * norm_weights)
 
 
 def test_kv_cache_matches_full_forward(tiny_cfg):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +12,8 @@ import torch
 
 from slmkit.formats.hf_dir import load_model_dir
 from slmkit.model.config import parse_overrides
-from slmkit.train.loop import TrainConfig, budget_progress, lr_at, read_metrics, train
+from slmkit.train.loop import TrainConfig, budget_progress, lr_at, train
+from slmkit.train.metrics import read_metrics
 
 TINY_SET = ["vocab_size=96", "dim=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "hidden_dim=64", "max_seq_len=64"]
 
@@ -74,6 +76,27 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(cfg, 50, 0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
     assert lr_at(cfg, 100, 1.0) == pytest.approx(1e-4)
     assert budget_progress(TrainConfig(data="d", out="o", max_steps=10, max_minutes=1), 5, 0, 45.0) == 0.75
+
+
+def test_train_config_json_round_trips_and_old_dicts_become_the_typed_configs(token_data, tmp_path):
+    from slmkit.distill.kd import DistillConfig
+    from slmkit.model.lora import LoRAConfig
+    cfg = TrainConfig(data="d.jsonl", out="o", init_from="m", max_steps=1, base_dtype="bfloat16",
+                      lora=LoRAConfig(r=4, target_modules="all-linear"), distill=DistillConfig(teacher="t", loss="jsd"))
+    back = TrainConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))  # what train_config.json holds
+    assert back == cfg and isinstance(back.lora, LoRAConfig) and isinstance(back.distill, DistillConfig)
+    assert back.lora.alpha == 8.0  # 2 x rank by default
+    # train_config.json of a run written before the two were typed: the CLI's dicts, targets a comma string
+    old = {**json.loads(json.dumps(dataclasses.asdict(cfg))),
+           "lora": {"r": 4, "alpha": 8.0, "dropout": 0.05, "target_modules": "q_proj,v_proj"},
+           "distill": {"teacher": "t", "cache": None, "loss": "fkl", "beta": 0.5, "temperature": 1.0, "alpha": 0.5,
+                       "top_k": 0, "teacher_backend": "auto", "on_policy": 0.0, "on_policy_tokens": 64}}
+    assert TrainConfig(**old).lora == LoRAConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    assert TrainConfig(**old).distill == DistillConfig(teacher="t")
+    # and the file a run writes reads back into the config it ran with
+    run_cfg = tiny_train_config(token_data, tmp_path / "run", max_steps=2)
+    train(run_cfg)
+    assert TrainConfig(**json.loads((tmp_path / "run" / "train_config.json").read_text())) == run_cfg
 
 
 @pytest.mark.slow

@@ -44,22 +44,30 @@ class ModelConfig:
     # ---- size and cost -------------------------------------------------------------------------
 
     def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameters of the model: every weight, or with include_embeddings=False the non-embedding count of
+        Kaplan et al. (2020), without the token embedding and an untied LM head (a tied head is the embedding).
+        The norm weights count in both."""
         d, h, kv = self.dim, self.head_dim, self.n_kv_heads
         attn = d * d * 2 + d * kv * h * 2  # q, o and k, v
         mlp = 3 * d * self.hidden_dim
         per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
-        n = self.n_layers * per_layer + d  # + final norm
-        embed = self.vocab_size * d
+        non_embedding = self.n_layers * per_layer + d  # + final norm
+        if not include_embeddings:
+            return non_embedding
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        if include_embeddings:
-            return n + embed + head
-        # The LM head is a real matmul per token, so it counts as compute even though tied.
-        return n + self.vocab_size * d
+        return non_embedding + self.vocab_size * d + head
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·d·T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6·(N + V·d) + 12·L·d·T.
+
+        N is the non-embedding count; V·d is the LM head, a real matmul per token whether or not it is tied to the
+        embedding (whose lookup costs nothing), counted as Chinchilla (Hoffmann et al. 2022) does. 12·L·d·T is
+        attention's scores and weighted sum at context T, the full square like PaLM's (the causal half is masked,
+        not skipped). The norm weights in N add 6 FLOPs each that no matmul spends: a rounding error.
+        """
         t = seq_len or self.max_seq_len
-        return 6 * self.num_params(include_embeddings=False) + 12 * self.n_layers * self.dim * t
+        return 6 * (self.num_params(include_embeddings=False) + self.vocab_size * self.dim) \
+            + 12 * self.n_layers * self.dim * t
 
     # ---- HF LlamaConfig mapping ----------------------------------------------------------------
 

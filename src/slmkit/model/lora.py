@@ -39,11 +39,13 @@ PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel that wraps the 
 @dataclass
 class LoRAConfig:
     r: int = 8
-    alpha: float = 16.0  # the update is scaled by alpha / r
+    alpha: float | None = None  # the update is scaled by alpha / r; None: 2 r (a scale of 2, the usual choice)
     dropout: float = 0.05  # on the input of the LoRA path only
     target_modules: list[str] | str = field(default_factory=lambda: list(ATTENTION))  # names, or "all-linear"
 
     def __post_init__(self):
+        if self.alpha is None:
+            self.alpha = 2.0 * self.r
         if isinstance(self.target_modules, str):
             spec = self.target_modules.strip()
             self.target_modules = "all-linear" if spec == "all-linear" else [t.strip() for t in spec.split(",")]

@@ -25,7 +25,8 @@ from slmkit.files import atomic_write_json, atomic_write_text
 from slmkit.formats.hf_dir import load_model_dir
 from slmkit.lm.torch_lm import complete
 from slmkit.sampling import SamplingParams
-from slmkit.train.loop import TrainConfig, read_metrics, train
+from slmkit.train.loop import TrainConfig, train
+from slmkit.train.metrics import read_metrics
 
 # What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md). The model: `nano` (4 layers)
 # narrowed to dim 96, with the data's 8k vocabulary: 1.2M parameters. On 2 AVX2 cores `micro` (6.5M) sees 1.0M
