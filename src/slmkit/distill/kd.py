@@ -129,26 +129,20 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-@torch.no_grad()
 def sample_continuations(model, windows: torch.Tensor, n_new: int, generator: torch.Generator,
                          temperature: float = 1.0) -> torch.Tensor:
-    """Keep the first T + 1 - n_new tokens of each (B, T + 1) window and let the student sample the rest."""
-    from slmkit.model.decode import KVCache
+    """Keep the first T + 1 - n_new tokens of each (B, T + 1) window and let the student sample the rest (plain
+    sampling at `temperature`: on-policy distillation wants the student's own distribution)."""
+    from slmkit.lm.torch_lm import generate_batch
+    from slmkit.sampling import SamplingParams
     was_training = model.training
-    model.eval()
-    B, width = windows.shape
-    n_new = min(n_new, width - 1)
-    device = next(model.parameters()).device
-    seqs = windows.clone().to(device)
-    cache = KVCache(model.cfg, B, width, device=device, dtype=next(model.parameters()).dtype)
-    logits = model(seqs[:, :width - n_new], cache=cache)[:, -1]
-    for pos in range(width - n_new, width):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        seqs[:, pos] = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
-        if pos < width - 1:
-            logits = model(seqs[:, pos:pos + 1], cache=cache)[:, -1]
+    n_new = min(n_new, windows.shape[1] - 1)
+    prompts = windows[:, :windows.shape[1] - n_new]
+    params = SamplingParams(max_new_tokens=n_new, temperature=temperature, stop_at_eos=False)
+    new = list(generate_batch(model, prompts, params, generator))  # puts the model in eval mode
     model.train(was_training)
-    return seqs
+    device = next(model.parameters()).device
+    return torch.cat([prompts, torch.stack(new, dim=1)], dim=1).to(device)
 
 
 class Distiller:

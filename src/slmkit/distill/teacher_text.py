@@ -120,14 +120,13 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
 
 
 def _sample_batch(lm, prompts: list[np.ndarray], width: int, temperature: float, seed: int) -> list[np.ndarray]:
-    from slmkit.distill.kd import sample_continuations
-    windows = torch.zeros(len(prompts), width, dtype=torch.long)
-    n_prompt = len(prompts[0])
-    for i, p in enumerate(prompts):
-        windows[i, :n_prompt] = torch.from_numpy(p)
-    out = sample_continuations(lm.model, windows, width - n_prompt, torch.Generator().manual_seed(seed),
-                               temperature=temperature)
-    return [row.cpu().numpy() for row in out]
+    """Continue equal-length prompts to `width` tokens, all in one batch (slmkit's decoding loop)."""
+    from slmkit.lm.torch_lm import generate_batch
+    from slmkit.sampling import SamplingParams
+    batch = torch.from_numpy(np.stack(prompts))
+    params = SamplingParams(max_new_tokens=width - batch.shape[1], temperature=temperature, stop_at_eos=False)
+    new = torch.stack(list(generate_batch(lm.model, batch, params, torch.Generator().manual_seed(seed))), dim=1)
+    return [row.numpy() for row in torch.cat([batch, new], dim=1)]
 
 
 def _continue_as_text(lm, student_tok, prompt: np.ndarray, new_tokens: int, temperature: float,

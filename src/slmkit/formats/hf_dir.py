@@ -2,7 +2,7 @@
 
     config.json              LlamaConfig fields (architectures: LlamaForCausalLM)
     model.safetensors        HF parameter names (model.layers.0.self_attn.q_proj.weight, ..., lm_head.weight)
-    generation_config.json   bos/eos ids
+    generation_config.json   bos/eos ids and the model's sampling defaults (read by `generation_defaults`)
     tokenizer.json, tokenizer_config.json (+ chat_template)
     slmkit.json              how the model was made: data manifest hash, training config, metrics
 
@@ -52,17 +52,60 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[
 
 
 def save_model_dir(model: Transformer, path: str | Path, tokenizer=None, provenance: dict | None = None,
-                   dtype: str | torch.dtype | None = None) -> Path:
+                   dtype: str | torch.dtype | None = None, sampling: dict | None = None) -> Path:
     """Write `model` (+ tokenizer) as a model directory, atomically: readers never see a half-written one."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, tokenizer, provenance, dtype)
+        write_model_files(model, tmp, tokenizer, provenance, dtype, sampling)
     return path
 
 
+# generation_config.json fields that are SamplingParams fields under the same name
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def generation_config_fields(sampling: dict | None = None) -> dict:
+    """Sampling defaults (SamplingParams fields; None: slmkit.sampling.DEFAULTS) as generation_config.json fields.
+
+    do_sample is written out: transformers decodes greedily without it, whatever the temperature says."""
+    from slmkit.sampling import DEFAULTS
+    sampling = dict(DEFAULTS if sampling is None else sampling)
+    unknown = set(sampling) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"not generation_config.json sampling fields: {sorted(unknown)}")
+    if sampling.get("temperature") == 0:
+        return {"do_sample": False, **{k: v for k, v in sampling.items() if k != "temperature"}}
+    return {"do_sample": True, **sampling} if sampling else {}
+
+
+def generation_defaults(path: str | Path) -> dict:
+    """The sampling defaults in a model directory's generation_config.json, as SamplingParams fields ({} when
+    it has none): temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens; `do_sample: false`
+    means greedy (temperature 0)."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        gen = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); fix or delete the file") from e
+    out = {k: gen[k] for k in _SAMPLING_FIELDS if gen.get(k) is not None}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    from slmkit.sampling import SamplingParams
+    try:
+        SamplingParams(**out)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: {e}; fix the value or delete the field") from e
+    return out
+
+
 def write_model_files(model: Transformer, directory: Path, tokenizer=None, provenance: dict | None = None,
-                      dtype: str | torch.dtype | None = None) -> None:
-    """The files of a model directory, written into an existing (temporary) `directory`."""
+                      dtype: str | torch.dtype | None = None, sampling: dict | None = None) -> None:
+    """The files of a model directory, written into an existing (temporary) `directory`.
+
+    `sampling`: the model's sampling defaults for generation_config.json (SamplingParams fields; default
+    llama.cpp's, slmkit.sampling.DEFAULTS)."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     cfg = model.cfg
     hf_cfg = cfg.to_hf()
@@ -73,7 +116,7 @@ def write_model_files(model: Transformer, directory: Path, tokenizer=None, prove
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
-    atomic_write_json(directory / "generation_config.json", gen)
+    atomic_write_json(directory / "generation_config.json", {**gen, **generation_config_fields(sampling)})
     if tokenizer is not None:
         tokenizer.save(directory)
     atomic_write_json(directory / "slmkit.json", {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slmkit.sampling import SamplingParams, heal_prompt, stream_text
+from slmkit.sampling import DEFAULTS, SamplingParams, heal_prompt, stream_text
 
 
 @dataclass
@@ -70,6 +70,12 @@ def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list
     return bos + ctx, whole[len(ctx):]
 
 
+def end_ids(params: SamplingParams, *ids: int | None) -> set[int]:
+    """The token ids that end a completion: with params.stop_at_eos, the model's eos and its bos (a model emits
+    bos where a new document would begin: slmkit's data separates files with it)."""
+    return {t for t in ids if t is not None} if params.stop_at_eos else set()
+
+
 class LM:
     """Base class: subclasses set `name`, `tokenizer`, `max_length` and implement `logprobs` and `stream_ids`."""
 
@@ -77,6 +83,7 @@ class LM:
     tokenizer = None
     max_length: int = 2048
     eos_id: int | None = None
+    bos_id: int | None = None  # also ends a completion (see end_ids)
     instruction_tuned: bool = False  # expects chat-formatted prompts (set by load_lm from the model's record)
     # The model's own sampling defaults (SamplingParams fields, e.g. from generation_config.json; set by load_lm)
     generation_defaults: dict = {}
@@ -92,17 +99,21 @@ class LM:
 
     def stream_ids(self, prompt_ids: list[int], params: SamplingParams,
                  first_allowed: torch.Tensor | None) -> Iterator[int]:
-        """Sampled token ids after `prompt_ids`, stopping at eos (when params.stop_at_eos) or max_new_tokens."""
+        """Sampled token ids after `prompt_ids`, stopping at eos or bos (when params.stop_at_eos, see `end_ids`)
+        or after max_new_tokens."""
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------------------
 
     def sampling_params(self, **given) -> SamplingParams:
-        """SamplingParams from this model's defaults, with every `given` field that is not None on top.
+        """SamplingParams: every `given` field that is not None, over this model's own defaults
+        (`generation_defaults`, from its generation_config.json), over llama.cpp's (sampling.DEFAULTS).
 
-        What `slm generate`, `slm chat` and the server use when a user or a request leaves a field out.
+        What `slm generate`, `slm chat` and the server use when a user or a request leaves a field out, and what
+        `stream`/`generate` use without params.
         """
-        return SamplingParams(**{**self.generation_defaults, **{k: v for k, v in given.items() if v is not None}})
+        given = {k: v for k, v in given.items() if v is not None}
+        return SamplingParams(**{**DEFAULTS, **self.generation_defaults, **given})
 
     def encode_prompt(self, prompt: str) -> list[int]:
         tok = self.tokenizer
@@ -112,7 +123,7 @@ class LM:
 
     def stream(self, prompt: str, params: SamplingParams | None = None, heal: bool = False) -> Iterator[str]:
         """The completion of `prompt`, as text pieces while they are generated."""
-        params = params or SamplingParams()
+        params = params or self.sampling_params()
         ids = self.encode_prompt(prompt)
         healed, allowed = "", None
         if heal:

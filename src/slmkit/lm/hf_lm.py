@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from slmkit.lm.base import LM, LogProbs, logprobs_from_logits
-from slmkit.sampling import SamplingParams, sample_next
+from slmkit.lm.base import LM, LogProbs, end_ids, logprobs_from_logits
+from slmkit.lm.torch_lm import decode, until_end
+from slmkit.sampling import SamplingParams
 
 
 class HFLM(LM):
@@ -27,8 +28,11 @@ class HFLM(LM):
         self.device = device
         cfg = self.model.config
         self.max_length = getattr(cfg, "max_position_embeddings", None) or 2048
-        eos = self.model.generation_config.eos_token_id
-        self.eos_id = eos[0] if isinstance(eos, list) else eos
+        gen = self.model.generation_config
+        eos = gen.eos_token_id
+        self.eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
+        self.bos_id = gen.bos_token_id
 
     @torch.no_grad()
     def logprobs(self, ids: Sequence[int], top_k: int = 0) -> LogProbs:
@@ -36,19 +40,16 @@ class HFLM(LM):
         logits = self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
         return logprobs_from_logits(logits, ids, top_k)
 
-    @torch.no_grad()
     def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        x, past = torch.tensor([prompt_ids], device=self.device), None
-        for _ in range(params.max_new_tokens):
-            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
+        """slmkit's decoding loop and sampler (lm.torch_lm.decode) over transformers' forward pass."""
+        past = None
+
+        def forward(window: torch.Tensor, cached: int) -> torch.Tensor:
+            nonlocal past
+            out = self.model(input_ids=window[:, cached:].to(self.device), past_key_values=past if cached else None,
+                             use_cache=True)
             past = out.past_key_values
-            logits = out.logits[0, -1].float().cpu()
-            if first_allowed is not None:
-                logits = logits.masked_fill(~first_allowed, float("-inf"))
-                first_allowed = None
-            tok = sample_next(logits, params, gen)
-            if params.stop_at_eos and tok == self.eos_id:
-                return
-            yield tok
-            x = torch.tensor([[tok]], device=self.device)
+            return out.logits[:, -1]
+
+        steps = decode(forward, torch.tensor([list(prompt_ids)]), params, self.max_length, first_allowed=first_allowed)
+        return until_end(steps, end_ids(params, *self.eos_ids, self.bos_id))

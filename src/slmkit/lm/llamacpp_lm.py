@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.lm.base import LM, LogProbs, logprobs_from_logits
+from slmkit.lm.base import LM, LogProbs, end_ids, logprobs_from_logits
 from slmkit.sampling import SamplingParams
 
 
@@ -43,6 +43,7 @@ class LlamaCppLM(LM):
                                    logits_all=logits_all, no_perf=True, verbose=False)
         self.name = str(path)
         self.eos_id = self.llm.token_eos()
+        self.bos_id = self.llm.token_bos() if self.llm.token_bos() >= 0 else None
         self.logits_all = logits_all
 
     def logprobs(self, ids: Sequence[int], top_k: int = 0) -> LogProbs:
@@ -79,8 +80,8 @@ class LlamaCppLM(LM):
         logits out, its sampling context), a third of a small model's step; this loop runs as fast as plain
         llama.cpp (benchmarks/decode_backends.py compares the two).
 
-        Sampling: temperature, then top-k, then top-p, then a seeded draw (slmkit's order; temperature 0 is
-        greedy). `first_allowed` (token healing) becomes a logit bias on the first token only.
+        Sampling: slmkit's chain (see slmkit.sampling) built from llama.cpp's own samplers. `first_allowed`
+        (token healing) becomes a logit bias on the first token only.
         """
         import llama_cpp as L
         llm, ids = self.llm, list(prompt_ids)
@@ -91,16 +92,21 @@ class LlamaCppLM(LM):
         for start in range(0, len(ids), n_batch):
             chunk = ids[start:start + n_batch]
             self._decode((L.llama_token * len(chunk))(*chunk))
-        sampler = _sampler_chain(params)
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
+        sampler = _sampler_chain(params, n_vocab, ids)
         first = None
         if first_allowed is not None:
-            n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
-            first = _sampler_chain(params, forbid=~first_allowed, n_vocab=n_vocab)
+            first = _sampler_chain(params, n_vocab, ids, forbid=~first_allowed)
+        ends = end_ids(params, self.eos_id, self.bos_id)
         token = (L.llama_token * 1)()
         try:
             for n in range(params.max_new_tokens):
-                token[0] = L.llama_sampler_sample(first if first is not None and n == 0 else sampler, ctx, -1)
-                if params.stop_at_eos and token[0] == self.eos_id:
+                if first is not None and n == 0:
+                    token[0] = L.llama_sampler_sample(first, ctx, -1)
+                    L.llama_sampler_accept(sampler, token[0])  # the main chain's penalty sees it too
+                else:
+                    token[0] = L.llama_sampler_sample(sampler, ctx, -1)  # (and accepts the token into the chain)
+                if token[0] in ends:
                     return
                 yield int(token[0])
                 if len(ids) + n + 1 >= self.max_length:
@@ -121,14 +127,22 @@ class LlamaCppLM(LM):
         self.llm.close()
 
 
-def _sampler_chain(params: SamplingParams, forbid: torch.Tensor | None = None, n_vocab: int = 0):
-    """llama.cpp's sampler chain for `params`; `forbid` (bool over the vocabulary) bans tokens first."""
+def _sampler_chain(params: SamplingParams, n_vocab: int, prompt_ids: list[int], forbid: torch.Tensor | None = None):
+    """llama.cpp's sampler chain for `params`, in slmkit's order (slmkit.sampling): penalties, temperature (or
+    greedy), top-k, top-p, min-p, a seeded draw. `prompt_ids`' last repeat_last_n tokens go into the penalty's
+    window, as llama.cpp's own tools do. `forbid` (bool over the vocabulary) bans tokens first."""
     import llama_cpp as L
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     if forbid is not None:  # a mask shorter than llama.cpp's vocabulary bans the tokens it does not cover
         banned = forbid[:n_vocab].nonzero().flatten().tolist() + list(range(len(forbid), n_vocab))
         bias = (L.llama_logit_bias * len(banned))(*[L.llama_logit_bias(t, float("-inf")) for t in banned])
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(banned), bias))
+    if params.repetition_penalty != 1.0 and params.repeat_last_n:
+        # (n_vocab, last_n, repeat, frequency, presence): llama.cpp's repeat_penalty is CTRL's, as slmkit's
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
+            n_vocab, params.repeat_last_n, params.repetition_penalty, 0.0, 0.0))
+        for t in prompt_ids[-params.repeat_last_n:]:
+            L.llama_sampler_accept(chain, t)
     if params.temperature == 0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         return chain
@@ -137,6 +151,8 @@ def _sampler_chain(params: SamplingParams, forbid: torch.Tensor | None = None, n
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
     if params.top_p < 1.0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
     seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed % 2**32
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
     return chain

@@ -10,11 +10,12 @@ Standard library only (urllib + json). Seen from here a remote model is text onl
 `logprobs(ids)` and token healing are not available.
 
 Requests go to `{root}/v1/completions`; `base_url` may be given with or without the `/v1`. `SamplingParams` map
-onto the request as max_new_tokens -> max_tokens, temperature, top_p, stop, seed, plus two extensions that
-vLLM and llama.cpp accept but OpenAI itself refuses, so they are sent only when they change something:
-top_k (when > 0) and ignore_eos (when stop_at_eos is False). Stop strings are applied here as well, so a server
-that ignores some of them still stops. `extra` is merged into every request for server-specific options, e.g.
-`{"repeat_penalty": 1.0}` for llama.cpp, whose default of 1.1 otherwise changes even greedy output.
+onto the request as max_new_tokens -> max_tokens, temperature, top_p, stop, seed, plus extensions that vLLM and
+llama.cpp accept but OpenAI itself refuses, so they are sent only when they change something: top_k (when > 0),
+min_p (when > 0), the repetition penalty (when not 1: vLLM's `repetition_penalty`, llama.cpp's `repeat_penalty`
+and `repeat_last_n`) and ignore_eos (when stop_at_eos is False). Stop strings are applied here as well, so a
+server that ignores some of them still stops. `extra` is merged into every request for server-specific options,
+e.g. `{"repeat_penalty": 1.0}` for llama.cpp, whose default of 1.1 otherwise changes even greedy output.
 
 With `chat=True`, `stream` and `generate` send each prompt to `/v1/chat/completions` as one user message, so the
 server applies the model's chat template (for instruction-tuned models behind OpenAI-style chat APIs);
@@ -147,6 +148,11 @@ class RemoteLM(LM):
         body = {"model": self.model, "max_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p}
         if p.top_k > 0:
             body["top_k"] = p.top_k
+        if p.min_p > 0:
+            body["min_p"] = p.min_p
+        if p.repetition_penalty != 1.0:  # vLLM's name, then llama.cpp's (each server ignores the other's)
+            body.update(repetition_penalty=p.repetition_penalty, repeat_penalty=p.repetition_penalty,
+                        repeat_last_n=p.repeat_last_n)
         if stops := [s for s in p.stop if s]:
             body["stop"] = stops
         if p.seed is not None:

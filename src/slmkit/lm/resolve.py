@@ -12,8 +12,6 @@ from slmkit.lm.base import LM
 BACKENDS = ("auto", "torch", "hf", "llamacpp", "remote")
 
 
-
-
 WEIGHTS = ("fp32", "bf16", "int8")
 
 
@@ -45,7 +43,19 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
             options["weights"] = "int8"
     lm = _open(ref, spec, backend, device, dtype, options)
     lm.instruction_tuned = _instruction_tuned(ref)
+    lm.generation_defaults = _generation_defaults(ref)
     return lm
+
+
+def _generation_defaults(ref) -> dict:
+    """A model directory's sampling defaults (generation_config.json); for a pulled model, over its source's
+    upstream defaults, which a directory pulled by an older slmkit lacks in its generation_config.json."""
+    from slmkit.formats.hf_dir import generation_defaults
+    from slmkit.hub import pulled_source
+    if ref.kind != "dir":
+        return {}
+    source = pulled_source(ref.location)
+    return {**(source.sampling if source else {}), **generation_defaults(ref.location)}
 
 
 def _instruction_tuned(ref) -> bool:

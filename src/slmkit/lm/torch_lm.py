@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from slmkit.lm.base import LM, LogProbs, logprobs_from_logits
+from slmkit.lm.base import LM, LogProbs, end_ids, logprobs_from_logits
 from slmkit.model.decode import KVCache, prepare_for_decoding, unfuse_projections
 from slmkit.model.llama import Transformer
 from slmkit.model.lora import find_adapter_dir, load_adapter
-from slmkit.sampling import SamplingParams, heal_prompt, sample_next, stream_text
+from slmkit.sampling import SamplingParams, sample
 
 
 class TorchLM(LM):
@@ -23,6 +23,7 @@ class TorchLM(LM):
         self.use_cache = use_cache
         self.max_length = model.cfg.max_seq_len
         self.eos_id = model.cfg.eos_token_id
+        self.bos_id = model.cfg.bos_token_id
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -117,58 +118,80 @@ class TorchLM(LM):
         return out
 
 
-# inference_mode, not no_grad: cheaper per op (~10% of a batch-1 CPU decoding step)
+# inference_mode, not no_grad: cheaper per op (~10% of a batch-1 CPU decoding step). The tokens it yields are
+# ordinary tensors once the caller copies them (torch.cat/stack outside inference mode), so training can use them.
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True,
-                 first_allowed: torch.Tensor | None = None) -> Iterator[int]:
-    """Yield new token ids. Without the cache every step re-runs the whole (cropped) context.
+def decode(forward, prompts: torch.Tensor, params: SamplingParams, max_len: int,
+           generator: torch.Generator | None = None,
+           first_allowed: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The one decoding loop: for B prompts of equal length (B, T), the (B,) next tokens per step, for
+    `params.max_new_tokens` steps (no eos handling: callers of one sequence stop it, see `until_end`).
 
-    `first_allowed` (bool mask over the vocabulary) restricts the first sampled token (token healing).
+    `forward(window, cached)` returns the (B, vocab) logits after `window` (B, L), having already seen its first
+    `cached` tokens (0: start afresh), so a backend with a KV cache feeds only window[:, cached:] and one without
+    feeds it all. When the context would exceed `max_len`, the window slides to its most recent half (and the
+    cache starts afresh), the same way with and without a cache, so both decode token-for-token identically.
+    `first_allowed` (bool over the vocabulary) restricts the first token (token healing). `generator` defaults
+    to one seeded with params.seed.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    max_len = model.cfg.max_seq_len
-    ids = list(prompt_ids)[-max_len:] or [model.cfg.bos_token_id or 0]
-    gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
-    eos = model.cfg.eos_token_id
-    cache = KVCache(model.cfg, 1, max_len, device=device,
-                    dtype=next(model.parameters()).dtype) if use_cache else None
-    # The model sees ids[start:]. When that would exceed max_seq_len, both paths slide the window the same
-    # way (keep the most recent half), so cached and uncached decoding stay token-for-token identical.
-    start, pending = 0, ids
+    ids = prompts.cpu()[:, -max_len:]
+    if generator is None and params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    last_n = params.repeat_last_n if params.repetition_penalty != 1.0 else 0
+    start, cached = 0, 0
     for _ in range(params.max_new_tokens):
-        if len(ids) - start > max_len:
-            start = len(ids) - max_len // 2
-            pending = ids[start:]
-            if cache is not None:
-                cache.length = 0
-        x = torch.tensor([pending if cache is not None else ids[start:]], device=device)
-        logits = model(x, cache=cache)[0, -1].cpu()
+        if ids.shape[1] - start > max_len:
+            start, cached = ids.shape[1] - max_len // 2, 0
+        logits = forward(ids[:, start:], cached).cpu()
+        cached = ids.shape[1] - start
         if first_allowed is not None:
             logits = logits.masked_fill(~first_allowed, float("-inf"))
             first_allowed = None
-        tok = sample_next(logits, params, gen)
-        if params.stop_at_eos and tok == eos:
+        tok = sample(logits, params, generator, ids[:, -last_n:] if last_n else None)
+        yield tok
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+
+
+def until_end(steps: Iterator[torch.Tensor], ends: set[int]) -> Iterator[int]:
+    """The token ids of a one-sequence `decode`, up to (not including) the first of `ends`."""
+    for step in steps:
+        tok = int(step[0])
+        if tok in ends:
             return
         yield tok
-        ids.append(tok)
-        pending = [tok]
 
 
-def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams,
-                  use_cache: bool = True, add_bos: bool = True, heal: bool = False) -> Iterator[str]:
-    """Stream the completion of `prompt` as text pieces; stops at eos, a stop string, or max_new_tokens."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.add_bos)
-    healed, allowed = "", None
-    if heal:
-        prompt_ids, healed, allowed = heal_prompt(tokenizer, prompt_ids)
-    ids = generate_ids(model, prompt_ids, params, use_cache=use_cache, first_allowed=allowed)
-    yield from stream_text(tokenizer, ids, params, healed)
+def generate_batch(model: Transformer, prompts: torch.Tensor, params: SamplingParams,
+                   generator: torch.Generator | None = None, use_cache: bool = True,
+                   first_allowed: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """`decode` with slmkit's model: B prompts of equal length (B, T) -> (B,) new tokens per step.
+
+    Puts the model in eval mode (a caller that trains restores its mode). Without the cache every step re-runs
+    the whole (cropped) context.
+    """
+    model.eval()
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    max_len = model.cfg.max_seq_len
+    # the model never sees more than this many positions at once
+    cache_len = min(max_len, max(1, prompts.shape[1]) + params.max_new_tokens)
+    cache = KVCache(model.cfg, prompts.shape[0], cache_len, device=device, dtype=dtype) if use_cache else None
+
+    def forward(window: torch.Tensor, cached: int) -> torch.Tensor:
+        if cache is None:
+            return model(window.to(device))[:, -1]
+        cache.length = cached
+        return model(window[:, cached:].to(device), cache=cache)[:, -1]
+
+    return decode(forward, prompts, params, max_len, generator, first_allowed)
 
 
-def complete(model: Transformer, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True,
-             heal: bool = False) -> str:
-    return "".join(generate_text(model, tokenizer, prompt, params, use_cache=use_cache, heal=heal))
+def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True,
+                 first_allowed: torch.Tensor | None = None) -> Iterator[int]:
+    """New token ids after `prompt_ids`, ending at the model's eos or bos when params.stop_at_eos."""
+    cfg = model.cfg
+    prompt = torch.tensor([list(prompt_ids)[-cfg.max_seq_len:] or [cfg.bos_token_id or 0]])
+    steps = generate_batch(model, prompt, params, use_cache=use_cache, first_allowed=first_allowed)
+    return until_end(steps, end_ids(params, cfg.eos_token_id, cfg.bos_token_id))
 
 
 def apply_adapter(lm, adapter: str | Path):

@@ -23,7 +23,7 @@ from slmkit.data.tokens import TokenDataset
 from slmkit.eval.perplexity import compressor_bits_per_byte, token_bits_per_byte
 from slmkit.files import atomic_write_json, atomic_write_text
 from slmkit.formats.hf_dir import load_model_dir
-from slmkit.lm.torch_lm import complete
+from slmkit.lm import load_lm
 from slmkit.sampling import SamplingParams
 from slmkit.train.loop import TrainConfig, train
 from slmkit.train.metrics import read_metrics
@@ -85,16 +85,16 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     results = compare_with_compressors(model, tok, data_dir, summary.get("val_bpb"))
 
     log("[4/4] sampling a completion of `def `")
-    # Training documents are separated by bos: a bos in the output means the model ended the file.
-    end_of_file = [tok.bos_token] if tok.bos_token else []
-    sample = complete(model, tok, "def ", SamplingParams(max_new_tokens=160, temperature=0.6, top_k=40, seed=0,
-                                                        stop=end_of_file), heal=True)
-    greedy = complete(model, tok, "def ", SamplingParams(max_new_tokens=96, temperature=0.0, stop=end_of_file),
-                      heal=True)
+    # As `slm generate` samples: the model's own defaults (its generation_config.json), token healing, and the
+    # end of the file (a bos: training documents are separated by it) ends the completion.
+    lm = load_lm(str(run_dir / "model"))
+    params = lm.sampling_params(max_new_tokens=160, seed=0)
+    sample = lm.generate("def ", params, heal=True)[0]
+    greedy = lm.generate("def ", SamplingParams(max_new_tokens=96, temperature=0.0), heal=True)[0]
+    how = describe_sampling(params)
     rule = "-" * 60
-    print(f"\n{rule}\nsampled (temperature 0.6, top-k 40, seed 0):\ndef {sample}\n{rule}\n"
-          f"greedy:\ndef {greedy}\n{rule}")
-    report = render_report(out, meta, summary, results, sample, greedy, model.cfg, minutes)
+    print(f"\n{rule}\nsampled ({how}):\ndef {sample}\n{rule}\ngreedy:\ndef {greedy}\n{rule}")
+    report = render_report(out, meta, summary, results, sample, greedy, model.cfg, minutes, how)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "results.json", {**results, "train": summary, "sample": sample})
     v, u = results["val"], results["unseen"]
@@ -151,8 +151,18 @@ def _shape_note(model_overrides: dict) -> str:
     return "".join(f", {k}={v}" for k, v in model_overrides.items())
 
 
+def describe_sampling(p: SamplingParams) -> str:
+    """"temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed 0": the settings that are on."""
+    parts = [f"temperature {p.temperature:g}"]
+    parts += [f"top-k {p.top_k}"] if p.top_k else []
+    parts += [f"top-p {p.top_p:g}"] if p.top_p < 1 else []
+    parts += [f"min-p {p.min_p:g}"] if p.min_p else []
+    parts += [f"repetition penalty {p.repetition_penalty:g}"] if p.repetition_penalty != 1 else []
+    return ", ".join(parts + ([f"seed {p.seed}"] if p.seed is not None else []))
+
+
 def render_report(out: Path, meta: dict, summary: dict, results: dict, sample: str, greedy: str, mcfg,
-                  minutes: float) -> str:
+                  minutes: float, sampling: str = "the model's default sampling") -> str:
     cl = meta.get("cleaning", {})
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     metrics = read_metrics(out / "run" / "metrics.jsonl")
@@ -211,19 +221,19 @@ consecutive {ctx}-token windows over the split, whose first tokens see almost no
 `xz -9e` on the concatenation can also copy text across files, so "each file alone" is the like-for-like
 compressor.
 
-## Sample: `def ` (temperature 0.6, top-k 40, seed 0, token healing)
+## Sample: `def ` (the model's default sampling, as `slm generate` uses it: {sampling}, token healing)
 ```python
 def {sample}
 ```
 
-Greedy:
+Greedy (temperature 0), for comparison:
 ```python
 def {greedy}
 ```
 
 ## Next
 ```bash
-slm generate {out}/run "import os" --temperature 0.7
+slm generate {out}/run "import os"
 slm chat {out}/run
 slm quickstart --out {out}-30min --minutes 30   # the same recipe, three times the budget
 python -c "import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('{out}/run/model')"
