@@ -417,7 +417,11 @@ def test_token_dataset_checks_meta_on_open(tmp_path):
     from slmkit.data.tokens import TokenDataset, dataset_tokenizer
     src = make_corpus(tmp_path / "c")
     meta = prepare(src, tmp_path / "ds", jsonl_field="body", csv_column="content")
-    assert TokenDataset(tmp_path / "ds").meta == meta
+    ds = TokenDataset(tmp_path / "ds")
+    assert ds.meta == meta
+    docs = ds.val_documents()  # each document as the format stores it: [bos] + tokens
+    assert len(docs) == meta["splits"]["val"]["documents"] and all(d[0] == meta["bos_id"] for d in docs)
+    assert sum(docs, []) == ds.val.tolist()
     meta_file = tmp_path / "ds" / "meta.json"
 
     def broken(**fields):

@@ -131,9 +131,10 @@ def load_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
-        hint = " (the folder holds an unfinished `slm teacher-text` run: run it again to finish)" \
-            if (directory / "progress.json").exists() else ""
-        raise DataError(str(meta_path), None, "not found" + hint, "create a token dataset with `slm data prepare`")
+        if (directory / "progress.json").exists():
+            raise DataError(str(meta_path), None, "not written yet: the folder holds an unfinished dataset",
+                            "run the `slm teacher-text` command that made it again to finish it")
+        raise DataError(str(meta_path), None, "not found", "create a token dataset with `slm data prepare`")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
