@@ -21,8 +21,8 @@ from slmkit.eval.benchmarks import (
     load_benchmark,
     load_mmlu,
     pull_benchmark,
-    read_jsonl,
 )
+from slmkit.files import read_jsonl
 
 
 def mmlu_row(question, answer, topic, choices=("w", "x", "y", "z")):

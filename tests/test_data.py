@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import unicodedata
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from slmkit.data.clean import clean_text, luhn_ok, normalize, redact
 from slmkit.data.dedup import Deduplicator, MinHasher, choose_bands, shingle_hashes
 from slmkit.data.ingest import DataError, find_files, read_documents
-from slmkit.data.prepare import load_meta, prepare_dataset
+from slmkit.data.prepare import prepare_dataset
+from slmkit.data.tokens import load_meta
 
 VOCAB = 300
 
@@ -289,7 +291,7 @@ def _bad_sources(root: Path) -> dict[str, tuple[Path, str, int | None, dict]]:
     return {
         "binary": (root / "blob.bin", "binary file", None, {}),
         "utf8": (root / "latin1.txt", "invalid UTF-8", 3, {}),
-        "jsonl": (root / "broken.jsonl", "malformed JSON", 3, {}),
+        "jsonl": (root / "broken.jsonl", "not valid JSON", 3, {}),
         "field": (root / "fields.jsonl", "missing field 'text'", 2, {}),
         "csv": (root / "cols.csv", "no column 'text'", 1, {}),
         "missing": (root / "nope" / "gone.txt", "no such file", None, {}),
@@ -408,3 +410,84 @@ def test_load_meta_errors(tmp_path):
     (tmp_path / "ds" / "train.bin").write_bytes(b"\0\0" * meta["splits"]["train"]["tokens"])
     with pytest.raises(DataError, match="val.bin: missing"):
         load_meta(tmp_path / "ds")
+
+
+def test_token_dataset_checks_meta_on_open(tmp_path):
+    """Opening a dataset checks it: one line naming the file and the field, and what to do."""
+    from slmkit.data.tokens import TokenDataset, dataset_tokenizer
+    src = make_corpus(tmp_path / "c")
+    meta = prepare(src, tmp_path / "ds", jsonl_field="body", csv_column="content")
+    ds = TokenDataset(tmp_path / "ds")
+    assert ds.meta == meta
+    docs = ds.val_documents()  # each document as the format stores it: [bos] + tokens
+    assert len(docs) == meta["splits"]["val"]["documents"] and all(d[0] == meta["bos_id"] for d in docs)
+    assert sum(docs, []) == ds.val.tolist()
+    meta_file = tmp_path / "ds" / "meta.json"
+
+    def broken(**fields):
+        meta_file.write_text(json.dumps({**meta, **fields}))
+        with pytest.raises(DataError) as e:
+            TokenDataset(tmp_path / "ds")
+        return str(e.value)
+
+    assert "meta.json: field 'dtype' is 'int8'" in broken(dtype="int8") and "slm data prepare" in broken(dtype="int8")
+    assert "field 'vocab_size' is 70,000, more ids than dtype uint16 holds" in broken(vocab_size=70_000)
+    assert "field 'splits.val.bytes' is None" in broken(splits={**meta["splits"], "val": {"tokens": 3}})
+    message = broken(splits={**meta["splits"], "train": {**meta["splits"]["train"], "tokens": 5}})
+    assert "train.bin:" in message and "'splits.train.tokens'" in message and "\n" not in message
+    meta_file.write_text("{not json")
+    with pytest.raises(DataError, match="meta.json: not valid JSON"):
+        TokenDataset(tmp_path / "ds")
+    meta_file.unlink()
+    with pytest.raises(DataError, match="meta.json: not found — create a token dataset with `slm data prepare`"):
+        TokenDataset(tmp_path / "ds")
+    # ids read with another tokenizer than the dataset's are garbage: refused
+    meta_file.write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    with pytest.raises(DataError, match="field 'tokenizer_sha256' is 000000000000…, but .*tokenizer is"):
+        dataset_tokenizer(tmp_path / "ds")
+
+
+def test_split_writer_continues_an_interrupted_write(tmp_path):
+    from slmkit.data.tokens import SplitCounts, SplitWriter, write_meta
+    with SplitWriter(tmp_path / "train.bin", "uint16") as w:
+        w.write_documents([[5, 6], [7]], n_bytes=9, sep=1)
+        done = SplitCounts(**vars(w.counts))
+        w.write([8, 9, 10], n_bytes=3)  # a record the interruption tore
+    assert done == SplitCounts(tokens=5, documents=2, bytes=9)
+    with SplitWriter(tmp_path / "train.bin", "uint16", done) as w:  # resumes after the last complete record
+        w.write([11], n_bytes=1)
+    assert np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() == [1, 5, 6, 1, 7, 11]
+    (tmp_path / "val.bin").write_bytes(b"")
+    meta = write_meta(tmp_path, dtype="uint16", vocab_size=12, bos_id=1, eos_id=2, tokenizer_sha256=None,
+                      splits={"train": w.counts, "val": SplitCounts()}, note="extra fields follow")
+    assert meta["splits"]["train"] == {"tokens": 6, "documents": 3, "bytes": 10} and meta["note"]
+    with pytest.raises(DataError, match=r"train.bin: 12 bytes, but meta.json says 7 uint16"):
+        write_meta(tmp_path, dtype="uint16", vocab_size=12, bos_id=1, eos_id=2, tokenizer_sha256=None,
+                   splits={"train": SplitCounts(tokens=7, bytes=0), "val": SplitCounts()})
+    with pytest.raises(DataError, match="fewer than the 99 tokens already written"):
+        SplitWriter(tmp_path / "train.bin", "uint16", SplitCounts(tokens=99))
+
+
+def test_one_jsonl_reader_for_every_file(tmp_path):
+    """slmkit.files.iter_jsonl: plain or .gz, BOM and blank lines tolerated, every bad line as file:line: reason."""
+    import gzip
+
+    from slmkit.files import JsonlError, iter_jsonl, read_jsonl
+    rows = [{"text": "a"}, {"text": "é"}]
+    plain = tmp_path / "r.jsonl"
+    plain.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(json.dumps(r) for r in rows).encode() + b"\n\n")
+    with gzip.open(tmp_path / "r.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(iter_jsonl(plain)) == [(1, rows[0]), (3, rows[1])]
+    assert read_jsonl(tmp_path / "r.jsonl.gz") == rows
+    bad = tmp_path / "bad.jsonl"
+    for content, line, reason in [(b'{"a": 1}\n{"a": \n', 2, "not valid JSON (Expecting value, column 7)"),
+                                  (b'{"a": 1}\n\n[1, 2]\n', 3, "expected a JSON object, got list"),
+                                  (b'{"a": "caf\xe9"}\n', 1, "invalid UTF-8 (byte 0xe9 at column 11)")]:
+        bad.write_bytes(content)
+        with pytest.raises(JsonlError, match=rf"^{re.escape(f'{bad}:{line}: {reason}')} — "):
+            list(iter_jsonl(bad))
+    bad.write_bytes(b'{"a": 1}\n{"torn\n{"a": 3}\n')
+    skipped = []
+    assert [r["a"] for _, r in iter_jsonl(bad, on_error=skipped.append)] == [1, 3]
+    assert [(e.line, e.path) for e in skipped] == [(2, str(bad))]

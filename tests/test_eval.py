@@ -387,3 +387,21 @@ def test_mmlu_prompts_and_subject_grouped_examples():
     assert prompt.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n")
     assert prompt.count("\nAnswer:") == 3 and prompt.endswith("D. " + item["choices"][3] + "\nAnswer:")
     assert len(task.items) == 14042 and task.continuations(item) == ["A", "B", "C", "D"]
+
+
+def test_harness_and_model_bits_per_byte_are_one_sliding_window_scorer(lm):
+    """A perplexity task through the LM interface and token_bits_per_byte on the bare model plan the same windows
+    (eval.perplexity.sliding_windows) and agree."""
+    from slmkit.eval.perplexity import sliding_windows, token_bits_per_byte
+    texts = [TEXT * 4, TEXT]
+    result = evaluate(lm, Task("ppl", "perplexity", [{"id": str(i), "text": t} for i, t in enumerate(texts)],
+                               stride=20), progress=False)
+    docs = [[lm.tokenizer.bos_id] + lm.tokenizer.encode(t) for t in texts]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    direct = token_bits_per_byte(lm.model, docs, n_bytes, seq_len=lm.max_length - 1, stride=20)
+    assert result.metrics["bits_per_byte"].value == pytest.approx(direct["bits_per_byte"], rel=1e-5)
+    assert result.details["tokens"] == direct["tokens"] == sum(len(d) - 1 for d in docs)
+    assert result.metrics["bits_per_byte"].low < result.metrics["bits_per_byte"].value  # the interval stays
+    windows = sliding_windows(100, 64, 20)
+    assert [(s, e, n) for s, e, n in windows] == [(0, 64, 63), (20, 84, 20), (40, 100, 16)]
+    assert sum(n for *_, n in windows) == 99

@@ -50,6 +50,31 @@ def serve_with_the_openai_client(run_dir):
         engine.close()
 
 
-def test_unseen_code_is_disjoint_from_the_training_sources():
-    files = unseen_code_sample()
-    assert len(files) == 40 and all("/test/" in f.as_posix() for f in files)
+def test_unseen_code_is_disjoint_from_the_training_sources(tmp_path, monkeypatch):
+    """The unseen-code sample shares no file, and no file content, with what `slm quickstart` prepares."""
+    import hashlib
+
+    from slmkit.data import prepare
+    from slmkit.data.ingest import find_files
+
+    class Prepared(Exception):
+        pass
+
+    asked = {}
+
+    def capture(sources, out_dir, **kw):  # the quickstart's own data preparation call, stopped there
+        asked.update(sources=sources, exclude=kw.get("exclude"))
+        raise Prepared
+
+    monkeypatch.setattr(prepare, "prepare_dataset", capture)
+    with pytest.raises(Prepared):
+        run_quickstart(tmp_path / "qs", log=lambda message: None)
+    training = find_files(asked["sources"], asked["exclude"])
+    unseen = unseen_code_sample()
+    assert len(unseen) == 40 and len(training) > 100
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert not {p.resolve() for p in unseen} & {f.path.resolve() for f in training}
+    assert not {digest(p) for p in unseen} & {digest(f.path) for f in training}

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and hashing.
+"""Small file helpers shared by every stage: atomic writes, hashing and the one JSONL reader.
 
 Everything slmkit writes goes to a temporary name first and is renamed into place, so an interrupted
 run never leaves a half-written file or directory behind.
@@ -7,11 +7,13 @@ run never leaves a half-written file or directory behind.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # mkstemp/mkdtemp create private (0600/0700) entries; outputs should get the usual umask-based modes instead.
@@ -89,14 +91,56 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def iter_jsonl(path: str | Path):
-    """(line number, record) for each non-blank line of a JSONL file; a line that is not valid JSON raises
-    ValueError naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+class JsonlError(ValueError):
+    """A bad line of a JSONL file. The message reads `file:line: reason — what to do`."""
+
+    def __init__(self, path: str | Path, line: int, reason: str, hint: str):
+        self.path, self.line, self.reason, self.hint = str(path), line, reason, hint
+        super().__init__(f"{self.path}:{line}: {reason} — {hint}")
+
+
+def iter_jsonl(path: str | Path, on_error: Callable[[JsonlError], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a JSONL file, read gzip-decompressed when its name ends
+    in .gz. Every JSONL file slmkit reads goes through here, so every bad line is reported the same way.
+
+    A line that is not UTF-8, not valid JSON or not a JSON object raises `JsonlError`; with `on_error`, the error
+    is passed to it instead and the line skipped (e.g. to skip and count bad records, or ignore a torn last line).
+    """
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for n, raw in enumerate(f, 1):
             try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                record = _jsonl_record(raw, path, n)
+            except JsonlError as err:
+                if on_error is None:
+                    raise
+                on_error(err)
+                continue
+            if record is not None:
+                yield n, record
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a JSONL file (see `iter_jsonl`)."""
+    return [record for _, record in iter_jsonl(path)]
+
+
+def _jsonl_record(raw: bytes, path: Path, n: int) -> dict | None:
+    """The record on one line; None for a blank line (e.g. a trailing newline pair), which is not a record."""
+    try:
+        # utf-8-sig on the first line: a leading byte-order mark is an encoding artefact, not text
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")  # so JSON errors give this line's column
+    except UnicodeDecodeError as e:
+        raise JsonlError(path, n, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                         "re-encode the file as UTF-8 (e.g. iconv)") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JsonlError(path, n, f"not valid JSON ({e.msg}, column {e.colno})",
+                         "fix or remove the line (one JSON object per line)") from None
+    if not isinstance(record, dict):
+        raise JsonlError(path, n, f"expected a JSON object, got {type(record).__name__}",
+                         "write one object per line, e.g. {\"text\": \"...\"}")
+    return record

@@ -12,11 +12,12 @@ import csv
 import fnmatch
 import glob
 import io
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from slmkit.files import JsonlError, iter_jsonl
 
 BINARY_SNIFF_BYTES = 8192
 # Folders that are never source data: VCS metadata and Python bytecode caches. Hidden entries
@@ -184,35 +185,27 @@ def _read_jsonl(f: SourceFile, field: str, on_problem: Callable[[DataError], Non
     path = str(f.path)
     with open(f.path, "rb") as fh:
         _check_not_binary(fh.read(BINARY_SNIFF_BYTES), path)
-        fh.seek(0)
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = _decode(raw, path, lineno - 1) if lineno == 1 else _decode_line(raw, path, lineno)
-                if not line.strip():
-                    continue  # a blank line is not a record (e.g. a trailing newline pair)
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, lineno, f"malformed JSON ({e.msg}, column {e.colno})",
-                                    "fix or remove the line") from None
-                if not isinstance(obj, dict):
-                    raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}",
-                                    f'write one object per line, e.g. {{"{field}": "..."}}')
-                if field not in obj:
-                    keys = ", ".join(list(obj)[:5]) or "none"
-                    raise DataError(path, lineno, f"missing field {field!r} (fields: {keys})",
-                                    "choose the field with --jsonl-field")
-                value = obj[field]
-                if not isinstance(value, str):
-                    raise DataError(path, lineno, f"field {field!r} is {type(value).__name__}, not a string",
-                                    "store the text as a JSON string")
-                if "\\u" in line and not _encodable(value):
-                    raise DataError(path, lineno, f"field {field!r} holds a lone surrogate escape (\\ud800-\\udfff)",
-                                    "write the character itself or a valid surrogate pair")
-            except DataError as err:
-                on_problem(err)
-                continue
-            yield Document(value, path, lineno, f"{f.rel}:{lineno}")
+
+    def bad_line(err: JsonlError) -> None:
+        on_problem(DataError(err.path, err.line, err.reason, err.hint))
+
+    for lineno, obj in iter_jsonl(f.path, on_error=bad_line):
+        try:
+            if field not in obj:
+                keys = ", ".join(list(obj)[:5]) or "none"
+                raise DataError(path, lineno, f"missing field {field!r} (fields: {keys})",
+                                "choose the field with --jsonl-field")
+            value = obj[field]
+            if not isinstance(value, str):
+                raise DataError(path, lineno, f"field {field!r} is {type(value).__name__}, not a string",
+                                "store the text as a JSON string")
+            if not value.isascii() and not _encodable(value):
+                raise DataError(path, lineno, f"field {field!r} holds a lone surrogate escape (\\ud800-\\udfff)",
+                                "write the character itself or a valid surrogate pair")
+        except DataError as err:
+            on_problem(err)
+            continue
+        yield Document(value, path, lineno, f"{f.rel}:{lineno}")
 
 
 def _encodable(text: str) -> bool:
@@ -221,14 +214,6 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _decode_line(raw: bytes, path: str, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(path, lineno, f"invalid UTF-8 (byte 0x{raw[e.start]:02x})",
-                        "re-encode the file as UTF-8 (e.g. iconv)") from None
 
 
 def _read_csv(f: SourceFile, column: str, on_problem: Callable[[DataError], None]) -> Iterator[Document]:

@@ -41,7 +41,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.files import atomic_dir
+from slmkit.files import atomic_dir, iter_jsonl
 
 DEFAULT_TEMPLATES = ["{instruction}\n\n{input}", "{input}\n\n{instruction}",
                      "Instruction: {instruction}\n\nInput: {input}\n\nAnswer:"]
@@ -113,19 +113,11 @@ def read_source(mixture: Mixture) -> dict[str, list[dict]]:
     by_task: dict[str, list[dict]] = defaultdict(list)
     if not mixture.source.is_file():
         raise FileNotFoundError(f"mixture source {mixture.source} does not exist")
-    with open(mixture.source, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{mixture.source}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            for key in ("task", "instruction", "input", "output"):
-                if not isinstance(record.get(f[key]), str):
-                    raise ValueError(f"{where}: needs a string field {f[key]!r} (the {key}; see `fields:`)")
-            by_task[record[f["task"]]].append(record)
+    for n, record in iter_jsonl(mixture.source):
+        for key in ("task", "instruction", "input", "output"):
+            if not isinstance(record.get(f[key]), str):
+                raise ValueError(f"{mixture.source}:{n}: needs a string field {f[key]!r} (the {key}; see `fields:`)")
+        by_task[record[f["task"]]].append(record)
     if not by_task:
         raise ValueError(f"{mixture.source}: no records")
     return dict(by_task)

@@ -7,7 +7,8 @@ Reads top to bottom as the pipeline runs:
   4. split    document-level, by a seeded hash of the document id (stable across machines)
   5. tokenizer  train a byte-level BPE on the train split, or load one
   6. tokenize   [bos] + ids per document, appended to train.bin / val.bin; val.txt is the raw val text
-  7. meta.json  written last
+  7. meta.json  written last, after checking the .bin files against its counts
+The format of what it writes, and the reader: data/tokens.py.
 Everything is built in a temporary sibling folder that replaces `out_dir` only on success. Documents kept
 after step 4 are staged on disk (not in RAM), so corpora larger than memory work.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import struct
 import time
 from collections import Counter
@@ -30,9 +30,9 @@ from tqdm import tqdm
 from slmkit.data.clean import PII_KINDS, clean_text
 from slmkit.data.dedup import Deduplicator
 from slmkit.data.ingest import DataError, SourceFile, find_files, read_documents
-from slmkit.files import atomic_dir, atomic_write_json, sha256_file
+from slmkit.data.tokens import SPLITS, SplitCounts, SplitWriter, token_dtype, write_meta
+from slmkit.files import atomic_dir, sha256_file
 
-FORMAT, VERSION = "slmkit-tokens", 1
 DEDUP_BATCH_DOCS, DEDUP_BATCH_CHARS = 1024, 8_000_000
 ENCODE_BATCH_DOCS, ENCODE_BATCH_CHARS = 4096, 8_000_000
 MAX_SKIPPED_LISTED = 1000  # meta lists this many skipped items; skipped_count is always exact
@@ -52,13 +52,6 @@ class Report:
     pii: Counter = field(default_factory=Counter)
     skipped: list[dict] = field(default_factory=list)
     skipped_count: int = 0
-
-
-@dataclass
-class SplitCounts:
-    tokens: int = 0
-    documents: int = 0
-    bytes: int = 0
 
 
 def split_score(seed: int, doc_id: str) -> float:
@@ -180,31 +173,24 @@ def _tokenize(staged: Staged, tok, work: Path, dtype: np.dtype, progress: bool) 
     sep = tok.bos_id if tok.bos_id is not None else tok.eos_id
     if sep is None:
         raise ValueError("the tokenizer has neither a bos nor an eos token to separate documents")
-    counts = {"train": SplitCounts(), "val": SplitCounts()}
     bar = tqdm(total=staged.count, desc="tokenize", unit="doc", disable=not progress)
-    with (open(work / "train.bin", "wb") as train_f, open(work / "val.bin", "wb") as val_f,
+    with (SplitWriter(work / "train.bin", dtype) as train_w, SplitWriter(work / "val.bin", dtype) as val_w,
           open(work / "val.txt", "wb") as val_txt):
-        bins = {"train": train_f, "val": val_f}
+        writers = {"train": train_w, "val": val_w}
         for batch in _batches(staged.read(), ENCODE_BATCH_DOCS, ENCODE_BATCH_CHARS, text=lambda x: x[1]):
             encoded = tok.encode_batch([text for _, text in batch])
-            for side in ("train", "val"):
+            for side in SPLITS:
                 picked = [(text, ids) for (is_val, text), ids in zip(batch, encoded, strict=True)
                           if is_val == (side == "val")]
                 if not picked:
                     continue
-                flat = itertools.chain.from_iterable([sep, *ids] for _, ids in picked)
-                n_tokens = sum(len(ids) + 1 for _, ids in picked)
-                bins[side].write(np.fromiter(flat, dtype=dtype, count=n_tokens).tobytes())
                 raw = [text.encode("utf-8") for text, _ in picked]
+                writers[side].write_documents([ids for _, ids in picked], sum(map(len, raw)), sep)
                 if side == "val":
                     val_txt.write(b"".join(raw))
-                c = counts[side]
-                c.tokens += n_tokens
-                c.documents += len(picked)
-                c.bytes += sum(map(len, raw))
             bar.update(len(batch))
     bar.close()
-    return counts
+    return {side: w.counts for side, w in writers.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,22 +279,15 @@ def prepare_dataset(
         tok = _get_tokenizer(tokenizer, staged, vocab_size, progress)
         tok.save(work / "tokenizer")
         timings["tokenizer"] = time.perf_counter() - started - sum(timings.values())
-        dtype = np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.uint32)
+        dtype = token_dtype(tok.vocab_size)
         splits = _tokenize(staged, tok, work, dtype, progress)
         timings["tokenize"] = time.perf_counter() - started - sum(timings.values())
         staged.path.unlink()
 
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "tokenizer_sha256": tok.sha256,
-            "splits": {name: vars(c) for name, c in splits.items()},
-            "sources": sources_meta,
-            "cleaning": {
+        meta = write_meta(
+            work, dtype=dtype, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+            tokenizer_sha256=tok.sha256, splits=splits, sources=sources_meta,
+            cleaning={
                 "documents_in": report.documents_in,
                 "documents_out": staged.count,
                 "empty": report.empty,
@@ -319,11 +298,9 @@ def prepare_dataset(
                 "skipped": report.skipped,
                 "skipped_count": report.skipped_count,
             },
-            "config": config,
-            "manifest_sha256": hashlib.sha256("\n".join(sorted(s["sha256"] for s in sources_meta)).encode())
-            .hexdigest(),
-        }
-        atomic_write_json(work / "meta.json", meta)
+            config=config,
+            manifest_sha256=hashlib.sha256("\n".join(sorted(s["sha256"] for s in sources_meta)).encode()).hexdigest(),
+        )
 
     _log_summary(meta, out_dir, timings, log)
     return meta
@@ -342,38 +319,3 @@ def _log_summary(meta: dict, out_dir: Path, timings: dict[str, float], log) -> N
             f"({s['bytes'] / max(1, s['tokens']):.2f} bytes/token)")
     log(f"wrote {out_dir} (vocab {meta['vocab_size']:,}, {meta['dtype']}) in {sum(timings.values()):.1f} s ("
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()) + ")")
-
-
-def load_meta(directory: str | Path) -> dict:
-    """Read and check a token dataset folder: meta.json present and of our format, bins matching counts."""
-    directory = Path(directory)
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(str(meta_path), None, "not found", "create a token dataset with `slm data prepare`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(str(meta_path), None, f"not valid JSON ({e})", "re-run `slm data prepare`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(str(meta_path), None, f"not a {FORMAT} dataset", "point at a `slm data prepare` output")
-    if meta.get("version") != VERSION:
-        raise DataError(str(meta_path), None, f"format version {meta.get('version')!r}, expected {VERSION}",
-                        "re-run `slm data prepare` with this slmkit")
-    if meta.get("dtype") not in ("uint16", "uint32"):
-        raise DataError(str(meta_path), None, f"unknown dtype {meta.get('dtype')!r}", "re-run `slm data prepare`")
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
-        path = directory / f"{split}.bin"
-        try:
-            tokens = int(meta["splits"][split]["tokens"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(str(meta_path), None, f"no token count for split {split!r}",
-                            "re-run `slm data prepare`") from None
-        if not path.is_file():
-            raise DataError(str(path), None, "missing", "re-run `slm data prepare`")
-        size = path.stat().st_size
-        if size != tokens * itemsize:
-            raise DataError(str(path), None, f"{size} bytes, but meta.json says {tokens} {meta['dtype']} "
-                            f"tokens ({tokens * itemsize} bytes)",
-                            "the dataset is damaged or mixed; re-run `slm data prepare`")
-    return meta

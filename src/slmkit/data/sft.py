@@ -19,7 +19,6 @@ which SDPA's fast paths don't take. Examples longer than the sequence length are
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.files import sha256_file
+from slmkit.files import iter_jsonl, sha256_file
 
 IGNORE = -100
 
@@ -95,15 +94,8 @@ def _encode_chat(messages, tokenizer, where: str) -> Example:
 def read_examples(path: str | Path, tokenizer) -> list[Example]:
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            examples.append(encode_record(record, tokenizer, f"{path}:{n}"))
+    for n, record in iter_jsonl(path):
+        examples.append(encode_record(record, tokenizer, f"{path}:{n}"))
     if not examples:
         raise ValueError(f"{path}: no records")
     return examples

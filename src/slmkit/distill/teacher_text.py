@@ -23,8 +23,6 @@ from tqdm import tqdm
 
 from slmkit.files import atomic_write_json
 
-FORMAT = "slmkit-tokens"
-
 
 def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, prompt_tokens: int = 32,
                        seq_len: int = 256, max_tokens: int | None = None, temperature: float = 0.8,
@@ -33,7 +31,7 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
     """Write token dataset `out`: for each of the first windows of `data` (up to `max_tokens`), `prompt_tokens`
     real tokens + the teacher's continuation to `seq_len` + 1 tokens. Interrupted runs continue (progress.json);
     meta.json appears when the dataset is complete."""
-    from slmkit.data.tokens import TokenDataset, dataset_tokenizer
+    from slmkit.data.tokens import SplitCounts, SplitWriter, TokenDataset, dataset_tokenizer, write_meta
     from slmkit.distill.teacher import TokenizerMismatch, check_same_tokenizer, open_teacher_lm
     from slmkit.lm.torch_lm import TorchLM
     data, out = Path(data), Path(out)
@@ -58,21 +56,20 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
         windows = min(windows, max(1, max_tokens // seq_len))
     settings = {"teacher": str(teacher), "data": str(data), "prompt_tokens": prompt_tokens, "seq_len": seq_len,
                 "windows": windows, "temperature": temperature, "seed": seed, "batched": batched}
-    done, n_tokens, n_bytes, elapsed = 0, 0, 0, 0.0
+    done, elapsed, counts = 0, 0.0, None
     if (out / "progress.json").exists():
         prev = json.loads((out / "progress.json").read_text())
         if prev["settings"] != settings:
             raise ValueError(f"{out} holds an unfinished dataset made with other settings; use another -o")
-        done, n_tokens, n_bytes, elapsed = prev["windows_done"], prev["tokens"], prev["bytes"], prev["elapsed_s"]
+        done, elapsed = prev["windows_done"], prev["elapsed_s"]
+        counts = SplitCounts(tokens=prev["tokens"], documents=done, bytes=prev["bytes"])
         log(f"resuming at window {done:,} of {windows:,}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(data / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
         shutil.copyfile(data / "val.bin", out / "val.bin")
-        (out / "train.bin").write_bytes(b"")
-    dtype = np.dtype(source.meta["dtype"])
-    with open(out / "train.bin", "r+b") as f:
-        f.truncate(n_tokens * dtype.itemsize)  # drop whatever an interruption left after the last record
+    # one record per window; resuming cuts off whatever an interruption left after the last one
+    train_bin = SplitWriter(out / "train.bin", source.meta["dtype"], counts)
     bar = tqdm(total=windows, initial=done, unit="window", disable=not progress, desc="teacher text")
     t0 = time.perf_counter() - elapsed
     teacher_tokens = 0
@@ -86,36 +83,34 @@ def write_teacher_text(teacher: str, data: str | Path, out: str | Path, *, promp
             else:
                 seqs = [_continue_as_text(lm, student_tok, p, seq_len + 1 - prompt_tokens, temperature, seed + w)
                         for p, w in zip(prompts, rows, strict=True)]
-            with open(out / "train.bin", "ab") as f:
-                for s in seqs:
-                    s = s[:seq_len]  # windows are seq_len apart: each sequence fills exactly one
-                    f.write(np.asarray(s, dtype=dtype).tobytes())
-                    n_tokens += len(s)
-                    n_bytes += len(student_tok.decode(list(s)).encode("utf-8"))
-                    teacher_tokens += len(s) - prompt_tokens
+            for s in seqs:
+                s = s[:seq_len]  # windows are seq_len apart: each sequence fills exactly one
+                train_bin.write(s, len(student_tok.decode(list(s)).encode("utf-8")))
+                teacher_tokens += len(s) - prompt_tokens
+            train_bin.flush()
             done = rows[-1] + 1
             bar.update(len(rows))
             bar.set_postfix_str(f"{teacher_tokens / max(time.perf_counter() - t0 - elapsed, 1e-9):,.0f} teacher "
                                 "tok/s")
             atomic_write_json(out / "progress.json", {"settings": settings, "windows_done": done,
-                                                      "tokens": n_tokens, "bytes": n_bytes,
+                                                      "tokens": train_bin.counts.tokens,
+                                                      "bytes": train_bin.counts.bytes,
                                                       "elapsed_s": time.perf_counter() - t0})
     finally:
         bar.close()
+        train_bin.close()
     seconds = time.perf_counter() - t0
     generated = windows * (seq_len - prompt_tokens)
-    meta = {"format": FORMAT, "version": 1, "dtype": dtype.name, "vocab_size": source.vocab_size,
-            "bos_id": source.meta.get("bos_id"), "eos_id": source.meta.get("eos_id"),
-            "tokenizer_sha256": source.meta.get("tokenizer_sha256"),
-            "splits": {"train": {"tokens": n_tokens, "documents": windows, "bytes": n_bytes},
-                       "val": source.meta["splits"]["val"]},
-            "manifest_sha256": source.meta.get("manifest_sha256"),
-            "teacher_text": {**settings, "seconds": round(seconds, 1),
-                             "teacher_tokens_per_s": round(generated / max(seconds, 1e-9), 1)}}
-    atomic_write_json(out / "meta.json", meta)
+    meta = write_meta(out, dtype=source.meta["dtype"], vocab_size=source.vocab_size,
+                      bos_id=source.meta.get("bos_id"), eos_id=source.meta.get("eos_id"),
+                      tokenizer_sha256=source.meta.get("tokenizer_sha256"),
+                      splits={"train": train_bin.counts, "val": source.meta["splits"]["val"]},
+                      manifest_sha256=source.meta.get("manifest_sha256"),
+                      teacher_text={**settings, "seconds": round(seconds, 1),
+                                    "teacher_tokens_per_s": round(generated / max(seconds, 1e-9), 1)})
     (out / "progress.json").unlink(missing_ok=True)
-    log(f"teacher text: {windows:,} windows ({n_tokens:,} tokens, {prompt_tokens} real + the teacher's rest) in "
-        f"{seconds:.0f} s -> {out}")
+    log(f"teacher text: {windows:,} windows ({train_bin.counts.tokens:,} tokens, {prompt_tokens} real + the "
+        f"teacher's rest) in {seconds:.0f} s -> {out}")
     return meta
 
 

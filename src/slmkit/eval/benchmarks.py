@@ -14,14 +14,13 @@ have to come from elsewhere.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from slmkit import hub
-from slmkit.files import atomic_path
+from slmkit.files import atomic_path, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,6 @@ MMLU_SUBJECTS = (
 )
 
 _MMLU_FIELDS = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a JSONL file (gzipped if it ends in .gz), skipping blank lines."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

@@ -29,7 +29,9 @@ from tqdm import tqdm
 
 from slmkit.chat import with_chat_stops
 from slmkit.eval import metrics as M
+from slmkit.eval.perplexity import document_nats
 from slmkit.eval.tasks import Task, fewshot_examples, select
+from slmkit.files import iter_jsonl
 from slmkit.sampling import SamplingParams
 
 BEST_OF = (1, 4, 16)
@@ -115,11 +117,7 @@ def _read_records(path, key: str) -> dict[str, dict]:
     if not path or not Path(path).is_file():
         return {}
     found = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for _, record in iter_jsonl(path, on_error=lambda err: None):
         if record.get("key") == key:
             found[record["id"]] = record
     return found
@@ -258,33 +256,13 @@ def _run_perplexity(lm, task: Task, items, **_) -> list[dict]:
     if lm.tokenizer is None:
         raise ValueError(f"{lm!r} is text only (no token ids): perplexity needs a local backend")
     tok = lm.tokenizer
-    prefix = _document_prefix(tok)
-    window = lm.max_length
-    stride = task.stride or max(1, window // 2)
-    if not 0 < stride <= window - 1:
-        raise ValueError(f"stride must be in 1..{window - 1}, got {stride}")
-    plans = []  # (item index, window ids, how many of its last targets are new)
-    for i, item in enumerate(items):
-        ids = [prefix] + tok.encode(item["text"])
-        scored_until = 1  # the prefix token is never predicted
-        start = 0
-        while True:
-            end = min(start + window, len(ids))
-            new = end - max(scored_until, start + 1)
-            if new > 0:
-                plans.append((i, ids[start:end], new))
-            scored_until = end
-            if end >= len(ids):
-                break
-            start += stride
-    results = lm.logprobs_batch([p[1] for p in plans])
-    nats = [0.0] * len(items)
-    tokens = [0] * len(items)
-    for (i, _, new), lp in zip(plans, results, strict=True):
-        nats[i] -= float(lp.token_logprobs[-new:].sum())
-        tokens[i] += new
-    return [{"id": item["id"], "nats": nats[i], "tokens": tokens[i], "bytes": len(item["text"].encode("utf-8"))}
-            for i, item in enumerate(items)]
+    prefix = _document_prefix(tok)  # context only, never scored
+    docs = [[prefix] + tok.encode(item["text"]) for item in items]
+    stride = task.stride or max(1, lm.max_length // 2)
+    scored = document_nats(lambda windows: [r.token_logprobs for r in lm.logprobs_batch(windows)], docs,
+                           lm.max_length, stride)
+    return [{"id": item["id"], "nats": nats, "tokens": tokens, "bytes": len(item["text"].encode("utf-8"))}
+            for item, (nats, tokens) in zip(items, scored, strict=True)]
 
 
 _RUNNERS = {"choice": _run_choice, "classify": _run_choice, "generate": _run_generate, "code": _run_code,

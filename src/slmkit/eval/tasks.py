@@ -17,10 +17,11 @@ files, bits per byte). Anything else is a YAML or JSONL file (see `load_task` an
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from slmkit.files import iter_jsonl
 
 KINDS = ("perplexity", "choice", "generate", "code", "classify")
 BUILTIN = ("mmlu", "mmlu_cloze", "gsm8k", "humaneval", "python")
@@ -179,18 +180,9 @@ def load_task(spec: str | Path, **overrides) -> Task:
 
 def read_items(path: Path) -> list[dict]:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{path}:{n}: each line must be a JSON object, got {type(item).__name__}")
-            item["_source"] = f"{path}:{n}"
-            items.append(item)
+    for n, item in iter_jsonl(path):
+        item["_source"] = f"{path}:{n}"
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no items")
     return items
