@@ -99,16 +99,21 @@ def test_errors_are_one_clear_line_with_exit_code_2(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_sampling_options_left_out_come_from_the_model(trained_run, monkeypatch):
-    from slmkit.lm.base import LM
+def test_sampling_options_left_out_come_from_the_model(trained_run, tmp_path):
+    import json
+    import shutil
     run = str(trained_run / "run")
     greedy = runner.invoke(app, ["generate", run, "def ", "--max-new-tokens", "20", "--temperature", "0"]).output
-    monkeypatch.setattr(LM, "generation_defaults", {"temperature": 0.0})  # as a generation_config.json would say
+    model = tmp_path / "greedy-by-default"
+    shutil.copytree(trained_run / "run" / "model", model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "do_sample": False}))  # the model says: greedy
     for seed in ("1", "2"):
-        r = runner.invoke(app, ["generate", run, "def ", "--max-new-tokens", "20", "--seed", seed])
+        r = runner.invoke(app, ["generate", str(model), "def ", "--max-new-tokens", "20", "--seed", seed])
         assert r.exit_code == 0, r.output
         assert r.output == greedy
-    r = runner.invoke(app, ["generate", run, "def ", "--max-new-tokens", "20", "--seed", "1", "--temperature", "5"])
+    r = runner.invoke(app, ["generate", str(model), "def ", "--max-new-tokens", "20", "--seed", "1",
+                            "--temperature", "5"])
     assert r.output != greedy  # what the user gives wins over the model's default
 
 

@@ -167,7 +167,9 @@ def test_async_clients_concurrently_and_a_bad_request_among_them(lm, url):
 
 def test_n_choices_with_a_seed_are_reproducible(url):
     c = client(url)
-    kw = dict(model=MODEL, prompt="for r in", max_tokens=16, temperature=1.2, n=3, seed=5)
+    # every filter off (a request that leaves them out gets the model's top-k/top-p/min-p, as llama-server does)
+    kw = dict(model=MODEL, prompt="for r in", max_tokens=16, temperature=1.2, n=3, seed=5, top_p=1.0,
+              extra_body={"top_k": 0, "min_p": 0.0})
     a, b = c.completions.create(**kw), c.completions.create(**kw)
     assert [ch.index for ch in a.choices] == [0, 1, 2]
     assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]
