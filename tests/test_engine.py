@@ -126,3 +126,28 @@ def test_other_backends_run_one_request_at_a_time(lm, tmp_path):
         assert texts[0] == texts[1] == lm.generate("def area", params)[0]
     finally:
         engine.close()
+
+
+def test_repetition_penalty_and_the_end_tokens_match_one_at_a_time(lm):
+    """The engine samples with the LM's own sampler: a repetition penalty reads the same recent ids, and a
+    completion ends at eos or bos as `lm.generate` ends it."""
+    prompts = ["for r in", "def area", "print("]
+    params = [SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=10.0),
+              SamplingParams(max_new_tokens=40, temperature=0.9, seed=4, repetition_penalty=1.3, repeat_last_n=8),
+              SamplingParams(max_new_tokens=40, temperature=0)]
+    expected = [lm.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    assert expected[0] != lm.generate(prompts[0], SamplingParams(max_new_tokens=40, temperature=0))[0]
+    engine = Engine(lm, max_batch=2)
+
+    async def main():
+        reqs = [GenerationRequest(lm.encode_prompt(p), sp) for p, sp in zip(prompts, params, strict=True)]
+        return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+    try:
+        results = run(main())
+    finally:
+        engine.close()
+    assert [texts[0] for texts, _, _ in results] == expected
+    ends = {lm.eos_id, lm.bos_id}
+    for (_, finish, ids), sp in zip(results, params, strict=True):
+        assert finish[0] == ("stop" if ids[0][-1] in ends else "length")

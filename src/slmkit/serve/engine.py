@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slmkit.lm.base import LM
+from slmkit.lm.base import LM, end_ids
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.sampling import SamplingParams, TextStream, sample_next
@@ -83,6 +83,7 @@ class _Choice:
     last_token: int = 0
     n_generated: int = 0
     finished: bool = False
+    generated: list[int] = field(default_factory=list)  # kept only for the repetition penalty
 
 
 class _Pending:
@@ -239,7 +240,6 @@ class Engine:
     def _run_batched(self, batch) -> None:
         rows: list[_Choice] = []
         waiting: list[_Choice] = []  # choices of admitted requests not yet in a row
-        eos = self.lm.eos_id
         while not self._closed:
             # Admit: whole requests from the queue become choices; choices fill free rows (prefill each).
             while len(rows) + len(waiting) < self.max_batch or not (rows or waiting):
@@ -267,7 +267,7 @@ class Engine:
                     choice.request.cancelled = True
                     continue
                 rows.append(choice)
-                self._step_safely(choice, logits, eos)
+                self._step_safely(choice, logits)
             rows = self._drop_finished(rows, batch)
             if not rows:
                 self.stats.busy_seconds += time.perf_counter() - start
@@ -283,33 +283,39 @@ class Engine:
                 rows = self._drop_finished(rows, batch)
                 continue
             for c, row_logits in zip(rows, logits, strict=True):
-                self._step_safely(c, row_logits, eos)
+                self._step_safely(c, row_logits)
             rows = self._drop_finished(rows, batch)
             self.stats.busy_seconds += time.perf_counter() - start
             self.stats.requests_active = len({id(c.request) for c in rows + waiting})
         self._fail_all(rows + waiting, RuntimeError("the engine stopped"))
 
-    def _step_safely(self, c: _Choice, logits: torch.Tensor, eos: int | None) -> None:
+    def _step_safely(self, c: _Choice, logits: torch.Tensor) -> None:
         """`_step_choice`, failing only this request when its settings break sampling (e.g. a temperature so
         small the probabilities overflow), instead of the engine thread."""
         if c.request.cancelled:
             return
         try:
-            self._step_choice(c, logits, eos)
+            self._step_choice(c, logits)
         except Exception as e:
             c.request.emit(e)
             c.request.emit(None)
             c.request.cancelled = True
 
-    def _step_choice(self, c: _Choice, logits: torch.Tensor, eos: int | None) -> None:
-        """Sample the choice's next token from `logits` and report it; marks the choice finished when it is."""
+    def _step_choice(self, c: _Choice, logits: torch.Tensor) -> None:
+        """Sample the choice's next token from `logits` and report it; marks the choice finished when it is.
+        The same sampler and the same ends (eos, bos) as `LM.stream_ids`, so served text equals `lm.generate`'s."""
         pending, params = c.request, c.request.request.params
-        tok = sample_next(logits, params, c.generator)
+        penalised = params.repetition_penalty != 1.0
+        n = params.repeat_last_n
+        recent = [*pending.request.prompt_ids[-n:], *c.generated[-n:]] if penalised and n else ()
+        tok = sample_next(logits, params, c.generator, recent)
+        if penalised:
+            c.generated.append(tok)
         c.last_token = tok
         c.n_generated += 1
         self.stats.completion_tokens_total += 1
         finish = None
-        if params.stop_at_eos and tok == eos:
+        if tok in end_ids(params, self.lm.eos_id, getattr(self.lm, "bos_id", None)):
             finish, piece = "stop", c.text.finish()
         else:
             piece = c.text.push(tok)
