@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from slmkit.cli import app
 from slmkit.formats import load_any
+from slmkit.lm import load_lm
 from slmkit.tokenizer import load_tokenizer, train_tokenizer
 
 runner = CliRunner()
@@ -48,12 +49,18 @@ def test_import_a_transformers_directory_keeps_tokenizer_and_template(model_dir,
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    hf.generation_config.update(do_sample=True, temperature=0.3, top_p=0.7)  # the publisher's sampling defaults
     hf.save_pretrained(tmp_path / "src", safe_serialization=True)
     tok.save(tmp_path / "src")
     r = runner.invoke(app, ["import", str(tmp_path / "src"), "-o", str(tmp_path / "imported")])
     assert r.exit_code == 0, r.output
     model, tok2 = load_any(tmp_path / "imported")
     assert tok2.chat_template == tok.chat_template and tok2.eos_token == tok.eos_token
+    kept = load_lm(str(tmp_path / "imported")).sampling_params()
+    assert (kept.temperature, kept.top_p) == (0.3, 0.7)
+    r = runner.invoke(app, ["export", str(tmp_path / "imported"), "--format", "hf", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").temperature == 0.3
     ids = torch.tensor([tok.encode(TEXT, add_bos=True)])
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4

@@ -76,6 +76,8 @@ def test_finetune_cli_learns_the_answers(tok, tmp_path):
     from slmkit.lm import load_lm
     from slmkit.sampling import SamplingParams
     base = tiny_model_dir(tmp_path / "base", tok)
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.3}))  # the base's default
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(chat(a, b)) + "\n" for a, b in PAIRS * 3))
     out = tmp_path / "run"
@@ -88,6 +90,7 @@ def test_finetune_cli_learns_the_answers(tok, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     assert read_provenance(out / "model")["instruction_tuned"] is True
     lm = load_lm(str(out))
+    assert lm.sampling_params().temperature == 0.3  # the fine-tune keeps the sampling defaults of its base
     prompt = tok.apply_chat_template([{"role": "user", "content": "Translate dog"}])
     answer = lm.generate(prompt, SamplingParams(max_new_tokens=8, temperature=0, stop=["<|im_end|>"]))[0]
     assert answer.strip() == "chien"

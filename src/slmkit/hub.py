@@ -108,6 +108,15 @@ def pulled_source(path: str | Path) -> Source | None:
     return SOURCES.get(json.loads(record.read_text()).get("name"))
 
 
+def sampling_defaults(model_dir: str | Path) -> dict:
+    """A model directory's sampling defaults (generation_config.json; SamplingParams fields); for a pulled model
+    over its source's upstream defaults, which a directory pulled by an older slmkit lacks. What `load_lm` gives
+    an LM, and what a model made from this one (fine-tuned, merged, exported) keeps."""
+    from slmkit.formats.hf_dir import generation_defaults
+    source = pulled_source(model_dir)
+    return {**(source.sampling if source else {}), **generation_defaults(model_dir)}
+
+
 def _source(name: str) -> Source:
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; `slm models` lists them: {', '.join(SOURCES)}")

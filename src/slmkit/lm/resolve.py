@@ -48,14 +48,8 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
 
 
 def _generation_defaults(ref) -> dict:
-    """A model directory's sampling defaults (generation_config.json); for a pulled model, over its source's
-    upstream defaults, which a directory pulled by an older slmkit lacks in its generation_config.json."""
-    from slmkit.formats.hf_dir import generation_defaults
-    from slmkit.hub import pulled_source
-    if ref.kind != "dir":
-        return {}
-    source = pulled_source(ref.location)
-    return {**(source.sampling if source else {}), **generation_defaults(ref.location)}
+    from slmkit.hub import sampling_defaults
+    return sampling_defaults(ref.location) if ref.kind == "dir" else {}
 
 
 def _instruction_tuned(ref) -> bool:

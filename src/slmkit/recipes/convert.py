@@ -15,7 +15,7 @@ import torch
 from slmkit.files import sha256_file
 from slmkit.formats import load_any
 from slmkit.formats.hf_dir import DTYPES, looks_instruction_tuned, read_provenance, save_model_dir
-from slmkit.hub import resolve_model
+from slmkit.hub import resolve_model, sampling_defaults
 
 EXPORT_FORMATS = ("gguf", "hf", "onnx")
 
@@ -42,7 +42,8 @@ def import_model(src: str | Path, out: str | Path, dtype: str = "float32",
     origin = {"imported_from": str(src.resolve()), "instruction_tuned": instruction_tuned}
     if src.is_file():
         origin["source_sha256"] = sha256_file(src)
-    return save_model_dir(model, out, tokenizer, provenance=origin, dtype=dtype)
+    sampling = sampling_defaults(src) if src.is_dir() else None  # a HF directory's own; a GGUF has none
+    return save_model_dir(model, out, tokenizer, provenance=origin, dtype=dtype, sampling=sampling or None)
 
 
 def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f32",
@@ -68,6 +69,8 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         m, tokenizer = load_any(src)
         provenance = {**read_provenance(src), "exported_from": str(src)}
-        return save_model_dir(m.to(torch.float32), out, tokenizer, provenance=provenance, dtype=dtype)
+        sampling = sampling_defaults(src) if src.is_dir() else None
+        return save_model_dir(m.to(torch.float32), out, tokenizer, provenance=provenance, dtype=dtype,
+                              sampling=sampling or None)
     from slmkit.formats.onnx import export_onnx
     return export_onnx(src, out)

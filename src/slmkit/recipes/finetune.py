@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slmkit.hub import sampling_defaults
 from slmkit.model.lora import LoRAConfig, find_adapter_dir, load_adapter, merge_lora
 from slmkit.recipes import model_dir
 from slmkit.train.loop import TrainConfig, train
@@ -47,4 +48,4 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     provenance = {"instruction_tuned": read_provenance(base).get("instruction_tuned", False),
                   **read_provenance(adapter),
                   "merged_from": {"base": str(base.resolve()), "adapter": str(adapter.resolve())}}
-    return save_model_dir(model, out, tokenizer=tokenizer, provenance=provenance)
+    return save_model_dir(model, out, tokenizer=tokenizer, provenance=provenance, sampling=sampling_defaults(base))

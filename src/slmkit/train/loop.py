@@ -31,6 +31,7 @@ from slmkit.distill.kd import DistillConfig, Distiller
 from slmkit.eval.perplexity import bits_per_byte
 from slmkit.files import atomic_write_json
 from slmkit.formats.hf_dir import DTYPES, load_model_dir, read_provenance, save_model_dir
+from slmkit.hub import sampling_defaults
 from slmkit.model.config import ModelConfig, model_config
 from slmkit.model.llama import Transformer
 from slmkit.model.lora import LoRAConfig, add_lora, count_parameters, merged_copy, save_adapter
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             summary.update(final)
             provenance["metrics"] = {k: v for k, v in summary.items() if k != "run"}
             save_model_dir(merged_copy(model) if cfg.lora else model, run / "model", tokenizer=tokenizer,
-                           provenance=provenance)
+                           provenance=provenance, sampling=sampling_defaults(cfg.init_from) if cfg.init_from else None)
             summary["model_dir"] = str(run / "model")
             if cfg.lora:
                 summary["adapter_dir"] = str(save_adapter(model, cfg.lora, run / "adapter", cfg.init_from,
