@@ -149,5 +149,5 @@ def test_repetition_penalty_and_the_end_tokens_match_one_at_a_time(lm):
         engine.close()
     assert [texts[0] for texts, _, _ in results] == expected
     ends = {lm.eos_id, lm.bos_id}
-    for (_, finish, ids), sp in zip(results, params, strict=True):
+    for _, finish, ids in results:
         assert finish[0] == ("stop" if ids[0][-1] in ends else "length")

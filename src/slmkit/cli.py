@@ -394,27 +394,6 @@ def quickstart(
 
 # ---- running models ------------------------------------------------------------------------------------
 
-def _open_lm(model: str, backend: str, cache: bool = True, adapter: Path | None = None, weights: str = "fp32"):
-    from slmkit.lm import load_lm
-    lm = load_lm(model, backend=backend, weights=weights)
-    if adapter is not None:
-        from slmkit.lm.torch_lm import apply_adapter
-        apply_adapter(lm, adapter)
-    if hasattr(lm, "use_cache"):
-        lm.use_cache = cache
-    return lm
-
-
-def _chat_stream(lm, messages: list[dict], params):
-    """The assistant's reply to `messages`: through the chat template, or the server's chat API if remote."""
-    if lm.tokenizer is None:
-        return lm.stream_chat(messages, params)
-    tok = lm.tokenizer
-    from slmkit.chat import with_chat_stops
-    params.stop = with_chat_stops(params.stop, tok)
-    return lm.stream(tok.apply_chat_template(messages, add_generation_prompt=True), params)
-
-
 @command()
 def generate(
     model: ModelArg,
@@ -440,14 +419,15 @@ def generate(
     weights: Weights = "fp32",
 ):
     """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
-    lm = _open_lm(model, backend, cache, adapter, weights)
+    from slmkit.lm import load_lm
+    lm = load_lm(model, backend=backend, weights=weights, adapter=adapter, **({} if cache else {"use_cache": False}))
     stops = [s.encode().decode("unicode_escape") for s in stop] if stop else None  # allow --stop '\n\n'
     params = lm.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stops, seed=seed)
     if chat is None:
         chat = lm.instruction_tuned and (lm.tokenizer is None or lm.tokenizer.chat_template is not None)
     if chat:
-        pieces = _chat_stream(lm, [{"role": "user", "content": prompt}], params)
+        pieces = lm.stream_chat([{"role": "user", "content": prompt}], params)
     else:
         sys.stdout.write(prompt)
         pieces = lm.stream(prompt, params, heal=lm.tokenizer is not None if heal is None else heal)
@@ -472,7 +452,8 @@ def chat(
     weights: Weights = "fp32",
 ):
     """Interactive chat with history, using the model's chat template. /reset clears, /exit quits."""
-    lm = _open_lm(model, backend, weights=weights)
+    from slmkit.lm import load_lm
+    lm = load_lm(model, backend=backend, weights=weights)
     params = lm.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
@@ -492,7 +473,7 @@ def chat(
         sys.stdout.write("model> ")
         reply = []
         try:
-            for piece in _chat_stream(lm, history, params):
+            for piece in lm.stream_chat(history, params):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

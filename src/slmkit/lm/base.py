@@ -15,12 +15,14 @@ hold-back, token healing) and scoring are shared here so all backends behave ide
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from slmkit.chat import with_chat_stops
 from slmkit.sampling import DEFAULTS, SamplingParams, heal_prompt, stream_text
 
 
@@ -131,6 +133,15 @@ class LM:
         if len(ids) + params.max_new_tokens > self.max_length:
             ids = ids[-max(1, self.max_length - params.max_new_tokens):]
         yield from stream_text(self.tokenizer, self.stream_ids(ids, params, allowed), params, healed)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
+        """The assistant's reply to `messages` ([{"role", "content"}, ...]) as text pieces: the conversation
+        through the model's chat template, ending with the assistant's turn (RemoteLM asks the server's chat API)."""
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise ValueError(f"{self.name} has no chat template; prompt it with plain text (--no-chat)")
+        params = params or self.sampling_params()
+        params = dataclasses.replace(params, stop=with_chat_stops(params.stop, self.tokenizer))
+        return self.stream(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True), params)
 
     def generate(self, prompts: list[str] | str, params: SamplingParams | None = None,
                  heal: bool = False) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,7 @@ WEIGHTS = ("fp32", "bf16", "int8")
 
 
 def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
-            weights: str = "fp32", **options) -> LM:
+            weights: str = "fp32", adapter: str | Path | None = None, **options) -> LM:
     """An LM for `spec`: a model or run directory, a .gguf file, a pulled name (`slm models`), or an
     http(s):// OpenAI-compatible endpoint.
 
@@ -25,6 +26,7 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     model keeps, or an f32 GGUF of a model directory written once into the cache). Extra `options` go to the
     backend's constructor (e.g. n_ctx for llamacpp, chat for remote). `weights` bf16 or int8 (per-channel,
     quantize.py) is for slmkit's torch backend; llama.cpp's counterpart is a q8_0 GGUF (`slm export --quant`).
+    `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged (torch backend).
     """
     from slmkit.hub import resolve_model
     if backend not in BACKENDS:
@@ -44,6 +46,13 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     lm = _open(ref, spec, backend, device, dtype, options)
     lm.instruction_tuned = _instruction_tuned(ref)
     lm.generation_defaults = _generation_defaults(ref)
+    if adapter is not None:
+        from slmkit.lm.torch_lm import apply_adapter
+        try:
+            apply_adapter(lm, adapter)
+        except BaseException:
+            lm.close()
+            raise
     return lm
 
 

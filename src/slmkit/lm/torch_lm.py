@@ -27,7 +27,7 @@ class TorchLM(LM):
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             weights: str | None = None) -> TorchLM:
+             weights: str | None = None, use_cache: bool = True) -> TorchLM:
         """From a model directory, a run directory or a GGUF file (dequantized to `dtype`), prepared for
         decoding (fused projections, see model.prepare_for_decoding).
         weights="int8": projections and LM head quantized to int8 per channel (quantize.py), for decoding."""
@@ -35,7 +35,7 @@ class TorchLM(LM):
         if weights not in (None, "int8"):
             raise ValueError(f"unknown weights {weights!r}: the torch backend quantizes to 'int8' only")
         model, tokenizer = load_any(path, device=device, dtype=dtype)
-        lm = cls(prepare_for_decoding(model), tokenizer, name=str(path))
+        lm = cls(prepare_for_decoding(model), tokenizer, name=str(path), use_cache=use_cache)
         if weights == "int8":
             from slmkit.model.quantize import calibration_ids, quantize_int8
             check = calibration_ids(tokenizer, min(512, model.cfg.max_seq_len)) if tokenizer is not None else None

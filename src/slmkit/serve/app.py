@@ -222,14 +222,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     backend, model_arg, options = generation_backend(model, backend, device, weights)
     log.info("serving %s with the %s backend (%s weights)%s", model, backend, weights,
              f" and adapter {adapter}" if adapter else "")
-    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, **options)
-    if adapter is not None:
-        from slmkit.lm.torch_lm import apply_adapter
-        try:
-            apply_adapter(lm, adapter)
-        except BaseException:
-            lm.close()
-            raise
+    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter, **options)
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")
