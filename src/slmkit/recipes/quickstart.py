@@ -16,8 +16,6 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from slmkit.data.stdlib import STDLIB_EXCLUDE, stdlib_dir, unseen_code_sample
 from slmkit.data.tokens import TokenDataset
 from slmkit.eval.perplexity import compressor_bits_per_byte, token_bits_per_byte
@@ -108,9 +106,9 @@ def compare_with_compressors(model, tok, data_dir: Path, val_bpb_non_overlapping
     """Bits per byte of `model` on the dataset's validation files and on unseen stdlib test files, in sliding
     windows of its context (each window scores its second half), next to gzip -9 and xz -9e on the same bytes."""
     seq_len = model.cfg.max_seq_len  # the training context: the model never saw positions beyond it
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    val_docs = val_documents(data_dir, tok)
-    val_bytes = meta["splits"]["val"]["bytes"]
+    dataset = TokenDataset(data_dir)
+    val_docs = dataset.val_documents()
+    val_bytes = dataset.meta["splits"]["val"]["bytes"]
     unseen_texts = [p.read_text(encoding="utf-8", errors="replace") for p in unseen_code_sample()]
     unseen_docs = [tok.encode(t, add_bos=tok.add_bos) for t in unseen_texts]
     unseen_bytes = sum(len(t.encode("utf-8")) for t in unseen_texts)
@@ -130,14 +128,6 @@ def compare_with_compressors(model, tok, data_dir: Path, val_bpb_non_overlapping
                    "files": len(unseen_texts)},
         "context": seq_len,
     }
-
-
-def val_documents(data_dir: Path, tok) -> list[list[int]]:
-    """The token dataset's held-out documents as token lists, split where each begins (bos, see data/prepare)."""
-    ids = TokenDataset(data_dir).val
-    sep = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    starts = [int(i) for i in np.flatnonzero(ids == sep)]
-    return [ids[a:b].tolist() for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)]
 
 
 def _compile_helps() -> bool:

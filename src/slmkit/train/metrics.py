@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from slmkit.files import atomic_write_text
+from slmkit.files import atomic_write_text, iter_jsonl
 
 
 def append_metrics(path: Path, rec: dict) -> None:
@@ -20,10 +20,11 @@ def append_metrics(path: Path, rec: dict) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl ([] before the first); a line torn by a kill is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in iter_jsonl(path, on_error=lambda e: None)]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
