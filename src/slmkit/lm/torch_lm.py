@@ -197,7 +197,6 @@ def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingPara
 def apply_adapter(lm, adapter: str | Path):
     """Put a LoRA adapter (or a LoRA run's) on an open LM, unmerged: `generate/serve --adapter`."""
     from slmkit.formats.hf_dir import read_provenance
-    from slmkit.lm.torch_lm import TorchLM
     if not isinstance(lm, TorchLM):
         raise ValueError("--adapter runs on slmkit's torch backend; use --backend torch, or `slm merge` first")
     from slmkit.model.quantize import Int8Linear
