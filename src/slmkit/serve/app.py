@@ -35,6 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from slmkit.chat import stop_strings
 from slmkit.lm import generation_backend
+from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
 from slmkit.serve import guard, protocol, stream
 from slmkit.serve.engine import Engine, GenerationRequest
@@ -61,6 +62,40 @@ def sampling(lm, body: SamplingBody, max_tokens: int, extra_stop: list[str] = ()
         raise APIError(400, str(e)) from e
 
 
+def structured_output(body: SamplingBody) -> tuple[str, dict] | None:
+    """What the request's reply must keep to, as (its field, `compile_grammar`'s arguments): response_format
+    json_object / json_schema, or llama.cpp's json_schema / grammar fields; None for free text."""
+    given = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        given.append(("response_format", {"json_schema": {"type": "object"}}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise APIError(400, "response_format type json_schema needs json_schema.schema, a JSON schema",
+                           param="response_format.json_schema.schema")
+        given.append(("response_format.json_schema.schema", {"json_schema": rf.json_schema.schema_}))
+    if body.json_schema is not None:
+        given.append(("json_schema", {"json_schema": body.json_schema}))
+    if body.grammar is not None:
+        given.append(("grammar", {"grammar": body.grammar}))
+    if len(given) > 1:
+        raise APIError(400, f"give one of {' or '.join(f for f, _ in given)}, not both", param=given[1][0])
+    return given[0] if given else None
+
+
+async def compile_structured_output(tokenizer, body: SamplingBody) -> str | None:
+    """The request's grammar, compiled off the event loop (the first one also builds llguidance's view of the
+    vocabulary); a bad schema or grammar is a 400 naming its field."""
+    given = structured_output(body)
+    if given is None:
+        return None
+    field, spec = given
+    try:
+        return await asyncio.to_thread(compile_grammar, tokenizer, **spec)
+    except ValueError as e:
+        raise APIError(400, f"{field}: {e}", param=field) from e
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1_000_000,
                request_timeout_s: float = 300.0) -> FastAPI:
     """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every /v1 route."""
@@ -74,7 +109,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                        n: int, logprobs: int | None, chat: bool, what: str) -> Response:
         """Submit one generation per prompt, n choices each; answer with all of them, or stream them."""
         t0 = time.perf_counter()
-        requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs) for ids in prompts]
+        grammar = await compile_structured_output(engine.tokenizer, body)
+        requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs, grammar=grammar) for ids in prompts]
         pendings = guard.submit_all(engine, requests, what)
         deadline = asyncio.get_running_loop().time() + request_timeout_s
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmkit.lm.base import LM, end_ids
+from slmkit.lm.constraints import Matcher
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.sampling import SamplingParams, TextStream, sample_next
@@ -49,6 +50,7 @@ class GenerationRequest:
     params: SamplingParams
     n: int = 1  # independent choices (seeds seed, seed+1, ...)
     logprobs: int | None = None  # also report the top-k alternatives of every generated token
+    grammar: str | None = None  # every choice keeps to it (slmkit.lm.constraints.compile_grammar's)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class _Choice:
     n_generated: int = 0
     finished: bool = False
     generated: list[int] = field(default_factory=list)  # kept only for the repetition penalty
+    matcher: Matcher | None = None  # the request's grammar, this choice's place in it
 
 
 class _Pending:
@@ -152,6 +155,8 @@ class Engine:
                                 f"exceeds the model's context of {self.max_length} tokens")
         if request.logprobs is not None and self._batch is None:
             raise ValueError(f"log-probs are not available from the {type(self.lm).__name__} backend")
+        if request.grammar is not None and self._batch is None:  # its tokens are sampled inside the backend
+            raise ValueError(f"structured output needs the torch or llama.cpp backend, not {type(self.lm).__name__}")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(retry_after=1.0)
         pending = _Pending(request, asyncio.get_running_loop())
@@ -260,6 +265,8 @@ class Engine:
                 if choice.request.cancelled:
                     continue
                 try:
+                    grammar = choice.request.request.grammar
+                    choice.matcher = None if grammar is None else Matcher(self.tokenizer, grammar)
                     logits = batch.prefill(len(rows), choice.request.request.prompt_ids)
                 except Exception as e:
                     choice.request.emit(e)
@@ -303,12 +310,18 @@ class Engine:
 
     def _step_choice(self, c: _Choice, logits: torch.Tensor) -> None:
         """Sample the choice's next token from `logits` and report it; marks the choice finished when it is.
-        The same sampler and the same ends (eos, bos) as `LM.stream_ids`, so served text equals `lm.generate`'s."""
-        pending, params = c.request, c.request.request.params
+        The same sampler and the same ends (eos, bos) as `LM.stream_ids`, so served text equals `lm.generate`'s.
+        Under a grammar, the tokens it forbids are masked out first, and the completion ends when it is complete;
+        its log-probs stay the model's own, before the mask (as vLLM's are), so none is -inf."""
+        pending, params, raw = c.request, c.request.request.params, logits
+        if c.matcher is not None:
+            logits = c.matcher.mask(logits)
         penalised = params.repetition_penalty != 1.0
         n = params.repeat_last_n
         recent = [*pending.request.prompt_ids[-n:], *c.generated[-n:]] if penalised and n else ()
         tok = sample_next(logits, params, c.generator, recent)
+        if c.matcher is not None:
+            c.matcher.advance(tok)
         if penalised:
             c.generated.append(tok)
         c.last_token = tok
@@ -321,11 +334,13 @@ class Engine:
             piece = c.text.push(tok)
             if c.text.stopped:
                 finish = "stop"
+            elif c.matcher is not None and c.matcher.done:
+                finish, piece = "stop", piece + c.text.finish()
             elif c.n_generated >= params.max_new_tokens:
                 finish, piece = "length", piece + c.text.finish()
         event = TokenEvent(c.index, piece, tok, finish_reason=finish)
         if pending.request.logprobs is not None:
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(raw, dim=-1)
             event.logprob = float(logp[tok])
             if pending.request.logprobs > 0:
                 top = logp.topk(pending.request.logprobs)

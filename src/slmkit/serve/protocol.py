@@ -3,8 +3,8 @@
 Every error is answered as `{"error": {"message", "type", "param", "code"}}` (an `APIError` carries its status
 and headers). Request bodies accept what OpenAI's do and ignore fields the server has no use for (frequency_penalty,
 logit_bias, user, ...); `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are accepted as extensions, as
-llama.cpp's and vLLM's servers do. How many choices, log-probs and stop strings one request may ask for is this
-server's limit, checked in guard.py.
+llama.cpp's and vLLM's servers do, and so are llama.cpp's `json_schema` and `grammar` beside `response_format`.
+How many choices, log-probs and stop strings one request may ask for is this server's limit, checked in guard.py.
 """
 
 from __future__ import annotations
@@ -100,6 +100,18 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # `schema` would shadow pydantic's own attribute
+    strict: bool | None = None  # the output always keeps to the schema: strict or not, it is decoded under it
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingBody(_Body):
     """The fields completions and chat share. A sampling field left out (None) takes the model's default."""
 
@@ -116,6 +128,11 @@ class SamplingBody(_Body):
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # Structured output, decoded under a grammar (slmkit.lm.constraints): OpenAI's response_format, or
+    # llama.cpp's server's json_schema (a JSON schema) and grammar (GBNF, or llguidance's Lark). One at most.
+    response_format: ResponseFormat | None = None
+    json_schema: dict | None = None  # not OpenAI's; llama.cpp's
+    grammar: str | None = None  # not OpenAI's; llama.cpp's
 
 
 class CompletionBody(SamplingBody):
