@@ -275,6 +275,7 @@ class CachedWindow:
             reuse = next(i for i, (a, b) in enumerate(zip(self.fed, window, strict=False)) if a != b)
         self.cache.length = reuse
         x = torch.tensor([window[reuse:]], device=self.device)
-        out = self.model(x, cache=self.cache)[0, -n:].float().cpu()
+        # the output head on the n rows wanted only (a prefill would otherwise project the whole prompt)
+        out = self.model.lm_head(self.model.hidden_states(x, cache=self.cache)[0, -n:]).float().cpu()
         self.fed = window
         return out
