@@ -16,7 +16,7 @@ from slmkit.lm.speculative import CachedWindow, SpeculativeLM, prompt_lookup
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.model.config import model_config
 from slmkit.model.llama import Transformer
-from slmkit.sampling import SamplingParams, token_probs
+from slmkit.sampling import SamplingParams, sample_next, token_probs
 
 TEXT = " ".join(f"Translate {a}: {b}." for a, b in PAIRS)
 
@@ -188,3 +188,29 @@ def test_cli_generate_with_an_ngram_draft_prints_the_targets_greedy_text(world):
     assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
     assert spec.stdout == plain.stdout
     assert "speculative decoding:" in spec.stderr and "tokens per target forward" in spec.stderr
+
+
+def test_token_probs_is_the_distribution_sample_draws_from():
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.3, -0.5, 0.9, 1.8, -2.0])
+    params = SamplingParams(**FULL_CHAIN)
+    recent = [0, 6, 6]
+    probs = token_probs(logits[None], params, torch.tensor([recent]))[0].double().numpy()
+    g = torch.Generator().manual_seed(0)
+    counts = np.bincount([sample_next(logits, params, g, recent) for _ in range(4000)], minlength=8)
+    assert chi_square_p(counts, probs) > 1e-3 and (counts[probs == 0] == 0).all()
+    assert token_probs(logits[None], SamplingParams(temperature=0))[0].tolist() == [1.0] + [0.0] * 7
+
+
+def test_draft_length_follows_the_acceptance_rate_and_only_torch_targets_are_taken():
+    from slmkit.lm.base import LM
+    spec = SpeculativeLM(tiny_vocab_lm(0), "ngram", max_draft=8)
+    assert spec.draft_length() == 4  # the prior: 0.8 per token
+    for _ in range(30):
+        spec._count(drafted=spec.draft_length(), new=1)  # every draft rejected
+    assert spec.draft_length() == 1
+    for _ in range(30):
+        k = spec.draft_length()
+        spec._count(drafted=k, new=k + 1)  # every draft kept
+    assert spec.draft_length() == 8
+    with pytest.raises(ValueError, match="torch backend for the target"):
+        SpeculativeLM(LM(), "ngram")
