@@ -115,7 +115,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
-                       "threads": torch.get_num_threads(), "model": args.model, "rows": rows}, f, indent=2)
+                       "threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model,
+                       "rows": rows}, f, indent=2)
 
 
 def cpu_name() -> str:
