@@ -24,7 +24,7 @@ classify_app = typer.Typer(no_args_is_help=True, help="Text classifiers on a lan
 app.add_typer(classify_app, name="classify")
 
 # Bad input, missing files, a missing optional package, an unreachable server, a run that exists already (and
-# distill.teacher.TokenizerMismatch, a ValueError): the user can fix these, so they get a line, not a traceback.
+# tokenizer.TokenizerMismatch, a ValueError): the user can fix these, so they get a line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, ConnectionError)
 
 
@@ -100,6 +100,10 @@ RepetitionPenalty = Annotated[float | None, typer.Option(help="> 1 makes tokens 
                                                               "1 = off (default: the model's)")]
 Stop = Annotated[list[str] | None, typer.Option(help="stop string (repeatable; escapes like \\n work)")]
 SampleSeed = Annotated[int | None, typer.Option(help="sampling seed (default: a fresh draw each time)")]
+Draft = Annotated[str | None, typer.Option(help="speculative decoding: a draft model with MODEL's tokenizer, or "
+                                                "'ngram' (prompt lookup, no model); the output is MODEL's own "
+                                                "(greedy: the same tokens; sampled: the same distribution)")]
+DraftK = Annotated[int, typer.Option(help="tokens drafted per step at most (fewer while few are accepted)")]
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -417,10 +421,13 @@ def generate(
     adapter: Annotated[Path | None, typer.Option(help="apply this LoRA adapter (PEFT format) to MODEL, unmerged "
                                                       "(MODEL is the base it was trained on)")] = None,
     weights: Weights = "fp32",
+    draft: Draft = None,
+    draft_k: DraftK = 4,
 ):
     """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
     from slmkit.lm import load_lm
-    lm = load_lm(model, backend=backend, weights=weights, adapter=adapter, **({} if cache else {"use_cache": False}))
+    lm = load_lm(model, backend=backend, weights=weights, adapter=adapter, draft=draft, draft_k=draft_k,
+                 **({} if cache else {"use_cache": False}))
     stops = [s.encode().decode("unicode_escape") for s in stop] if stop else None  # allow --stop '\n\n'
     params = lm.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stops, seed=seed)
@@ -435,6 +442,8 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if draft is not None:
+        _log(f"speculative decoding: {lm.stats}")
 
 
 @command()

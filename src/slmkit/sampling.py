@@ -56,15 +56,35 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
            recent: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of (B, vocab) logits: a (B,) tensor. `recent` (B, n): the ids the repetition penalty
     looks at (the caller passes the last `p.repeat_last_n`)."""
-    logits = logits.float()
+    logits = _penalize(logits.float(), p, recent)
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(_truncated_probs(logits, p), 1, generator=generator)[:, 0]
+
+
+def token_probs(logits: torch.Tensor, p: SamplingParams, recent: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, vocab) distribution `sample` draws from, normalised: the whole chain applied to the logits, a point
+    mass on the argmax at temperature 0. Speculative decoding compares a target's and a draft's with it."""
+    logits = _penalize(logits.float(), p, recent)
+    if p.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    probs = _truncated_probs(logits, p)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _penalize(logits: torch.Tensor, p: SamplingParams, recent: torch.Tensor | None) -> torch.Tensor:
     if p.repetition_penalty != 1.0 and recent is not None and recent.numel():
         # CTRL (Keskar et al. 2019), as llama.cpp and transformers apply it: a seen token's logit moves towards
         # "less likely" whatever its sign; each token once, however often it was seen.
         seen = logits.gather(-1, recent)
         logits = logits.scatter(-1, recent, torch.where(seen > 0, seen / p.repetition_penalty,
                                                         seen * p.repetition_penalty))
-    if p.temperature == 0:
-        return logits.argmax(-1)
+    return logits
+
+
+def _truncated_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p (temperature > 0): probabilities, not renormalised after the cuts
+    (torch.multinomial normalises)."""
     logits = logits / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -78,7 +98,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return probs
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,

@@ -318,6 +318,25 @@ def load_tokenizer(path) -> Tokenizer:
         raise ValueError(f"{path}: {e}") from e
 
 
+# --- comparing ---------------------------------------------------------------------------------------------
+
+class TokenizerMismatch(ValueError):
+    """Two models that must read the same token ids (distillation, speculative decoding) do not."""
+
+
+def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_name: str, b_name: str, hint: str = "") -> None:
+    """Raise TokenizerMismatch (one line naming both, then `hint`) unless `a` and `b` map every token string to
+    the same id."""
+    va, vb = a.hf.get_vocab(), b.hf.get_vocab()
+    if va == vb:
+        return
+    differ = sum(1 for tok, i in vb.items() if va.get(tok) != i)
+    example = next((tok for tok, i in sorted(vb.items(), key=lambda kv: kv[1]) if va.get(tok) != i), None)
+    raise TokenizerMismatch(
+        f"{a_name} and {b_name} use different tokenizers ({len(va):,} vs {len(vb):,} tokens; {differ:,} of "
+        f"{b_name}'s tokens have another id or none in {a_name}'s, e.g. {example!r}). {hint}".rstrip())
+
+
 def _has(hf: tokenizers.Tokenizer, token: str) -> bool:
     return hf.token_to_id(token) is not None
 

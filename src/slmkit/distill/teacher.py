@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slmkit import tokenizer
+from slmkit.tokenizer import TokenizerMismatch
+
 
 @dataclass
 class TeacherTargets:
@@ -16,10 +19,6 @@ class TeacherTargets:
 
     logp: torch.Tensor  # (B, T, V) full log-probs, or (B, T, k) top-k log-probs
     ids: torch.Tensor | None = None  # (B, T, k) token ids of the top-k; None for full distributions
-
-
-class TokenizerMismatch(ValueError):
-    pass
 
 
 def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str) -> None:
@@ -33,14 +32,7 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str) -> None:
     if student_tok is None:
         raise TokenizerMismatch(f"the student's data has no tokenizer/ directory to compare with {teacher_name}'s. "
                                 f"{hint}")
-    a, b = teacher_tok.hf.get_vocab(), student_tok.hf.get_vocab()
-    if a == b:
-        return
-    differ = sum(1 for tok, i in b.items() if a.get(tok) != i)
-    example = next((tok for tok, i in sorted(b.items(), key=lambda kv: kv[1]) if a.get(tok) != i), None)
-    raise TokenizerMismatch(
-        f"teacher {teacher_name} and the student use different tokenizers ({len(a):,} vs {len(b):,} tokens; "
-        f"{differ:,} of the student's tokens have another id or none in the teacher's, e.g. {example!r}). {hint}")
+    tokenizer.check_same_tokenizer(teacher_tok, student_tok, f"teacher {teacher_name}", "the student", hint)
 
 
 def open_teacher_lm(spec: str, backend: str = "auto", device: str | torch.device = "cpu"):

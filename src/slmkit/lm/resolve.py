@@ -17,7 +17,8 @@ WEIGHTS = ("fp32", "bf16", "int8")
 
 
 def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
-            weights: str = "fp32", adapter: str | Path | None = None, **options) -> LM:
+            weights: str = "fp32", adapter: str | Path | None = None, draft: str | None = None, draft_k: int = 4,
+            **options) -> LM:
     """An LM for `spec`: a model or run directory, a .gguf file, a pulled name (`slm models`), or an
     http(s):// OpenAI-compatible endpoint.
 
@@ -27,6 +28,8 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     backend's constructor (e.g. n_ctx for llamacpp, chat for remote). `weights` bf16 or int8 (per-channel,
     quantize.py) is for slmkit's torch backend; llama.cpp's counterpart is a q8_0 GGUF (`slm export --quant`).
     `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged (torch backend).
+    `draft`: decode speculatively (lm/speculative.py) with this model (same tokenizer, opened on the torch
+    backend with the same device and dtype) or "ngram" (prompt lookup), drafting up to `draft_k` tokens a step.
     """
     from slmkit.hub import resolve_model
     if backend not in BACKENDS:
@@ -53,7 +56,25 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
         except BaseException:
             lm.close()
             raise
+    if draft is not None:
+        try:
+            return _speculative(lm, draft, draft_k, device, dtype)
+        except BaseException:
+            lm.close()
+            raise
     return lm
+
+
+def _speculative(target: LM, draft: str, draft_k: int, device: str, dtype: torch.dtype) -> LM:
+    from slmkit.lm.speculative import NGRAM, SpeculativeLM
+    if draft == NGRAM:
+        return SpeculativeLM(target, draft, max_draft=draft_k)
+    draft_lm = load_lm(draft, backend="torch", device=device, dtype=dtype)
+    try:
+        return SpeculativeLM(target, draft_lm, max_draft=draft_k)
+    except BaseException:
+        draft_lm.close()
+        raise
 
 
 def _generation_defaults(ref) -> dict:
