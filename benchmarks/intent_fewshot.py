@@ -7,10 +7,10 @@ For each seed, `--shots` labelled examples per intent are drawn from ../shared/d
 method is scored on the whole dev set (183 utterances, 7 intents):
 - majority: the most frequent intent of the full training file (the draw itself is balanced);
 - zero-shot: the PET patterns' ensemble with no training at all (the LM's log-probs at the slot);
-- head: a linear head on the frozen decoder's last hidden state (`adapt.classify.train_classifier`);
-- pet: the model fine-tuned with PET on the draw, ensemble over patterns (`adapt.pet.train_pet`);
+- head: a linear head on the frozen decoder's last hidden state (`classify.head.train_classifier`);
+- pet: the model fine-tuned with PET on the draw, ensemble over patterns (`classify.pet.train_pet`);
 - pet+distil: PET's soft labels on the rest of the training texts (labels unused) distilled into a head on the
-  PET-tuned decoder (`adapt.pet.distil_classifier`, the last step of `pet_classifier`), as in PET's final step.
+  PET-tuned decoder (`classify.pet.distil_classifier`, the last step of `pet_classifier`), as in PET's final step.
 Results are appended as JSON lines to --log (one per seed and method), so an interrupted run keeps what it
 finished; the summary prints mean ± std over seeds.
 """

@@ -35,20 +35,24 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_concurrent_requests_decode_exactly_like_one_at_a_time(lm):
-    prompts = ["def area", "for r in", "print(", "    return 3", "d", "café ✓"]
-    params = [SamplingParams(max_new_tokens=8 + 5 * i, temperature=0, stop_at_eos=False) for i in range(6)]
-    expected = [lm.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
-    engine = Engine(lm, max_batch=4)  # fewer rows than requests: some wait, join as others leave
-
+def run_together(engine, lm, prompts, params):
+    """Submit one request per (prompt, params) at once; each one's (texts, finish reasons, ids) by choice."""
     async def main():
         reqs = [GenerationRequest(lm.encode_prompt(p), sp) for p, sp in zip(prompts, params, strict=True)]
         return await asyncio.gather(*(collect(engine, r) for r in reqs))
 
     try:
-        results = run(main())
+        return run(main())
     finally:
         engine.close()
+
+
+def test_concurrent_requests_decode_exactly_like_one_at_a_time(lm):
+    prompts = ["def area", "for r in", "print(", "    return 3", "d", "café ✓"]
+    params = [SamplingParams(max_new_tokens=8 + 5 * i, temperature=0, stop_at_eos=False) for i in range(6)]
+    expected = [lm.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    # fewer rows than requests: some wait, join as others leave
+    results = run_together(Engine(lm, max_batch=4), lm, prompts, params)
     for (texts, finish, ids), want, sp in zip(results, expected, params, strict=True):
         assert texts[0] == want and finish[0] == "length" and len(ids[0]) == sp.max_new_tokens
 
@@ -137,16 +141,7 @@ def test_repetition_penalty_and_the_end_tokens_match_one_at_a_time(lm):
               SamplingParams(max_new_tokens=40, temperature=0)]
     expected = [lm.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
     assert expected[0] != lm.generate(prompts[0], SamplingParams(max_new_tokens=40, temperature=0))[0]
-    engine = Engine(lm, max_batch=2)
-
-    async def main():
-        reqs = [GenerationRequest(lm.encode_prompt(p), sp) for p, sp in zip(prompts, params, strict=True)]
-        return await asyncio.gather(*(collect(engine, r) for r in reqs))
-
-    try:
-        results = run(main())
-    finally:
-        engine.close()
+    results = run_together(Engine(lm, max_batch=2), lm, prompts, params)
     assert [texts[0] for texts, _, _ in results] == expected
     ends = {lm.eos_id, lm.bos_id}
     for _, finish, ids in results:

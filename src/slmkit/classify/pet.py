@@ -6,7 +6,7 @@ word at that slot, so an LM classifies with no training at all (zero-shot), and 
 fine-tune it with cross-entropy over the labels' words at the slot — the LM head is reused instead of a new
 classifier learned from scratch, which is why PET needs so few examples. Several patterns are ensembled by
 averaging their label log-probabilities, and the ensemble's soft labels on unlabelled text can be distilled
-into a small classifier (`adapt.classify.train_classifier(soft_targets=...)`), as in PET's final step.
+into a small classifier (`classify.head.train_classifier(soft_targets=...)`), as in PET's final step.
 
 For a decoder the slot is the next token after the pattern, so patterns end at the slot, and a verbaliser is
 scored by its first token: every label's word must start with a different token (checked). This version trains
@@ -91,7 +91,7 @@ def pet_classifier(model_dir, pet: PET, texts: list[str], labels: list[str], unl
                    dev: tuple[list[str], list[str]] | None = None, epochs: int = 6, lr: float = 1e-5, seed: int = 0,
                    log=print):
     """PET end to end: fine-tune on the labelled texts, label `unlabelled` (and the labelled texts) softly with
-    the pattern ensemble, and distil that into a head on the PET-tuned decoder (an `adapt.classify.Classifier`,
+    the pattern ensemble, and distil that into a head on the PET-tuned decoder (an `classify.head.Classifier`,
     calibrated on `dev`)."""
     from slmkit.formats.hf_dir import load_model_dir
     from slmkit.tokenizer import load_tokenizer
