@@ -459,10 +459,12 @@ def chat(
     repetition_penalty: RepetitionPenalty = None,
     seed: SampleSeed = None,
     weights: Weights = "fp32",
+    draft: Draft = None,
+    draft_k: DraftK = 4,
 ):
     """Interactive chat with history, using the model's chat template. /reset clears, /exit quits."""
     from slmkit.lm import load_lm
-    lm = load_lm(model, backend=backend, weights=weights)
+    lm = load_lm(model, backend=backend, weights=weights, draft=draft, draft_k=draft_k)
     params = lm.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
@@ -507,12 +509,16 @@ def serve(
     adapter: Annotated[Path | None, typer.Option(help="serve MODEL with this LoRA adapter (PEFT format), unmerged "
                                                       "(torch backend)")] = None,
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP + "; not fp32 picks torch under auto")] = "fp32",
+    draft: Annotated[str | None, typer.Option(help="speculative decoding (as in `slm generate --draft`): a draft "
+                                                   "model or 'ngram'; torch backend, one request at a time")]
+    = None,
+    draft_k: DraftK = 4,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
-               max_queue=max_queue, adapter=adapter, weights=weights)
+               max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k)
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------
