@@ -511,6 +511,19 @@ def chat(
 
 
 @command()
+def embed(
+    model: Annotated[str, typer.Argument(help="an encoder (a BERT/RoBERTa directory, or minilm-l6-v2 once pulled) "
+                                              "or a decoder (mean-pooled hidden states)")],
+    texts: Annotated[list[str], typer.Argument(help="texts to embed")],
+):
+    """Print one unit-length embedding per text, a JSON array per line (cosine similarity = dot product)."""
+    from slmkit.lm.embedder import load_embedder
+    embedder = load_embedder(model)
+    for vector in embedder.embed(texts).tolist():
+        typer.echo(json.dumps([round(x, 7) for x in vector]))
+
+
+@command()
 def serve(
     model: ModelArg,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface; set an API key)")]
