@@ -264,7 +264,31 @@ def test_code_pass_at_k_in_the_sandbox_and_selection_by_docstring_examples():
     # x + 2 passes the docstring's example (double(2) == 4) but not the hidden tests: selection sees only examples
     assert r.records[0]["examples_pass"] == [True, False, True, True]
     assert r.metrics["pass@1"].value == pytest.approx(0.25) and r.metrics["best_of_4"].value == 0.0
-    assert "sys.exit" in doctest_program(PROBLEM["prompt"], right, "double")
+    assert "sys.exit" not in doctest_program(PROBLEM["prompt"], right, "double")  # an early exit is a failure
+
+
+def test_code_answers_that_exit_early_or_hide_in_a_main_block_fail():
+    # wrong answers that used to pass: exit 0 before check() runs, or exit 0 from inside the function
+    early = "    return x + 2\nimport sys\nsys.exit(0)\n"
+    inside = "    import os\n    os._exit(0)\n"
+    main_block = "    return x + 2\nif __name__ == '__main__':\n    import unittest\n    unittest.main()\n"
+    right_with_main = "    return 2 * x\nif __name__ == '__main__':\n    raise SystemExit(0)\n"
+    lm = ScriptedLM({"double": [early, inside, main_block, right_with_main]})
+    task = Task("code", "code", [dict(PROBLEM)], prompt="{prompt}", timeout_s=5)
+    r = evaluate(lm, task, samples=4, progress=False)
+    assert r.records[0]["correct"] == [False, False, False, True]
+    assert r.records[0]["error"][0].startswith("[slmkit sandbox] the program exited with code 0")
+
+
+def test_code_tasks_refuse_without_the_network_namespace(monkeypatch):
+    from slmkit.eval import sandbox
+    monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.Isolation(network=False, tmpfs=False))
+    monkeypatch.delenv("SLMKIT_ALLOW_UNSANDBOXED", raising=False)
+    lm = ScriptedLM({"double": ["    return 2 * x\n"]})
+    task = Task("code", "code", [dict(PROBLEM)], prompt="{prompt}", timeout_s=5)
+    with pytest.raises(ValueError, match="--allow-unsandboxed"):
+        evaluate(lm, task, progress=False)
+    assert evaluate(lm, task, progress=False, allow_unsandboxed=True).metrics["pass@1"].value == 1.0
 
 
 def test_chat_answers_with_a_code_block_are_run():

@@ -9,7 +9,11 @@ import time
 
 import pytest
 
+from slmkit.eval import sandbox
 from slmkit.eval.sandbox import (
+    WORK_DIR_LIMIT,
+    WORK_FILES_LIMIT,
+    Isolation,
     SandboxResult,
     humaneval_program,
     network_namespace_available,
@@ -233,3 +237,108 @@ def test_humaneval_program_passes_right_and_fails_wrong_completion():
     assert run_python(program).passed
     wrong = run_python(humaneval_program(prompt, "    return a - b\n", test, "add"))
     assert wrong.status == "failed" and "AssertionError" in wrong.stderr
+
+
+# --- the verdict: only a program that runs to its end passes (issue 22, item 1) --------------------------------
+
+ADD_PROMPT = 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n'
+ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+@pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit",
+                                       "exit()", "raise SystemExit(0)"])
+def test_exiting_with_status_0_before_the_checks_is_a_failure(exit_call):
+    # a wrong answer that exits early used to score as passed (exit code 0)
+    completion = f"    return a - b\n{exit_call}\n"
+    r = run_python(humaneval_program(ADD_PROMPT, completion, ADD_TEST, "add"))
+    assert r.returncode == 0 and r.status == "failed" and not r.passed
+    assert r.stderr.strip().splitlines()[-1].startswith("[slmkit sandbox] the program exited with code 0 before")
+
+
+def test_exit_inside_the_checked_function_is_a_failure():
+    r = run_python(humaneval_program(ADD_PROMPT, "    import sys\n    sys.exit(0)\n", ADD_TEST, "add"))
+    assert r.status == "failed" and r.returncode == 0
+
+
+def test_writing_to_inherited_descriptors_cannot_fake_the_marker():
+    program = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 32)\n" \
+              "    except OSError:\n        pass\nos._exit(0)\n"
+    assert run_python(program).status == "failed"
+
+
+def test_program_does_not_run_as_main():
+    r = run_python("print(__name__)\nif __name__ == '__main__':\n    raise AssertionError('main block ran')\n")
+    assert r.passed and r.stdout == "__program__\n"
+    # an answer that ends with a unittest entry point: the block is skipped, the checks decide
+    tail = "\nif __name__ == '__main__':\n    import unittest\n    unittest.main()\n"
+    assert run_python(humaneval_program(ADD_PROMPT, "    return a + b\n" + tail, ADD_TEST, "add")).passed
+    wrong = run_python(humaneval_program(ADD_PROMPT, "    return a - b\n" + tail, ADD_TEST, "add"))
+    assert wrong.status == "failed" and "AssertionError" in wrong.stderr
+
+
+def test_unittest_main_at_top_level_cannot_pass():
+    program = "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n        pass\nunittest.main()\n"
+    assert run_python(program).status == "failed"
+
+
+def test_output_is_flushed_before_the_verdict():
+    r = run_python("import sys\nsys.stdout.write('no newline, no flush')\n")
+    assert r.passed and r.stdout == "no newline, no flush"
+
+
+# --- the work directory's total size and file count -------------------------------------------------------------
+
+@pytest.fixture(params=["tmpfs", "watched"])
+def work_limit_mode(request, monkeypatch):
+    """Both ways the limit is enforced: the kernel's tmpfs, and (where that is unavailable) watching from outside."""
+    if request.param == "tmpfs":
+        if not sandbox.isolation().tmpfs:
+            pytest.skip("no unprivileged mount namespace on this machine")
+    else:
+        network = sandbox.isolation().network
+        monkeypatch.setattr(sandbox, "isolation", lambda: Isolation(network=network, tmpfs=False))
+    return request.param
+
+
+def test_work_directory_total_size_is_limited(work_limit_mode):
+    # every file is under the per-file limit; together they are over the directory's
+    n = WORK_DIR_LIMIT // (8 * 2**20) + 2
+    program = (f"import time\nfor i in range({n}):\n    open(f'f{{i}}', 'wb').write(b'x' * (8 * 2**20))\n"
+               "time.sleep(5)\n")
+    r = run_python(program, timeout_s=10)
+    assert r.status == "failed" and r.seconds < 5
+    assert "No space left on device" in r.stderr or "work directory holds more than 64 MB" in r.stderr
+
+
+def test_work_directory_file_count_is_limited(work_limit_mode):
+    program = f"import os\nos.mkdir('d')\nfor i in range({WORK_FILES_LIMIT + 50}):\n    open(f'd/{{i}}', 'w').close()\n"
+    r = run_python(program)
+    assert r.status == "failed"
+    assert "No space left on device" in r.stderr or f"more than {WORK_FILES_LIMIT} files" in r.stderr
+    assert run_python(f"for i in range({WORK_FILES_LIMIT // 2}):\n    open(str(i), 'w').close()\n").passed
+
+
+# --- no code execution without the network namespace, unless asked for ----------------------------------------
+
+def test_refuses_to_run_without_the_network_namespace_unless_allowed(monkeypatch):
+    monkeypatch.setattr(sandbox, "isolation", lambda: Isolation(network=False, tmpfs=False))
+    monkeypatch.delenv("SLMKIT_ALLOW_UNSANDBOXED", raising=False)
+    with pytest.raises(ValueError, match="--allow-unsandboxed"):
+        run_python("print(1)")
+    with pytest.raises(ValueError, match="network namespace"):
+        run_many(["print(1)"])
+    assert run_python("print(1)", allow_unsandboxed=True).passed
+    assert [r.passed for r in run_many(["print(1)"], allow_unsandboxed=True)] == [True]
+    monkeypatch.setenv("SLMKIT_ALLOW_UNSANDBOXED", "1")
+    assert run_python("print(1)").passed
+
+
+def test_a_failed_namespace_entry_stops_the_run_instead_of_running_unisolated(monkeypatch):
+    # the probe said yes, but the child cannot enter it (e.g. the limit on user namespaces was reached)
+    def fail(*args):
+        raise OSError(28, "unshare: No space left on device")
+    monkeypatch.setattr(sandbox, "isolation", lambda: Isolation(network=True, tmpfs=False))
+    monkeypatch.setattr(sandbox, "_enter_namespaces", fail)
+    with pytest.raises(ValueError, match="could not enter its network namespace"):
+        run_python("print(1)")
+    assert run_python("print(1)", allow_unsandboxed=True).passed

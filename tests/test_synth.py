@@ -157,3 +157,34 @@ def test_cli_synth_with_a_real_model_and_clear_errors(tmp_path):
     r = CliRunner().invoke(app, ["synth", "poetry", "--teacher", str(model), "--seeds", str(tmp_path / "seeds.txt"),
                                  "-o", str(tmp_path / "o3")])
     assert r.exit_code == 2 and "unknown recipe" in r.output
+
+
+def test_program_that_exits_early_is_rejected_and_a_main_block_runs(tmp_path):
+    # the sandbox's verdict: a program must run to its end; as a script, its __main__ block prints the answer
+    seeds = _seeds(tmp_path, [{"text": "eggs: exit early"}, {"text": "hens: main block", "answer": "9"},
+                              {"text": "cows: hard exit"}])
+    teacher = ScriptedTeacher({
+        "eggs": "print(5)\nimport sys\nsys.exit(0)\nprint(6)\n```",
+        "hens": "def solve():\n    return 3 * 3\n\nif __name__ == '__main__':\n    print(solve())\n```",
+        "cows": "import os\nprint(7, flush=True)\nos._exit(0)\n```",
+    })
+    cfg = S.SynthConfig(recipe="program", teacher="scripted", seeds=seeds, out=str(tmp_path / "out"), timeout_s=2)
+    report = S.synthesize(cfg, lm=teacher, progress=False, log=lambda m: None)
+    kept = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["answer"]) for r in kept] == [("hens: main block", "9")]
+    assert report["rejected"] == {"program_failed": 2}
+
+
+def test_program_recipe_refuses_without_the_network_namespace(tmp_path, monkeypatch):
+    from slmkit.eval import sandbox
+    monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.Isolation(network=False, tmpfs=False))
+    monkeypatch.delenv("SLMKIT_ALLOW_UNSANDBOXED", raising=False)
+    seeds = _seeds(tmp_path, [{"text": "hens: main block", "answer": "9"}])
+    teacher = ScriptedTeacher({"hens": "hens = 3\neggs = hens * 3\nprint(eggs)\n```"})
+    cfg = S.SynthConfig(recipe="program", teacher="scripted", seeds=seeds, out=str(tmp_path / "out"), timeout_s=2)
+    with pytest.raises(ValueError, match="--allow-unsandboxed"):
+        S.synthesize(cfg, lm=teacher, progress=False, log=lambda m: None)
+    assert teacher.calls == []  # refused before asking the teacher anything
+    cfg = S.SynthConfig(recipe="program", teacher="scripted", seeds=seeds, out=str(tmp_path / "out2"), timeout_s=2,
+                        allow_unsandboxed=True)
+    assert S.synthesize(cfg, lm=teacher, progress=False, log=lambda m: None)["kept"] == 1

@@ -66,6 +66,9 @@ Backend = Annotated[str, typer.Option(help=BACKEND_HELP)]
 Weights = Annotated[str, typer.Option(help=WEIGHTS_HELP)]
 ModelSet = Annotated[list[str] | None, typer.Option("--set", help="override a model field, e.g. --set n_layers=4")]
 Seed = Annotated[int, typer.Option(help="random seed")]
+AllowUnsandboxed = Annotated[bool, typer.Option(
+    "--allow-unsandboxed", help="execute generated code even where the sandbox's network namespace is unavailable "
+                                "(in-process guards only: see docs/reliability.md)")]
 ClassifierDir = Annotated[Path, typer.Argument(help="directory written by `slm classify train`")]
 
 # training (slm train, finetune, distill, quickstart)
@@ -382,6 +385,7 @@ def synth(
                                                           "(0 = off, 0.9 ~ English)")] = 0.0,
     backend: Backend = "auto",
     seed: Seed = 0,
+    allow_unsandboxed: AllowUnsandboxed = False,
 ):
     """Synthetic data from a teacher, filtered, deduplicated and decontaminated. Interrupted? Run it again."""
     from slmkit.distill.synth import SynthConfig, synthesize
@@ -390,7 +394,7 @@ def synth(
                       max_new_tokens=max_new_tokens, strategies=_globs(strategies),
                       decontaminate=_globs(decontaminate), ngram=ngram, min_chars=min_chars,
                       max_chars=max_chars, max_repetition=max_repetition, min_ascii_letters=min_ascii_letters,
-                      backend=backend, seed=seed)
+                      backend=backend, seed=seed, allow_unsandboxed=allow_unsandboxed)
     synthesize(cfg, log=_log)
 
 
@@ -569,12 +573,14 @@ def eval_(
     efficiency: Annotated[bool, typer.Option(help="measure size, memory, speed and latency of each model")] = True,
     verifier: Annotated[str | None, typer.Option(help="LM that picks best-of-n answers (tasks with "
                                                       "samples=N:select_by=verifier)")] = None,
+    allow_unsandboxed: AllowUnsandboxed = False,
 ):
     """Evaluate models side by side: results.json, report.md and report.html (quality with 95% intervals,
     efficiency, plots)."""
     from slmkit.eval.report import report_card
     report_card(models, _globs(tasks), out, backend=backend, limit=limit, seed=seed, num_fewshot=num_fewshot,
-                chat=chat, resume=resume, efficiency=efficiency, verifier=verifier, log=_log)
+                chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,
+                allow_unsandboxed=allow_unsandboxed, log=_log)
 
 
 @command(classify_app, "train")

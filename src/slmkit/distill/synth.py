@@ -7,8 +7,9 @@ Recipes (one seed per line of a .txt file, or one JSONL record per line):
   directly", ...) -> the answer; the record is a chat WITHOUT the strategy prompt (prompt erasure: the student
   learns to pick the strategy itself); {"messages", "strategy"}.
 - program (TinyGSM, Liu et al. 2023): word problem -> a Python program that prints the answer, run in the
-  sandbox (eval/sandbox.py); kept only if it runs and prints a final line; when the seed has an "answer", only if
-  that line (or the last number in it) matches it; {"question", "program", "answer", "checked"}. The teacher is
+  sandbox (eval/sandbox.py); kept only if it runs to its end (an early sys.exit/os._exit is a failure) and prints a
+  final line; when the seed has an "answer", only if that line (or the last number in it) matches it; {"question",
+  "program", "answer", "checked"}. The teacher is
   shown one worked problem and its reply starts inside a ```python block, stopping at the closing fence: a small
   teacher asked for code often answers in prose instead (SmolLM2-135M: 0 of 64 programs usable without this).
 - instruct: instruction -> response, for supervised fine-tuning; {"messages"}.
@@ -78,6 +79,7 @@ class SynthConfig:
     timeout_s: float = 10.0  # program: sandbox limit per program
     backend: str = "auto"
     seed: int = 0
+    allow_unsandboxed: bool = False  # program: run even without the sandbox's network namespace (not a setting)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -262,7 +264,8 @@ def _checked_program(reply: str, seed: dict, cfg: SynthConfig) -> dict:
     program = extract_code(reply)
     rec = {"question": seed["seed"], "program": program, "_text": program}
     from slmkit.eval.sandbox import run_python
-    result = run_python(program, timeout_s=cfg.timeout_s)
+    # as a script: a teacher's `if __name__ == "__main__": print(solve())` is how it prints its answer
+    result = run_python(program, timeout_s=cfg.timeout_s, allow_unsandboxed=cfg.allow_unsandboxed, as_main=True)
     lines = [line for line in result.stdout.strip().splitlines() if line.strip()]
     if not result.passed:
         rec["_reject"] = f"program_{result.status}"
@@ -282,7 +285,10 @@ def synthesize(cfg: SynthConfig, lm=None, progress: bool = True, log=print) -> d
     from slmkit.data.dedup import Deduplicator
     out = Path(cfg.out)
     seeds = read_seeds(cfg.seeds, cfg.seed_field)
-    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_unsandboxed")}
+    if cfg.recipe == "program":  # before the teacher loads
+        from slmkit.eval.sandbox import require_isolation
+        require_isolation(cfg.allow_unsandboxed)
     decon = Decontaminator(cfg.decontaminate, cfg.ngram) if cfg.decontaminate else None
     if lm is None:
         # the whole job is decoding: "auto" takes llama.cpp when installed (SmolLM2-135M on 2 cores: ~10 tokens/s

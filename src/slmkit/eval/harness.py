@@ -60,13 +60,17 @@ class TaskResult:
 
 def evaluate(lm, task: Task, *, limit: int | None = None, seed: int = 0, chat: bool | None = None,
              samples: int = 1, temperature: float = 0.8, select_by: str = "vote", verifier=None,
-             records_file: str | Path | None = None, batch: int = 16, progress: bool = True) -> TaskResult:
+             records_file: str | Path | None = None, batch: int = 16, progress: bool = True,
+             allow_unsandboxed: bool = False) -> TaskResult:
     """Evaluate `lm` on `task` (a seeded subset of `limit` items when given).
 
     samples > 1 (generate / code): sample that many answers per item at `temperature`; code reports pass@k,
     generate reports accuracy of best-of-n for n in 1, 4, 16 chosen by `select_by`: "vote" (the most common
     final answer), "verifier" (the answer `verifier`, another LM, finds most likely per token), "execute"
     (code: the first sample that passes the examples in the prompt's docstring) or "first".
+
+    Code tasks execute the generated programs in eval/sandbox.py, which refuses to run without its network
+    namespace unless `allow_unsandboxed` (checked here, before anything is generated).
     """
     if select_by not in SELECTORS:
         raise ValueError(f"select_by must be one of {', '.join(SELECTORS)}")
@@ -74,6 +78,9 @@ def evaluate(lm, task: Task, *, limit: int | None = None, seed: int = 0, chat: b
         raise ValueError("select_by='verifier' needs a verifier LM")
     if samples < 1:
         raise ValueError("samples must be >= 1")
+    if task.kind == "code":
+        from slmkit.eval.sandbox import require_isolation
+        require_isolation(allow_unsandboxed)
     use_chat = _use_chat(lm, task, chat)
     settings = {"num_fewshot": task.num_fewshot, "chat": use_chat, "limit": limit, "seed": seed,
                 "samples": samples, "temperature": temperature if samples > 1 else 0.0, "select_by": select_by,
@@ -93,7 +100,7 @@ def evaluate(lm, task: Task, *, limit: int | None = None, seed: int = 0, chat: b
         for b in range(0, len(todo), batch):
             chunk = todo[b:b + batch]
             new = run(lm, task, chunk, seed=seed, chat=use_chat, samples=samples, temperature=temperature,
-                      select_by=select_by, verifier=verifier)
+                      select_by=select_by, verifier=verifier, allow_unsandboxed=allow_unsandboxed)
             for record in new:
                 record["key"] = key
                 done[record["id"]] = record
@@ -228,7 +235,7 @@ def _run_generate(lm, task: Task, items, *, seed, chat, samples, temperature, se
     return records
 
 
-def _run_code(lm, task: Task, items, *, seed, chat, samples, temperature, select_by, **_):
+def _run_code(lm, task: Task, items, *, seed, chat, samples, temperature, select_by, allow_unsandboxed, **_):
     from slmkit.eval.sandbox import humaneval_program, run_many
     prompts = [build_prompt(task, item, seed, chat) for item in items]
     completions = _sample(lm, task, prompts, samples, temperature, seed)
@@ -239,8 +246,8 @@ def _run_code(lm, task: Task, items, *, seed, chat, samples, temperature, select
             programs.append(humaneval_program(item["prompt"], body, item["test"], item["entry_point"]))
             if select_by == "execute" and samples > 1:
                 examples.append(doctest_program(item["prompt"], body, item["entry_point"]))
-    results = run_many(programs, timeout_s=task.timeout_s)
-    checks = run_many(examples, timeout_s=task.timeout_s) if examples else []
+    results = run_many(programs, timeout_s=task.timeout_s, allow_unsandboxed=allow_unsandboxed)
+    checks = run_many(examples, timeout_s=task.timeout_s, allow_unsandboxed=allow_unsandboxed) if examples else []
     records = []
     for i, (item, texts) in enumerate(zip(items, completions, strict=True)):
         mine = results[i * samples:(i + 1) * samples]
@@ -392,7 +399,8 @@ def doctest_program(prompt: str, completion: str, entry_point: str) -> str:
             f"_runner = _doctest.DocTestRunner(verbose=False)\n"
             f"for _t in _doctest.DocTestFinder().find({entry_point}, {entry_point!r}, globs=dict(globals())):\n"
             f"    _runner.run(_t, out=lambda s: None)\n"
-            f"_sys.exit(1 if _runner.failures else 0)\n")
+            # raise, not sys.exit: the sandbox's verdict counts any early exit as a failure
+            f"if _runner.failures:\n    raise AssertionError(f'{{_runner.failures}} docstring examples failed')\n")
 
 
 def _document_prefix(tok) -> int:

@@ -70,8 +70,10 @@ def _value(text: str):
 def report_card(models: list[str], tasks: list[str | TaskSpec], out: str | Path, *, backend: str = "auto",
                 limit: int | None = None, seed: int = 0, num_fewshot: int | None = None, chat: bool | None = None,
                 resume: bool = False, efficiency: bool = True, verifier: str | None = None,
-                command: str | None = None, log=print) -> dict:
-    """Evaluate every model on every task, measure efficiency, write the report files; returns results.json."""
+                command: str | None = None, allow_unsandboxed: bool = False, log=print) -> dict:
+    """Evaluate every model on every task, measure efficiency, write the report files; returns results.json.
+
+    Code tasks refuse to run without the sandbox's network namespace unless `allow_unsandboxed`."""
     from slmkit.lm import load_lm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +84,9 @@ def report_card(models: list[str], tasks: list[str | TaskSpec], out: str | Path,
         if num_fewshot is not None:
             overrides.setdefault("num_fewshot", num_fewshot)
         loaded[spec.label] = load_task(spec.name, **overrides)
+    if any(task.kind == "code" for task in loaded.values()):  # before any model loads
+        from slmkit.eval.sandbox import require_isolation
+        require_isolation(allow_unsandboxed)
     verifier_lm = load_lm(verifier, backend=backend) if verifier else None
     results = {"command": command or shlex.join(["slm", *sys.argv[1:]]),
                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "models": []}
@@ -101,7 +106,8 @@ def report_card(models: list[str], tasks: list[str | TaskSpec], out: str | Path,
             records.parent.mkdir(parents=True, exist_ok=True)
             if not resume and records.exists():
                 records.unlink()
-            result = evaluate(lm, task, records_file=records, verifier=verifier_lm, **run)
+            result = evaluate(lm, task, records_file=records, verifier=verifier_lm,
+                              allow_unsandboxed=allow_unsandboxed, **run)
             headline = result.metrics.get(task.main_metric) or next(iter(result.metrics.values()))
             log(f"   {spec.label}: {task.main_metric} {headline}  ({result.seconds:.0f} s)")
             entry["tasks"][spec.label] = {**result.to_dict(), "main_metric": task.main_metric,

@@ -5,27 +5,38 @@ with layered defences:
 
 1. Limits. `resource` rlimits set between fork and exec: address space (`memory_mb`), CPU seconds (a little above
    the wall-clock timeout), file size (10 MB), process count, no core dumps. The child starts its own session;
-   on timeout, and after every run, the whole process group is SIGKILLed so stray grandchildren die too.
-2. No network. Where the kernel lets an unprivileged process do it (probed once, see
-   `network_namespace_available`), the child moves into a fresh user + network namespace that has only a
-   loopback device, which is down: nothing, not even 127.0.0.1 of the host, is reachable. Independently, a
-   bootstrap that runs before the program replaces socket creation and name lookup with functions that raise
-   PermissionError.
+   on timeout, and after every run, the whole process group is SIGKILLed so stray grandchildren die too. The work
+   directory as a whole holds at most WORK_DIR_LIMIT bytes and WORK_FILES_LIMIT files: it is a private tmpfs of
+   that size in the child's own mount namespace where the kernel allows it, otherwise this process watches it and
+   kills the program when it grows past them (then a fast writer can overshoot by what it writes in 50 ms).
+2. No network. The child moves into a fresh user + network namespace that has only a loopback device, which is
+   down: nothing, not even 127.0.0.1 of the host, is reachable. This namespace is the real barrier: where the
+   kernel does not allow it (probed once, see `isolation`), `run_python` refuses to run unless the caller passes
+   `allow_unsandboxed=True` (`slm eval/synth --allow-unsandboxed`). Independently, a bootstrap that runs before the
+   program replaces socket creation and name lookup with functions that raise PermissionError; that guard only
+   catches accidents (`del sys.modules['_socket']; import _socket`, or ctypes, gets around it).
 3. Guarded standard library, like OpenAI human-eval's `reliability_guard`: before the program runs, the bootstrap
    replaces process creation (fork, exec*, spawn*, system, subprocess), signalling other processes, escaping the
    process group, and destructive file operations (remove, rename, chmod, rmtree, ...) with functions that raise
    PermissionError naming the call. The environment is scrubbed (no proxies, tokens, or real HOME).
 
+The verdict: a program passes only if it exits with code 0 AND the bootstrap, after the program's last statement
+(for HumanEval: after `check(...)` succeeded), wrote a random per-run marker (which reaches it through a pipe) to a
+verdict file. `sys.exit(0)`, `os._exit(0)` or `SystemExit` before the end is a failure. The program does not run
+as `__main__` (human-eval's semantics): its `if __name__ == "__main__":` block, `unittest.main()` there included,
+does not run (`as_main=True` runs a whole script, for `slm synth program`; the verdict still applies).
+
 What this protects against: the honest mistakes and accidents of generated code -- infinite loops, memory bombs,
 fork bombs, filling the disk, deleting files, killing processes, calling out to the network, leaking the
-evaluator's environment variables.
+evaluator's environment variables, exiting early with status 0.
 
 What it does NOT protect against: a determined attacker. The guards in (3) live inside the untrusted
-interpreter and can be bypassed (ctypes, reloading builtin modules, ...); files the current user may write are
-still writable by direct `open()` outside the working directory; without the network namespace, raw sockets via
-ctypes can still reach the network; CPU/memory limits are per process. This is NOT a security boundary: to run
-code you do not trust at all, run the evaluation inside a container or VM without network and with a read-only
-file system, as an unprivileged user. Linux is the target platform; on others the namespace layer is skipped.
+interpreter and can be bypassed (ctypes, reloading builtin modules, ...); so can the verdict (the marker sits in
+the bootstrap's frame, which frame introspection can read); files the current user may write are still writable
+by direct `open()` outside the working directory; without the network namespace, sockets can still reach the
+network; CPU/memory limits are per process. This is NOT a security boundary: to run code you do not trust at all,
+run the evaluation inside a container or VM without network and with a read-only file system, as an unprivileged
+user. Linux is the target platform; on others the namespace layer is skipped (and needs `allow_unsandboxed`).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import ctypes
 import functools
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -51,11 +63,17 @@ except ImportError:  # Windows: no rlimits, so no sandbox
 OUTPUT_LIMIT = 8 * 1024  # bytes of stdout (head) and stderr (tail) kept in a SandboxResult
 FILE_SIZE_LIMIT = 10 * 1024 * 1024  # largest file the program may write, its stdout/stderr files included
 MAX_PROCESSES = 16  # RLIMIT_NPROC (threads count too); the guarded program cannot start processes anyway
+WORK_DIR_LIMIT = 64 * 1024 * 1024  # total bytes in the work directory
+WORK_FILES_LIMIT = 1000  # files and directories in the work directory
+WATCH_EVERY_S = 0.05  # without the tmpfs: how often the work directory's limits are checked from outside
+SANDBOX_UID = 65534  # the program's uid inside its user namespace ("nobody")
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 
-# Runs inside the child before the program: installs the guards, then executes the program file as __main__.
+# Runs inside the child before the program: installs the guards, then executes the program file (not as __main__).
 # It compiles the program from its file so tracebacks show the program's real file name and line numbers.
 _BOOTSTRAP = r'''
 import builtins, os, posix, shutil, socket, subprocess, sys, types
@@ -108,24 +126,39 @@ for name in ("create_connection", "create_server", "socketpair", "fromfd", "geta
         if hasattr(module, name):
             setattr(module, name, blocked)
 
-path = sys.argv[1]
-with open(path, encoding="utf-8") as f:
-    code = compile(f.read(), path, "exec")
-main = types.ModuleType("__main__")
-main.__file__ = path
-sys.modules["__main__"] = main
-sys.argv = [path]
-del f, name, module, blocked, path
-exec(code, main.__dict__)
+
+def _main(path, marker_fd, verdict_fd, name):
+    # The verdict: the per-run marker reaches the verdict file only if the program ran to its end. It lives in
+    # this frame, not in the program's globals, so code that exits early (sys.exit, os._exit, SystemExit,
+    # unittest.main) cannot report success; frame introspection could still find it (see the module docstring).
+    write, marker = posix.write, posix.read(marker_fd, 256)
+    posix.close(marker_fd)
+    with open(path, encoding="utf-8") as f:
+        code = compile(f.read(), path, "exec")
+    # By default not "__main__" (human-eval's semantics): an answer's `if __name__ == "__main__":` block does not run.
+    program = types.ModuleType(name)
+    program.__file__ = path
+    sys.modules["__main__"] = sys.modules["__program__"] = program
+    sys.argv = [path]
+    exec(code, program.__dict__)
+    for stream in (sys.stdout, sys.stderr):  # output is complete before the marker says so
+        if stream is not None:
+            stream.flush()
+    write(verdict_fd, marker)
+
+
+_args = sys.argv[1:]
+del name, module, blocked
+_main(_args[0], int(_args[1]), int(_args[2]), _args[3])
 '''
 
 
 @dataclass
 class SandboxResult:
-    status: str  # "passed" | "failed" (nonzero exit / exception) | "timeout" | "memory"
+    status: str  # "passed" | "failed" (nonzero exit / exception / early exit / over a limit) | "timeout" | "memory"
     returncode: int | None  # negative: killed by that signal; None: never started
     stdout: str  # the first OUTPUT_LIMIT bytes
-    stderr: str  # the last OUTPUT_LIMIT bytes (a traceback's last line is what matters)
+    stderr: str  # the last OUTPUT_LIMIT bytes (a traceback's last line is what matters), plus the sandbox's note
     seconds: float
 
     @property
@@ -133,12 +166,44 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, stdin: str = "") -> SandboxResult:
-    """Run untrusted Python source in a sandboxed child process (see the module docstring) and classify the result."""
+@dataclass(frozen=True)
+class Isolation:
+    """What the kernel lets the sandbox do here (probed once: `isolation()`)."""
+    network: bool  # a fresh user + network namespace: no network interface but a loopback that is down
+    tmpfs: bool  # the work directory is a private tmpfs of WORK_DIR_LIMIT bytes and WORK_FILES_LIMIT inodes
+
+
+def require_isolation(allow_unsandboxed: bool = False) -> None:
+    """Refuse to execute code without the network namespace, unless the caller opted in explicitly.
+
+    The in-process socket guard is defeatable (`del sys.modules['_socket']; import _socket`, ctypes), so the
+    namespace is the real barrier. `allow_unsandboxed=True` (CLI: `--allow-unsandboxed`; environment:
+    SLMKIT_ALLOW_UNSANDBOXED=1) runs without it, with the guards and the limits only.
+    """
+    if allow_unsandboxed or os.environ.get("SLMKIT_ALLOW_UNSANDBOXED") == "1" or isolation().network:
+        return
+    raise ValueError("executing generated code needs the sandbox's network namespace, and this machine does not "
+                     "allow unprivileged user namespaces (e.g. sysctl kernel.unprivileged_userns_clone=0 or "
+                     "kernel.apparmor_restrict_unprivileged_userns=1); enable them, run inside a container "
+                     "without network, or pass --allow-unsandboxed (Python: allow_unsandboxed=True) to run it "
+                     "with the in-process guards only (see docs/reliability.md)")
+
+
+def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, stdin: str = "",
+               allow_unsandboxed: bool = False, as_main: bool = False) -> SandboxResult:
+    """Run untrusted Python source in a sandboxed child process (see the module docstring) and classify the result.
+
+    It passes only if it exits 0 after running to its end (the per-run marker, see `_main` in the bootstrap).
+    The program's `__name__` is "__program__" (human-eval's semantics for checked answers), or "__main__" with
+    `as_main` (a script whose `if __name__ == "__main__":` block prints its result, as `slm synth program` runs).
+    Without the network namespace it raises ValueError unless `allow_unsandboxed` (see `require_isolation`).
+    """
     if resource is None:
         raise NotImplementedError("the code sandbox needs a POSIX system (the `resource` module)")
-    isolate_network = network_namespace_available()
+    require_isolation(allow_unsandboxed)
+    iso = isolation()
     root = tempfile.mkdtemp(prefix="slm-sandbox-")
+    marker = secrets.token_hex(16).encode()
     try:
         # The program's cwd/HOME/TMPDIR is `work`; its source and captured output sit beside it, not in it.
         work = os.path.join(root, "work")
@@ -155,34 +220,66 @@ def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, std
         # Output goes to files, not pipes: RLIMIT_FSIZE bounds them, so a program printing forever cannot
         # fill this process's memory, and there is no pipe to deadlock on.
         out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
-        with open(os.path.join(root, "stdin"), "rb") as fin, open(out_path, "wb") as fout, \
-                open(err_path, "wb") as ferr:
-            start = time.monotonic()
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, program_path],
-                stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env, close_fds=True,
-                start_new_session=True, preexec_fn=_preexec(timeout_s, memory_mb, isolate_network),
-            )
-            try:
-                timed_out = not _wait_unreaped(proc, timeout_s)
-            finally:
-                _kill_group(proc.pid)
-                proc.wait()
-            seconds = time.monotonic() - start
+        verdict_path = os.path.join(root, "verdict")
+        # The marker goes in through a pipe (not argv or the environment, which /proc/self shows the program).
+        marker_r, marker_w = os.pipe()
+        os.write(marker_w, marker)
+        os.close(marker_w)
+        verdict_fd = os.open(verdict_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        over = None
+        try:
+            with open(os.path.join(root, "stdin"), "rb") as fin, open(out_path, "wb") as fout, \
+                    open(err_path, "wb") as ferr:
+                start = time.monotonic()
+                try:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, program_path, str(marker_r),
+                         str(verdict_fd), "__main__" if as_main else "__program__"],
+                        stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env, close_fds=True,
+                        pass_fds=(marker_r, verdict_fd), start_new_session=True,
+                        preexec_fn=_preexec(timeout_s, memory_mb, iso, work, allow_unsandboxed),
+                    )
+                except subprocess.SubprocessError as e:  # only our preexec raises this one
+                    raise ValueError("the sandboxed child could not enter its network namespace (the probe "
+                                     "said it could: too many user namespaces?); retry, or pass "
+                                     "--allow-unsandboxed (Python: allow_unsandboxed=True)") from e
+                # Without the tmpfs the work directory's limits are watched from here (and checked at the end).
+                watch = None if iso.tmpfs else (lambda: _work_over_limit(work))
+                try:
+                    ended, over = _wait_unreaped(proc, timeout_s, watch)
+                    timed_out = not ended and over is None
+                finally:
+                    _kill_group(proc.pid)
+                    proc.wait()
+                seconds = time.monotonic() - start
+        finally:
+            os.close(marker_r)
+            os.close(verdict_fd)
+        if over is None and not iso.tmpfs:
+            over = _work_over_limit(work)
         stdout, stderr = _read_head(out_path), _read_tail(err_path)
+        with open(verdict_path, "rb") as f:
+            finished = f.read(len(marker) + 1) == marker
     finally:
         _remove_tree(root)
     status = _classify(proc.returncode, stderr, timed_out)
+    if over is not None:
+        status, stderr = "failed", _note(stderr, f"{over}: counted as failed")
+    elif status == "passed" and not finished:
+        status = "failed"
+        stderr = _note(stderr, "the program exited with code 0 before it ran to its end (sys.exit, os._exit or "
+                               "SystemExit): counted as failed")
     return SandboxResult(status, proc.returncode, stdout, stderr, seconds)
 
 
 def run_many(programs: list[str], timeout_s: float = 10.0, memory_mb: int = 1024,
-             workers: int | None = None) -> list[SandboxResult]:
+             workers: int | None = None, allow_unsandboxed: bool = False) -> list[SandboxResult]:
     """Run several programs concurrently (threads, each waiting on its own subprocess); results in input order."""
     workers = workers or os.cpu_count() or 1
-    network_namespace_available()  # probe once here, not in every thread at the same time
+    require_isolation(allow_unsandboxed)  # probes once here, not in every thread at the same time
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: run_python(p, timeout_s=timeout_s, memory_mb=memory_mb), programs))
+        return list(pool.map(lambda p: run_python(p, timeout_s=timeout_s, memory_mb=memory_mb,
+                                                  allow_unsandboxed=allow_unsandboxed), programs))
 
 
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
@@ -204,21 +301,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-@functools.cache
 def network_namespace_available() -> bool:
-    """Whether this machine lets us put a child into a fresh user + network namespace (probed once, cached).
+    """Whether this machine lets us put a child into a fresh user + network namespace (probed once, cached)."""
+    return isolation().network
 
-    The probe child must come up and see only the loopback interface, so True means the isolation really works.
-    """
+
+@functools.cache
+def isolation() -> Isolation:
+    """Probe, once, which namespaces work here: each probe child must come up and see only the loopback
+    interface (and, for the tmpfs, a work directory with the sandbox's inode limit), so True means it works."""
     if not sys.platform.startswith("linux") or _libc() is None:
-        return False
-    check = "import socket, sys; sys.exit([n for _, n in socket.if_nameindex()] != ['lo'])"
-    try:
-        subprocess.run([sys.executable, "-I", "-c", check], preexec_fn=_unshare_network, check=True,
-                       timeout=30, capture_output=True)
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
+        return Isolation(False, False)
+    check = ("import os, socket, sys; sys.exit([n for _, n in socket.if_nameindex()] != ['lo'] or "
+             f"(len(sys.argv) > 1 and os.statvfs('.').f_files > {WORK_FILES_LIMIT}))")
+    for tmpfs in (True, False):
+        work = tempfile.mkdtemp(prefix="slm-sandbox-probe-")
+        try:
+            subprocess.run([sys.executable, "-I", "-c", check] + (["tmpfs"] if tmpfs else []), cwd=work,
+                           preexec_fn=functools.partial(_enter_namespaces, work if tmpfs else None, *_ids()),
+                           check=True, timeout=30, capture_output=True)
+            return Isolation(True, tmpfs)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return Isolation(False, False)
 
 
 @functools.cache
@@ -230,13 +337,41 @@ def _libc():
         return None
 
 
-def _unshare_network() -> None:
-    if _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+def _ids() -> tuple[bytes, bytes]:
+    # Built in the parent, so the child between fork and exec only makes system calls. The program is user
+    # SANDBOX_UID inside its namespace: not 0, so exec drops the capabilities the new namespace gave it (it
+    # cannot unmount its tmpfs), even when the evaluator runs as root.
+    return f"{SANDBOX_UID} {os.geteuid()} 1".encode(), f"{SANDBOX_UID} {os.getegid()} 1".encode()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-def _preexec(timeout_s: float, memory_mb: int, isolate_network: bool):
+def _enter_namespaces(work: str | None, uid_map: bytes, gid_map: bytes) -> None:
+    """In the child: a fresh user + network namespace; with `work`, also a mount namespace in which `work` is a
+    size- and inode-limited tmpfs, and the child's cwd."""
+    libc = _libc()
+    if work is None:
+        _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET), "unshare")
+        return
+    _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS), "unshare")
+    for path, text in (("/proc/self/setgroups", b"deny"), ("/proc/self/uid_map", uid_map),
+                       ("/proc/self/gid_map", gid_map)):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+    _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    options = f"size={WORK_DIR_LIMIT},nr_inodes={WORK_FILES_LIMIT},mode=0700".encode()
+    _check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options), "mount tmpfs")
+    os.chdir(work)  # Popen changed into the directory underneath before the mount
+
+
+def _preexec(timeout_s: float, memory_mb: int, iso: Isolation, work: str, allow_unsandboxed: bool):
     """The function run in the child between fork and exec; kept to plain system calls (the parent may have threads)."""
     cpu_s = math.ceil(timeout_s) + 1
     limits = [
@@ -249,13 +384,15 @@ def _preexec(timeout_s: float, memory_mb: int, isolate_network: bool):
         # The kernel does not apply it to root: there the guards and the process-group kill remain.
         (resource.RLIMIT_NPROC, (MAX_PROCESSES,) * 2),
     ]
+    ids = _ids()
 
     def preexec() -> None:
-        if isolate_network:  # before the rlimits: the new namespace inherits the NPROC limit of its creator
+        if iso.network:  # before the rlimits: the new namespace inherits the NPROC limit of its creator
             try:
-                _unshare_network()
+                _enter_namespaces(work if iso.tmpfs else None, *ids)
             except OSError:
-                pass  # the socket guard in the bootstrap still applies
+                if not allow_unsandboxed:
+                    raise  # Popen raises in the parent: never run without the barrier the probe promised
         for limit, values in limits:
             try:
                 resource.setrlimit(limit, values)
@@ -265,26 +402,56 @@ def _preexec(timeout_s: float, memory_mb: int, isolate_network: bool):
     return preexec
 
 
-def _wait_unreaped(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait until the child exits, without reaping it; False on timeout.
+def _work_over_limit(work: str) -> str | None:
+    """Why the work directory is over its limits (total bytes, files and directories), or None."""
+    size = count = 0
+    stack = [work]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            count += 1
+            if count > WORK_FILES_LIMIT:
+                return f"the work directory holds more than {WORK_FILES_LIMIT} files"
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    size += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            if size > WORK_DIR_LIMIT:
+                return f"the work directory holds more than {WORK_DIR_LIMIT // 2**20} MB"
+    return None
+
+
+def _wait_unreaped(proc: subprocess.Popen, timeout_s: float, watch=None) -> tuple[bool, str | None]:
+    """Wait until the child exits, without reaping it: (exited, why `watch()` stopped it, or None).
 
     While the exited child is unreaped its pid cannot be reused, so the killpg that follows cannot hit an
-    unrelated process group.
+    unrelated process group. `watch` (called every WATCH_EVERY_S) returns a reason to stop the child, or None.
     """
     deadline = time.monotonic() + timeout_s
-    if not hasattr(os, "waitid"):  # macOS before Python 3.13
-        try:
-            proc.wait(timeout=timeout_s)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
+    next_watch = time.monotonic() + WATCH_EVERY_S
     delay = 0.001
-    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.monotonic() >= deadline:
-            return False
+    while True:
+        if hasattr(os, "waitid"):
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True, None
+        elif proc.poll() is not None:  # macOS before Python 3.13
+            return True, None
+        now = time.monotonic()
+        if watch is not None and now >= next_watch:
+            reason = watch()
+            if reason is not None:
+                return False, reason
+            next_watch = now + WATCH_EVERY_S
+        if now >= deadline:
+            return False, None
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
-    return True
 
 
 def _kill_group(pgid: int) -> None:
@@ -305,6 +472,11 @@ def _classify(returncode: int, stderr: str, timed_out: bool) -> str:
     if last.startswith("MemoryError") or "Cannot allocate memory" in last or returncode == -signal.SIGKILL:
         return "memory"
     return "failed"
+
+
+def _note(stderr: str, text: str) -> str:
+    """The sandbox's own verdict note, as the last line of stderr (where a traceback's summary would be)."""
+    return (stderr.rstrip("\n") + "\n" if stderr.strip() else "") + f"[slmkit sandbox] {text}\n"
 
 
 def _read_head(path: str) -> str:
