@@ -7,6 +7,7 @@ run never leaves a half-written file or directory behind.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import hashlib
 import json
@@ -32,10 +33,25 @@ def atomic_path(path: str | Path):
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (creations, renames) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def make_readable(path: str | Path) -> None:
@@ -60,23 +76,83 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `path` (old contents removed)."""
+    """Yield a temporary sibling directory; on success it replaces `path` (old contents removed).
+
+    Crash-safe: the new directory is complete and on disk (every file fsynced) before `path` moves aside to
+    `.NAME.old` and the new one takes its place. A kill between those two renames leaves `.NAME.old`, which
+    `recover_dir` (run here first, and by readers such as resume) renames back; temporaries of killed writers
+    are swept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    recover_dir(path)
+    # The writer's pid is in the name, so a later recover_dir can tell a dead writer's leftovers from a live one's.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        old = None
+        _fsync_tree(tmp)
+        old = _old_name(path)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
+            fsync_dir(path.parent)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(path: str | Path) -> bool:
+    """Repair what a writer of `atomic_dir(path)` killed mid-way left: bring `path` back from `.NAME.old` when
+    the kill came between the two renames, and delete the old copy and dead writers' temporaries. True if
+    `path` had to be brought back."""
+    path = Path(path)
+    old = _old_name(path)
+    restored = False
+    if old.is_dir() and not path.exists():
+        try:
+            os.replace(old, path)
+            fsync_dir(path.parent)
+            restored = True
+        except FileNotFoundError:
+            pass  # another process (a DDP rank) brought it back first
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return restored
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (the libraries that wrote them, e.g. safetensors, do not)."""
+    for parent, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(parent)
 
 
 def sha256_bytes(data: bytes) -> str:

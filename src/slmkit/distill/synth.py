@@ -25,6 +25,7 @@ decontamination hits). Progress is saved after every seed: run the same command 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from slmkit.files import atomic_write_json, iter_jsonl
+from slmkit.files import atomic_write_json, atomic_write_text, iter_jsonl
 
 RECIPES = ("textbook", "explain", "program", "instruct")
 STRATEGIES = {
@@ -370,12 +371,16 @@ def _append(path: Path, rec: dict) -> None:
 
 
 def _read_lines(path: Path, n: int) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").splitlines()[:n] if path.exists() else []
-    return [json.loads(line) for line in lines]
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in itertools.islice(f, n)]
 
 
 def _truncate_lines(path: Path, n: int) -> None:
-    """Keep the first n lines: a crash between a record and its progress entry must not duplicate it."""
+    """Keep the first n lines: a crash between a record and its progress entry must not duplicate it. The file
+    is replaced atomically, so a kill during this rewrite cannot lose the records kept so far."""
     if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()[:n]
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            lines = list(itertools.islice(f, n))
+        atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in lines))

@@ -1,20 +1,25 @@
 """The training checkpoint, RUN/checkpoint/: a model directory + optimizer.safetensors + trainer_state.json.
 
-Everything is safetensors or JSON (never pickle), and the directory is replaced atomically, so a run killed at any
+Everything is safetensors or JSON (never pickle), and the directory is replaced atomically (files.atomic_dir: every
+file fsynced, then two renames; a kill between them is repaired by `recover_dir` on resume), so a run killed at any
 moment resumes from the last complete checkpoint. optimizer.safetensors holds AdamW's per-parameter tensors (and
 the torch RNG state); trainer_state.json the step, tokens and elapsed time, plus the optimizer's scalars.
+Resume refuses a checkpoint made for another model shape or other data, with a one-line error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slmkit.files import atomic_dir, atomic_write_json
-from slmkit.formats.hf_dir import load_model_dir, save_model_dir
+from slmkit.files import atomic_dir, atomic_write_json, recover_dir
+from slmkit.formats.hf_dir import load_model_dir, read_provenance, save_model_dir
+from slmkit.model.config import ModelConfig
 from slmkit.model.llama import Transformer
 from slmkit.model.lora import LoRAConfig, load_lora_weights, merged_copy, save_adapter
 
@@ -57,16 +62,44 @@ def load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) -
     return state
 
 
-def start_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, resume: bool, master: bool) -> dict:
-    """Where training starts: the checkpoint's state (resume, after loading it) or step 0 of a new run, which
-    must not overwrite an existing one."""
+def start_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, resume: bool, master: bool,
+                provenance: dict | None = None) -> dict:
+    """Where training starts: the checkpoint's state (resume, after checking it matches `model` and the data in
+    `provenance` and loading it) or step 0 of a new run, which must not overwrite an existing one."""
+    ckpt = run / "checkpoint"
+    recover_dir(ckpt)  # a save killed between its two renames left the previous checkpoint as .checkpoint.old
     if resume:
-        if not (run / "checkpoint" / "trainer_state.json").exists():
-            raise FileNotFoundError(f"{run}/checkpoint: nothing to resume from; drop --resume to start fresh")
-        return load_checkpoint(run, model, opt)
-    if master and (run / "checkpoint").exists():
+        if not (ckpt / "trainer_state.json").exists():
+            raise FileNotFoundError(f"{ckpt}: nothing to resume from; drop --resume to start fresh")
+        check_matches(ckpt, model, provenance)
+        try:
+            return load_checkpoint(run, model, opt)
+        except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{ckpt}: damaged checkpoint ({type(e).__name__}: {e}); delete it to start afresh "
+                             "or restore it from a copy") from e
+    if master and ckpt.exists():
         raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     return {"step": 0, "tokens": 0, "elapsed": 0.0}
+
+
+def check_matches(ckpt: Path, model: Transformer, provenance: dict | None) -> None:
+    """Raise a one-line ValueError when the checkpoint was made for another model shape or other data (instead
+    of a shape-mismatch traceback, or silently continuing on different data)."""
+    try:
+        saved = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{ckpt}/config.json: unreadable ({e}); the checkpoint is damaged") from e
+    diff = [f"{f.name} {getattr(saved, f.name)!r} (now {getattr(model.cfg, f.name)!r})"
+            for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(model.cfg, f.name)]
+    if diff:
+        raise ValueError(f"{ckpt} was saved for another model: {', '.join(diff[:4])}; resume with the run's "
+                         "original --preset/--set/--init-from (see train_config.json) or choose another --out")
+    then = read_provenance(ckpt).get("data", {}).get("fingerprint")
+    now = (provenance or {}).get("data", {}).get("fingerprint")
+    if then and now and then != now:
+        path = read_provenance(ckpt)["data"].get("path")
+        raise ValueError(f"{ckpt} was trained on other data ({path}, fingerprint {then}; --data now gives {now}); "
+                         "resume with the run's original --data or choose another --out")
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

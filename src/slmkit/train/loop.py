@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -212,11 +214,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     distiller = Distiller(cfg.distill, data, tokenizer, cfg.seq_len, device, seed=cfg.seed,
                           log=log if master else lambda *_: None) if cfg.distill else None
     opt = make_optimizer(model, cfg)
-    state = start_state(run, model, opt, resume, master)
+    provenance = _provenance(cfg, data, precision, world.size)
+    state = start_state(run, model, opt, resume, master, provenance)
     if resume:
         log(f"resumed from {run}/checkpoint at step {state['step']} ({state['tokens']:,} tokens)")
 
-    provenance = _provenance(cfg, data, precision, world.size)
     flops_per_token = model.cfg.flops_per_token(cfg.seq_len)
     metrics = run / "metrics.jsonl"
     if master:
@@ -348,10 +350,18 @@ def _step(cfg: TrainConfig, step: int, lr: float, model: Transformer, step_fn, o
     return loss_sum.item(), parts, tokens, float(grad_norm) if grad_norm is not None else None
 
 
+def _fingerprint(data) -> str:
+    """What identifies the training data, so resume can refuse other data: its manifest hash where `slm data
+    prepare` wrote one, and in any case the format, vocabulary and split sizes."""
+    meta = data.meta
+    key = {k: meta.get(k) for k in ("format", "vocab_size", "splits", "manifest_sha256", "tokenizer_sha256")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _provenance(cfg: TrainConfig, data, precision: str, world_size: int) -> dict:
     """What the run's model directories record about how they were made (slmkit.json)."""
     provenance = {"data": {"path": str(cfg.data), "manifest_sha256": data.meta.get("manifest_sha256"),
-                           "tokenizer_sha256": data.meta.get("tokenizer_sha256")},
+                           "tokenizer_sha256": data.meta.get("tokenizer_sha256"), "fingerprint": _fingerprint(data)},
                   "train_config": dataclasses.asdict(cfg), "precision": precision, "world_size": world_size}
     if data.meta.get("format") == "slmkit-sft":  # a chat fine-tune makes an assistant; else keep what it was
         provenance["instruction_tuned"] = bool(data.meta["chat"] or

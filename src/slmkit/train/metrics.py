@@ -31,7 +31,9 @@ def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint we continue from (they will be redone)."""
     if not path.exists():
         return
-    keep = [r for r in read_metrics(path) if r["step"] <= step and not r.get("final")]
+    # a record without an integer step (a torn line that still parsed, a hand edit) is dropped, not a KeyError
+    keep = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step
+            and not r.get("final")]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
