@@ -131,3 +131,92 @@ def test_train_continues_from_a_run_directory(trained_run):
     assert r.exit_code == 0, r.output
     config = json.loads((trained_run / "more" / "train_config.json").read_text())
     assert config["init_from"] == str(trained_run / "run" / "model")  # resolved to the run's model directory
+
+
+# --- every command, given bad input: one `error:` line, exit code 2, never a traceback (issue 22, item 9) ---------
+
+NO_INPUT = {"models", "presets"}  # they take no arguments or options a user could get wrong
+
+
+def _bad_inputs(tmp):
+    """(command, arguments) pairs of bad input, at least one for every command."""
+    from conftest import write_token_dataset
+    data = write_token_dataset(tmp / "tokens", n_train=2000, n_val=500)
+    missing = str(tmp / "missing")
+    huge = tmp / "huge.jsonl"
+    huge.write_text('{"text": "fine"}\n{"text": "x", "n": ' + "1" * 5000 + "}\n")
+    deep = tmp / "deep.jsonl"
+    deep.write_text('{"text": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    bad_yaml = tmp / "mix.yaml"
+    bad_yaml.write_text("sources: [unclosed\n")
+    out = ["-o", str(tmp / "out")]
+    runs = iter(range(100))
+
+    def train(*bad):  # each in its own run directory, so one that wrongly starts cannot mask the next
+        return ["train", "--data", str(data), "-o", str(tmp / f"run{next(runs)}"), "--preset", "nano",
+                "--max-steps", "2", "--seq-len", "16", *bad]
+    return [
+        (["data", "prepare", str(huge), *out], "huge.jsonl:2: a number Python cannot read"),
+        (["data", "prepare", str(deep), *out], "deep.jsonl:1: nested too deeply"),
+        (["data", "prepare", missing, *out], "missing"),
+        (["mixture", str(bad_yaml), *out], "mix.yaml"),
+        (train("--grad-accum", "0"), "grad_accum=0: must be a positive integer"),
+        (train("--log-every", "0"), "log_every=0: must be a positive integer"),
+        (train("--batch-size", "0"), "batch_size=0: must be a positive integer"),
+        (train("--max-tokens", "-5"), "max_tokens=-5: must be positive"),
+        (train("--eval-every", "-1"), "eval_every=-1"),
+        (train("--set", "n_heads=0"), "n_heads=0: must be a positive integer"),
+        (train("--set", "n_layers=-2"), "n_layers=-2: must be a positive integer"),
+        (train("--set", "dim=30"), "dim=30 must be divisible by n_heads=4"),
+        (train("--set", "dim=wide"), "dim='wide': expected an integer"),
+        (["finetune", missing, *out, "--data", str(huge), "--max-steps", "1"], "missing"),
+        (["merge", missing, missing, *out], "missing"),
+        (["distill", "--data", str(data), *out, "--teacher", missing, "--max-steps", "1"], "missing"),
+        (["teacher-cache", missing, "--data", str(data), *out], "missing"),
+        (["teacher-text", missing, "--data", str(huge), *out], "meta.json: not found"),
+        (["synth", "program", "--teacher", missing, "--seeds", str(huge), *out], "huge.jsonl:2"),
+        (["synth", "textbook", "--teacher", missing, "--seeds", missing, *out], "seeds file not found"),
+        (["quickstart", "--out", str(tmp / "qs"), "--preset", "nope"], "unknown preset 'nope'"),
+        (["quickstart", "--out", str(tmp / "qs"), "--minutes", "0"], "must be positive"),
+        (["generate", missing, "hi"], "not a model directory"),
+        (["chat", missing], "missing"),
+        (["serve", missing], "missing"),
+        (["eval", missing, "--tasks", "nosuchtask"], "nosuchtask"),
+        (["eval", missing, "--tasks", str(huge)], "huge.jsonl:2"),
+        (["pull", "no-such-model"], "no-such-model"),
+        (["import", missing, *out], "missing"),
+        (["export", missing, *out], "missing"),
+        (["classify", "train", missing, "--data", str(huge), *out], "not a model directory"),
+        (["classify", "predict", missing, "--data", str(huge)], "missing"),
+        (["classify", "eval", missing, "--data", str(huge)], "missing"),
+    ]
+
+
+def _all_commands():
+    import typer.main
+    found = []
+
+    def walk(cmd, prefix):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, prefix + [name])
+        else:
+            found.append(" ".join(prefix))
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_every_command_answers_bad_input_with_one_error_line_and_exit_2(tmp_path):
+    cases = _bad_inputs(tmp_path)
+    covered = {" ".join(args[:2]) if args[0] in ("data", "classify") else args[0] for args, _ in cases}
+    assert set(_all_commands()) - NO_INPUT <= covered, "a command without a bad-input case"
+    failures = []
+    for args, expected in cases:
+        r = runner.invoke(app, args)
+        lines = r.output.strip().splitlines()
+        ok = (r.exit_code == 2 and "Traceback" not in r.output and lines and lines[-1].startswith("error: ")
+              and sum(line.startswith("error: ") for line in lines) == 1 and expected in lines[-1])
+        if not ok:
+            failures.append(f"slm {' '.join(args)}\n  exit {r.exit_code}: {r.output.strip()[-300:]!r} "
+                            f"{r.exception!r}")
+    assert not failures, "\n".join(failures)

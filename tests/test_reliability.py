@@ -230,3 +230,93 @@ def test_kill_9_during_checkpoint_saves_never_loses_or_half_loads_a_checkpoint(t
     between = sum(".checkpoint.old" in c["leftovers"] for c in checks)
     print(f"{KILLS} kills: {in_save} interrupted a save (temporary left), {between} between its two renames")
     assert (run / "checkpoint" / "trainer_state.json").exists()
+
+
+# --- validation: configurations, JSONL Python refuses, large files (issue 22, item 9) ---------------------------
+
+@pytest.mark.parametrize("fields, message", [
+    ({"n_heads": 0}, "n_heads=0: must be a positive integer"),
+    ({"dim": 0}, "dim=0: must be a positive integer"),
+    ({"n_layers": -1}, "n_layers=-1: must be a positive integer"),
+    ({"vocab_size": 0}, "vocab_size=0"),
+    ({"hidden_dim": 0}, "hidden_dim=0"),
+    ({"max_seq_len": 0}, "max_seq_len=0"),
+    ({"n_kv_heads": 0}, "n_kv_heads=0"),
+    ({"dim": 30, "n_heads": 4}, "dim=30 must be divisible by n_heads=4"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads=3"),
+    ({"norm_eps": 0.0}, "norm_eps=0.0: must be a positive number"),
+    ({"rope_theta": -1.0}, "rope_theta=-1.0"),
+    ({"bos_token_id": -3}, "bos_token_id=-3"),
+])
+def test_model_config_rejects_impossible_shapes(fields, message):
+    from slmkit.model.config import model_config
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model_config("nano", **fields)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"grad_accum": 0}, "grad_accum=0: must be a positive integer"),  # was: a budget that never ends
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"seq_len": 0}, "seq_len=0"),
+    ({"log_every": 0}, "log_every=0"),  # was: ZeroDivisionError
+    ({"eval_every": -5}, "eval_every=-5"),
+    ({"save_every": -1}, "save_every=-1"),
+    ({"eval_tokens": 0}, "eval_tokens=0"),
+    ({"max_steps": -1}, "max_steps=-1: must be positive"),
+    ({"max_tokens": 0, "max_steps": None, "max_minutes": 1.0}, None),  # 0 = unset, like None
+    ({"lr": 0.0}, "lr=0.0: must be positive"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio=1.5"),
+    ({"beta2": 2.0}, "beta2=2.0"),
+    ({"grad_clip": float("nan")}, "grad_clip=nan"),
+    ({"threads": -1}, "threads=-1"),
+    ({"max_minutes": float("nan")}, "max_minutes=nan"),
+])
+def test_train_config_rejects_what_would_crash_or_never_end(tmp_path, fields, message):
+    if message is None:
+        tiny_train_config(tmp_path, tmp_path / "run", **fields)  # accepted
+        return
+    with pytest.raises(ValueError, match=message):
+        tiny_train_config(tmp_path, tmp_path / "run", **{"max_steps": 5, **fields})
+
+
+def test_jsonl_that_python_refuses_is_a_file_line_error(tmp_path):
+    from slmkit.files import JsonlError, read_jsonl
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(JsonlError, match=r"x\.jsonl:2: a number Python cannot read \(Exceeds the limit"):
+        read_jsonl(path)
+    path.write_text('{"a": 1}\n\n{"a": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
+    with pytest.raises(JsonlError, match=r"x\.jsonl:3: nested too deeply"):
+        read_jsonl(path)
+
+
+def test_a_large_text_file_is_streamed_in_chunks_with_its_line_numbers(tmp_path, monkeypatch):
+    from slmkit.data import ingest
+    monkeypatch.setattr(ingest, "LARGE_TEXT_BYTES", 1000)
+    monkeypatch.setattr(ingest, "TEXT_CHUNK_BYTES", 300)
+    paragraphs = [f"paragraph {i}: " + "héllo wörld " * (i % 7 + 1) + "\nsecond line\n" for i in range(60)]
+    text = "\n".join(paragraphs) + "x" * 700 + "\nend\n"  # and one line longer than a chunk
+    path = tmp_path / "big.txt"
+    path.write_text(text, encoding="utf-8")
+    docs = list(ingest.read_documents(ingest.SourceFile(path, "big.txt")))
+    assert len(docs) > 5 and "".join(d.text for d in docs) == text
+    assert all(len(d.text.encode()) <= 300 for d in docs)
+    for d in docs:  # each document knows the line it starts on
+        assert text.splitlines(keepends=True)[d.line - 1].startswith(d.text.splitlines(keepends=True)[0][:20])
+        assert d.doc_id == f"big.txt:{d.line}"
+    assert sum(d.text.endswith("\n\n") for d in docs) >= len(docs) // 2  # cut at blank lines where it can
+    # an encoding error deep in the file still names its line
+    path.write_bytes(text.encode() + b"ok\n\xff\xfe broken\n")
+    problems = []
+    list(ingest.read_documents(ingest.SourceFile(path, "big.txt"), on_problem=problems.append))
+    assert problems and f"big.txt:{text.count(chr(10)) + 2}: invalid UTF-8" in str(problems[0])
+
+
+def test_csv_is_streamed_and_a_bad_byte_names_its_line(tmp_path):
+    from slmkit.data import ingest
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'text,label\n"multi\nline",a\nfine,b\nbad \xff,c\n')
+    problems = []
+    docs = list(ingest.read_documents(ingest.SourceFile(path, "t.csv"), on_problem=problems.append))
+    assert [d.text for d in docs] == ["multi\nline", "fine"] and [d.line for d in docs] == [2, 4]
+    assert "t.csv:5: invalid UTF-8" in str(problems[0])

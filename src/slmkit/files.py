@@ -216,6 +216,12 @@ def _jsonl_record(raw: bytes, path: Path, n: int) -> dict | None:
     except json.JSONDecodeError as e:
         raise JsonlError(path, n, f"not valid JSON ({e.msg}, column {e.colno})",
                          "fix or remove the line (one JSON object per line)") from None
+    except ValueError as e:  # valid JSON Python refuses: an integer of more than 4,300 digits
+        raise JsonlError(path, n, f"a number Python cannot read ({str(e).split(':')[0]})",
+                         "write it as a string or drop it") from None
+    except RecursionError:
+        raise JsonlError(path, n, "nested too deeply for Python's JSON reader",
+                         "flatten the record (a few levels of objects and lists)") from None
     if not isinstance(record, dict):
         raise JsonlError(path, n, f"expected a JSON object, got {type(record).__name__}",
                          "write one object per line, e.g. {\"text\": \"...\"}")

@@ -1,7 +1,8 @@
 """Ingest: turn files, folders and globs into a deterministic stream of text documents.
 
 By extension: `.jsonl` gives one document per line (field `jsonl_field`), `.csv` one per row (column
-`csv_column`), anything else is one UTF-8 text document per file. Every problem is a `DataError` whose
+`csv_column`), anything else is one UTF-8 text document per file (a file over LARGE_TEXT_BYTES: streamed as
+documents of about TEXT_CHUNK_BYTES, cut at blank lines). Every problem is a `DataError` whose
 message reads `path:line: reason — what to do`; the caller decides (via `on_problem`) whether it stops
 the run or is logged and skipped. Nothing is dropped without a report.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob
-import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +20,10 @@ from pathlib import Path
 from slmkit.files import JsonlError, iter_jsonl
 
 BINARY_SNIFF_BYTES = 8192
+# A text file larger than this is streamed as documents of about TEXT_CHUNK_BYTES (cut at blank lines) instead of
+# being read whole: a many-gigabyte dump as one string would exhaust memory long before tokenizing.
+LARGE_TEXT_BYTES = 64 * 1024 * 1024
+TEXT_CHUNK_BYTES = 8 * 1024 * 1024
 # Folders that are never source data: VCS metadata and Python bytecode caches. Hidden entries
 # (".git", ".venv", ".DS_Store") are skipped for the same reason.
 SKIPPED_DIR_NAMES = {"__pycache__"}
@@ -176,9 +180,40 @@ def _decode(data: bytes, path: str, line_offset: int = 0) -> str:
 
 
 def _read_text(f: SourceFile) -> Iterator[Document]:
+    if f.path.stat().st_size > LARGE_TEXT_BYTES:
+        yield from _read_large_text(f)
+        return
     data = f.path.read_bytes()
     _check_not_binary(data, str(f.path))
     yield Document(_decode(data, str(f.path)), str(f.path), None, f.rel)
+
+
+def _read_large_text(f: SourceFile) -> Iterator[Document]:
+    """A text file over LARGE_TEXT_BYTES, streamed: documents of about TEXT_CHUNK_BYTES each, cut at a blank line
+    (else at a line end), so memory stays bounded; each knows the line it starts on (doc_id `rel:line`)."""
+    path = str(f.path)
+    line, eof, size = 1, False, TEXT_CHUNK_BYTES
+    with open(f.path, "rb") as fh:
+        buffer = fh.read(size)
+        _check_not_binary(buffer, path)
+        while True:
+            while len(buffer) <= size and not eof:
+                more = fh.read(size)
+                eof, buffer = not more, buffer + more
+            if not buffer:
+                return
+            if len(buffer) <= size:
+                cut = len(buffer)
+            else:
+                cut = buffer.rfind(b"\n\n", 0, size - 1)
+                cut = cut + 2 if cut > 0 else buffer.rfind(b"\n", 0, size) + 1
+                if cut <= 0:  # one line longer than a chunk: cut it at a character boundary
+                    cut = size
+                    while cut > 0 and buffer[cut] & 0xC0 == 0x80:
+                        cut -= 1
+            chunk, buffer = buffer[:cut], buffer[cut:]
+            yield Document(_decode(chunk, path, line_offset=line - 1), path, line, f"{f.rel}:{line}")
+            line += chunk.count(b"\n")
 
 
 def _read_jsonl(f: SourceFile, field: str, on_problem: Callable[[DataError], None]) -> Iterator[Document]:
@@ -218,12 +253,21 @@ def _encodable(text: str) -> bool:
 
 def _read_csv(f: SourceFile, column: str, on_problem: Callable[[DataError], None]) -> Iterator[Document]:
     path = str(f.path)
-    data = f.path.read_bytes()
-    _check_not_binary(data, path)
-    text = _decode(data, path)
+    with open(f.path, "rb") as fh:
+        _check_not_binary(fh.read(BINARY_SNIFF_BYTES), path)
     # cells may hold whole documents; the default limit (128 KiB) is for spreadsheets
     csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    with open(f.path, "rb") as fh:  # streamed line by line: a large CSV is never read whole
+        yield from _csv_rows(csv.reader(_decoded_lines(fh, path)), f, column, on_problem)
+
+
+def _decoded_lines(fh, path: str) -> Iterator[str]:
+    for n, raw in enumerate(fh):
+        yield _decode(raw, path, line_offset=n)
+
+
+def _csv_rows(reader, f: SourceFile, column: str, on_problem: Callable[[DataError], None]) -> Iterator[Document]:
+    path = str(f.path)
     try:
         header = next(reader, None)
     except csv.Error as e:

@@ -96,7 +96,15 @@ def read_seeds(path: str | Path, field_name: str = "text") -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: seeds file not found")
     if path.suffix != ".jsonl":
-        seeds = [{"seed": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        seeds = []
+        with open(path, "rb") as f:  # line by line, not the whole file at once
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}:{n}: invalid UTF-8; re-encode the file as UTF-8 (e.g. iconv)") from None
+                if line:
+                    seeds.append({"seed": line})
     else:
         seeds = []
         for n, rec in iter_jsonl(path):

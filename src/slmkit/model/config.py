@@ -30,6 +30,18 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # unknown HF fields we round-trip untouched
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value!r}: must be a positive number")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}={value!r}: must be a token id (an integer >= 0) or none")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -178,11 +190,15 @@ def _coerce(name: str, value):
         if value.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{name}={value!r}: expected true or false")
         return value.lower() in ("true", "1")
-    if isinstance(default, float):
-        return float(value)
-    if value.lower() == "none":
-        return None
-    return int(value)
+    try:
+        if isinstance(default, float):
+            return float(value)
+        if value.lower() == "none":
+            return None
+        return int(value)
+    except ValueError:
+        kind = "a number" if isinstance(default, float) else "an integer"
+        raise ValueError(f"{name}={value!r}: expected {kind}") from None
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -213,3 +229,5 @@ def load_json(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # valid JSON that Python refuses (huge integers, deep nesting)
+        raise ValueError(f"{path}: JSON Python cannot read ({str(e).split(':')[0] or 'nested too deeply'})") from None

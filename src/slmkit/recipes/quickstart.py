@@ -49,6 +49,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     if preset is None:
         preset, model_overrides = QUICKSTART_PRESET, {**QUICKSTART_MODEL, **model_overrides}
     data_dir, run_dir = out / "data", out / "run"
+    from slmkit.model.config import model_config
+    model_config(preset, **model_overrides)  # a bad preset or shape fails now, not after preparing the data
+    if not minutes > 0:
+        raise ValueError(f"--minutes {minutes:g}: the training budget must be positive")
 
     if (data_dir / "meta.json").exists():
         log(f"[1/4] reusing the token dataset in {data_dir}")

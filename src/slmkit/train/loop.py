@@ -91,6 +91,7 @@ class TrainConfig:
             self.lora = LoRAConfig(**self.lora)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig(**self.distill)
+        self._check_numbers()
         if not (self.max_steps or self.max_tokens or self.max_minutes):
             raise ValueError("set a budget: max_steps, max_tokens and/or max_minutes")
         if self.lora is not None and not self.init_from:
@@ -107,6 +108,29 @@ class TrainConfig:
             raise ValueError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.base_dtype != "float32" and self.lora is None:
             raise ValueError("base_dtype is the dtype of LoRA's frozen base; full fine-tuning trains in float32")
+
+    def _check_numbers(self) -> None:
+        """Reject what would divide by zero, never end (a budget that cannot be reached) or make no sense."""
+        at_least = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "eval_every": 0,
+                    "eval_tokens": 1, "save_every": 0, "warmup_steps": 0, "loss_chunk": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a positive integer" if low else "an integer >= 0 (0 = off)"
+                raise ValueError(f"{name}={value!r}: must be {what}")
+        for name in ("max_steps", "max_tokens", "max_minutes", "threads"):  # 0 / None: unset
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 0):
+                raise ValueError(f"{name}={value!r}: must be positive (or unset)")
+        ranges = {"lr": (0, None), "min_lr_ratio": (0, 1), "weight_decay": (0, None), "beta1": (0, 1),
+                  "beta2": (0, 1), "grad_clip": (0, None)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+                and value >= low and (high is None or value <= high) and (name != "lr" or value > 0)
+            if not ok:
+                bounds = "positive" if name == "lr" else f"in [{low}, {high}]" if high is not None else ">= 0"
+                raise ValueError(f"{name}={value!r}: must be {bounds}")
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * world_size * self.seq_len
