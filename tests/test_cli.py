@@ -181,6 +181,7 @@ def _bad_inputs(tmp):
         (["generate", missing, "hi"], "not a model directory"),
         (["chat", missing], "missing"),
         (["serve", missing], "missing"),
+        (["embed", missing, "hi"], "missing"),
         (["eval", missing, "--tasks", "nosuchtask"], "nosuchtask"),
         (["eval", missing, "--tasks", str(huge)], "huge.jsonl:2"),
         (["pull", "no-such-model"], "no-such-model"),

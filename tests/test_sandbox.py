@@ -339,6 +339,7 @@ def test_a_failed_namespace_entry_stops_the_run_instead_of_running_unisolated(mo
         raise OSError(28, "unshare: No space left on device")
     monkeypatch.setattr(sandbox, "isolation", lambda: Isolation(network=True, tmpfs=False))
     monkeypatch.setattr(sandbox, "_enter_namespaces", fail)
+    monkeypatch.delenv("SLMKIT_ALLOW_UNSANDBOXED", raising=False)
     with pytest.raises(ValueError, match="could not enter its network namespace"):
         run_python("print(1)")
     assert run_python("print(1)", allow_unsandboxed=True).passed

@@ -180,13 +180,17 @@ def require_isolation(allow_unsandboxed: bool = False) -> None:
     namespace is the real barrier. `allow_unsandboxed=True` (CLI: `--allow-unsandboxed`; environment:
     SLMKIT_ALLOW_UNSANDBOXED=1) runs without it, with the guards and the limits only.
     """
-    if allow_unsandboxed or os.environ.get("SLMKIT_ALLOW_UNSANDBOXED") == "1" or isolation().network:
+    if _unsandboxed_allowed(allow_unsandboxed) or isolation().network:
         return
     raise ValueError("executing generated code needs the sandbox's network namespace, and this machine does not "
                      "allow unprivileged user namespaces (e.g. sysctl kernel.unprivileged_userns_clone=0 or "
                      "kernel.apparmor_restrict_unprivileged_userns=1); enable them, run inside a container "
                      "without network, or pass --allow-unsandboxed (Python: allow_unsandboxed=True) to run it "
                      "with the in-process guards only (see docs/reliability.md)")
+
+
+def _unsandboxed_allowed(allow_unsandboxed: bool) -> bool:
+    return allow_unsandboxed or os.environ.get("SLMKIT_ALLOW_UNSANDBOXED") == "1"
 
 
 def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, stdin: str = "",
@@ -201,6 +205,7 @@ def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, std
     if resource is None:
         raise NotImplementedError("the code sandbox needs a POSIX system (the `resource` module)")
     require_isolation(allow_unsandboxed)
+    allow_unsandboxed = _unsandboxed_allowed(allow_unsandboxed)
     iso = isolation()
     root = tempfile.mkdtemp(prefix="slm-sandbox-")
     marker = secrets.token_hex(16).encode()
