@@ -105,6 +105,22 @@ def check_limits(**limits: float) -> None:
             raise ValueError(f"--{name.replace('_', '-')} is {value!r}; it must be a number above 0")
 
 
+class App(FastAPI):
+    """FastAPI, handing the Guard a way to drop a stalled client's connection.
+
+    ASGI gives an app no way to abort a connection, and closing it (what uvicorn does when a response is left
+    unfinished) waits to flush what is buffered, which a client that stopped reading never takes: the socket
+    would stay open. uvicorn's `send` is a method of its request cycle, which holds the transport; when that
+    is so, `scope["slmkit.abort"]` aborts it (else the connection is closed the ordinary way).
+    """
+
+    async def __call__(self, scope, receive, send):
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if scope["type"] == "http" and hasattr(transport, "abort"):
+            scope["slmkit.abort"] = transport.abort
+        await super().__call__(scope, receive, send)
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1_000_000,
                request_timeout_s: float = 300.0, public_metrics: bool = False, max_concurrency: int = 256,
                write_timeout_s: float = 30.0) -> FastAPI:
@@ -116,7 +132,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     metrics = Metrics()
     lm, created = engine.lm, int(time.time())
     # openapi_url=None: the schema is not served (tests/test_fuzz_api.py fuzzes the routes from app.openapi())
-    app = FastAPI(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(guard.Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
                        public_metrics=public_metrics, max_concurrency=max_concurrency,
                        write_timeout_s=write_timeout_s)

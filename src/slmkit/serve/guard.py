@@ -22,6 +22,7 @@ the routes call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
@@ -71,8 +72,9 @@ def authorized(header: bytes | None, api_key: str) -> bool:
 
 # --- API key, body size, concurrency, stalled clients, metrics (plain ASGI: runs before any body is read) ------
 
-class ClientStalled(Exception):
-    """The client took longer than the write timeout to take (or send) the next piece of a message."""
+class ClientStalled(BaseException):
+    """The client took longer than the write timeout to take (or send) the next piece of a message. Not an
+    Exception, so no handler on the way (FastAPI's body parsing turns any Exception into a 400) swallows it."""
 
 
 def open_route(path: str, public_metrics: bool) -> bool:
@@ -99,9 +101,12 @@ class Guard:
         counted = path not in UNLIMITED_ROUTES
         status, start, stalled = [500], time.perf_counter(), []
 
+        started = False
+
         async def send_status(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started = message["status"], True
             try:
                 async with asyncio.timeout(self.write_timeout_s):
                     await send(message)
@@ -128,13 +133,21 @@ class Guard:
                 await self._drain(receive, int(length) if length.isdigit() else 0)
                 return await error_response(self._too_large())(scope, receive, send_status)
             await self.app(scope, self._limited(receive, stalled), send_status)
-        except Exception as e:
-            if not stalled:
+        except BaseException as e:
+            if not stalled or isinstance(e, asyncio.CancelledError):
                 raise
             # Its request is cancelled (the stream's generator closed on the way out); returning with the
             # response unfinished makes the server close the connection.
             log.warning("dropped a stalled client on %s: %s", path, e)
-            status[0] = 408 if stalled[0] == "send" else 499
+            if stalled[0] == "send" and not started:  # it may still read: say why
+                error = APIError(408, f"{e}; send the body at once", code="request_timeout")
+                with contextlib.suppress(ClientStalled):
+                    await error_response(error)(scope, receive, send_status)
+                    return
+            status[0] = 499  # nginx's "client closed request": nobody reads it
+            if abort := scope.get("slmkit.abort"):
+                abort()
+                await asyncio.sleep(0)  # the server sees the connection gone, so it logs no unfinished response
         finally:
             self.metrics.active -= api
             self.in_flight -= counted
