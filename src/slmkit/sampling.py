@@ -93,8 +93,11 @@ def _truncated_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         cum = sorted_probs.cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        sorted_probs[cum - sorted_probs >= p.top_p] = 0
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays, even for a top_p
+        # so small it is 0 in float32)
+        drop = cum - sorted_probs >= p.top_p
+        drop[..., 0] = False
+        sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0)
