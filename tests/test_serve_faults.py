@@ -33,7 +33,7 @@ PROMPTS = ["def area", "for r in", "print(", "    return 3", "café ✓", "r * r
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tok = train_tokenizer([TEXT, "café ✓ naïve"] * 30, vocab_size=300)
-    return tiny_model_dir(tmp_path_factory.mktemp("faults") / "m", tok, train_on=TEXT, max_seq_len=512)
+    return tiny_model_dir(tmp_path_factory.mktemp("faults") / "m", tok, train_on=TEXT, max_seq_len=512, steps=20)
 
 
 def free_port() -> int:
@@ -188,7 +188,7 @@ def test_kill_9_mid_stream_gives_clients_an_error_and_a_restart_serves(model_dir
         try:
             outcomes = []
 
-            def stream_one():
+            def stream_one(outcomes: list):
                 c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
                 got = 0
                 try:
@@ -199,7 +199,7 @@ def test_kill_9_mid_stream_gives_clients_an_error_and_a_restart_serves(model_dir
                 except Exception as e:
                     outcomes.append((type(e).__name__, got))
 
-            clients = [threading.Thread(target=stream_one) for _ in range(6)]
+            clients = [threading.Thread(target=stream_one, args=(outcomes,)) for _ in range(6)]
             for t in clients:
                 t.start()
             deadline = time.monotonic() + 30

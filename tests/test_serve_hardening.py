@@ -325,7 +325,8 @@ def test_unread_events_are_bounded_and_cancel_the_request(lm):
 def test_a_client_that_stops_reading_is_dropped(served):
     url, engine = served(write_timeout_s=1.0, server={"send_buffer": 4096})
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": "def", "max_tokens": 100, "n": 16, "logprobs": 5, "ignore_eos": True,
+    # two prompts x 8 choices: the events pass through the stream's merge of several requests
+    body = json.dumps({"prompt": ["def", "for"], "max_tokens": 100, "n": 8, "logprobs": 5, "ignore_eos": True,
                        "stream": True}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -347,7 +348,9 @@ def test_a_client_that_stops_reading_is_dropped(served):
     sock.close()
     assert closed, "the server kept the stalled connection open"
     assert received < 2_000_000  # a fraction of the stream: it was cut, not delivered
-    assert engine.stats.requests_active == 0 and engine.queue_depth == 0
+    tokens = engine.stats.completion_tokens_total
+    time.sleep(0.5)
+    assert engine.stats.completion_tokens_total == tokens  # nothing runs on for it
     # a second client is answered normally
     assert post(url, "/v1/completions", {"prompt": "def", "max_tokens": 2}, key="x")[0] == 200
 
