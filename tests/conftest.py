@@ -108,13 +108,16 @@ def tiny_model_dir(path, tokenizer, tie=True, train_on: str | None = None, steps
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """Serve `app` on a free loopback port from a background thread; yields its base URL."""
+def live_server(app, send_buffer: int | None = None, **config):
+    """Serve `app` on a free loopback port from a background thread; yields its base URL. `config`: more
+    uvicorn.Config options (root_path, ...); `send_buffer`: the sockets' SO_SNDBUF (a slow-reader test fills it)."""
     sock = socket.socket()
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     sock.bind(("127.0.0.1", 0))
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

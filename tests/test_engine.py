@@ -106,8 +106,9 @@ def test_cancelled_requests_free_their_rows(lm):
         engine.close()
 
 
-def test_limits(lm):
-    engine = Engine(lm, max_batch=1, max_queue=0)
+def test_limits(lm, monkeypatch):
+    engine = Engine(lm, max_batch=1, max_queue=1)
+    monkeypatch.setattr(engine._queue, "qsize", lambda: 1)  # the queue is full
     try:
         async def submit(req):
             return engine.submit(req)
@@ -118,6 +119,9 @@ def test_limits(lm):
             run(submit(GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=4))))
     finally:
         engine.close()
+    for bad in ({"max_batch": 0}, {"max_queue": 0}, {"max_batch": -3}, {"max_events": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} is"):
+            Engine(lm, **bad)
 
 
 def test_other_backends_run_one_request_at_a_time(lm, tmp_path):

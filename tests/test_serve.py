@@ -317,8 +317,9 @@ def test_sampling_fields_left_out_take_the_models_defaults(lm, monkeypatch):
                                                                                 False)
 
 
-def test_a_full_queue_answers_429_with_retry_after(lm):
-    engine = Engine(lm, max_batch=1, max_queue=0)  # every request finds the queue full
+def test_a_full_queue_answers_429_with_retry_after(lm, monkeypatch):
+    engine = Engine(lm, max_batch=1, max_queue=1)
+    monkeypatch.setattr(engine._queue, "qsize", lambda: 1)  # every request finds the queue full
     try:
         with live_server(create_app(engine, MODEL)) as url:
             c = client(url, key="unused")
@@ -333,7 +334,7 @@ def test_a_full_queue_answers_429_with_retry_after(lm):
 
 def test_metrics_count_the_requests(url):
     def scrape():
-        status, headers, text = raw(url, "GET", "/metrics", key=None)
+        status, headers, text = raw(url, "GET", "/metrics")  # the key: /metrics is not public here
         assert status == 200 and headers["content-type"].startswith("text/plain")
         return text
 

@@ -546,12 +546,18 @@ def serve(
                                                    "model or 'ngram'; torch backend, one request at a time")]
     = None,
     draft_k: DraftK = 4,
+    public_metrics: Annotated[bool, typer.Option(help="answer /metrics without the API key (for a scraper)")]
+    = False,
+    max_concurrency: Annotated[int, typer.Option(help="requests in flight at once; more are answered 503")] = 256,
+    write_timeout: Annotated[float, typer.Option(help="seconds a client may take to read the next piece of a "
+                                                      "response (or send its body) before it is dropped")] = 30.0,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
-               max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k)
+               max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
+               public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout)
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------

@@ -93,8 +93,11 @@ def _truncated_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         cum = sorted_probs.cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        sorted_probs[cum - sorted_probs >= p.top_p] = 0
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays, even for a top_p
+        # so small it is 0 in float32)
+        drop = cum - sorted_probs >= p.top_p
+        drop[..., 0] = False
+        sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0)
@@ -158,38 +161,66 @@ class TextStream:
     Text is held back while it could still become a stop string, or ends in an incomplete UTF-8 character
     (which decodes to U+FFFD until its last byte arrives). After a stop string, `stopped` is set and the
     text before the stop string is all that was emitted.
+
+    Each push decodes only the tokens since the last character boundary, with the chunk before them as context
+    (the prefix/read-offset scheme of vLLM and transformers' TextStreamer; the context keeps a tokenizer's
+    first-token rules, e.g. SentencePiece's leading space, where they were), so a token costs the same however
+    long the sequence is. The text is the same as decoding every id at once.
     """
 
     def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), healed: str = ""):
         self.tokenizer, self.stop, self.healed = tokenizer, list(stop), healed
         self.ids: list[int] = []
-        self.emitted = ""
         self.stopped = False
         self._hold = max((len(s) for s in self.stop), default=0)
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the context chunk; ids[_read:]: not yet committed
+        self._prefix_text = ""  # decode(ids[_prefix:_read])
+        self._skip = len(healed)  # characters of the healed prefix still to drop from the front
+        self._buf = ""  # committed text from character _base on (kept from `_hold` before the emitted end)
+        self._base = 0
+        self.n_emitted = 0  # characters emitted so far
+
+    def _text(self) -> str:
+        """The text (after the healed prefix) from character `_base` on, the uncommitted tail included."""
+        window = self.tokenizer.decode(self.ids[self._prefix:])
+        new = window[len(self._prefix_text):] if window.startswith(self._prefix_text) else window
+        if new and not new.endswith("\ufffd"):  # a character boundary: commit, this chunk is the next context
+            self._prefix, self._read, self._prefix_text = self._read, len(self.ids), new
+            cut = min(self._skip, len(new))
+            self._skip -= cut
+            self._buf += new[cut:]
+            return self._buf
+        return self._buf + new[self._skip:]
 
     def push(self, tok: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)[len(self.healed):]
+        text, base = self._text(), self._base
         for s in self.stop:
-            cut = text.find(s, max(0, len(self.emitted) - len(s)))
+            cut = text.find(s, max(0, self.n_emitted - len(s) - base))
             if cut != -1:
                 self.stopped = True
-                return self._emit(text[:cut]) if cut > len(self.emitted) else ""
+                return self._emit(text, cut) if cut + base > self.n_emitted else ""
         safe = len(text) - self._hold
-        while safe > len(self.emitted) and text[safe - 1] == "\ufffd":
+        while safe + base > self.n_emitted and text[safe - 1] == "\ufffd":
             safe -= 1
-        return self._emit(text[:safe]) if safe > len(self.emitted) else ""
+        piece = self._emit(text, safe) if safe + base > self.n_emitted else ""
+        # keep only what a stop string may still start in: the last `_hold` emitted characters and beyond
+        drop = max(0, self.n_emitted - self._hold - self._base)
+        if drop:
+            self._buf, self._base = self._buf[drop:], self._base + drop
+        return piece
 
     def finish(self) -> str:
         """Everything still held back, once the sequence has ended without a stop string."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)[len(self.healed):]
-        return self._emit(text) if len(text) > len(self.emitted) else ""
+        text = self._text()
+        return self._emit(text, len(text)) if len(text) + self._base > self.n_emitted else ""
 
-    def _emit(self, upto: str) -> str:
-        piece, self.emitted = upto[len(self.emitted):], upto
+    def _emit(self, text: str, upto: int) -> str:
+        """text[n_emitted:upto], in `text`'s coordinates (it starts at character `_base`)."""
+        piece = text[self.n_emitted - self._base:upto]
+        self.n_emitted = self._base + upto
         return piece
-

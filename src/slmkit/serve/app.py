@@ -5,7 +5,7 @@
     POST /v1/completions        text completions: prompt (one string or a list), n, seed, stop, logprobs, stream
     POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream
     POST /v1/embeddings         mean-pooled, L2-normalised final hidden states (slmkit's own model only)
-    GET  /health                ok, the model, the queue depth
+    GET  /health                ok, the model, the queue depth (503 "unhealthy" once the engine thread died)
     GET  /metrics               Prometheus text format: requests, tokens, latency and time to first token
 
 Any OpenAI client works against it (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`). This file
@@ -18,8 +18,9 @@ holds the routes and start-up; the pieces they wire together:
     engine.py     continuous batching (batch_torch.py, batch_llamacpp.py: the backends' batched decoders)
 
 The request's `model` field is not checked (the one model answers). A sampling field a request leaves out takes
-the model's own default (`LM.sampling_params`: its generation_config.json, else slmkit's). /health, /metrics and
-the chat page need no key.
+the model's own default (`LM.sampling_params`: its generation_config.json, else slmkit's). /health and the chat
+page need no key; /metrics needs it unless `public_metrics` (every other path needs it: deny by default).
+docs/reliability-server.md lists what the server guarantees under bad input, load and faults.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from slmkit.lm import generation_backend
 from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
 from slmkit.serve import guard, protocol, stream
-from slmkit.serve.engine import Engine, GenerationRequest
+from slmkit.serve.engine import EmbeddingRequest, Engine, EngineStopped, GenerationRequest
 from slmkit.serve.metrics import CONTENT_TYPE, Metrics
 from slmkit.serve.protocol import APIError, ChatBody, CompletionBody, EmbeddingBody, SamplingBody
 
@@ -96,13 +97,45 @@ async def compile_structured_output(tokenizer, body: SamplingBody) -> str | None
         raise APIError(400, f"{field}: {e}", param=field) from e
 
 
+def check_limits(**limits: float) -> None:
+    """Each server limit is a positive number (`--max-batch 0` would leave requests waiting for ever); the
+    error names the option."""
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} is {value!r}; it must be a number above 0")
+
+
+class App(FastAPI):
+    """FastAPI, handing the Guard a way to drop a stalled client's connection.
+
+    ASGI gives an app no way to abort a connection, and closing it (what uvicorn does when a response is left
+    unfinished) waits to flush what is buffered, which a client that stopped reading never takes: the socket
+    would stay open. uvicorn's `send` is a method of its request cycle, which holds the transport; when that
+    is so, `scope["slmkit.abort"]` aborts it (else the connection is closed the ordinary way).
+    """
+
+    async def __call__(self, scope, receive, send):
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if scope["type"] == "http" and hasattr(transport, "abort"):
+            scope["slmkit.abort"] = transport.abort
+        await super().__call__(scope, receive, send)
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1_000_000,
-               request_timeout_s: float = 300.0) -> FastAPI:
-    """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every /v1 route."""
+               request_timeout_s: float = 300.0, public_metrics: bool = False, max_concurrency: int = 256,
+               write_timeout_s: float = 30.0) -> FastAPI:
+    """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every route but the
+    chat page and /health (and /metrics with `public_metrics`). More than `max_concurrency` requests at once are
+    answered 503; a client that takes more than `write_timeout_s` to read the next piece is dropped."""
+    check_limits(max_body_bytes=max_body_bytes, request_timeout=request_timeout_s, max_concurrency=max_concurrency,
+                 write_timeout=write_timeout_s)
     metrics = Metrics()
     lm, created = engine.lm, int(time.time())
-    app = FastAPI(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(guard.Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    # openapi_url=None: the schema is not served (tests/test_fuzz_api.py fuzzes the routes from app.openapi())
+    app = App(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(guard.Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
+                       public_metrics=public_metrics, max_concurrency=max_concurrency,
+                       write_timeout_s=write_timeout_s)
     protocol.add_error_handlers(app)
 
     async def generate(request: Request, body: SamplingBody, prompts: list[list[int]], params: SamplingParams,
@@ -127,6 +160,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             finished = await stream.collect(request, choices, pendings, deadline)
         except TimeoutError:
             raise guard.timeout_error(request_timeout_s) from None
+        except EngineStopped as e:
+            raise guard.engine_stopped(e) from e
         except Exception as e:
             log.exception("generation failed")
             raise APIError(500, f"generation failed: {e}", type="server_error") from e
@@ -144,8 +179,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queue_depth": engine.queue_depth,
-                "requests_active": metrics.active}
+        state = {"model": model_name, "queue_depth": engine.queue_depth, "requests_active": metrics.active}
+        if not engine.alive:  # a load balancer takes it out; the error says why, in OpenAI's shape
+            error = guard.engine_stopped(engine.error or EngineStopped("the engine is closed"))
+            return JSONResponse({"status": "unhealthy", **state, **error.body()}, status_code=503)
+        return {"status": "ok", **state}
 
     @app.get("/metrics")
     async def prometheus():
@@ -164,20 +202,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionBody):
+        guard.check_unicode(body.model_dump(by_alias=True))
         n = guard.check_n(body.n)
         guard.check_logprobs(body.logprobs, "logprobs")
         if body.echo:
             raise APIError(400, "echo=true is not supported: the response holds only the completion; prepend the "
                                 "prompt yourself", param="echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        guard.check_prompts(prompts, n, engine.max_queue)
         ids = [lm.encode_prompt(p) for p in prompts]
         params = sampling(lm, body, 16 if body.max_tokens is None else body.max_tokens)  # OpenAI's default 16
         return await generate(request, body, ids, params, n, body.logprobs, chat=False, what="prompt")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatBody):
+        guard.check_unicode(body.model_dump(by_alias=True))
         n = guard.check_n(body.n)
         guard.check_logprobs(body.top_logprobs, "top_logprobs")
         tok = engine.tokenizer
@@ -209,8 +248,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody):
         """Mean-pooled final hidden states, L2-normalised (`TorchLM.embed`): only slmkit's own model exposes
-        hidden states; other backends answer 400."""
+        hidden states; other backends answer 400. They run on the engine thread, admitted like a generation
+        (a full queue is a 429), and a request past its time stops there (504)."""
         from slmkit.lm.torch_lm import TorchLM
+        guard.check_unicode(body.model_dump(by_alias=True))
         if not isinstance(lm, TorchLM):
             raise APIError(400, f"embeddings need slmkit's own model (backend torch), not {type(lm).__name__}",
                            param="model")
@@ -220,11 +261,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             raise APIError(400, f"this model's embeddings have {dim} dimensions", param="dimensions")
         ids = [lm.encode_prompt(text) for text in inputs]  # to check them and count them; embed encodes its own
         guard.check_embedding_inputs(ids, engine.max_length)
+        (pending,) = guard.submit_all(engine, [EmbeddingRequest(inputs)], "input")
         try:
             async with asyncio.timeout(request_timeout_s):
-                vectors = await asyncio.to_thread(lm.embed, inputs)
+                vectors = await pending.events.get()
         except TimeoutError:
             raise guard.timeout_error(request_timeout_s) from None
+        finally:
+            pending.cancelled = True  # after a timeout (or a disconnect), the engine drops the rest
+        if isinstance(vectors, EngineStopped):
+            raise guard.engine_stopped(vectors)
+        if isinstance(vectors, BaseException):
+            raise APIError(500, f"embedding failed: {vectors}", type="server_error") from vectors
         n_tokens = sum(len(x) for x in ids)
         return JSONResponse(protocol.embeddings_response(vectors.numpy(), body.encoding_format, model_name, n_tokens))
 
@@ -235,15 +283,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1_000_000,
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info",
           adapter: str | Path | None = None, weights: str = "fp32", draft: str | None = None,
-          draft_k: int = 4) -> None:
+          draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
+          write_timeout_s: float = 30.0) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
     int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively (lm/speculative.py) with this
     draft model or "ngram"; the target runs on the torch backend ("auto" picks it) and the engine then serves one
     request at a time (speculation trades batching for latency: a batch of 1 per step, see BENCHMARKS.md).
 
-    The API key is `api_key`, else $SLM_API_KEY; without one the /v1 routes are open (a warning is logged
-    when the address is not loopback).
+    The API key is `api_key`, else $SLM_API_KEY; without one the routes are open (a warning is logged
+    when the address is not loopback). Nonsense limits (`max_batch` 0, a negative timeout) are refused before
+    the model loads.
     """
     import sys
 
@@ -251,6 +301,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     import uvicorn
 
     from slmkit.lm import load_lm
+    check_limits(max_batch=max_batch, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                 request_timeout=request_timeout_s, max_concurrency=max_concurrency, write_timeout=write_timeout_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port is {port}; it must be 0 to 65535")
     if device == "cpu":
         # Leave a core to the HTTP event loop: with every core in the model's thread pool, the pool's spinning
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
@@ -268,9 +322,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
-                     request_timeout_s=request_timeout_s)
+                     request_timeout_s=request_timeout_s, public_metrics=public_metrics,
+                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        # uvicorn's own connection limit is a backstop past the app's (its 503 is plain text, the app's is
+        # OpenAI's shape): idle keep-alive connections count there, not in the app.
+        uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=2 * max_concurrency,
+                    timeout_keep_alive=5)
     finally:
         engine.close()
         lm.close()

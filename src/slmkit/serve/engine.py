@@ -8,13 +8,20 @@ The server only talks to `Engine`:
 
 `submit` raises QueueFull when the bounded queue is full (the server answers 429) and PromptTooLong when the
 prompt plus max_tokens exceed the context (400). Leaving the `async for` early (a client disconnecting)
-cancels the request at the next token boundary and frees its slot.
+cancels the request at the next token boundary and frees its slot. Embeddings (`EmbeddingRequest`) queue the
+same way and run on the engine thread between decoding steps, a few inputs at a time, so a cancelled one stops.
+
+Two bounds keep one client from holding the engine's memory: a request whose events pile up unread (its
+client stopped reading, `max_events` of them) is cancelled with `SlowReader`; and if the engine thread itself
+dies, `alive` turns False, every request waiting on it fails at once with `EngineStopped`, and so does every
+later `submit`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import queue
 import random
 import threading
@@ -31,6 +38,8 @@ from slmkit.lm.torch_lm import TorchLM
 from slmkit.sampling import SamplingParams, TextStream, sample_next
 from slmkit.serve.batch_torch import TorchBatch
 
+log = logging.getLogger("slmkit.serve")
+
 
 class QueueFull(Exception):
     """Too many requests are waiting; retry after `retry_after` seconds."""
@@ -44,6 +53,17 @@ class PromptTooLong(ValueError):
     pass
 
 
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (closed, or it died): nothing submitted will be answered."""
+
+
+class SlowReader(RuntimeError):
+    """A request's events piled up unread (its client stopped reading): it was cancelled."""
+
+
+EMBED_CHUNK = 8  # embedding inputs run between two decoding steps (a cancelled request stops after at most these)
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -51,6 +71,12 @@ class GenerationRequest:
     n: int = 1  # independent choices (seeds seed, seed+1, ...)
     logprobs: int | None = None  # also report the top-k alternatives of every generated token
     grammar: str | None = None  # every choice keeps to it (slmkit.lm.constraints.compile_grammar's)
+
+
+@dataclass
+class EmbeddingRequest:
+    texts: list[str]  # each already checked to fit the context (the server counts their tokens)
+    n: int = 1  # one queue entry; the engine's admission treats it as one choice
 
 
 @dataclass
@@ -92,18 +118,41 @@ class _Choice:
 class _Pending:
     """A submitted request: where its events go, and whether its client is still listening."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: GenerationRequest | EmbeddingRequest, loop: asyncio.AbstractEventLoop,
+                 max_events: int):
         self.request = request
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self.done = False  # its last event (None) was sent
         self.remaining = request.n  # choices not finished yet
+        self.max_events = max_events
+        self.embedded: list[torch.Tensor] = []  # an EmbeddingRequest's vectors so far
 
-    def emit(self, event: TokenEvent | BaseException | None) -> None:
+    def emit(self, event: TokenEvent | BaseException | torch.Tensor | None) -> None:
+        if self.done:
+            return
+        if isinstance(event, TokenEvent) and self.events.qsize() >= self.max_events:
+            # Nobody is reading (a stalled client): stop generating for it instead of queueing without bound.
+            self.cancelled = True
+            event = SlowReader(f"{self.max_events} events were waiting unread: the client stopped reading")
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the listener's event loop is closed: nobody is listening any more
             self.cancelled = True
+        if isinstance(event, SlowReader):
+            self.finish()
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with `error` (its listener raises it)."""
+        self.emit(error)
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.emit(None)
+            self.done = True
+        self.cancelled = True
 
 
 def batch_decoder(lm: LM, max_batch: int):
@@ -129,24 +178,43 @@ class Engine:
     New requests are prefilled and join between steps; finished or cancelled ones leave between steps.
     """
 
-    def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64, device: str | None = None):
+    def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
+                 max_events: int = 4096):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_events", max_events)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} is {value!r}; it must be a whole number >= 1")
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self._batch = batch_decoder(lm, max_batch)
         self.max_batch = max_batch if self._batch is not None else 1
         self.max_queue = max_queue
+        self.max_events = max_events  # events one request may have waiting unread (see SlowReader)
         self.max_length = lm.max_length
         self.stats = EngineStats()
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._closed = False
+        self.error: BaseException | None = None  # why the engine thread died, if it did
+        self._live: set[_Pending] = set()  # taken from the queue, not finished: failed if the thread dies
         self._thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
         self._thread.start()
 
     # --- called from the server's event loop ------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> _Pending:
-        if self._closed:
-            raise RuntimeError("the engine is closed")
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running and answering requests."""
+        return not self._closed and self.error is None and self._thread.is_alive()
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineStopped(f"the engine stopped: {type(self.error).__name__}: {self.error}")
+        if self._closed or not self._thread.is_alive():
+            raise EngineStopped("the engine is closed")
+
+    def submit(self, request: GenerationRequest | EmbeddingRequest) -> _Pending:
+        self._check_alive()
+        if isinstance(request, EmbeddingRequest):
+            return self._enqueue(request, 0)
         n_prompt = len(request.prompt_ids)
         if n_prompt == 0:
             raise PromptTooLong("the prompt is empty")
@@ -157,12 +225,17 @@ class Engine:
             raise ValueError(f"log-probs are not available from the {type(self.lm).__name__} backend")
         if request.grammar is not None and self._batch is None:  # its tokens are sampled inside the backend
             raise ValueError(f"structured output needs the torch or llama.cpp backend, not {type(self.lm).__name__}")
+        return self._enqueue(request, n_prompt * request.n)
+
+    def _enqueue(self, request, prompt_tokens: int) -> _Pending:
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(retry_after=1.0)
-        pending = _Pending(request, asyncio.get_running_loop())
+        pending = _Pending(request, asyncio.get_running_loop(), self.max_events)
         self.stats.requests_total += 1
-        self.stats.prompt_tokens_total += n_prompt * request.n
+        self.stats.prompt_tokens_total += prompt_tokens
         self._queue.put(pending)
+        if self.error is not None:  # it died while this was being queued: nobody else will answer it
+            self._fail_queued()
         return pending
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -193,16 +266,38 @@ class Engine:
     # --- the engine thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._batch is not None:
-            self._run_batched(self._batch)
-        else:
-            self._run_sequential()
+        try:
+            if self._batch is not None:
+                self._run_batched(self._batch)
+            else:
+                self._run_sequential()
+        except BaseException as e:  # a bug or a backend crash outside one request: fail everyone, loudly
+            self.error = e
+            log.exception("the engine thread died; /health reports it and every request fails")
+            stopped = EngineStopped(f"the engine stopped: {type(e).__name__}: {e}")
+            for p in list(self._live):
+                p.fail(stopped)
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        stopped = EngineStopped(f"the engine stopped: {type(self.error).__name__}: {self.error}")
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if pending is not None:
+                pending.fail(stopped)
 
     def _next_pending(self, block: bool) -> _Pending | None:
         try:
-            return self._queue.get(block=block, timeout=0.5 if block else None)
+            pending = self._queue.get(block=block, timeout=0.5 if block else None)
         except queue.Empty:
             return None
+        self._live = {p for p in self._live if not p.done}
+        if pending is not None:
+            self._live.add(pending)
+        return pending
 
     def _run_sequential(self) -> None:
         """One request at a time through the backend's own token stream (llama.cpp, transformers, remote)."""
@@ -211,13 +306,15 @@ class Engine:
             if pending is None:
                 continue
             try:
+                if isinstance(pending.request, EmbeddingRequest):
+                    raise ValueError(f"embeddings need slmkit's own model, not {type(self.lm).__name__}")
                 for index in range(pending.request.n):
                     if pending.cancelled:
                         break
                     self._sequential_choice(pending, index)
             except Exception as e:  # one bad request must not take the engine down
                 pending.emit(e)
-            pending.emit(None)
+            pending.finish()
 
     def _sequential_choice(self, pending: _Pending, index: int) -> None:
         req = pending.request
@@ -245,13 +342,17 @@ class Engine:
     def _run_batched(self, batch) -> None:
         rows: list[_Choice] = []
         waiting: list[_Choice] = []  # choices of admitted requests not yet in a row
+        embeds: list[_Pending] = []  # embedding requests, run EMBED_CHUNK inputs at a time between steps
         while not self._closed:
             # Admit: whole requests from the queue become choices; choices fill free rows (prefill each).
-            while len(rows) + len(waiting) < self.max_batch or not (rows or waiting):
-                pending = self._next_pending(block=not (rows or waiting))
+            while len(rows) + len(waiting) + len(embeds) < self.max_batch or not (rows or waiting or embeds):
+                pending = self._next_pending(block=not (rows or waiting or embeds))
                 if pending is None:
                     break
                 req = pending.request
+                if isinstance(req, EmbeddingRequest):
+                    embeds.append(pending)
+                    continue
                 for index in range(req.n):
                     gen = None
                     if req.params.temperature > 0:
@@ -269,13 +370,13 @@ class Engine:
                     choice.matcher = None if grammar is None else Matcher(self.tokenizer, grammar)
                     logits = batch.prefill(len(rows), choice.request.request.prompt_ids)
                 except Exception as e:
-                    choice.request.emit(e)
-                    choice.request.emit(None)
-                    choice.request.cancelled = True
+                    choice.request.fail(e)
                     continue
                 rows.append(choice)
                 self._step_safely(choice, logits)
             rows = self._drop_finished(rows, batch)
+            if embeds:
+                embeds = self._embed_some(embeds)
             if not rows:
                 self.stats.busy_seconds += time.perf_counter() - start
                 continue
@@ -284,9 +385,7 @@ class Engine:
                 logits = batch.decode([c.last_token for c in rows])
             except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
                 for c in rows:
-                    c.request.emit(e)
-                    c.request.emit(None)
-                    c.request.cancelled = True
+                    c.request.fail(e)
                 rows = self._drop_finished(rows, batch)
                 continue
             for c, row_logits in zip(rows, logits, strict=True):
@@ -294,7 +393,32 @@ class Engine:
             rows = self._drop_finished(rows, batch)
             self.stats.busy_seconds += time.perf_counter() - start
             self.stats.requests_active = len({id(c.request) for c in rows + waiting})
-        self._fail_all(rows + waiting, RuntimeError("the engine stopped"))
+        self._fail_all(rows + waiting, EngineStopped("the engine stopped"))
+        for p in embeds:
+            p.fail(EngineStopped("the engine stopped"))
+
+    def _embed_some(self, embeds: list[_Pending]) -> list[_Pending]:
+        """Embed the next EMBED_CHUNK inputs of the first embedding request (its vectors, one (n, dim) tensor,
+        are its one event when all are done); cancelled ones are dropped. The ones still to run."""
+        embeds = [p for p in embeds if not p.cancelled]
+        if not embeds:
+            return embeds
+        p = embeds[0]
+        texts = p.request.texts
+        start = time.perf_counter()
+        try:
+            done = len(p.embedded)
+            p.embedded.extend(self.lm.embed(texts[done:done + EMBED_CHUNK]))
+        except Exception as e:
+            p.fail(e)
+            return embeds[1:]
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - start
+        if len(p.embedded) < len(texts):
+            return embeds
+        p.emit(torch.stack(p.embedded))
+        p.finish()
+        return embeds[1:]
 
     def _step_safely(self, c: _Choice, logits: torch.Tensor) -> None:
         """`_step_choice`, failing only this request when its settings break sampling (e.g. a temperature so
@@ -304,9 +428,7 @@ class Engine:
         try:
             self._step_choice(c, logits)
         except Exception as e:
-            c.request.emit(e)
-            c.request.emit(None)
-            c.request.cancelled = True
+            c.request.fail(e)
 
     def _step_choice(self, c: _Choice, logits: torch.Tensor) -> None:
         """Sample the choice's next token from `logits` and report it; marks the choice finished when it is.
@@ -351,7 +473,7 @@ class Engine:
             c.finished = True
             pending.remaining -= 1
             if pending.remaining == 0:
-                pending.emit(None)
+                pending.finish()
 
     def _drop_finished(self, rows: list[_Choice], batch) -> list[_Choice]:
         """Remove finished and cancelled rows, keeping the running ones contiguous at the top of the cache."""
@@ -370,5 +492,4 @@ class Engine:
 
     def _fail_all(self, choices: list[_Choice], error: BaseException) -> None:
         for c in choices:
-            c.request.emit(error)
-            c.request.emit(None)
+            c.request.fail(error)

@@ -1,28 +1,38 @@
 """What a request must pass to be answered, and the errors it gets when it does not.
 
-    401  an /v1 route without `Authorization: Bearer KEY` when the server has a key (compared in constant time);
-         the key is `--api-key`, else $SLM_API_KEY
+    401  any route but the open ones without `Authorization: Bearer KEY` when the server has a key (compared in
+         constant time); the key is `--api-key`, else $SLM_API_KEY. Deny by default: only `/` (the chat page)
+         and `/health` are open, and `/metrics` when the server is told so (`--public-metrics`). The route is
+         the path the app routes on, without a mount prefix or root path, so a mounted app is guarded the same.
     413  a body larger than max_body_bytes (refused before it is read when Content-Length says so)
-    400  more choices, log-probs or stop strings than the server allows; a prompt (or an embedding input) with
-         max_tokens beyond the model's context, naming the limit
+    503  more than max_concurrency requests in flight (/health and /metrics are not counted), with Retry-After
+    400  more prompts, choices, log-probs or stop strings (or longer ones) than the server allows; more prompts
+         than the queue can ever hold; a prompt (or an embedding input) with max_tokens beyond the model's
+         context, naming the limit; text that is not valid Unicode (a lone surrogate)
     429  the engine's queue is full, with Retry-After
     504  the request ran past request_timeout_s
 
-The first two are `Guard`, a plain ASGI middleware, so they run before any body is read or parsed (it also
-counts every request into the metrics, refused ones included). The rest are functions the routes call.
+The first three are `Guard`, a plain ASGI middleware, so they run before any body is read or parsed (it also
+counts every request into the metrics, refused ones included). It also drops a client that stalls: one that
+takes more than write_timeout_s to accept the next piece of a response (a stream it stopped reading), or to
+send the next piece of its body, has its request cancelled and its connection closed. The rest are functions
+the routes call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import math
 import os
 import time
 
+from starlette._utils import get_route_path  # what Starlette's router matches on: the same path is guarded
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slmkit.serve.engine import Engine, GenerationRequest, PromptTooLong, QueueFull
+from slmkit.serve.engine import Engine, EngineStopped, GenerationRequest, PromptTooLong, QueueFull
 from slmkit.serve.metrics import Metrics, route_label
 from slmkit.serve.protocol import APIError, error_response
 
@@ -31,7 +41,12 @@ log = logging.getLogger("slmkit.serve")
 MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 20  # top-k alternatives per token
 MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # per stop string: a stream holds back that much text
+MAX_PROMPTS = 64  # prompts per completions request (each takes a queue slot)
+MAX_CHOICES = 128  # n x prompts
 MAX_EMBED_INPUTS = 2048
+OPEN_ROUTES = ("/", "/health")  # answered without the key; everything else needs it
+UNLIMITED_ROUTES = ("/health", "/metrics")  # answered even past max_concurrency (monitoring must see overload)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -55,54 +70,109 @@ def authorized(header: bytes | None, api_key: str) -> bool:
         and scheme.lower() == b"bearer"
 
 
-# --- API key, body size, metrics (plain ASGI, so it runs before any body is read) ----------------------------
+# --- API key, body size, concurrency, stalled clients, metrics (plain ASGI: runs before any body is read) ------
+
+class ClientStalled(BaseException):
+    """The client took longer than the write timeout to take (or send) the next piece of a message. Not an
+    Exception, so no handler on the way (FastAPI's body parsing turns any Exception into a 400) swallows it."""
+
+
+def open_route(path: str, public_metrics: bool) -> bool:
+    return path in OPEN_ROUTES or (public_metrics and path == "/metrics")
+
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics,
+                 public_metrics: bool = False, max_concurrency: int = 256, write_timeout_s: float = 30.0):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.public_metrics = public_metrics
+        self.max_concurrency = max_concurrency
+        self.write_timeout_s = write_timeout_s
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
+        path = get_route_path(scope)
         api = path.startswith("/v1/")
-        status, start = [500], time.perf_counter()
+        counted = path not in UNLIMITED_ROUTES
+        status, start, stalled = [500], time.perf_counter(), []
+
+        started = False
 
         async def send_status(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
+                status[0], started = message["status"], True
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                stalled.append("read")
+                raise ClientStalled(f"the client read nothing for {self.write_timeout_s:g} s") from None
 
         self.metrics.active += api
+        self.in_flight += counted
         try:
             headers = dict(scope["headers"])
-            if api and self.api_key is not None and not authorized(headers.get(b"authorization"), self.api_key):
+            if self.api_key is not None and not open_route(path, self.public_metrics) \
+                    and not authorized(headers.get(b"authorization"), self.api_key):
                 error = APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await error_response(error)(scope, receive, send_status)
+            if counted and self.in_flight > self.max_concurrency:
+                error = APIError(503, f"the server is answering its limit of {self.max_concurrency} requests; "
+                                      "retry after 1 s", type="server_error", code="server_overloaded",
+                                 headers={"Retry-After": "1"})
                 return await error_response(error)(scope, receive, send_status)
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 await self._drain(receive, int(length) if length.isdigit() else 0)
                 return await error_response(self._too_large())(scope, receive, send_status)
-            await self.app(scope, self._limited(receive), send_status)
+            await self.app(scope, self._limited(receive, stalled), send_status)
+        except BaseException as e:
+            if not stalled or isinstance(e, asyncio.CancelledError):
+                raise
+            # Its request is cancelled (the stream's generator closed on the way out); returning with the
+            # response unfinished makes the server close the connection.
+            log.warning("dropped a stalled client on %s: %s", path, e)
+            if stalled[0] == "send" and not started:  # it may still read: say why
+                error = APIError(408, f"{e}; send the body at once", code="request_timeout")
+                with contextlib.suppress(ClientStalled):
+                    await error_response(error)(scope, receive, send_status)
+                    return
+            status[0] = 499  # nginx's "client closed request": nobody reads it
+            if abort := scope.get("slmkit.abort"):
+                abort()
+                await asyncio.sleep(0)  # the server sees the connection gone, so it logs no unfinished response
         finally:
             self.metrics.active -= api
+            self.in_flight -= counted
             self.metrics.observe_request(route_label(path), status[0], time.perf_counter() - start)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body exceeds the server's limit of {self.max_body_bytes} bytes",
                         code="request_too_large")
 
-    def _limited(self, receive):
-        """`receive`, refusing a body (chunked, or longer than its Content-Length said) once it passes the limit."""
-        received = 0
+    def _limited(self, receive, stalled: list):
+        """`receive`, refusing a body (chunked, or longer than its Content-Length said) once it passes the limit,
+        and a body whose next piece takes longer than the write timeout to arrive."""
+        received, complete = 0, False
 
         async def limited():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # waiting for the disconnect: no limit on that
+                return await receive()
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                stalled.append("send")
+                raise ClientStalled(f"the client sent nothing for {self.write_timeout_s:g} s") from None
+            complete = message["type"] != "http.request" or not message.get("more_body")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -142,11 +212,45 @@ def check_logprobs(k: int | None, param: str) -> None:
 
 
 def stop_list(stop: str | list[str] | None, extra: list[str] = ()) -> list[str]:
-    """The request's stop strings (empty ones dropped; at most MAX_STOP), then the `extra` ones not among them."""
+    """The request's stop strings (empty ones dropped; at most MAX_STOP of at most MAX_STOP_CHARS characters),
+    then the `extra` ones not among them."""
     stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
     if len(stops) > MAX_STOP:
         raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"a stop string is longer than this server's limit of {MAX_STOP_CHARS} characters",
+                       param="stop")
     return stops + [s for s in extra if s and s not in stops]
+
+
+def check_prompts(prompts: list, n: int, max_queue: int) -> None:
+    """1 to MAX_PROMPTS prompts (and no more than the queue can ever hold: each takes a slot, so more could
+    never be admitted), n x prompts at most MAX_CHOICES."""
+    limit = min(MAX_PROMPTS, max_queue)
+    if not prompts or len(prompts) > limit:
+        raise APIError(400, f"prompt must be a string or a list of 1 to {limit} strings (this server's limit)",
+                       param="prompt")
+    if n * len(prompts) > MAX_CHOICES:
+        raise APIError(400, f"n x prompts is {n * len(prompts)}; this server answers at most {MAX_CHOICES} "
+                            "choices per request", param="n")
+
+
+def check_unicode(value, param: str = "") -> None:
+    """Every string in a parsed request body (nested lists and dicts too) is valid Unicode: JSON's \\ud800
+    escapes can carry lone surrogates, which no tokenizer or UTF-8 encoder takes. A 400 naming the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{param or 'the body'} holds a lone surrogate (character {e.start}), not valid "
+                                "Unicode text", param=param or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, param)
+            check_unicode(v, f"{param}.{k}" if param else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{param}.{i}" if param else str(i))
 
 
 def check_embedding_inputs(ids: list[list[int]], max_length: int) -> None:
@@ -166,7 +270,7 @@ def check_embedding_inputs(ids: list[list[int]], max_length: int) -> None:
 def submit_all(engine: Engine, requests: list[GenerationRequest], what: str) -> list:
     """Submit every request to the engine, or none: a refusal cancels those already queued and is answered
     429 (queue full), 400 (`what`, the prompt or messages, beyond the context; or log-probs the backend lacks)
-    or 503 (the engine is closed)."""
+    or 503 (the engine is closed or dead)."""
     pendings = []
     try:
         for r in requests:
@@ -182,9 +286,15 @@ def submit_all(engine: Engine, requests: list[GenerationRequest], what: str) -> 
         if isinstance(e, ValueError):
             raise APIError(400, str(e), param=what) from e
         if isinstance(e, RuntimeError):
-            raise APIError(503, str(e), type="server_error") from e
+            raise engine_stopped(e) from e
         raise
     return pendings
+
+
+def engine_stopped(e: BaseException) -> APIError:
+    """A request the engine cannot answer: it was closed, or its thread died."""
+    message = str(e) if isinstance(e, EngineStopped) else f"the engine stopped: {e}"
+    return APIError(503, message, type="server_error", code="engine_stopped")
 
 
 def timeout_error(seconds: float) -> APIError:

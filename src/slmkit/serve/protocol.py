@@ -121,7 +121,8 @@ class SamplingBody(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; as llama.cpp's and vLLM's servers take it
     min_p: float | None = Field(None, ge=0, le=1)  # not OpenAI's; llama.cpp's and vLLM's
-    repetition_penalty: float | None = Field(None, gt=0)  # not OpenAI's; llama.cpp's and vLLM's
+    # not OpenAI's; llama.cpp's and vLLM's. Bounded: a penalty near 0 divides logits into infinities
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False  # not OpenAI's; vLLM's and llama.cpp's: generate max_tokens whatever comes
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)

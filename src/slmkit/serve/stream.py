@@ -25,12 +25,14 @@ async def merged(pendings: list, deadline: float) -> AsyncIterator[tuple[int, To
     generator, or its end, marks every request cancelled: the engine frees their rows at the next token.
     (This is `Engine.generate` for requests submitted beforehand, so refusals come before a stream starts.)
     """
-    out: asyncio.Queue = asyncio.Queue()
+    # Bounded, so a reader that stops (a stalled stream) leaves the events in each request's own queue, where the
+    # engine's bound (`Engine(max_events=...)`) sees them and cancels the request.
+    out: asyncio.Queue = asyncio.Queue(maxsize=len(pendings))
 
     async def pump(i: int, pending) -> None:
         while True:
             event = await pending.events.get()
-            out.put_nowait((i, event))
+            await out.put((i, event))
             if event is None or isinstance(event, BaseException):
                 return
 
