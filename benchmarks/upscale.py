@@ -12,9 +12,10 @@ measure on all of dev.jsonl (183): dev numbers.
   untrained after the cut).
 - small tuned: the small base fine-tuned on the train prompts (`slm finetune`, full, `--steps` steps).
 
-Two measures per condition: accuracy of choosing the label with the highest total log-prob (`LM.score_many`:
-the combined distribution's `logprobs`), and greedy generation exact match (the completion's first line equals
-the label; `LM.generate`, which also times decoding). 95% Wilson intervals. The same prompt for every model.
+Measured per condition: greedy generation exact match (the completion's first line equals the label), with
+`--score` also the accuracy of choosing the label with the highest total log-prob (`LM.score_many`: the combined
+distribution's `logprobs`), 95% Wilson intervals; and batch-1 greedy decode tokens/s (64 tokens after a fixed
+prompt, median of `--repeats`). The same prompt for every model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -56,8 +58,9 @@ def prepare(out: Path, layer_step: int, steps: int, data_dir: Path = DATA) -> tu
             f.write(json.dumps({"prompt": prompt(r["text"]), "completion": " " + r["label"]}) + "\n")
     tuned = out / "small-tuned"
     if not (tuned / "model" / "model.safetensors").exists():
-        subprocess.run([sys.executable, "-m", "slmkit.cli", "finetune", str(base), "-o", str(tuned), "--data", str(data),
-                        "--max-steps", str(steps), "--batch-size", "8", "--lr", "3e-4", "--seq-len", "128",
+        subprocess.run([sys.executable, "-m", "slmkit.cli", "finetune", str(base), "-o", str(tuned),
+                        "--data", str(data), "--max-steps", str(steps), "--batch-size", "8", "--lr", "3e-4",
+                        "--seq-len", "128",
                         "--eval-every", "1000", "--save-every", "1000"], check=True)
     return base, tuned / "model"
 
@@ -71,32 +74,42 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def evaluate(lm, dev: list[dict], max_new_tokens: int) -> dict:
+def evaluate(lm, dev: list[dict], max_new_tokens: int, score: bool) -> dict:
+    """Greedy generation exact match (and, with `score`, the label with the highest total log-prob)."""
     from slmkit.sampling import SamplingParams
-    pairs = [(prompt(r["text"]), " " + label) for r in dev for label in LABELS]
-    start = time.perf_counter()
-    scores = lm.score_many(pairs)
-    score_s = time.perf_counter() - start
-    chosen = [max(range(len(LABELS)), key=lambda j: scores[i * len(LABELS) + j].logprob) for i in range(len(dev))]
-    scored_right = sum(LABELS[c] == r["label"] for c, r in zip(chosen, dev, strict=True))
+    n = len(dev)
+    out = {"n": n}
+    if score:
+        pairs = [(prompt(r["text"]), " " + label) for r in dev for label in LABELS]
+        start = time.perf_counter()
+        scores = lm.score_many(pairs)
+        out["score_seconds"] = time.perf_counter() - start
+        chosen = [max(range(len(LABELS)), key=lambda j: scores[i * len(LABELS) + j].logprob) for i in range(n)]
+        right = sum(LABELS[c] == r["label"] for c, r in zip(chosen, dev, strict=True))
+        out.update(scored_correct=right, scored_accuracy=right / n, scored_ci95=wilson(right, n))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
-    generated, tokens, decode_s = [], 0, 0.0
+    generated = []
     for r in dev:
         ids = lm.encode_prompt(prompt(r["text"]))
-        start = time.perf_counter()
-        new = list(lm.stream_ids(ids, params, None))
-        decode_s += time.perf_counter() - start
-        tokens += len(new)
-        generated.append(lm.tokenizer.decode(new).split("\n")[0].strip())
-    generated_right = sum(g == r["label"] for g, r in zip(generated, dev, strict=True))
-    n = len(dev)
-    return {"n": n, "scored_correct": scored_right, "scored_accuracy": scored_right / n,
-            "scored_ci95": wilson(scored_right, n), "generated_correct": generated_right,
-            "generated_accuracy": generated_right / n, "generated_ci95": wilson(generated_right, n),
-            "score_seconds": score_s, "generated_tokens": tokens, "decode_seconds": decode_s,
-            "decode_tokens_per_s": tokens / decode_s if decode_s else None,
-            "examples": [{"text": r["text"], "label": r["label"], "scored": LABELS[c], "generated": g}
-                         for r, c, g in list(zip(dev, chosen, generated, strict=True))[:20]]}
+        generated.append(lm.tokenizer.decode(list(lm.stream_ids(ids, params, None))).split("\n")[0].strip())
+    right = sum(g == r["label"] for g, r in zip(generated, dev, strict=True))
+    out.update(generated_correct=right, generated_accuracy=right / n, generated_ci95=wilson(right, n),
+               examples=[{"text": r["text"], "label": r["label"], "generated": g}
+                         for r, g in list(zip(dev, generated, strict=True))[:20]])
+    return out
+
+
+def decode_speed(lm, repeats: int, new_tokens: int = 64) -> dict:
+    """Batch-1 greedy decode tokens/s after a fixed prompt: tokens after the first over the time they took
+    (prefill excluded), median of `repeats` after a warm-up."""
+    from slmkit.sampling import SamplingParams
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
+    ids = lm.encode_prompt(prompt("Play the latest album by Nina Simone on Spotify."))
+    rates = []
+    for _ in range(repeats + 1):
+        times = [time.perf_counter() for _ in lm.stream_ids(ids, params, None)]
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return {"decode_tokens_per_s": statistics.median(rates[1:]), "rounds": rates[1:]}
 
 
 def main() -> None:
@@ -109,10 +122,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/eft"))
     ap.add_argument("--data", type=Path, default=DATA, help="the intent data folder")
     ap.add_argument("--layer-step", type=int, default=5, help="keep every N-th of SmolLM2's 30 blocks")
-    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps of the small model")
+    ap.add_argument("--steps", type=int, default=30, help="fine-tuning steps of the small model")
     ap.add_argument("--betas", type=float, nargs="+", default=[1.0])
     ap.add_argument("--limit", type=int, default=None, help="only the first N dev examples")
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--score", action="store_true", help="also choose the label by total log-prob (7 scored "
+                                                          "sequences per example: slow on 2 cores)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the decode-speed measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -129,12 +145,14 @@ def main() -> None:
                "command": " ".join(sys.argv), "threads": args.threads, "torch": torch.__version__,
                "layer_step": args.layer_step, "steps": args.steps, "conditions": {}}
     for name, lm in conditions:
-        r = evaluate(lm, dev, args.max_new_tokens)
+        r = evaluate(lm, dev, args.max_new_tokens, args.score)
+        r.update(decode_speed(lm, args.repeats))
         results["conditions"][name] = r
-        print(f"{name:32s} scored {r['scored_accuracy']:.1%} [{r['scored_ci95'][0]:.1%}, {r['scored_ci95'][1]:.1%}]"
-              f"  generated {r['generated_accuracy']:.1%} [{r['generated_ci95'][0]:.1%}, "
-              f"{r['generated_ci95'][1]:.1%}]  decode {r['decode_tokens_per_s']:.1f} tokens/s  "
-              f"scoring {r['score_seconds']:.0f} s", flush=True)
+        scored = (f"  scored {r['scored_accuracy']:.1%} [{r['scored_ci95'][0]:.1%}, {r['scored_ci95'][1]:.1%}]"
+                  if args.score else "")
+        print(f"{name:28s} generated {r['generated_accuracy']:.1%} [{r['generated_ci95'][0]:.1%}, "
+              f"{r['generated_ci95'][1]:.1%}] ({r['generated_correct']}/{r['n']}){scored}  "
+              f"decode {r['decode_tokens_per_s']:.1f} tokens/s", flush=True)
     if args.json:
         from slmkit.files import atomic_write_json
         atomic_write_json(args.json, results)

@@ -18,11 +18,10 @@ from slmkit.cli import app
 from slmkit.lm import generation_backend, load_lm
 from slmkit.lm.remote_lm import RemoteLM
 from slmkit.lm.torch_lm import TorchLM
-from slmkit.lm.upscale import (NextTokens, UpscaledLM, combine, floor_logprob, read_spec, sequence_scores,
-                               stepper)
+from slmkit.lm.upscale import NextTokens, UpscaledLM, combine, floor_logprob, read_spec, sequence_scores, stepper
 from slmkit.model.config import model_config
 from slmkit.model.llama import Transformer
-from slmkit.sampling import SamplingParams
+from slmkit.sampling import SamplingParams, sample_next
 
 TEXT = " ".join(f"Translate {a}: {b}." for a, b in PAIRS)
 # what the small model is tuned to write instead: the English word again
@@ -36,7 +35,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     large = tiny_model_dir(tmp / "large", tok, train_on=TEXT)
     base = tiny_model_dir(tmp / "base", tok, train_on=TEXT, steps=40, n_layers=1)
-    tuned = tiny_model_dir(tmp / "tuned", tok, train_on=TUNED_TEXT, steps=80, n_layers=1)
+    tuned = tiny_model_dir(tmp / "tuned", tok, train_on=TUNED_TEXT, steps=60, n_layers=1)
     return {"tok": tok, "large": large, "base": base, "tuned": tuned, "tmp": tmp}
 
 
@@ -44,11 +43,11 @@ def opened(world, dtype=torch.float64):
     return [TorchLM.load(world[k], dtype=dtype) for k in ("large", "base", "tuned")]
 
 
-def prompts(tok, n=12, seed=0):
+def prompts(tok, n=6, seed=0):
     rng = np.random.default_rng(seed)
     ids = tok.encode(TEXT * 2)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(rng.integers(1, 25))
         start = int(rng.integers(0, len(ids) - length))
         out.append(ids[start:start + length])
@@ -112,11 +111,16 @@ def test_the_combination_is_the_hand_computed_renormalised_sum(beta):
         row = (full_logprobs(large, ctx)[-1] + beta * (full_logprobs(tuned, ctx)[-1] - full_logprobs(base, ctx)[-1]))
         assert tok == int(row.argmax())
         ctx.append(tok)
-    counts = np.bincount([next(iter(up.stream_ids(ids, SamplingParams(max_new_tokens=1, temperature=1.0,
-                                                                      seed=s, stop_at_eos=False), None)))
-                          for s in range(600)], minlength=8)
-    probs = expected[-1].exp().numpy()
-    assert np.abs(counts / 600 - probs).max() < 0.07, (counts / 600, probs)
+    # sampling: seeded draws are the shared sampler's own draws from the combined logits, which are the large
+    # model's raw logits plus the difference (the repetition penalty then acts as on the large model alone)
+    with torch.no_grad():
+        raw = large.model(torch.tensor([ids]))[0, -1].double()
+    z = (raw + beta * (lp["T"][-1] - lp["B"][-1])).float()
+    chain = SamplingParams(max_new_tokens=1, temperature=0.9, top_k=6, repetition_penalty=1.3, stop_at_eos=False)
+    for seed in range(8):
+        params = dataclasses.replace(chain, seed=seed)
+        first = next(iter(up.stream_ids(ids, params, None)))
+        assert first == sample_next(z, params, torch.Generator().manual_seed(seed), ids)
 
 
 def test_top_k_members_combine_on_the_union_with_the_documented_floor():
