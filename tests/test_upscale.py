@@ -302,6 +302,20 @@ def test_a_json_spec_opens_through_load_lm_and_serve(world, tmp_path):
     assert isinstance(lm, UpscaledLM) and lm.beta == 0.5 and isinstance(lm.small_tuned, TorchLM)
     assert generation_backend(str(spec), "auto", "cpu") == ("auto", str(spec), {})
     assert lm.score("Translate cat:", " chat.").n_tokens > 0
+    # the server's engine serves it (its one-request-at-a-time path) with the LM's own output
+    import asyncio
+
+    from slmkit.serve.engine import Engine, GenerationRequest
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    engine = Engine(lm, max_batch=2)
+
+    async def served():
+        return "".join([ev.text async for ev in engine.generate(GenerationRequest(lm.encode_prompt("Translate dog:"),
+                                                                                  params))])
+    try:
+        assert asyncio.run(served()) == lm.generate("Translate dog:", params)[0]
+    finally:
+        engine.close()
     # relative paths are read from the spec's folder
     rel = world["tmp"] / "rel.json"
     rel.write_text(json.dumps({"large": "large", "small_base": "base", "small_tuned": "tuned"}))
