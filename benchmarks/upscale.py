@@ -74,7 +74,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def evaluate(lm, dev: list[dict], max_new_tokens: int, score: bool) -> dict:
+def evaluate(lm, dev: list[dict], max_new_tokens: int, score: bool, generate: bool = True) -> dict:
     """Greedy generation exact match (and, with `score`, the label with the highest total log-prob)."""
     from slmkit.sampling import SamplingParams
     n = len(dev)
@@ -87,6 +87,8 @@ def evaluate(lm, dev: list[dict], max_new_tokens: int, score: bool) -> dict:
         chosen = [max(range(len(LABELS)), key=lambda j: scores[i * len(LABELS) + j].logprob) for i in range(n)]
         right = sum(LABELS[c] == r["label"] for c, r in zip(chosen, dev, strict=True))
         out.update(scored_correct=right, scored_accuracy=right / n, scored_ci95=wilson(right, n))
+    if not generate:
+        return out
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
     generated = []
     for r in dev:
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--score", action="store_true", help="also choose the label by total log-prob (7 scored "
                                                           "sequences per example: slow on 2 cores)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the decode-speed measurement")
+    ap.add_argument("--only-score", action="store_true", help="with --score: no generation, no speed probe")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -145,11 +148,14 @@ def main() -> None:
                "command": " ".join(sys.argv), "threads": args.threads, "torch": torch.__version__,
                "layer_step": args.layer_step, "steps": args.steps, "conditions": {}}
     for name, lm in conditions:
-        r = evaluate(lm, dev, args.max_new_tokens, args.score)
-        r.update(decode_speed(lm, args.repeats))
+        r = evaluate(lm, dev, args.max_new_tokens, args.score, generate=not args.only_score)
         results["conditions"][name] = r
-        scored = (f"  scored {r['scored_accuracy']:.1%} [{r['scored_ci95'][0]:.1%}, {r['scored_ci95'][1]:.1%}]"
-                  if args.score else "")
+        scored = (f"  scored {r['scored_accuracy']:.1%} [{r['scored_ci95'][0]:.1%}, {r['scored_ci95'][1]:.1%}] "
+                  f"({r['scored_correct']}/{r['n']})" if args.score else "")
+        if args.only_score:
+            print(f"{name:28s}{scored}", flush=True)
+            continue
+        r.update(decode_speed(lm, args.repeats))
         print(f"{name:28s} generated {r['generated_accuracy']:.1%} [{r['generated_ci95'][0]:.1%}, "
               f"{r['generated_ci95'][1]:.1%}] ({r['generated_correct']}/{r['n']}){scored}  "
               f"decode {r['decode_tokens_per_s']:.1f} tokens/s", flush=True)
