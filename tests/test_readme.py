@@ -33,6 +33,8 @@ NOT_RUN = {
     ("slm", "quickstart"): "prepares the whole standard library first (minutes); tests/test_quickstart.py runs it",
     ("slm", "generate", "http://localhost:8080/v1"): "needs an OpenAI-compatible server on port 8080; "
                                                      "tests/test_remote_lm.py runs the remote backend",
+    ("slm", "generate", "--large"): "needs a small base/tuned pair with SmolLM2's tokenizer (benchmarks/upscale.py "
+                                    "builds it); tests/test_upscale.py runs the command on tiny models",
     ("lm_eval",): "runs hellaswag from the Hugging Face hub; tests/test_lm_eval_adapter.py runs lm-eval offline",
     ("python", "-m", "slmkit.eval.lm_eval.adapter", "--install-hook"): "writes a .pth file into this "
                                                                        "environment's site-packages",

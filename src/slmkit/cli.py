@@ -112,6 +112,12 @@ Draft = Annotated[str | None, typer.Option(help="speculative decoding: a draft m
                                                 "'ngram' (prompt lookup, no model); the output is MODEL's own "
                                                 "(greedy: the same tokens; sampled: the same distribution)")]
 DraftK = Annotated[int, typer.Option(help="tokens drafted per step at most (fewer while few are accepted)")]
+Large = Annotated[str | None, typer.Option(help="up-scaling (emulated fine-tuning), instead of MODEL: the large model, "
+                                                "steered by --small-tuned minus --small-base (same tokenizer)")]
+SmallBase = Annotated[str | None, typer.Option(help="up-scaling: the small model before its fine-tuning")]
+SmallTuned = Annotated[str | None, typer.Option(help="up-scaling: the small model after its fine-tuning")]
+Beta = Annotated[float, typer.Option(help="up-scaling: weight of the small pair's log-prob difference (0 = --large "
+                                          "alone, 1 = emulate its fine-tuning)")]
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -420,8 +426,9 @@ def quickstart(
 
 @command()
 def generate(
-    model: ModelArg,
-    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP + " (leave it out with --large)",
+                                                show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Argument(help="text to continue", show_default=False)] = None,
     backend: Backend = "auto",
     max_new_tokens: MaxNewTokens = 128,
     temperature: Temperature = None,
@@ -443,11 +450,32 @@ def generate(
     weights: Weights = "fp32",
     draft: Draft = None,
     draft_k: DraftK = 4,
+    large: Large = None,
+    small_base: SmallBase = None,
+    small_tuned: SmallTuned = None,
+    beta: Beta = 1.0,
 ):
     """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
     from slmkit.lm import load_lm
-    lm = load_lm(model, backend=backend, weights=weights, adapter=adapter, draft=draft, draft_k=draft_k,
-                 **({} if cache else {"use_cache": False}))
+    if large is None and (small_base or small_tuned):
+        raise ValueError("--small-base and --small-tuned go with --large")
+    if large is not None:
+        if prompt is None:  # `slm generate --large L ... PROMPT`: the one positional is the prompt
+            model, prompt = None, model
+        if model is not None:
+            raise ValueError("give MODEL or --large (with --small-base and --small-tuned), not both")
+        if not small_base or not small_tuned:
+            raise ValueError("--large needs --small-base and --small-tuned")
+        if draft or adapter or weights != "fp32" or not cache:
+            raise ValueError("--draft, --adapter, --weights and --no-cache do not apply to up-scaling")
+    if prompt is None:
+        raise ValueError("give MODEL and PROMPT, or --large, --small-base, --small-tuned and PROMPT")
+    if large is not None:
+        from slmkit.lm.upscale import open_upscaled
+        lm = open_upscaled(large, small_base, small_tuned, beta=beta, backend=backend)
+    else:
+        lm = load_lm(model, backend=backend, weights=weights, adapter=adapter, draft=draft, draft_k=draft_k,
+                     **({} if cache else {"use_cache": False}))
     stops = [s.encode().decode("unicode_escape") for s in stop] if stop else None  # allow --stop '\n\n'
     params = lm.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stops, seed=seed)

@@ -30,10 +30,18 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged (torch backend).
     `draft`: decode speculatively (lm/speculative.py) with this model (same tokenizer, opened on the torch
     backend with the same device and dtype) or "ngram" (prompt lookup), drafting up to `draft_k` tokens a step.
+    A `.json` file is an up-scaling spec (lm/upscale.py, `read_spec`): a large model steered by a small tuned/base
+    pair, each opened here, `backend` being the default of those the file gives none.
     """
     from slmkit.hub import resolve_model
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from slmkit.lm.upscale import is_upscale_spec, load_spec
+    if is_upscale_spec(spec):
+        if weights != "fp32" or adapter is not None or draft is not None or options:
+            raise ValueError(f"{spec} is an up-scaling spec: weights, adapters, drafts and backend options apply to "
+                             "its member models, not to it (open those yourself and build an UpscaledLM)")
+        return load_spec(spec, backend=backend, device=device, dtype=dtype)
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     ref = resolve_model(spec)
@@ -117,6 +125,9 @@ def generation_backend(model: str, backend: str, device: str, weights: str = "fp
     Embeddings need the torch backend.
     """
     from slmkit.hub import resolve_model
+    from slmkit.lm.upscale import is_upscale_spec
+    if is_upscale_spec(model):  # its members each choose their backend (load_lm)
+        return backend, model, {}
     ref = resolve_model(model)
     # logits_all=False: the engine reads logits from its own batched context, so the LM's can stay small.
     # llama.cpp keeps every core (measured on 2 cores: one thread served 137/258/334 tokens/s at 1/4/16 clients
