@@ -302,6 +302,10 @@ def test_a_json_spec_opens_through_load_lm_and_serve(world, tmp_path):
     assert isinstance(lm, UpscaledLM) and lm.beta == 0.5 and isinstance(lm.small_tuned, TorchLM)
     assert generation_backend(str(spec), "auto", "cpu") == ("auto", str(spec), {})
     assert lm.score("Translate cat:", " chat.").n_tokens > 0
+    # slm eval's efficiency card counts the weights of all three models
+    from slmkit.eval.efficiency import weights_bytes
+    assert weights_bytes(lm, str(spec)) == sum((world[k] / "model.safetensors").stat().st_size
+                                               for k in ("large", "base", "tuned"))
     # the server's engine serves it (its one-request-at-a-time path) with the LM's own output
     import asyncio
 

@@ -90,8 +90,13 @@ def count_parameters(lm) -> int | None:
 
 
 def weights_bytes(lm, spec: str) -> int | None:
-    """Bytes of the weight files this backend loaded (a model directory may also keep GGUF copies)."""
+    """Bytes of the weight files this backend loaded (a model directory may also keep GGUF copies); for an
+    up-scaling spec, those of its three models (None when one of them is remote)."""
     from slmkit.hub import resolve_model
+    from slmkit.lm.upscale import UpscaledLM
+    if isinstance(lm, UpscaledLM):
+        parts = [weights_bytes(m, m.name) for m in (lm.large, lm.small_base, lm.small_tuned)]
+        return None if None in parts else sum(parts)
     ref = resolve_model(spec)
     if ref.kind == "remote":
         return None
