@@ -209,7 +209,8 @@ def _pdf_blocks(path: Path) -> list[Block]:
 
 
 def _jsonl_blocks(path: Path) -> list[Block]:
-    """One record a line: its text field (`text`, `content` or `body`) under a heading from `title`/`heading`/`id`."""
+    """One record a line: its text field (`text`, `content` or `body`) under a heading from `title`/`heading`/`id`
+    (empty when it has none)."""
     blocks = []
     for n, record in iter_jsonl(path):
         text = next((record[f] for f in JSONL_TEXT_FIELDS if isinstance(record.get(f), str)), None)
@@ -217,8 +218,7 @@ def _jsonl_blocks(path: Path) -> list[Block]:
             raise ValueError(f"{path}:{n}: no text field; give each record one of "
                              f"{', '.join(JSONL_TEXT_FIELDS)} (a string)")
         title = next((str(record[f]) for f in JSONL_TITLE_FIELDS if record.get(f) not in (None, "")), None)
-        if title:
-            blocks.append(Block(1, [(n, title)]))
+        blocks.append(Block(1, [(n, title or "")]))  # a record is its own section, titled or not
         blocks.append(Block(0, [(n, line) for line in text.splitlines() if line.strip()] or [(n, "")]))
     return blocks
 
