@@ -116,7 +116,9 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
                          max_new_tokens=max_new_tokens)
         if answer is not None:
             abstained = answer.abstained
-            latency.append({"search_s": search_s, "ttft_s": answer.ttft_s, "total_s": answer.total_s + search_s})
+        latency.append({"search_s": search_s if hits is not None else None,
+                        "ttft_s": None if answer is None else answer.ttft_s,
+                        "total_s": None if answer is None else answer.total_s + search_s})
         records.append({
             "id": q["id"], "question": q["question"], "answerable": q["answerable"], "topics": q["topics"],
             "gold_ranks": None if hits is None else [r for r, h in enumerate(hits, 1) if is_gold(h.path, q["topics"])],
