@@ -123,6 +123,8 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
             "id": q["id"], "question": q["question"], "answerable": q["answerable"], "topics": q["topics"],
             "gold_ranks": None if hits is None else [r for r, h in enumerate(hits, 1) if is_gold(h.path, q["topics"])],
             "retrieved": None if hits is None else [f"{Path(h.path).name}:{h.lines}" for h in hits[:5]],
+            # what the abstention threshold is compared with, kept so a threshold can be tuned from this file
+            "similarity": None if not hits else round(max(h.similarity for h in hits[:k]), 4),
             "abstained": abstained,
             "answer": None if answer is None else answer.text,
             "correct": None if answer is None or not q["answerable"] else
