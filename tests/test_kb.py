@@ -357,3 +357,6 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "unsupported file type '.docx'" in r.output
     r = run(app, ["kb", "index", str(tmp_path / "missing"), "-o", str(tmp_path / "kb")])
     assert r.exit_code == 2 and "no such file or folder" in r.output
+    (tmp_path / "q.jsonl").write_text('{"question": "x?", "topics": ["a"]}\n')
+    r = run(app, ["kb", "eval", "--questions", str(tmp_path / "q.jsonl"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "--mode hybrid retrieves: name the knowledge base folder" in r.output

@@ -708,9 +708,9 @@ def kb_ask(
 
 @command(kb_app, "eval")
 def kb_eval(
-    kb: Annotated[Path | None, typer.Argument(help="knowledge base folder (not needed with --mode none)")],
-    questions: Annotated[Path, typer.Option(help="JSONL questions in kb-python's format")],
-    out: Annotated[Path, _out("folder for results.json and answers.jsonl")],
+    kb: Annotated[Path | None, typer.Argument(help="knowledge base folder (not needed with --mode none)")] = None,
+    questions: Annotated[Path, typer.Option(help="JSONL questions in kb-python's format")] = ...,
+    out: Annotated[Path, _out("folder for results.json and answers.jsonl")] = ...,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP + "; omit to evaluate retrieval only")] = None,
     backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed) | torch | llamacpp | hf | "
                                               "remote")] = "auto",

@@ -168,8 +168,8 @@ class _HTMLBlocks(HTMLParser):
     def handle_data(self, data):
         if self.skip:
             return
-        if not "".join(self.parts).strip():
-            self.start = self.getpos()[0] + (len(data) - len(data.lstrip("\n"))) if data.strip() else self.start
+        if data.strip() and not "".join(self.parts).strip():  # the block starts at its first visible character
+            self.start = self.getpos()[0] + data[:len(data) - len(data.lstrip())].count("\n")
         self.parts.append(data)
 
 

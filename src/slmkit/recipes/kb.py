@@ -45,6 +45,8 @@ def kb_eval(kb_dir: str | Path | None, questions: str | Path, out: str | Path, m
             backend: str = "auto", mode: str = "hybrid", k: int = TOP_K, min_similarity: float = MIN_SIMILARITY,
             limit: int | None = None, max_new_tokens: int = 160, log=None) -> dict:
     """`evaluate_kb` on a question file, writing OUT/results.json; no `model`: retrieval only."""
+    if kb_dir is None and mode != "none":
+        raise ValueError(f"--mode {mode} retrieves: name the knowledge base folder (slm kb eval KB --questions ...)")
     items = read_questions(questions)[:limit]
     kb = open_kb(kb_dir) if mode != "none" else None
     lm = _open_lm(model, backend) if model else None
