@@ -60,6 +60,8 @@ TINY = {
     ("synth",): ["--max-new-tokens", "16"],
     ("generate",): ["--max-new-tokens", "8"],
     ("chat",): ["--max-new-tokens", "8"],
+    ("kb", "ask"): ["--max-new-tokens", "8"],
+    ("kb", "eval"): ["--max-new-tokens", "8"],
     # --no-efficiency: measuring speed and memory starts a fresh process per model (~10 s each on 2 cores);
     # tests/test_eval.py runs it
     ("eval",): ["--limit", "1", "--no-efficiency"],
@@ -118,7 +120,7 @@ def _importable(module: str) -> bool:
 
 
 def _kind(words: list[str]) -> tuple[str, ...]:
-    return tuple(words[1:3]) if words[1] in ("data", "classify") else (words[1],)
+    return tuple(words[1:3]) if words[1] in ("data", "classify", "kb") else (words[1],)
 
 
 def _expand(word: str) -> str:
@@ -202,6 +204,11 @@ WORLD_FILES = {  # what the README's commands read, by the names they use
     "train.jsonl": _intent_rows,
     "dev.jsonl": _intent_rows,
     "few.jsonl": _intent_rows,
+    "questions.jsonl": lambda: [  # kb-python's format, for `slm kb eval`
+        {"id": "q1", "question": "Where do I write?", "answer": "ops@example.com", "answer_keywords": ["ops@"],
+         "topics": ["reference"], "answerable": True},
+        {"id": "q2", "question": "How tall is the moon?", "answer": "", "answer_keywords": [], "topics": [],
+         "answerable": False}],
     "new.jsonl": lambda: [{"text": "Play something relaxing"}, {"text": "Do I need an umbrella"}],
     "problems.jsonl": lambda: [{"text": "Tom has 3 apples and buys 2 more. How many apples does he have?",
                                 "answer": "5"}, {"text": "A box holds 4 pens. How many pens are in 2 boxes?",

@@ -22,6 +22,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare token datasets.")
 app.add_typer(data_app, name="data")
 classify_app = typer.Typer(no_args_is_help=True, help="Text classifiers on a language model (head or PET).")
 app.add_typer(classify_app, name="classify")
+kb_app = typer.Typer(no_args_is_help=True, help="Knowledge base: index documents, search, ask with citations, "
+                                                "evaluate.")
+app.add_typer(kb_app, name="kb")
 
 # Bad input, missing files, a missing optional package, an unreachable server, a run that exists already (and
 # tokenizer.TokenizerMismatch, a ValueError): the user can fix these, so they get a line, not a traceback.
@@ -667,6 +670,102 @@ def classify_eval(
     """Accuracy, macro-F1, per-class scores, confusion matrix and calibration error on labelled data."""
     from slmkit.recipes.classify import evaluate_classifier
     typer.echo(json.dumps(evaluate_classifier(classifier, data), indent=2))
+
+
+# ---- knowledge base --------------------------------------------------------------------------------------
+
+KbDir = Annotated[Path, typer.Argument(help="knowledge base folder (written by `slm kb index`)")]
+KbMode = Annotated[str, typer.Option(help="retrieval: hybrid (BM25 + dense, reciprocal-rank fused) | bm25 | dense")]
+KbMinSimilarity = Annotated[float, typer.Option(help="abstain when no retrieved chunk has this cosine similarity "
+                                                     "to the question (tuned on kb-python dev)")]
+KbK = Annotated[int, typer.Option("-k", help="sources shown to the model")]
+
+
+@command(kb_app, "index")
+def kb_index(
+    sources: Annotated[list[str], typer.Argument(help="files or folders (.md .txt .rst .html .pdf .jsonl), or the "
+                                                      "built-in pydoc-topics (Python's language reference)")],
+    out: Annotated[Path, _out("knowledge base folder (created, or updated incrementally)")],
+    embedder: Annotated[str | None, typer.Option(help="encoder for dense retrieval (default: the KB's own, or "
+                                                      "minilm-l6-v2 for a new KB)")] = None,
+    chunk_chars: Annotated[int | None, typer.Option(help="most characters a chunk (default 1000)")] = None,
+    overlap: Annotated[int | None, typer.Option(help="characters shared by neighbouring chunks (default 200)")]
+    = None,
+):
+    """Index documents into a knowledge base; a re-run re-indexes only changed files and drops removed ones."""
+    from slmkit.kb.index import index_kb
+    typer.echo(json.dumps(index_kb(sources, out, embedder=embedder, max_chars=chunk_chars, overlap=overlap),
+                          indent=2))
+
+
+@command(kb_app, "search")
+def kb_search(
+    kb: KbDir,
+    query: Annotated[str, typer.Argument(help="the question")],
+    k: Annotated[int, typer.Option("-k", help="chunks to return")] = 5,
+    mode: KbMode = "hybrid",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+):
+    """The chunks that best match a question, best first."""
+    from slmkit.recipes.kb import kb_search as search
+    hits = search(kb, query, k=k, mode=mode)
+    if as_json:
+        typer.echo(json.dumps(hits, indent=2, ensure_ascii=False))
+        return
+    for n, h in enumerate(hits, 1):
+        snippet = " ".join(h["text"].split())[:100]
+        typer.echo(f"{n:>2}  {h['score']:.4f}  {h['similarity']:.2f}  {h['path']}:{h['lines']}  {h['heading']}\n"
+                   f"    {snippet}")
+
+
+@command(kb_app, "ask")
+def kb_ask(
+    kb: KbDir,
+    question: Annotated[str, typer.Argument(help="the question")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed) | torch | llamacpp | hf | "
+                                              "remote")] = "auto",
+    k: KbK = 3,
+    mode: KbMode = "hybrid",
+    min_similarity: KbMinSimilarity = 0.45,
+    max_new_tokens: int = 160,
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer, citations and sources as JSON")] = False,
+):
+    """Answer from the knowledge base with [n] citations (path and lines), or say it is not in it."""
+    from slmkit.recipes.kb import kb_ask as ask
+    answer = ask(kb, question, model, backend=backend, k=k, mode=mode, min_similarity=min_similarity,
+                 max_new_tokens=max_new_tokens)
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(answer.text)
+    for c in answer.citations:
+        typer.echo(f"[{c.n}] {c.path}:{c.lines}  {c.heading}")
+    ttft = "-" if answer.ttft_s is None else f"{answer.ttft_s:.2f}s"
+    _log(f"time to first token {ttft}, total {answer.total_s:.2f}s"
+         + (f"; abstained ({answer.reason})" if answer.abstained else ""))
+
+
+@command(kb_app, "eval")
+def kb_eval(
+    kb: Annotated[Path | None, typer.Argument(help="knowledge base folder (not needed with --mode none)")] = None,
+    questions: Annotated[Path, typer.Option(help="JSONL questions in kb-python's format")] = ...,
+    out: Annotated[Path, _out("folder for results.json and answers.jsonl")] = ...,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP + "; omit to evaluate retrieval only")] = None,
+    backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed) | torch | llamacpp | hf | "
+                                              "remote")] = "auto",
+    mode: Annotated[str, typer.Option(help="hybrid | bm25 | dense, or none: the model answers without retrieval")]
+    = "hybrid",
+    k: KbK = 3,
+    min_similarity: KbMinSimilarity = 0.45,
+    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
+    max_new_tokens: int = 160,
+):
+    """hit_at_5, mrr, answer_correct, citation_precision, abstain_recall, false_abstain_rate -> OUT/results.json."""
+    from slmkit.recipes.kb import kb_eval as evaluate
+    results = evaluate(kb, questions, out, model=model, backend=backend, mode=mode, k=k,
+                       min_similarity=min_similarity, limit=limit, max_new_tokens=max_new_tokens, log=_log)
+    typer.echo(json.dumps(results, indent=2))
 
 
 # ---- models: fetch, list, convert, shapes ----------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Answering from the knowledge base (`slm kb ask`): retrieve, prompt the model with numbered sources, and
+return its answer with the [n] citations mapped to path and lines, or abstain.
+
+Two checks decide abstention, so the model is not asked to invent what the KB lacks:
+- retrieval: when no retrieved chunk is similar enough to the question (cosine similarity of the best chunk below
+  `min_similarity`, tuned on kb-python's dev questions: BENCHMARKS.md), the model is not called at all;
+- the model: when its answer says the sources do not contain the answer (the instruction asks it to say
+  ABSTAIN's words), or is empty.
+A citation is a `[n]` in the answer with n one of the sources shown; other numbers are dropped, not guessed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from slmkit.kb.index import KnowledgeBase
+from slmkit.kb.retrieve import Hit, Reranker, search
+
+ABSTAIN = "not in the knowledge base"
+ABSTAIN_TEXT = "Sorry, that is not in the knowledge base."
+# Phrases by which a model declines; the instruction asks for ABSTAIN, small models paraphrase it.
+_DECLINES = re.compile(r"not in the knowledge base|not (?:mentioned|contained|found|covered|provided|stated) in "
+                       r"the (?:sources|knowledge base|context)|(?:sources|context) do(?:es)? not "
+                       r"(?:contain|mention|say)|cannot answer|can't answer", re.I)
+MIN_SIMILARITY = 0.45
+TOP_K = 3
+SYSTEM = ("Answer the question using only the numbered sources. Cite the sources you use as [1], [2]. "
+          f"If the sources do not answer the question, reply exactly: {ABSTAIN}.")
+
+
+@dataclass
+class Citation:
+    n: int
+    path: str
+    start_line: int
+    end_line: int
+    heading: str
+
+    @property
+    def lines(self) -> str:
+        return f"{self.start_line}-{self.end_line}"
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    abstained: bool
+    reason: str  # why it abstained ("retrieval" or "model"), or "" when it answered
+    citations: list[Citation] = field(default_factory=list)
+    sources: list[Hit] = field(default_factory=list)
+    ttft_s: float | None = None  # time to the first answer token
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["citations"] = [{**asdict(c), "lines": c.lines} for c in self.citations]
+        d["sources"] = [h.to_dict() for h in self.sources]
+        return d
+
+
+def source_block(hits: list[Hit]) -> str:
+    return "\n\n".join(f"[{n}] {h.heading or h.path}\n{h.text}" for n, h in enumerate(hits, 1))
+
+
+def build_messages(question: str, hits: list[Hit]) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Sources:\n\n{source_block(hits)}\n\nQuestion: {question}"}]
+
+
+def parse_citations(text: str, hits: list[Hit]) -> list[Citation]:
+    """The distinct [n] (and [n, m]) in `text` that name a shown source, in order of first use."""
+    seen: dict[int, None] = {}
+    for group in re.findall(r"\[(\d+(?:\s*,\s*\d+)*)\]", text):
+        for n in (int(x) for x in group.split(",")):
+            if 1 <= n <= len(hits):
+                seen[n] = None
+    return [Citation(n, hits[n - 1].path, hits[n - 1].start_line, hits[n - 1].end_line, hits[n - 1].heading)
+            for n in seen]
+
+
+def declines(text: str) -> bool:
+    return not text.strip() or bool(_DECLINES.search(text))
+
+
+def _generate(lm, messages: list[dict], max_new_tokens: int) -> tuple[str, float | None]:
+    params = lm.sampling_params(temperature=0.0, max_new_tokens=max_new_tokens)
+    start, first, pieces = time.perf_counter(), None, []
+    for piece in lm.stream_chat(messages, params):
+        if first is None and piece:
+            first = time.perf_counter() - start
+        pieces.append(piece)
+    return "".join(pieces).strip(), first
+
+
+def ask(kb: KnowledgeBase, question: str, lm, k: int = TOP_K, mode: str = "hybrid",
+        min_similarity: float = MIN_SIMILARITY, max_new_tokens: int = 160, rerank: Reranker | None = None,
+        hits: list[Hit] | None = None) -> Answer:
+    """Answer `question` from the `k` best chunks with `lm` (any slmkit LM with a chat template), or abstain.
+    `hits`: already retrieved chunks (best first) to answer from instead of searching again."""
+    start = time.perf_counter()
+    hits = (hits if hits is not None else search(kb, question, k=k, mode=mode, rerank=rerank))[:k]
+    if not hits or max(h.similarity for h in hits) < min_similarity:
+        return Answer(question, ABSTAIN_TEXT, True, "retrieval", [], hits, None, time.perf_counter() - start)
+    text, ttft = _generate(lm, build_messages(question, hits), max_new_tokens)
+    if declines(text):
+        return Answer(question, text or ABSTAIN_TEXT, True, "model", [], hits, ttft, time.perf_counter() - start)
+    return Answer(question, text, False, "", parse_citations(text, hits), hits, ttft, time.perf_counter() - start)
+
+
+def ask_closed_book(question: str, lm, max_new_tokens: int = 160) -> Answer:
+    """The baseline without retrieval: the model answers from what it knows (it may still decline)."""
+    start = time.perf_counter()
+    messages = [{"role": "system", "content": f"Answer the question. If you do not know, reply exactly: {ABSTAIN}."},
+                {"role": "user", "content": question}]
+    text, ttft = _generate(lm, messages, max_new_tokens)
+    return Answer(question, text or ABSTAIN_TEXT, declines(text), "model" if declines(text) else "", [], [], ttft,
+                  time.perf_counter() - start)

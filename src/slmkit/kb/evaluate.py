@@ -1,0 +1,162 @@
+"""`slm kb eval`: retrieval and answer quality of a knowledge base on a question file in kb-python's format
+(`{"id", "question", "answer", "answer_keywords", "topics", "answerable"}`), written to OUT/results.json.
+
+A retrieved chunk is gold when its file's stem is one of the question's `topics` (a file named by its stem or its
+whole name both count, so support's `answer_articles: ["shipping.md"]` works too). The top-level numbers:
+- `hit_at_5`: share of answerable questions with a gold chunk among the top 5;
+- `mrr`: mean over answerable questions of 1 / rank of the first gold chunk in the top 10 (0 when none);
+- `answer_correct`: share of answerable questions whose answer contains every answer keyword (case-insensitive,
+  whitespace runs collapsed); an abstention is not correct;
+- `citation_precision`: share of all citations (every question's) whose chunk is gold; null when none was made;
+- `abstain_recall`: share of unanswerable questions the system declined;
+- `false_abstain_rate`: share of answerable questions it declined.
+Without a model only retrieval runs: the answer metrics are null, and abstention is the retrieval threshold's.
+`mode="none"` with a model is the closed-book baseline (no retrieval: hit_at_5 and mrr are null).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from slmkit.files import atomic_write_json, atomic_write_text, iter_jsonl
+from slmkit.kb.ask import MIN_SIMILARITY, TOP_K, ask, ask_closed_book
+from slmkit.kb.index import KnowledgeBase
+from slmkit.kb.retrieve import MODES, Reranker, search
+
+METRICS = ("hit_at_5", "mrr", "answer_correct", "citation_precision", "abstain_recall", "false_abstain_rate")
+MRR_DEPTH = 10
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such question file")
+    questions = []
+    for n, q in iter_jsonl(path):
+        if not isinstance(q.get("question"), str) or not q["question"].strip():
+            raise ValueError(f"{path}:{n}: no \"question\" (a non-empty string)")
+        answerable = q.get("answerable", bool(q.get("topics")))
+        if not isinstance(answerable, bool):
+            raise ValueError(f"{path}:{n}: \"answerable\" must be true or false")
+        for name in ("topics", "answer_keywords"):
+            if not isinstance(q.get(name, []), list) or not all(isinstance(x, str) for x in q.get(name, [])):
+                raise ValueError(f"{path}:{n}: \"{name}\" must be a list of strings")
+        if answerable and not q.get("topics"):
+            raise ValueError(f"{path}:{n}: an answerable question needs its gold \"topics\" (source file stems)")
+        questions.append({**q, "id": q.get("id", f"line-{n}"), "answerable": answerable,
+                          "topics": q.get("topics", []), "answer_keywords": q.get("answer_keywords", [])})
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions
+
+
+def is_gold(path: str, topics: list[str]) -> bool:
+    p = Path(path)
+    return p.stem in topics or p.name in topics
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text).lower()
+
+
+def keywords_present(answer: str, keywords: list[str]) -> bool:
+    return all(_normal(k) in _normal(answer) for k in keywords)
+
+
+def _share(values: list[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def score(records: list[dict]) -> dict:
+    """The six numbers from per-question records: `answerable`, `gold_ranks` (1-based ranks of gold chunks in
+    the retrieved list, or None when retrieval did not run), `abstained`, `correct` (None without a model) and
+    `citations_gold` (a bool per citation)."""
+    answerable = [r for r in records if r["answerable"]]
+    unanswerable = [r for r in records if not r["answerable"]]
+    retrieved = [r for r in answerable if r["gold_ranks"] is not None]
+    answered = [r for r in answerable if r["correct"] is not None]
+    citations = [g for r in records for g in r["citations_gold"]]
+    first = [min(r["gold_ranks"], default=None) for r in retrieved]
+    return {
+        "hit_at_5": _share([f is not None and f <= 5 for f in first]),
+        "mrr": round(sum(1 / f for f in first if f is not None and f <= MRR_DEPTH) / len(first), 4) if first else None,
+        "answer_correct": _share([r["correct"] for r in answered]),
+        "citation_precision": _share(citations),
+        "abstain_recall": _share([r["abstained"] for r in unanswerable]),
+        "false_abstain_rate": _share([r["abstained"] for r in answerable]),
+    }
+
+
+def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: str = "hybrid", k: int = TOP_K,
+                min_similarity: float = MIN_SIMILARITY, out: str | Path | None = None,
+                rerank: Reranker | None = None, max_new_tokens: int = 160, log=None) -> dict:
+    """Run every question through retrieval (and `ask` when `lm` is given) and score it; with `out`, write
+    OUT/results.json (the six numbers on top, then counts, settings and latency) and OUT/answers.jsonl."""
+    if mode not in (*MODES, "none"):
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}, or none (closed book)")
+    if mode == "none" and lm is None:
+        raise ValueError("mode none (no retrieval) needs a model to answer (--model)")
+    if mode != "none" and kb is None:
+        raise ValueError(f"mode {mode} retrieves: give a knowledge base")
+    records, latency = [], []
+    for i, q in enumerate(questions, 1):
+        start = time.perf_counter()
+        hits = search(kb, q["question"], k=max(MRR_DEPTH, k), mode=mode, rerank=rerank) if mode != "none" else None
+        search_s = time.perf_counter() - start
+        if lm is None:
+            answer = None
+            abstained = not hits or max(h.similarity for h in hits[:k]) < min_similarity
+        elif mode == "none":
+            answer = ask_closed_book(q["question"], lm, max_new_tokens=max_new_tokens)
+        else:
+            answer = ask(kb, q["question"], lm, k=k, min_similarity=min_similarity, hits=hits[:k],
+                         max_new_tokens=max_new_tokens)
+        if answer is not None:
+            abstained = answer.abstained
+        latency.append({"search_s": search_s if hits is not None else None,
+                        "ttft_s": None if answer is None else answer.ttft_s,
+                        "total_s": None if answer is None else answer.total_s + search_s})
+        records.append({
+            "id": q["id"], "question": q["question"], "answerable": q["answerable"], "topics": q["topics"],
+            "gold_ranks": None if hits is None else [r for r, h in enumerate(hits, 1) if is_gold(h.path, q["topics"])],
+            "retrieved": None if hits is None else [f"{Path(h.path).name}:{h.lines}" for h in hits[:5]],
+            # what the abstention threshold is compared with, kept so a threshold can be tuned from this file
+            "similarity": None if not hits else round(max(h.similarity for h in hits[:k]), 4),
+            "abstained": abstained,
+            "answer": None if answer is None else answer.text,
+            "correct": None if answer is None or not q["answerable"] else
+            (not abstained and keywords_present(answer.text, q["answer_keywords"])),
+            "citations": [] if answer is None else [f"[{c.n}] {Path(c.path).name}:{c.lines}" for c in answer.citations],
+            "citations_gold": [] if answer is None else [is_gold(c.path, q["topics"]) for c in answer.citations],
+        })
+        if log:
+            log(f"{i}/{len(questions)} {q['id']}: {'abstained' if abstained else 'answered'}")
+    results = {**score(records),
+               "counts": {"questions": len(records), "answerable": sum(r["answerable"] for r in records),
+                          "citations": sum(len(r["citations_gold"]) for r in records)},
+               "settings": {"mode": mode, "k": k, "min_similarity": min_similarity, "model": getattr(lm, "name", None),
+                            "embedder": kb.embedder_spec if kb else None},
+               "latency": _latency(latency)}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "answers.jsonl", "".join(_json_line(r) for r in records))
+        atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def _latency(rows: list[dict]) -> dict | None:
+    if not rows:
+        return None
+
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return round(values[len(values) // 2], 3) if values else None
+    return {f"median_{key}": median(r[key] for r in rows) for key in ("search_s", "ttft_s", "total_s")}
