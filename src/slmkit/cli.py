@@ -22,6 +22,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare token datasets.")
 app.add_typer(data_app, name="data")
 classify_app = typer.Typer(no_args_is_help=True, help="Text classifiers on a language model (head or PET).")
 app.add_typer(classify_app, name="classify")
+cascade_app = typer.Typer(no_args_is_help=True, help="Cascades: a small model that escalates what it is unsure of.")
+app.add_typer(cascade_app, name="cascade")
 
 # Bad input, missing files, a missing optional package, an unreachable server, a run that exists already (and
 # tokenizer.TokenizerMismatch, a ValueError): the user can fix these, so they get a line, not a traceback.
@@ -507,12 +509,21 @@ def serve(
     adapter: Annotated[Path | None, typer.Option(help="serve MODEL with this LoRA adapter (PEFT format), unmerged "
                                                       "(torch backend)")] = None,
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP + "; not fp32 picks torch under auto")] = "fp32",
+    escalate_to: Annotated[str | None, typer.Option(help="cascade: chat completions the model is unsure of go to "
+                                                         "this model or http(s) URL, or to people (queue:FILE.jsonl)")]
+    = None,
+    calibration: Annotated[Path | None, typer.Option(help="with --escalate-to: the model's confidence calibration "
+                                                          "(`slm cascade calibrate`)")] = None,
+    target_error: Annotated[float, typer.Option(help="with --escalate-to: the error allowed on what the model "
+                                                     "answers itself (threshold chosen on the calibration's dev data)")]
+    = 0.05,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
-               max_queue=max_queue, adapter=adapter, weights=weights)
+               max_queue=max_queue, adapter=adapter, weights=weights, escalate_to=escalate_to,
+               calibration=calibration, target_error=target_error)
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------
@@ -592,6 +603,23 @@ def classify_eval(
     """Accuracy, macro-F1, per-class scores, confusion matrix and calibration error on labelled data."""
     from slmkit.recipes.classify import evaluate_classifier
     typer.echo(json.dumps(evaluate_classifier(classifier, data), indent=2))
+
+
+@command(cascade_app, "calibrate")
+def cascade_calibrate(
+    model: ModelArg,
+    dev: Annotated[Path, typer.Option(help="JSONL dev items: {\"prompt\"} or {\"messages\"}, with the gold "
+                                           "{\"answer\"}")],
+    out: Annotated[Path, _out("calibration file to write (JSON), for `slm serve --calibration`")],
+    feature: Annotated[str, typer.Option(help="confidence: mean_logprob | neg_entropy | agreement (of 5 samples; "
+                                              "Python only)")] = "mean_logprob",
+    max_tokens: Annotated[int, typer.Option(help="longest answer generated per item")] = 64,
+    backend: Backend = "auto",
+):
+    """Fit MODEL's confidence to P(correct) on dev items (Platt scaling) for a cascade (`slm serve --escalate-to`)."""
+    from slmkit.lm.cascade import calibrate_file
+    typer.echo(json.dumps(calibrate_file(model, dev, out, feature=feature, max_new_tokens=max_tokens,
+                                         backend=backend), indent=2))
 
 
 # ---- models: fetch, list, convert, shapes ----------------------------------------------------------------

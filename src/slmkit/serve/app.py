@@ -7,6 +7,7 @@
     POST /v1/embeddings         mean-pooled, L2-normalised final hidden states (slmkit's own model only)
     GET  /health                ok, the model, the queue depth
     GET  /metrics               Prometheus text format: requests, tokens, latency and time to first token
+                                (and who answered, with --escalate-to: escalate.py)
 
 Any OpenAI client works against it (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`). This file
 holds the routes and start-up; the pieces they wire together:
@@ -37,7 +38,7 @@ from slmkit.chat import stop_strings
 from slmkit.lm import generation_backend
 from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
-from slmkit.serve import guard, protocol, stream
+from slmkit.serve import escalate, guard, protocol, stream
 from slmkit.serve.engine import Engine, GenerationRequest
 from slmkit.serve.metrics import CONTENT_TYPE, Metrics
 from slmkit.serve.protocol import APIError, ChatBody, CompletionBody, EmbeddingBody, SamplingBody
@@ -97,9 +98,12 @@ async def compile_structured_output(tokenizer, body: SamplingBody) -> str | None
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1_000_000,
-               request_timeout_s: float = 300.0) -> FastAPI:
-    """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every /v1 route."""
+               request_timeout_s: float = 300.0, escalation: escalate.Escalation | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every /v1 route;
+    `escalation` makes chat completions a cascade (escalate.py)."""
     metrics = Metrics()
+    if escalation is not None:
+        metrics.answered = {"small": 0, "large": 0}  # counted from 0, so a dashboard sees both from the start
     lm, created = engine.lm, int(time.time())
     app = FastAPI(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(guard.Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
@@ -204,6 +208,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_length - len(ids))
         params = sampling(lm, body, max_tokens, stop_strings(tok))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if escalation is not None:
+            return await escalate.chat(engine, escalation, metrics, request, body, messages, ids, params, n, logprobs,
+                                       model_name, request_timeout_s)
         return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages")
 
     @app.post("/v1/embeddings")
@@ -234,13 +241,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
           max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1_000_000,
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info",
-          adapter: str | Path | None = None, weights: str = "fp32") -> None:
+          adapter: str | Path | None = None, weights: str = "fp32", escalate_to: str | None = None,
+          calibration: str | Path | None = None, target_error: float = 0.05) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
     int8 (torch backend; "auto" picks it when not fp32).
 
     The API key is `api_key`, else $SLM_API_KEY; without one the /v1 routes are open (a warning is logged
-    when the address is not loopback).
+    when the address is not loopback). `escalate_to` (a model, URL or queue:FILE.jsonl) with `calibration` (a file
+    from `slm cascade calibrate`) answers chat completions by a cascade for `target_error` (escalate.py).
     """
     import sys
 
@@ -258,15 +267,22 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     backend, model_arg, options = generation_backend(model, backend, device, weights)
     log.info("serving %s with the %s backend (%s weights)%s", model, backend, weights,
              f" and adapter {adapter}" if adapter else "")
+    if escalate_to is not None and calibration is None:
+        raise ValueError("--escalate-to needs --calibration FILE (write one with `slm cascade calibrate MODEL --dev "
+                         "FILE -o FILE`)")
+    escalation = (escalate.load_escalation(escalate_to, calibration, target_error, device)
+                  if escalate_to is not None else None)
     lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter, **options)
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
-                     request_timeout_s=request_timeout_s)
+                     request_timeout_s=request_timeout_s, escalation=escalation)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.close()
         lm.close()
+        if escalation is not None:
+            escalation.large.close()
