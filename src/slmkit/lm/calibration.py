@@ -89,7 +89,8 @@ def platt(scores: np.ndarray, correct: np.ndarray, l2: float = 1e-3) -> tuple[fl
         loss.backward()
         return loss
     opt.step(closure)
-    a, b = float(w[0]) / sd, float(w[1]) - float(w[0]) * mu / sd
+    w0, w1 = (float(v) for v in w.detach())
+    a, b = w0 / sd, w1 - w0 * mu / sd
     return a, b
 
 

@@ -19,6 +19,7 @@ a request for n > 1 or structured output is a 400. /v1/completions is answered b
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -46,7 +47,9 @@ class Escalation:
     # safe to call from several threads at once
 
     def info(self, answered_by: str, p: float) -> dict:
-        return {"answered_by": answered_by, "confidence": round(p, 6), "threshold": self.threshold,
+        # an infinite threshold (nothing on dev reached the target: everything escalates) is null in JSON
+        threshold = self.threshold if math.isfinite(self.threshold) else None
+        return {"answered_by": answered_by, "confidence": round(p, 6), "threshold": threshold,
                 "escalate_to": self.large.name}
 
 
