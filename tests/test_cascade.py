@@ -9,13 +9,12 @@ import pytest
 from conftest import live_server, tiny_model_dir
 from typer.testing import CliRunner
 
-from slmkit.cli import app as cli_app
 from slmkit.classify.cascade import ClassifierCascade, label_word_labeler, label_word_probabilities
 from slmkit.classify.pet import PET
+from slmkit.cli import app as cli_app
 from slmkit.lm import load_lm
 from slmkit.lm.base import LM
-from slmkit.lm.calibration import (Calibration, fit_calibration, load_calibration, risk_coverage,
-                                   select_threshold)
+from slmkit.lm.calibration import Calibration, fit_calibration, load_calibration, risk_coverage, select_threshold
 from slmkit.lm.cascade import Cascade, calibrate, confidence, is_correct, token_entropy
 from slmkit.lm.handoff import HandoffQueue
 from slmkit.sampling import SamplingParams
@@ -180,8 +179,8 @@ def test_calibrate_and_the_cli(small, small_dir, tmp_path):
              {"prompt": "the dog", "answer": "zebra"}]
     cal = calibrate(small, items, max_new_tokens=8)
     assert cal.correct == [True, False, False] and cal.feature == "mean_logprob" and len(cal.scores) == 3
-    with pytest.raises(ValueError, match=r"dev:2: needs \"prompt\""):
-        calibrate(small, [items[0], {"text": "x"}])
+    with pytest.raises(ValueError, match=r"dev:2: needs a string \"prompt\""):
+        calibrate(small, [items[0], {"prompt": "x"}])
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps(i) + "\n" for i in items))
     runner = CliRunner()
@@ -255,7 +254,8 @@ def test_serve_escalation_field_header_and_metrics(small, tmp_path):
     def post(url, body):
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         data = r.read().decode()
         return r.status, dict(r.getheaders()), data

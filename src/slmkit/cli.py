@@ -608,8 +608,8 @@ def classify_eval(
 @command(cascade_app, "calibrate")
 def cascade_calibrate(
     model: ModelArg,
-    dev: Annotated[Path, typer.Option(help="JSONL dev items: {\"prompt\"} or {\"messages\"}, with the gold "
-                                           "{\"answer\"}")],
+    dev: Annotated[Path, typer.Option(help="JSONL dev items: {\"prompt\"} (or question, text) or {\"messages\"}, "
+                                           "with the gold {\"answer\"}")],
     out: Annotated[Path, _out("calibration file to write (JSON), for `slm serve --calibration`")],
     feature: Annotated[str, typer.Option(help="confidence: mean_logprob | neg_entropy | agreement (of 5 samples; "
                                               "Python only)")] = "mean_logprob",

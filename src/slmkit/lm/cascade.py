@@ -37,6 +37,7 @@ from slmkit.lm.calibration import Calibration, fit_calibration
 from slmkit.sampling import SamplingParams
 
 FEATURES = ("mean_logprob", "neg_entropy", "agreement")
+PROMPT_FIELDS = ("prompt", "question", "text")
 TOP_K = 20  # alternatives per position for neg_entropy (the server's engine returns as many)
 
 
@@ -185,9 +186,9 @@ def _sample_params(params: SamplingParams, i: int) -> SamplingParams:
 
 def calibrate(small: LM, items: list[dict], feature: str = "mean_logprob", max_new_tokens: int = 64,
               n_samples: int = 5, source: str = "dev") -> Calibration:
-    """Fit the small model's confidence on dev items: each {"prompt": str} or {"messages": [...]}, with the
-    gold "answer"; the small model answers greedily, `is_correct` judges it, and Platt scaling maps the
-    feature to P(correct)."""
+    """Fit the small model's confidence on dev items: each {"prompt": str} (or "question", as `slm eval`'s
+    generate items, or "text") or {"messages": [...]}, with the gold "answer". The small model answers greedily,
+    `is_correct` judges it, and Platt scaling maps the feature to P(correct)."""
     if feature not in FEATURES:
         raise ValueError(f"unknown confidence feature {feature!r}; use one of {', '.join(FEATURES)}")
     probe = Cascade(small, small, Calibration(feature=feature, scores=[0.0], correct=[True]), threshold=math.inf,
@@ -195,15 +196,16 @@ def calibrate(small: LM, items: list[dict], feature: str = "mean_logprob", max_n
     params = small.sampling_params(temperature=0.0, max_new_tokens=max_new_tokens)
     scores, correct = [], []
     for n, item in enumerate(items, 1):
+        field = next((f for f in PROMPT_FIELDS if isinstance(item, dict) and isinstance(item.get(f), str)), None)
         if not isinstance(item, dict) or not isinstance(item.get("answer"), str) or not (
-                isinstance(item.get("prompt"), str) or isinstance(item.get("messages"), list)):
-            raise ValueError(f"{source}:{n}: needs \"prompt\" (a string) or \"messages\" (a list), and "
-                             "\"answer\" (a string)")
-        if "messages" in item:
+                field or isinstance(item.get("messages"), list)):
+            raise ValueError(f"{source}:{n}: needs a string \"prompt\" (or \"question\", \"text\") or a list "
+                             "\"messages\", and a string \"answer\"")
+        if field is None:
             prompt = small.tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True)
             reply = lambda p, m=item["messages"]: small.stream_chat(m, p)  # noqa: E731
         else:
-            prompt = item["prompt"]
+            prompt = item[field]
             reply = lambda p, q=prompt: small.stream(q, p)  # noqa: E731
         text = "".join(reply(params))
         samples = ([("".join(reply(_sample_params(params, i)))) for i in range(n_samples)]
