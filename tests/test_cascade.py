@@ -292,3 +292,27 @@ def test_serve_escalation_field_header_and_metrics(small, tmp_path):
     Calibration(feature="agreement", scores=[1.0], correct=[True]).save(cal_file)
     with pytest.raises(ValueError, match=r"feature 'agreement' cannot be served"):
         load_escalation("queue:" + str(tmp_path / "q.jsonl"), cal_file)
+
+
+def test_classify_cascade_cli(small_dir, tmp_path):
+    from slmkit.classify.head import train_classifier
+    texts = ["the cat sat", "the cat ran", "a bird sang", "the bird sat", "the dog ran", "a cat sang"]
+    labels = ["cat", "cat", "bird", "bird", "dog", "cat"]
+    clf = train_classifier(small_dir, texts, labels, epochs=20, log=lambda m: None)
+    clf.save(tmp_path / "clf")
+    rows = lambda ts, ys: "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(ts, ys, strict=True))  # noqa: E731
+    (tmp_path / "dev.jsonl").write_text(rows(texts, labels))
+    (tmp_path / "new.jsonl").write_text(rows(texts[:3], labels[:3]))
+    runner = CliRunner()
+    for large in (str(tmp_path / "clf"), str(small_dir)):  # a classifier, or an LM scoring the label names
+        r = runner.invoke(cli_app, ["classify", "cascade", str(tmp_path / "clf"), "--escalate-to", large,
+                                    "--dev", str(tmp_path / "dev.jsonl"), "--data", str(tmp_path / "new.jsonl"),
+                                    "--target-error", "0"])
+        assert r.exit_code == 0, r.output
+        records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{\"text\"")]
+        assert len(records) == 3 and {x["label"] for x in records} <= {"cat", "bird", "dog"}
+        assert all(x["answered_by"] in ("small", "large") for x in records)
+    (tmp_path / "bad.jsonl").write_text(rows(["x"], ["zebra"]))
+    r = runner.invoke(cli_app, ["classify", "cascade", str(tmp_path / "clf"), "--escalate-to", str(tmp_path / "clf"),
+                                "--dev", str(tmp_path / "bad.jsonl"), "--data", str(tmp_path / "new.jsonl")])
+    assert r.exit_code == 2 and "labels ['zebra'] are not the classifier's" in r.output

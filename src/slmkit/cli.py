@@ -605,6 +605,25 @@ def classify_eval(
     typer.echo(json.dumps(evaluate_classifier(classifier, data), indent=2))
 
 
+@command(classify_app, "cascade")
+def classify_cascade(
+    classifier: ClassifierDir,
+    escalate_to: Annotated[str, typer.Option(help="the large labeler: a classifier directory, or a model / URL that "
+                                                  "scores the label names")],
+    dev: Annotated[Path, typer.Option(help="labelled JSONL {\"text\", \"label\"} the threshold is chosen on (not "
+                                           "the classifier's training data)")],
+    data: Annotated[Path, typer.Option(help="JSONL with a \"text\" field per line to label")],
+    target_error: Annotated[float, typer.Option(help="error allowed on what the small classifier answers")] = 0.05,
+    backend: Backend = "auto",
+):
+    """Label DATA with the classifier, escalating what it is unsure of (JSONL: label, confidence, answered_by)."""
+    from slmkit.classify.cascade import cascade_labels
+    records, summary = cascade_labels(str(classifier), escalate_to, str(dev), str(data), target_error, backend)
+    for record in records:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+    _log(json.dumps(summary))
+
+
 @command(cascade_app, "calibrate")
 def cascade_calibrate(
     model: ModelArg,

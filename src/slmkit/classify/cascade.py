@@ -89,3 +89,43 @@ def label_word_labeler(lm, pet: PET) -> Labeler:
             return []
         return [pet.labels[int(i)] for i in label_word_probabilities(lm, pet, texts).argmax(1)]
     return label
+
+
+def escalation_labeler(target: str, labels: list[str], backend: str = "auto") -> Labeler:
+    """The large labeler `slm classify cascade --escalate-to` names: a classifier directory (its `predict`), or
+    any model `load_lm` opens, scoring each label written as words (underscores as spaces) after
+    "Text: ...\\nCategory (the labels):"."""
+    from pathlib import Path
+
+    from slmkit.classify.head import Classifier
+    if (Path(target) / "classifier.json").is_file():
+        large = Classifier.load(target)
+        if sorted(large.info.labels) != sorted(labels):
+            raise ValueError(f"{target}: its labels {large.info.labels} are not the small classifier's {labels}")
+        return lambda texts: [y for y, _ in large.predict(texts)] if texts else []
+    from slmkit.lm import load_lm
+    words = {label: " " + label.replace("_", " ") for label in labels}
+    pattern = "Text: {text}\nCategory (" + ", ".join(w.strip() for w in words.values()) + "):"
+    return label_word_labeler(load_lm(target, backend=backend), PET([pattern], words))
+
+
+def cascade_labels(small: str, escalate_to: str, dev: str, data: str, target_error: float = 0.05,
+                   backend: str = "auto") -> tuple[list[dict], dict]:
+    """`slm classify cascade`: label `data` with the small classifier, escalating below the threshold chosen on
+    the labelled `dev` file for `target_error`; (one record per line with label, confidence, answered_by; a
+    summary)."""
+    from slmkit.classify.head import Classifier, read_labelled
+    clf = Classifier.load(small)
+    dev_texts, dev_labels = read_labelled(dev)
+    missing = [i + 1 for i, y in enumerate(dev_labels) if y is None]
+    if missing:
+        raise ValueError(f"{dev}:{missing[0]}: a dev record needs a \"label\" to choose the threshold")
+    unknown = sorted(set(dev_labels) - set(clf.info.labels))
+    if unknown:
+        raise ValueError(f"{dev}: labels {unknown} are not the classifier's ({clf.info.labels})")
+    large = escalation_labeler(escalate_to, clf.info.labels, backend)
+    cascade = ClassifierCascade.for_target(clf, large, dev_texts, dev_labels, target_error)
+    texts, _ = read_labelled(data)
+    records = [{"text": t, "label": p.label, "confidence": round(p.confidence, 6), "answered_by": p.answered_by}
+               for t, p in zip(texts, cascade.predict(texts), strict=True)]
+    return records, {"threshold": cascade.threshold, "target_error": target_error, **cascade.counts}
