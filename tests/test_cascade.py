@@ -269,6 +269,10 @@ def test_serve_escalation_field_header_and_metrics(small, tmp_path):
             assert body["slmkit"]["answered_by"] == "small" and 0 < body["slmkit"]["confidence"] < 1
             small_text = body["choices"][0]["message"]["content"]
             assert small_text != "from the large model" and body["choices"][0]["logprobs"] is None
+            # the server scores the reply as calibration (Cascade.score_answer) does
+            prompt = small.tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True)
+            expected = cal(Cascade(small, large, cal, threshold=0.0).score_answer(prompt, small_text))
+            assert body["slmkit"]["confidence"] == pytest.approx(expected, abs=1e-4)
             escalation.threshold = math.inf
             status, headers, data = post(url, chat)
             body = json.loads(data)

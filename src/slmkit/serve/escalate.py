@@ -13,7 +13,8 @@ URL) or a hand-off queue for people (`queue:FILE.jsonl`, `lm.handoff.HandoffQueu
 
 A streamed request gets the chosen reply once decided (the small model's reply must be complete before the
 decision), with the "slmkit" field in its first chunk. One choice per request (n=1) and free text only:
-a request for n > 1 or structured output is a 400. /v1/completions is answered by the small model alone.
+a request for n > 1 or structured output is a 400. /v1/completions is answered by the small model alone. The
+small model's log-probs come from the engine's batched decoders: serve it with the torch or llama.cpp backend.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ async def chat(engine: Engine, escalation: Escalation, metrics, request: Request
         raise guard.timeout_error(timeout_s) from None
     if not finished:
         return Response(status_code=499)
-    tokens = choices.tokens[0]
+    # Score the reply's own tokens as calibration did (`Cascade.score_answer` re-scores the reply's text): the end
+    # token and a held-back stop string are generated but are not part of the text.
+    tokens = choices.tokens[0][:len(engine.tokenizer.encode(choices.texts[0]))]
     score = confidence(feature, [lp for _, lp, _ in tokens], [list(top.values()) for _, _, top in tokens])
     p = float(escalation.calibration(score))
     who = "small" if p >= escalation.threshold else "large"
