@@ -320,3 +320,10 @@ def test_classify_cascade_cli(small_dir, tmp_path):
     r = runner.invoke(cli_app, ["classify", "cascade", str(tmp_path / "clf"), "--escalate-to", str(tmp_path / "clf"),
                                 "--dev", str(tmp_path / "bad.jsonl"), "--data", str(tmp_path / "new.jsonl")])
     assert r.exit_code == 2 and "labels ['zebra'] are not the classifier's" in r.output
+
+
+def test_risk_coverage_plot(tmp_path):
+    from slmkit.eval.risk_coverage import plot_risk_coverage
+    rows = risk_coverage(np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, True, False, True]))
+    path = plot_risk_coverage({"small": rows}, tmp_path / "rc.png", target_error=0.05, points={"chosen": (0.5, 0.0)})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
