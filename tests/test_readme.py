@@ -270,10 +270,34 @@ def build_world(root: Path, commands: list[list[str]]) -> None:
         quant = re.search(r"\.(Q\d_\d|Q8_0|F16|F32)\.gguf$", word, flags=re.I)
         export_model(model_dir, root / word, fmt="gguf", quant=quant.group(1).lower() if quant else "f32")
     _stand_in_model(root / "runs" / "quickstart" / "run" / "model", tok)
+    _stand_in_encoder(source_dir("minilm-l6-v2"))
     for name, records in BENCHMARKS.items():
         assert SOURCES[name].kind == "dataset"
         _write_jsonl(cache_dir() / "datasets" / name / "test.jsonl", records)
         (cache_dir() / "datasets" / name / SOURCE_RECORD).write_text(json.dumps({"name": name, "kind": "dataset"}))
+
+
+def _stand_in_encoder(path: Path) -> None:
+    """A tiny BERT in the layout `slm pull minilm-l6-v2` leaves: WordPiece with [CLS]/[SEP] added by tokenizer.json."""
+    import tokenizers
+
+    from slmkit.formats.encoder_dir import save_encoder_dir
+    from slmkit.hub import SOURCE_RECORD
+    from slmkit.model.encoder import Encoder, EncoderConfig
+    from slmkit.tokenizer import load_tokenizer
+    words = sorted({w.strip("?.,").lower() for w in (TEXT + " " + " ".join(_prose(i) for i in range(5))).split()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "?", ".", ","])}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    hf.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path / "tokenizer.json"))
+    model = Encoder(EncoderConfig(vocab_size=len(vocab), dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                  max_positions=64))
+    save_encoder_dir(model, path, tokenizer=load_tokenizer(path / "tokenizer.json"))
+    (path / SOURCE_RECORD).write_text(json.dumps({"name": "minilm-l6-v2", "kind": "embedding"}))
 
 
 @pytest.mark.slow

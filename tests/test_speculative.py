@@ -214,3 +214,35 @@ def test_draft_length_follows_the_acceptance_rate_and_only_torch_targets_are_tak
     assert spec.draft_length() == 8
     with pytest.raises(ValueError, match="torch backend for the target"):
         SpeculativeLM(LM(), "ngram")
+
+
+def test_slm_serve_with_a_draft_answers_the_openai_client_with_the_targets_greedy_text(world, monkeypatch):
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    from conftest import live_server
+
+    prompt = "Translate cat: chat. Translate dog:"
+    want = TorchLM.load(world["target"]).generate(prompt, SamplingParams(temperature=0, max_new_tokens=20))[0]
+    answers = []
+
+    def serve_and_ask(served, **_):  # stands in for uvicorn.run: slm serve has built the app and the engine
+        with live_server(served) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            out = c.completions.create(model="m", prompt=prompt, max_tokens=20, temperature=0)
+            streamed = c.completions.create(model="m", prompt=prompt, max_tokens=20, temperature=0, stream=True)
+            answers.extend([out.choices[0].text, "".join(ch.choices[0].text for ch in streamed)])
+
+    monkeypatch.setattr(uvicorn, "run", serve_and_ask)
+    drafted = []
+    real_stream_ids = SpeculativeLM.stream_ids
+
+    def counting(self, *args):
+        drafted.append(self.max_draft)
+        yield from real_stream_ids(self, *args)
+
+    monkeypatch.setattr(SpeculativeLM, "stream_ids", counting)
+    result = CliRunner().invoke(app, ["serve", str(world["target"]), "--draft", str(world["draft"]),
+                                      "--draft-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert answers == [want, want] and want
+    assert drafted == [3, 3]  # both requests were decoded speculatively

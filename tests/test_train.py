@@ -148,11 +148,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(token_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
-def test_ddp_two_processes_match_one_process_at_the_same_global_batch(token_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(token_data, tmp_path, optimizer):
     single = tmp_path / "single"
-    train(tiny_train_config(token_data, single, max_steps=12, batch_size=4, grad_accum=2))
+    train(tiny_train_config(token_data, single, max_steps=12, batch_size=4, grad_accum=2, optimizer=optimizer))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = cli_train_args(token_data, tmp_path / "ddp", max_steps=12, batch_size=4)
+    args = cli_train_args(token_data, tmp_path / "ddp", max_steps=12, batch_size=4, optimizer=optimizer)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *args[1:]], check=True, env=env,
                    capture_output=True, timeout=300)

@@ -76,7 +76,12 @@ SeqLen = Annotated[int, typer.Option(help="tokens per sequence (a fine-tuning ex
                                           "beginning, as prompts do in generation; the answer is kept)")]
 BatchSize = Annotated[int, typer.Option(help="sequences (fine-tuning: examples) per micro-batch per process")]
 GradAccum = Annotated[int, typer.Option(help="micro-batches per optimizer step")]
-Lr = Annotated[float, typer.Option(help="peak learning rate (linear warm-up, then cosine decay)")]
+Lr = Annotated[float, typer.Option(help="peak learning rate (linear warm-up, then --schedule's decay)")]
+Optimizer = Annotated[str, typer.Option(help="adamw, or muon: Muon for the blocks' weight matrices and AdamW for "
+                                             "embeddings, head and norms, at the same --lr (train/optim.py)")]
+Schedule = Annotated[str, typer.Option(help="after warm-up: cosine, or wsd (flat, then linear over the last "
+                                            "--decay-frac of the budget)")]
+DecayFrac = Annotated[float, typer.Option(help="wsd: the share of the budget that decays")]
 WarmupSteps = Annotated[int, typer.Option(help="steps of linear learning-rate warm-up")]
 MaxSteps = Annotated[int | None, typer.Option(help="budget: optimizer steps")]
 MaxTokens = Annotated[int | None, typer.Option(help="budget: training tokens")]
@@ -164,7 +169,10 @@ def train(
     batch_size: BatchSize = 16,
     grad_accum: GradAccum = 1,
     lr: Lr = 3e-3,
-    min_lr_ratio: Annotated[float, typer.Option(help="the cosine decays to lr x this")] = 0.1,
+    optimizer: Optimizer = "adamw",
+    schedule: Schedule = "cosine",
+    decay_frac: DecayFrac = 0.2,
+    min_lr_ratio: Annotated[float, typer.Option(help="the schedule decays to lr x this")] = 0.1,
     warmup_steps: WarmupSteps = 100,
     weight_decay: float = 0.1,
     grad_clip: Annotated[float, typer.Option(help="clip the gradient norm to this (0 = off)")] = 1.0,
@@ -187,7 +195,8 @@ def train(
     from slmkit.recipes.pretrain import pretrain
     pretrain(data, out, preset=preset, model_overrides=parse_overrides(set_), init_from=init_from, resume=resume,
              seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio,
-             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
+             optimizer=optimizer, schedule=schedule, decay_frac=decay_frac, warmup_steps=warmup_steps,
+             weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
              max_tokens=max_tokens, max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
              save_every=save_every, log_every=log_every, precision=precision, compile=compile,
              loss_chunk=loss_chunk, seed=seed, device=device)
@@ -208,6 +217,9 @@ def finetune(
     batch_size: BatchSize = 8,
     grad_accum: GradAccum = 1,
     lr: Lr = 1e-4,
+    optimizer: Optimizer = "adamw",
+    schedule: Schedule = "cosine",
+    decay_frac: DecayFrac = 0.2,
     warmup_steps: WarmupSteps = 10,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
@@ -232,9 +244,9 @@ def finetune(
         if lora_rank else None
     run_finetune(model, out, data=data, mixture=mixture, holdout_tasks=_globs(holdout_tasks), lora=lora,
                  resume=resume, log=_log, base_dtype=base_dtype, seq_len=seq_len, batch_size=batch_size,
-                 grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, max_steps=max_steps,
-                 max_minutes=max_minutes, eval_every=eval_every, save_every=save_every, precision=precision,
-                 seed=seed)
+                 grad_accum=grad_accum, lr=lr, optimizer=optimizer, schedule=schedule, decay_frac=decay_frac,
+                 warmup_steps=warmup_steps, max_steps=max_steps, max_minutes=max_minutes, eval_every=eval_every,
+                 save_every=save_every, precision=precision, seed=seed)
 
 
 @command()
@@ -278,6 +290,9 @@ def distill(
     batch_size: BatchSize = 8,
     grad_accum: GradAccum = 1,
     lr: Lr = 3e-3,
+    optimizer: Optimizer = "adamw",
+    schedule: Schedule = "cosine",
+    decay_frac: DecayFrac = 0.2,
     warmup_steps: WarmupSteps = 100,
     max_steps: MaxSteps = None,
     max_tokens: MaxTokens = None,
@@ -298,8 +313,9 @@ def distill(
                        on_policy_tokens=on_policy_tokens)
     run_distill(data, out, kd, student=student, model_overrides=parse_overrides(set_),
                 student_from_teacher=student_from_teacher, resume=resume, log=_log, seq_len=seq_len,
-                batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, max_steps=max_steps,
-                max_tokens=max_tokens, max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
+                batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer, schedule=schedule,
+                decay_frac=decay_frac, warmup_steps=warmup_steps, max_steps=max_steps, max_tokens=max_tokens,
+                max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
                 save_every=save_every, precision=precision, seed=seed)
 
 
@@ -461,10 +477,12 @@ def chat(
     repetition_penalty: RepetitionPenalty = None,
     seed: SampleSeed = None,
     weights: Weights = "fp32",
+    draft: Draft = None,
+    draft_k: DraftK = 4,
 ):
     """Interactive chat with history, using the model's chat template. /reset clears, /exit quits."""
     from slmkit.lm import load_lm
-    lm = load_lm(model, backend=backend, weights=weights)
+    lm = load_lm(model, backend=backend, weights=weights, draft=draft, draft_k=draft_k)
     params = lm.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
@@ -495,6 +513,19 @@ def chat(
 
 
 @command()
+def embed(
+    model: Annotated[str, typer.Argument(help="an encoder (a BERT/RoBERTa directory, or minilm-l6-v2 once pulled) "
+                                              "or a decoder (mean-pooled hidden states)")],
+    texts: Annotated[list[str], typer.Argument(help="texts to embed")],
+):
+    """Print one unit-length embedding per text, a JSON array per line (cosine similarity = dot product)."""
+    from slmkit.lm.embedder import load_embedder
+    embedder = load_embedder(model)
+    for vector in embedder.embed(texts).tolist():
+        typer.echo(json.dumps([round(x, 7) for x in vector]))
+
+
+@command()
 def serve(
     model: ModelArg,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface; set an API key)")]
@@ -509,6 +540,10 @@ def serve(
     adapter: Annotated[Path | None, typer.Option(help="serve MODEL with this LoRA adapter (PEFT format), unmerged "
                                                       "(torch backend)")] = None,
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP + "; not fp32 picks torch under auto")] = "fp32",
+    draft: Annotated[str | None, typer.Option(help="speculative decoding (as in `slm generate --draft`): a draft "
+                                                   "model or 'ngram'; torch backend, one request at a time")]
+    = None,
+    draft_k: DraftK = 4,
     escalate_to: Annotated[str | None, typer.Option(help="cascade: chat completions the model is unsure of go to "
                                                          "this model or http(s) URL, or to people (queue:FILE.jsonl)")]
     = None,
@@ -522,8 +557,8 @@ def serve(
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
-               max_queue=max_queue, adapter=adapter, weights=weights, escalate_to=escalate_to,
-               calibration=calibration, target_error=target_error)
+               max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
+               escalate_to=escalate_to, calibration=calibration, target_error=target_error)
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------

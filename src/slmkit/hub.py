@@ -265,8 +265,9 @@ def cached_gguf(model_dir: Path, log=lambda message: print(message, file=sys.std
     return path
 
 
-def resolve_model(spec: str) -> ModelRef:
-    """A model directory / run directory, a .gguf file, a pulled source name, or an http(s):// endpoint."""
+def resolve_model(spec: str, kinds: tuple[str, ...] = ("model",)) -> ModelRef:
+    """A model directory / run directory, a .gguf file, a pulled source name (of one of `kinds`: "model" for
+    language models, "embedding" for encoders), or an http(s):// endpoint."""
     from slmkit.formats.hf_dir import find_model_dir
     if spec.startswith(("http://", "https://")):
         return ModelRef("remote", spec)
@@ -279,8 +280,9 @@ def resolve_model(spec: str) -> ModelRef:
         pulled = pulled_path(spec)
         if pulled is None:
             raise FileNotFoundError(f"{spec} is not pulled yet: run `slm pull {spec}` first")
-        if SOURCES[spec].kind != "model":
-            raise ValueError(f"{spec} is a {SOURCES[spec].kind}, not a language model")
+        if SOURCES[spec].kind not in kinds:
+            raise ValueError(f"{spec} is a {SOURCES[spec].kind}, not a "
+                             f"{' or '.join({'model': 'language model', 'embedding': 'encoder'}[k] for k in kinds)}")
         return ModelRef("dir", str(pulled))
     raise FileNotFoundError(f"{spec}: not a model directory, .gguf file, pulled model name ({', '.join(SOURCES)}) "
                             "or http(s):// endpoint")

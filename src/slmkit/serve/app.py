@@ -241,11 +241,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
           max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1_000_000,
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info",
-          adapter: str | Path | None = None, weights: str = "fp32", escalate_to: str | None = None,
-          calibration: str | Path | None = None, target_error: float = 0.05) -> None:
+          adapter: str | Path | None = None, weights: str = "fp32", draft: str | None = None,
+          draft_k: int = 4, escalate_to: str | None = None, calibration: str | Path | None = None,
+          target_error: float = 0.05) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
-    int8 (torch backend; "auto" picks it when not fp32).
+    int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively (lm/speculative.py) with this
+    draft model or "ngram"; the target runs on the torch backend ("auto" picks it) and the engine then serves one
+    request at a time (speculation trades batching for latency: a batch of 1 per step, see BENCHMARKS.md).
 
     The API key is `api_key`, else $SLM_API_KEY; without one the /v1 routes are open (a warning is logged
     when the address is not loopback). `escalate_to` (a model, URL or queue:FILE.jsonl) with `calibration` (a file
@@ -257,22 +260,25 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     import uvicorn
 
     from slmkit.lm import load_lm
+    if escalate_to is not None and calibration is None:
+        raise ValueError("--escalate-to needs --calibration FILE (write one with `slm cascade calibrate MODEL --dev "
+                         "FILE -o FILE`)")
+    if escalate_to is not None and draft is not None:
+        raise ValueError("--escalate-to needs the batched engine's log-probs, which --draft turns off; use one")
     if device == "cpu":
         # Leave a core to the HTTP event loop: with every core in the model's thread pool, the pool's spinning
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
-    if adapter is not None and backend == "auto":
-        backend = "torch"  # the only backend that applies an adapter without merging it
+    if (adapter is not None or draft is not None) and backend == "auto":
+        backend = "torch"  # the only backend that applies an adapter unmerged and rolls back a speculative cache
     backend, model_arg, options = generation_backend(model, backend, device, weights)
-    log.info("serving %s with the %s backend (%s weights)%s", model, backend, weights,
-             f" and adapter {adapter}" if adapter else "")
-    if escalate_to is not None and calibration is None:
-        raise ValueError("--escalate-to needs --calibration FILE (write one with `slm cascade calibrate MODEL --dev "
-                         "FILE -o FILE`)")
+    log.info("serving %s with the %s backend (%s weights)%s%s", model, backend, weights,
+             f" and adapter {adapter}" if adapter else "", f", draft {draft}" if draft else "")
     escalation = (escalate.load_escalation(escalate_to, calibration, target_error, device)
                   if escalate_to is not None else None)
-    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter, **options)
+    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter, draft=draft,
+                 draft_k=draft_k, **options)
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")

@@ -1,5 +1,5 @@
-"""The one training loop: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast, compile, DDP,
-budgets, periodic validation, checkpoints and exact resume.
+"""The one training loop: AdamW or Muon (optim.py), warmup + cosine or warmup-stable-decay, accumulation,
+clipping, bf16 autocast, compile, DDP, budgets, periodic validation, checkpoints and exact resume.
 
 A run directory looks like:
 
@@ -38,7 +38,10 @@ from slmkit.model.lora import LoRAConfig, add_lora, count_parameters, merged_cop
 from slmkit.train import distributed
 from slmkit.train.checkpoint import save_checkpoint, start_state
 from slmkit.train.metrics import Progress, append_metrics, fmt_time, plot_losses, truncate_metrics
+from slmkit.train.optim import OPTIMIZERS, make_optimizer
 from slmkit.train.perf import autocast, matmul_peak_flops, resolve_precision
+
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
@@ -55,8 +58,11 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    optimizer: str = "adamw"  # adamw | muon (hidden matrices; AdamW for the rest: train/optim.py)
+    schedule: str = "cosine"  # after warmup: cosine, or wsd (warmup-stable-decay: flat, then a linear decay)
+    decay_frac: float = 0.2  # wsd: the last fraction of the budget that decays
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -89,6 +95,14 @@ class TrainConfig:
             raise ValueError("LoRA adapts an existing model: set init_from")
         if self.base_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"base_dtype must be float32 or bfloat16, got {self.base_dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "muon" and self.lora is not None:
+            raise ValueError("muon orthogonalises whole weight matrices; LoRA's low-rank factors train with adamw")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 0 < self.decay_frac <= 1:
+            raise ValueError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.base_dtype != "float32" and self.lora is None:
             raise ValueError("base_dtype is the dtype of LoRA's frozen base; full fine-tuning trains in float32")
 
@@ -97,10 +111,15 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr*min_lr_ratio over the budget's progress."""
+    """Linear warmup over warmup_steps, then from lr down to lr*min_lr_ratio over the budget's progress: a cosine,
+    or (wsd) flat until the last decay_frac of the budget and linear from there (Hägele et al. 2024: as good as
+    cosine at the end, and a run can be extended from any point of its flat part)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     p = min(1.0, max(0.0, progress))
+    if cfg.schedule == "wsd":
+        decayed = max(0.0, p - (1 - cfg.decay_frac)) / cfg.decay_frac
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * decayed)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -114,13 +133,6 @@ def budget_progress(cfg: TrainConfig, step: int, tokens: int, elapsed: float) ->
     if cfg.max_minutes:
         parts.append(elapsed / (cfg.max_minutes * 60))
     return max(parts)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
 # ---- validation ----------------------------------------------------------------------------------------
