@@ -13,6 +13,9 @@ threshold chosen for a target error, the rest escalates to a large labeler.
   instead asks the 135M LM itself, scoring the intents' words after a few-shot prompt with `LM.score_many`
   (`classify.cascade.label_word_labeler`); it is weaker than the small classifier here (see BENCHMARKS.md), so
   it is not the default.
+`--generation` measures the generation side instead: the 135M LM answers with the intent's word (greedy, chat
+template), its mean token log-prob calibrated by Platt scaling on the calibration part (`lm.cascade.calibrate`),
+and on dev the share it would answer per target error and its error there (the rest: people or a larger model).
 For each target error: the threshold chosen on the calibration part (`ClassifierCascade.for_target`), then on
 dev the share the small model answers, its error on those (vs the target), the cascade's accuracy and the large
 calls made; the cascade at the first target is run for real (`ClassifierCascade.predict`), the other rows are the
@@ -81,6 +84,41 @@ def cascade_rows(threshold, small_conf, small_right, large_right) -> dict:
             "cascade_accuracy": float(right.mean()), "large_calls": int(n - answered.sum())}
 
 
+def generation(args) -> None:
+    """--generation: SmolLM2-135M-Instruct answers each request with the intent's word through its chat template;
+    its mean token log-prob is calibrated (Platt) on the calibration part, the threshold chosen per target, and on
+    dev the share it answers and its error there are reported (the rest would go to people: a hand-off queue)."""
+    from slmkit.lm import load_lm
+    from slmkit.lm.cascade import calibrate
+    texts, labels = read_labelled(args.data / "train.jsonl")
+    dev_texts, dev_labels = read_labelled(args.data / "dev.jsonl")
+    _, cal = split(texts, labels, args.seeds[0])
+    question = f"Which one of these does the request ask for: {OPTIONS}? Answer with the one word.\nRequest: "
+
+    def items(ts, ys):
+        return [{"messages": [{"role": "user", "content": question + t}], "answer": VERBALIZERS[y].strip()}
+                for t, y in zip(ts, ys, strict=True)]
+    lm = load_lm(args.model)
+    t = time.perf_counter()
+    fitted = calibrate(lm, items([texts[i] for i in cal], [labels[i] for i in cal]), max_new_tokens=6)
+    held = calibrate(lm, items(dev_texts, dev_labels), max_new_tokens=6)  # dev scores and correctness
+    seconds = time.perf_counter() - t
+    p, right = fitted(np.asarray(held.scores)), np.asarray(held.correct)
+    rows = []
+    for target in args.targets:
+        threshold = fitted.threshold(target)
+        answered = p >= threshold
+        rows.append({"target_error": target, "threshold": threshold if np.isfinite(threshold) else None,
+                     "coverage": float(answered.mean()),
+                     "error": float(1 - right[answered].mean()) if answered.any() else None})
+    result = {"model": args.model, "feature": "mean_logprob", "calibration_items": len(cal),
+              "calibration_accuracy": float(np.mean(fitted.correct)), "dev_accuracy": float(right.mean()),
+              "platt": [fitted.a, fitted.b], "seconds": round(seconds, 1), "rows": rows,
+              "curve_dev": risk_coverage(p, right)}
+    atomic_write_json(args.json, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "curve_dev"}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -92,8 +130,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/cascade"))
     ap.add_argument("--json", type=Path, default=Path("docs/benchmark-logs/cascade.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/cascade_risk_coverage.png"))
+    ap.add_argument("--generation", action="store_true", help="the generation cascade instead (see generation())")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.generation:
+        return generation(args)
     model_dir = str(resolve_model(args.model).location)
     small_dir = args.work / f"small-step{args.layer_step}"
     if not (small_dir / "config.json").exists():

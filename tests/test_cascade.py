@@ -143,6 +143,16 @@ def test_cascade_routes_on_both_sides_of_the_threshold(small):
     assert escalates.counts == {"small": 0, "large": 1}
 
 
+def test_cascade_agreement_of_samples(small):
+    cal = Calibration(feature="agreement", method="identity", scores=[1.0], correct=[True])
+    cascade = Cascade(small, Fixed(), cal, threshold=0.0, n_samples=3)
+    text = cascade.generate("the cat", GREEDY)[0]
+    samples = [small.generate("the cat", SamplingParams(max_new_tokens=8, temperature=0.8, seed=1 + i))[0]
+               for i in range(3)]
+    expected = confidence("agreement", answer=text, samples=samples)
+    assert cascade.answers[-1].score == pytest.approx(expected) and cascade.answers[-1].answered_by == "small"
+
+
 def test_cascade_is_an_lm(small, tmp_path):
     from slmkit.eval.harness import evaluate
     from slmkit.eval.tasks import load_task

@@ -24,6 +24,7 @@ chosen reply in one piece. Everything not generation (log-probs, scoring) is the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import string
@@ -178,7 +179,7 @@ class Cascade(LM):
 
 
 def _sample_params(params: SamplingParams, i: int) -> SamplingParams:
-    import dataclasses
+    """The i-th of the n sampled answers `agreement` compares with: seeded, at temperature 0.8 when greedy."""
     temperature = params.temperature if params.temperature > 0 else 0.8
     seed = (params.seed if params.seed is not None else 0) + 1 + i
     return dataclasses.replace(params, temperature=temperature, seed=seed)
