@@ -25,6 +25,8 @@ app.add_typer(classify_app, name="classify")
 kb_app = typer.Typer(no_args_is_help=True, help="Knowledge base: index documents, search, ask with citations, "
                                                 "evaluate.")
 app.add_typer(kb_app, name="kb")
+cascade_app = typer.Typer(no_args_is_help=True, help="Cascades: a small model that escalates what it is unsure of.")
+app.add_typer(cascade_app, name="cascade")
 
 # Bad input, missing files, a missing optional package, an unreachable server, a run that exists already (and
 # tokenizer.TokenizerMismatch, a ValueError): the user can fix these, so they get a line, not a traceback.
@@ -582,13 +584,23 @@ def serve(
     max_concurrency: Annotated[int, typer.Option(help="requests in flight at once; more are answered 503")] = 256,
     write_timeout: Annotated[float, typer.Option(help="seconds a client may take to read the next piece of a "
                                                       "response (or send its body) before it is dropped")] = 30.0,
+    escalate_to: Annotated[str | None, typer.Option(help="cascade: chat completions the model is unsure of go to "
+                                                         "this model or http(s) URL, or to people (queue:FILE.jsonl)")]
+    = None,
+    calibration: Annotated[Path | None, typer.Option(help="with --escalate-to: the model's confidence calibration "
+                                                          "(`slm cascade calibrate`)")] = None,
+    target_error: Annotated[float, typer.Option(help="with --escalate-to: the error allowed on what the model "
+                                                     "answers itself (threshold chosen on the calibration's dev data)")]
+    = 0.05,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
                max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
-               public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout)
+               public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
+
+               escalate_to=escalate_to, calibration=calibration, target_error=target_error)
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------
@@ -766,6 +778,42 @@ def kb_eval(
     results = evaluate(kb, questions, out, model=model, backend=backend, mode=mode, k=k,
                        min_similarity=min_similarity, limit=limit, max_new_tokens=max_new_tokens, log=_log)
     typer.echo(json.dumps(results, indent=2))
+
+
+@command(classify_app, "cascade")
+def classify_cascade(
+    classifier: ClassifierDir,
+    escalate_to: Annotated[str, typer.Option(help="the large labeler: a classifier directory, or a model / URL that "
+                                                  "scores the label names")],
+    dev: Annotated[Path, typer.Option(help="labelled JSONL {\"text\", \"label\"} the threshold is chosen on (not "
+                                           "the classifier's training data)")],
+    data: Annotated[Path, typer.Option(help="JSONL with a \"text\" field per line to label")],
+    target_error: Annotated[float, typer.Option(help="error allowed on what the small classifier answers")] = 0.05,
+    backend: Backend = "auto",
+):
+    """Label DATA with the classifier, escalating what it is unsure of (JSONL: label, confidence, answered_by)."""
+    from slmkit.classify.cascade import cascade_labels
+    records, summary = cascade_labels(str(classifier), escalate_to, str(dev), str(data), target_error, backend)
+    for record in records:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+    _log(json.dumps(summary))
+
+
+@command(cascade_app, "calibrate")
+def cascade_calibrate(
+    model: ModelArg,
+    dev: Annotated[Path, typer.Option(help="JSONL dev items: {\"prompt\"} (or question, text) or {\"messages\"}, "
+                                           "with the gold {\"answer\"}")],
+    out: Annotated[Path, _out("calibration file to write (JSON), for `slm serve --calibration`")],
+    feature: Annotated[str, typer.Option(help="confidence: mean_logprob | neg_entropy | agreement (of 5 samples; "
+                                              "Python only)")] = "mean_logprob",
+    max_tokens: Annotated[int, typer.Option(help="longest answer generated per item")] = 64,
+    backend: Backend = "auto",
+):
+    """Fit MODEL's confidence to P(correct) on dev items (Platt scaling) for a cascade (`slm serve --escalate-to`)."""
+    from slmkit.lm.cascade import calibrate_file
+    typer.echo(json.dumps(calibrate_file(model, dev, out, feature=feature, max_new_tokens=max_tokens,
+                                         backend=backend), indent=2))
 
 
 # ---- models: fetch, list, convert, shapes ----------------------------------------------------------------

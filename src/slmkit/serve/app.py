@@ -7,6 +7,7 @@
     POST /v1/embeddings         mean-pooled, L2-normalised final hidden states (slmkit's own model only)
     GET  /health                ok, the model, the queue depth (503 "unhealthy" once the engine thread died)
     GET  /metrics               Prometheus text format: requests, tokens, latency and time to first token
+                                (and who answered, with --escalate-to: escalate.py)
 
 Any OpenAI client works against it (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`). This file
 holds the routes and start-up; the pieces they wire together:
@@ -38,7 +39,7 @@ from slmkit.chat import stop_strings
 from slmkit.lm import generation_backend
 from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
-from slmkit.serve import guard, protocol, stream
+from slmkit.serve import escalate, guard, protocol, stream
 from slmkit.serve.engine import EmbeddingRequest, Engine, EngineStopped, GenerationRequest
 from slmkit.serve.metrics import CONTENT_TYPE, Metrics
 from slmkit.serve.protocol import APIError, ChatBody, CompletionBody, EmbeddingBody, SamplingBody
@@ -123,13 +124,16 @@ class App(FastAPI):
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1_000_000,
                request_timeout_s: float = 300.0, public_metrics: bool = False, max_concurrency: int = 256,
-               write_timeout_s: float = 30.0) -> FastAPI:
+               write_timeout_s: float = 30.0, escalation: escalate.Escalation | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every route but the
     chat page and /health (and /metrics with `public_metrics`). More than `max_concurrency` requests at once are
-    answered 503; a client that takes more than `write_timeout_s` to read the next piece is dropped."""
+    answered 503; a client that takes more than `write_timeout_s` to read the next piece is dropped.
+    `escalation` makes chat completions a cascade (escalate.py)."""
     check_limits(max_body_bytes=max_body_bytes, request_timeout=request_timeout_s, max_concurrency=max_concurrency,
                  write_timeout=write_timeout_s)
     metrics = Metrics()
+    if escalation is not None:
+        metrics.answered = {"small": 0, "large": 0}  # counted from 0, so a dashboard sees both from the start
     lm, created = engine.lm, int(time.time())
     # openapi_url=None: the schema is not served (tests/test_fuzz_api.py fuzzes the routes from app.openapi())
     app = App(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
@@ -243,6 +247,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_length - len(ids))
         params = sampling(lm, body, max_tokens, stop_strings(tok))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if escalation is not None:
+            return await escalate.chat(engine, escalation, metrics, request, body, messages, ids, params, n, logprobs,
+                                       model_name, request_timeout_s)
         return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages")
 
     @app.post("/v1/embeddings")
@@ -284,7 +291,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info",
           adapter: str | Path | None = None, weights: str = "fp32", draft: str | None = None,
           draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
-          write_timeout_s: float = 30.0) -> None:
+          write_timeout_s: float = 30.0, escalate_to: str | None = None,
+          calibration: str | Path | None = None, target_error: float = 0.05) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
     int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively (lm/speculative.py) with this
@@ -294,6 +302,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     The API key is `api_key`, else $SLM_API_KEY; without one the routes are open (a warning is logged
     when the address is not loopback). Nonsense limits (`max_batch` 0, a negative timeout) are refused before
     the model loads.
+    `escalate_to` (a model, URL or queue:FILE.jsonl) with `calibration` (a file from `slm cascade calibrate`)
+    answers chat completions by a cascade for `target_error` (escalate.py).
     """
     import sys
 
@@ -305,6 +315,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                  request_timeout=request_timeout_s, max_concurrency=max_concurrency, write_timeout=write_timeout_s)
     if not 0 <= port <= 65535:
         raise ValueError(f"--port is {port}; it must be 0 to 65535")
+    if escalate_to is not None and calibration is None:
+        raise ValueError("--escalate-to needs --calibration FILE (write one with `slm cascade calibrate MODEL --dev "
+                         "FILE -o FILE`)")
+    if escalate_to is not None and draft is not None:
+        raise ValueError("--escalate-to needs the batched engine's log-probs, which --draft turns off; use one")
     if device == "cpu":
         # Leave a core to the HTTP event loop: with every core in the model's thread pool, the pool's spinning
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
@@ -315,6 +330,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     backend, model_arg, options = generation_backend(model, backend, device, weights)
     log.info("serving %s with the %s backend (%s weights)%s%s", model, backend, weights,
              f" and adapter {adapter}" if adapter else "", f", draft {draft}" if draft else "")
+    escalation = (escalate.load_escalation(escalate_to, calibration, target_error, device)
+                  if escalate_to is not None else None)
     lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter, draft=draft,
                  draft_k=draft_k, **options)
     if lm.tokenizer is None:
@@ -323,7 +340,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                      request_timeout_s=request_timeout_s, public_metrics=public_metrics,
-                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s)
+                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation)
     try:
         # uvicorn's own connection limit is a backstop past the app's (its 503 is plain text, the app's is
         # OpenAI's shape): idle keep-alive connections count there, not in the app.
@@ -332,3 +349,5 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     finally:
         engine.close()
         lm.close()
+        if escalation is not None:
+            escalation.large.close()

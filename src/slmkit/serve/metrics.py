@@ -61,10 +61,14 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.ttft = Histogram(TTFT_BUCKETS)
         self.active = 0
+        self.answered: dict[str, int] = {}  # cascade answers by who gave them (serve/escalate.py)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
         self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def observe_answer(self, answered_by: str) -> None:
+        self.answered[answered_by] = self.answered.get(answered_by, 0) + 1
 
     def render(self, engine: Engine) -> str:
         stats = engine.stats
@@ -92,4 +96,9 @@ class Metrics:
         lines.append(f"slmkit_queue_depth {engine.queue_depth}")
         family("slmkit_requests_active", "gauge", "/v1 requests being answered now.")
         lines.append(f"slmkit_requests_active {self.active}")
+        if self.answered:
+            family("slmkit_cascade_answers_total", "counter",
+                   "Chat completions answered by the small model or the escalation target (--escalate-to).")
+            for who in ("small", "large"):
+                lines.append(f'slmkit_cascade_answers_total{{answered_by="{who}"}} {self.answered.get(who, 0)}')
         return "\n".join(lines) + "\n"
