@@ -193,8 +193,10 @@ def test_cli_prints_records_and_metrics_and_bad_input_is_one_line(world, tmp_pat
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a", "label": "food"}) + "\n" + json.dumps({"text": "b", "label": "fish"}))
+    nameless = tmp_path / "nameless.jsonl"
+    nameless.write_text(json.dumps({"body": "saw"}) + "\n")
     for args, message in [(["--demos", str(bad)], f"error: {bad}:2: label 'fish' is not one of the classifier's"),
-                          (["--k", "99"], "error: --k 99 exceeds the 12 demonstrations"),
+                          (["--data", str(nameless)], f"error: {nameless}:1: needs a string field 'text'"),
                           (["--method", "vote"], "error: method must be one of auto, score, generate")]:
         r = runner.invoke(app, base + args)
         assert r.exit_code == 2 and r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, \

@@ -601,7 +601,8 @@ def classify_supericl(
     demos: Annotated[Path, typer.Option(help="JSONL of labelled {\"text\", \"label\"} records to draw the k "
                                              "demonstrations from")],
     data: Annotated[Path, typer.Option(help="JSONL with a \"text\" field per line (with \"label\": metrics too)")],
-    k: Annotated[int, typer.Option(help="demonstrations in the prompt (drawn round-robin over the labels)")] = 8,
+    k: Annotated[int, typer.Option(help="demonstrations in the prompt (drawn round-robin over the labels; at most "
+                                        "those in --demos)")] = 8,
     explain: Annotated[bool, typer.Option(help="the large LM also writes a one-line explanation")] = False,
     method: Annotated[str, typer.Option(help="auto | score (rank the labels by log-prob) | generate (parse a greedy "
                                              "reply; what a text-only endpoint gets with auto)")] = "auto",

@@ -83,7 +83,8 @@ def supericl(classifier: str | Path, large: str, demos: str | Path, data: str | 
     """SuperICL (classify/supericl.py): the classifier directory's predictions and confidences, for k
     demonstrations drawn from `demos` ({"text", "label"} JSONL) and for each record of `data`, go into the
     prompt of the `large` LM (any model spec `load_lm` takes, e.g. an http(s):// endpoint), which gives the
-    final label. `baseline` runs the large LM alone with the same demonstrations instead.
+    final label (k is capped at the number of demonstrations). `baseline` runs the large LM alone with the same
+    demonstrations instead.
 
     Returns one record per text ({"text", "label", "small_label", "small_confidence", "overridden", ...}; the
     baseline's have no small_* fields) and, when every record of `data` has a label, the metrics: accuracy with
@@ -102,8 +103,6 @@ def supericl(classifier: str | Path, large: str, demos: str | Path, data: str | 
             raise ValueError(f"{demos}:{n}: a demonstration needs a `label`")
         if label not in labels:
             raise ValueError(f"{demos}:{n}: label {label!r} is not one of the classifier's {labels}")
-    if k > len(demo_texts):
-        raise ValueError(f"--k {k} exceeds the {len(demo_texts)} demonstrations in {demos}")
     texts, golds = read_labelled(data)
     for n, gold in enumerate(golds, 1):
         if gold is not None and gold not in labels:
