@@ -37,6 +37,18 @@ from slmkit.hub import resolve_model
 from slmkit.lm.resolve import load_lm
 
 
+class Memo:
+    """A classifier whose predictions are computed once per text (every condition and method asks again)."""
+
+    def __init__(self, clf):
+        self.clf, self.info, self.seen = clf, clf.info, {}
+
+    def predict(self, texts):
+        todo = [t for t in dict.fromkeys(texts) if t not in self.seen]
+        self.seen.update(zip(todo, self.clf.predict(todo) if todo else [], strict=True))
+        return [self.seen[t] for t in texts]
+
+
 def small_classifier(kind: str, out: Path, model_dir: str, texts, labels, rest, epochs: int, seed: int):
     path = out / kind
     if (path / "classifier.json").is_file():
@@ -66,14 +78,17 @@ def main() -> None:
     ap.add_argument("--small", nargs="+", default=["head", "pet"])
     ap.add_argument("--methods", nargs="+", default=["score", "generate"])
     ap.add_argument("--skip-icl", action="store_true", help="only the SuperICL conditions (icl logged already)")
-    ap.add_argument("--limit", type=int, default=None, help="first N dev items only")
+    ap.add_argument("--items", default=None, help="START:END, a slice of dev.jsonl (split a run across processes; "
+                                                  "each logs its slice's counts)")
     ap.add_argument("--out", type=Path, default=Path("runs/supericl"))
     ap.add_argument("--log", type=Path, default=Path("runs/supericl.jsonl"))
     args = ap.parse_args()
     model_dir = resolve_model(args.small_model).location
     train_texts, train_labels = read_labelled(args.data / "train.jsonl")
     dev_texts, dev_labels = read_labelled(args.data / "dev.jsonl")
-    dev_texts, dev_labels = dev_texts[:args.limit], dev_labels[:args.limit]
+    if args.items:
+        start, end = (int(x) if x else None for x in args.items.split(":"))
+        dev_texts, dev_labels = dev_texts[start:end], dev_labels[start:end]
     texts, labels, _ = draw(train_texts, train_labels, args.shots, args.seed)
     used = set(texts)
     rest = [(t, y) for t, y in zip(train_texts, train_labels, strict=True) if t not in used]
@@ -81,7 +96,7 @@ def main() -> None:
     out = args.out / f"shots{args.shots}-seed{args.seed}"
     args.log.parent.mkdir(parents=True, exist_ok=True)
     common = {"large": args.large, "large_backend": args.large_backend, "small_model": args.small_model,
-              "shots": args.shots, "k": args.k, "seed": args.seed, "n": len(dev_labels)}
+              "shots": args.shots, "k": args.k, "seed": args.seed, "items": args.items}
 
     def record(row: dict) -> None:
         row = {**common, **row}
@@ -95,6 +110,7 @@ def main() -> None:
     smalls = {}
     for kind in args.small:
         clf, train_s = small_classifier(kind, out, model_dir, texts, labels, rest_xy, args.pet_epochs, args.seed)
+        clf = Memo(clf)
         t = time.time()
         preds = [y for y, _ in clf.predict(dev_texts)]
         record({"condition": f"{kind} alone", "accuracy": acc(preds), "train_seconds": round(train_s, 1),

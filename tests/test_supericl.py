@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("supericl")
     tok = train_tokenizer([TEXT] * 30, vocab_size=300)
     torch.manual_seed(0)
-    model = tiny_model_dir(root / "model", tok, train_on=TEXT, steps=60, max_seq_len=512)
+    model = tiny_model_dir(root / "model", tok, train_on=TEXT, steps=20, max_seq_len=256)
     texts, labels = [t for t, _ in EXAMPLES], [y for _, y in EXAMPLES]
     clf = train_classifier(model, texts, labels, dev=(texts, labels), epochs=150, log=lambda m: None)
     clf.save(root / "clf")
