@@ -2,6 +2,10 @@
 
     nice python benchmarks/supericl.py --large smollm2-135m-instruct --large-backend llamacpp \
         --shots 8 --k 8 --seed 0 --log docs/benchmark-logs/supericl.jsonl
+    python benchmarks/supericl.py --summarise --log docs/benchmark-logs/supericl.jsonl   # the table
+
+`--items 0:31` (etc.) runs a slice of dev, so one measurement can be split across processes; `--summarise` adds
+the slices up.
 
 The small classifiers are trained as `benchmarks/intent_fewshot.py` trains them, on a seeded draw of `--shots`
 examples per intent from ../shared/data/intent/train.jsonl (`draw`, its PET patterns and verbalisers):
@@ -63,6 +67,34 @@ def small_classifier(kind: str, out: Path, model_dir: str, texts, labels, rest, 
     return clf, time.time() - t
 
 
+def summarise(log: Path) -> None:
+    """The log's slices added up per condition (correct counts and overrides), as a Markdown table."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["condition"], r.get("method", "-"))
+        g = groups.setdefault(key, {"correct": 0, "n": 0, "small": 0, "overridden": 0, "right": 0, "wrong": 0,
+                                    "neither": 0, "slices": set()})
+        if r["items"] in g["slices"]:
+            continue  # a slice run twice counts once
+        g["slices"].add(r["items"])
+        n = r["accuracy"]["n"]
+        g["n"] += n
+        g["correct"] += round(r["accuracy"]["value"] * n)
+        if "small_accuracy" in r:
+            g["small"] += round(r["small_accuracy"]["value"] * n)
+            for f in ("overridden", "right", "wrong", "neither"):
+                g[f] += r["overrides"][f]
+    print("| condition | method | dev accuracy [95% CI] | overridden | right | wrong | neither |")
+    print("|---|---|---|---|---|---|---|")
+    for (condition, method), g in groups.items():
+        m = proportion(g["correct"], g["n"])
+        extra = (f"{g['overridden']} ({100 * g['overridden'] / g['n']:.1f}%) | {g['right']} | {g['wrong']} | "
+                 f"{g['neither']}" if condition.startswith("supericl") else "- | - | - | -")
+        print(f"| {condition} | {method} | {100 * m.value:.1f}% [{100 * m.low:.1f}, {100 * m.high:.1f}] "
+              f"(n={g['n']}) | {extra} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--large", default="smollm2-135m-instruct")
@@ -82,7 +114,10 @@ def main() -> None:
                                                   "each logs its slice's counts)")
     ap.add_argument("--out", type=Path, default=Path("runs/supericl"))
     ap.add_argument("--log", type=Path, default=Path("runs/supericl.jsonl"))
+    ap.add_argument("--summarise", action="store_true", help="print the table of --log's rows and stop")
     args = ap.parse_args()
+    if args.summarise:
+        return summarise(args.log)
     model_dir = resolve_model(args.small_model).location
     train_texts, train_labels = read_labelled(args.data / "train.jsonl")
     dev_texts, dev_labels = read_labelled(args.data / "dev.jsonl")
