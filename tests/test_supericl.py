@@ -157,7 +157,7 @@ def test_a_text_only_remote_lm_generates_and_its_reply_is_parsed(world):
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         lm = RemoteLM(f"http://127.0.0.1:{server.server_address[1]}")
-        texts = ["banana pie", "hammer drill"]
+        texts = ["banana split", "hammer time"]  # training texts: the small model gets them right
         preds = supericl_predict(lm, world["clf"], EXAMPLES, texts, k=4)
         assert [p.method for p in preds] == ["generate"] * 2
         assert [p.label for p in preds] == [p.small_label for p in preds] == ["food", "work"]
