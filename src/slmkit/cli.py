@@ -816,6 +816,34 @@ def cascade_calibrate(
                                          backend=backend), indent=2))
 
 
+@command(classify_app, "supericl")
+def classify_supericl(
+    classifier: ClassifierDir,
+    large: Annotated[str, typer.Option(help="the large LM: " + MODEL_HELP)],
+    demos: Annotated[Path, typer.Option(help="JSONL of labelled {\"text\", \"label\"} records to draw the k "
+                                             "demonstrations from")],
+    data: Annotated[Path, typer.Option(help="JSONL with a \"text\" field per line (with \"label\": metrics too)")],
+    k: Annotated[int, typer.Option(help="demonstrations in the prompt (drawn round-robin over the labels; at most "
+                                        "those in --demos)")] = 8,
+    explain: Annotated[bool, typer.Option(help="the large LM also writes a one-line explanation")] = False,
+    method: Annotated[str, typer.Option(help="auto | score (rank the labels by log-prob) | generate (parse a greedy "
+                                             "reply; what a text-only endpoint gets with auto)")] = "auto",
+    baseline: Annotated[bool, typer.Option(help="the large LM alone with the same demonstrations, without the "
+                                                "small model's predictions")] = False,
+    backend: Backend = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the demonstrations' draw")] = 0,
+):
+    """SuperICL: the classifier's labels and confidences go into the large LM's prompt, which gives the final label.
+    Prints one JSONL record per text; with labelled --data, the metrics (accuracy, overrides) go to stderr."""
+    from slmkit.recipes.classify import supericl
+    records, metrics = supericl(classifier, large, demos, data, k=k, seed=seed, method=method, explain=explain,
+                                baseline=baseline, backend=backend)
+    for record in records:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+    if metrics is not None:
+        typer.echo(json.dumps(metrics), err=True)
+
+
 # ---- models: fetch, list, convert, shapes ----------------------------------------------------------------
 
 @command()

@@ -75,3 +75,69 @@ def evaluate_classifier(classifier: str | Path, data: str | Path) -> dict:
     return {"accuracy": report["accuracy"].to_dict(), "macro_f1": report["macro_f1"].value,
             "ece": expected_calibration_error(probs, golds), "per_class": report["per_class"],
             "labels": report["labels"], "confusion": report["confusion"]}
+
+
+def supericl(classifier: str | Path, large: str, demos: str | Path, data: str | Path, k: int = 8, seed: int = 0,
+             method: str = "auto", explain: bool = False, baseline: bool = False, backend: str = "auto"
+             ) -> tuple[list[dict], dict | None]:
+    """SuperICL (classify/supericl.py): the classifier directory's predictions and confidences, for k
+    demonstrations drawn from `demos` ({"text", "label"} JSONL) and for each record of `data`, go into the
+    prompt of the `large` LM (any model spec `load_lm` takes, e.g. an http(s):// endpoint), which gives the
+    final label (k is capped at the number of demonstrations). `baseline` runs the large LM alone with the same
+    demonstrations instead.
+
+    Returns one record per text ({"text", "label", "small_label", "small_confidence", "overridden", ...}; the
+    baseline's have no small_* fields) and, when every record of `data` has a label, the metrics: accuracy with
+    its interval, macro-F1, and for SuperICL the small model's own accuracy and the overrides (right / wrong).
+    """
+    from dataclasses import asdict
+
+    from slmkit.classify.supericl import icl_predict, override_counts, supericl_predict
+    from slmkit.eval.metrics import classification_report, proportion
+    from slmkit.lm.resolve import load_lm
+    clf = Classifier.load(classifier)
+    labels = clf.info.labels
+    demo_texts, demo_labels = read_labelled(demos)
+    for n, label in enumerate(demo_labels, 1):
+        if label is None:
+            raise ValueError(f"{demos}:{n}: a demonstration needs a `label`")
+        if label not in labels:
+            raise ValueError(f"{demos}:{n}: label {label!r} is not one of the classifier's {labels}")
+    texts, golds = read_labelled(data)
+    for n, gold in enumerate(golds, 1):
+        if gold is not None and gold not in labels:
+            raise ValueError(f"{data}:{n}: label {gold!r} is not one of the classifier's {labels}")
+    pairs = list(zip(demo_texts, demo_labels, strict=True))
+    with load_lm(large, backend=backend) as lm:
+        if baseline:
+            answers = icl_predict(lm, pairs, texts, labels, k=k, seed=seed, method=method, explain=explain)
+            records = [{"text": t, "label": a.label, "large_confidence": _round(a.confidence), "method": a.method,
+                        **({"explanation": a.explanation} if explain else {})} for t, a in zip(texts, answers,
+                                                                                               strict=True)]
+        else:
+            preds = supericl_predict(lm, clf, pairs, texts, k=k, seed=seed, method=method, explain=explain)
+            records = []
+            for p in preds:
+                record = asdict(p)
+                record["small_confidence"], record["large_confidence"] = (round(p.small_confidence, 4),
+                                                                         _round(p.large_confidence))
+                if not explain:
+                    del record["explanation"]
+                records.append(record)
+    if not texts or any(g is None for g in golds):
+        return records, None
+    none = "(no label)"  # a generated reply that named no label (baseline only): wrong, in a column of its own
+    predicted = [r["label"] if r["label"] is not None else none for r in records]
+    report = classification_report(golds, predicted, labels + [none])
+    metrics = {"accuracy": report["accuracy"].to_dict(), "macro_f1": report["macro_f1"].value}
+    if not baseline:
+        metrics["small_accuracy"] = proportion(sum(p.small_label == g for p, g in zip(preds, golds, strict=True)),
+                                               len(golds)).to_dict()
+        metrics["overrides"] = override_counts(preds, golds)
+    else:
+        metrics["unparsed"] = predicted.count(none)
+    return records, metrics
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
