@@ -190,6 +190,15 @@ def _bad_inputs(tmp):
         (["classify", "train", missing, "--data", str(huge), *out], "not a model directory"),
         (["classify", "predict", missing, "--data", str(huge)], "missing"),
         (["classify", "eval", missing, "--data", str(huge)], "missing"),
+        (["classify", "cascade", missing, "--escalate-to", missing, "--dev", str(huge), "--data", str(huge)],
+         "not a classifier directory"),
+        (["classify", "supericl", missing, "--large", missing, "--demos", str(huge), "--data", str(huge)],
+         "not a classifier directory"),
+        (["cascade", "calibrate", missing, "--dev", str(huge), *out], "huge.jsonl:2"),
+        (["kb", "index", missing, *out], "no such file or folder"),
+        (["kb", "search", missing, "q"], "no knowledge base here"),
+        (["kb", "ask", missing, "q", "--model", missing], "no knowledge base here"),
+        (["kb", "eval", missing, "--questions", str(huge), *out], "huge.jsonl:1"),
     ]
 
 
@@ -209,7 +218,8 @@ def _all_commands():
 
 def test_every_command_answers_bad_input_with_one_error_line_and_exit_2(tmp_path):
     cases = _bad_inputs(tmp_path)
-    covered = {" ".join(args[:2]) if args[0] in ("data", "classify") else args[0] for args, _ in cases}
+    groups = ("data", "classify", "kb", "cascade")  # commands with subcommands
+    covered = {" ".join(args[:2]) if args[0] in groups else args[0] for args, _ in cases}
     assert set(_all_commands()) - NO_INPUT <= covered, "a command without a bad-input case"
     failures = []
     for args, expected in cases:
