@@ -204,8 +204,10 @@ KILLER = textwrap.dedent("""
             if time.monotonic() > deadline:
                 sys.exit(f"round {kill}: no checkpoint saved")
             time.sleep(0.005)
-        # then aim at the next save: kill a random few milliseconds after its temporary directory appears
-        while not any(run.glob(".checkpoint.*.tmp")) and time.monotonic() < deadline:
+        # then aim at the next save: kill a random few milliseconds after its temporary directory appears. Only this
+        # child's (the writer's pid is in the name): a killed save's leftover is there from the start, and a
+        # checkpoint recovered from .old can end the wait above before this child has even checked it.
+        while not any(run.glob(f".checkpoint.{pid}.*.tmp")) and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(rng.uniform(0, 0.03))
         os.kill(pid, signal.SIGKILL)
