@@ -119,8 +119,13 @@ def markdown_blocks(text: str) -> list[Block]:
 
 def text_blocks(text: str) -> list[Block]:
     """Plain text: paragraphs only (a .txt file has no markup to trust for headings)."""
+    return _paragraphs(enumerate(text.splitlines(), 1))
+
+
+def _paragraphs(numbered_lines) -> list[Block]:
+    """(line number, text) pairs cut into paragraph blocks at blank lines."""
     blocks, para = [], []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in numbered_lines:
         if line.strip():
             para.append((i, line))
         elif para:
@@ -195,16 +200,8 @@ def _pdf_blocks(path: Path) -> list[Block]:
     for n, page in enumerate(pages, 1):
         lines = page.splitlines()
         blocks.append(Block(1, [(line + 1, f"page {n}")]))
-        para = []
-        for text in lines:
-            line += 1
-            if text.strip():
-                para.append((line, text))
-            elif para:
-                blocks.append(Block(0, para))
-                para = []
-        if para:
-            blocks.append(Block(0, para))
+        blocks += _paragraphs(enumerate(lines, line + 1))
+        line += len(lines)
     return blocks
 
 
