@@ -199,6 +199,8 @@ def _bad_inputs(tmp):
         (["kb", "search", missing, "q"], "no knowledge base here"),
         (["kb", "ask", missing, "q", "--model", missing], "no knowledge base here"),
         (["kb", "eval", missing, "--questions", str(huge), *out], "huge.jsonl:1"),
+        (["write", missing, "--model", missing, "--sku", "KB-1"], "no such catalogue file"),
+        (["recommend", missing, "--history", "KB-1"], "no such catalogue file"),
     ]
 
 

@@ -209,6 +209,12 @@ WORLD_FILES = {  # what the README's commands read, by the names they use
          "topics": ["reference"], "answerable": True},
         {"id": "q2", "question": "How tall is the moon?", "answer": "", "answer_keywords": [], "topics": [],
          "answerable": False}],
+    "catalogue.csv": lambda: (  # the marketing writer's catalogue
+        "sku,name,category,price_eur,key_features,warranty_years,in_stock\n"
+        "KB-PRO2,Kettleby Pro 2 espresso machine,espresso_machine,649.00,58 mm portafilter; steam wand,2,true\n"
+        "KB-BN-HOUSE,House Espresso blend 1 kg,coffee,27.90,whole beans; medium-dark roast,0,true\n"
+        "KB-TMP58,Calibrated tamper 58 mm,accessory,39.00,58 mm flat base; fits Pro 2,2,true\n"
+        "KB-KNK,Knock box,accessory,29.00,removable rubber knock bar,1,true\n"),
     "new.jsonl": lambda: [{"text": "Play something relaxing"}, {"text": "Do I need an umbrella"}],
     "problems.jsonl": lambda: [{"text": "Tom has 3 apples and buys 2 more. How many apples does he have?",
                                 "answer": "5"}, {"text": "A box holds 4 pens. How many pens are in 2 boxes?",

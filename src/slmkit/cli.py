@@ -897,6 +897,70 @@ def export(
     typer.echo(f"wrote {export_model(model, out, fmt=format, quant=quant, dtype=dtype)}")
 
 
+Catalogue = Annotated[Path, typer.Argument(help="product catalogue CSV (sku,name,category,price_eur,key_features,"
+                                                "warranty_years,in_stock)")]
+AppBackend = Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed) | torch | llamacpp | hf | "
+                                              "remote")]
+
+
+@command()
+def write(
+    catalogue: Catalogue,
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    sku: Annotated[list[str], typer.Option(help="a product to write about (repeatable)")],
+    kind: Annotated[str, typer.Option(help="email (a campaign e-mail with a subject line) | description")] = "email",
+    audience: Annotated[str, typer.Option(help="who the text is for")] = "home coffee lovers",
+    tone: Annotated[str, typer.Option(help="the voice, e.g. friendly, expert, playful")] = "friendly",
+    words: Annotated[int, typer.Option(help="length asked for, in words")] = 120,
+    notes: Annotated[str, typer.Option(help="campaign notes (an offer, a season): figures here may appear in "
+                                            "the text")] = "",
+    company: Annotated[str, typer.Option(help="the brand the copy is written for")] = "Kettleby",
+    n: Annotated[int, typer.Option("-n", help="variants to write")] = 3,
+    retries: Annotated[int, typer.Option(help="resample a variant this many times while it breaks a catalogue "
+                                              "fact; after that it is returned flagged")] = 3,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 0.7,
+    seed: Seed = 0,
+    backend: AppBackend = "auto",
+    out: Annotated[Path | None, _out("write the records here as JSONL")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the records as JSON lines")] = False,
+):
+    """Write campaign e-mails or product descriptions from the catalogue, every figure and feature checked against
+    it (a variant that breaks one is regenerated, or flagged)."""
+    from slmkit.kb.write import Brief
+    from slmkit.recipes.write import write_marketing
+    brief = Brief(audience=audience, tone=tone, words=words, notes=notes, company=company)
+    records, summary = write_marketing(catalogue, model, sku, kind=kind, brief=brief, n=n, retries=retries,
+                                       seed=seed, temperature=temperature, backend=backend, out=out, log=_log)
+    for r in records:
+        if as_json:
+            typer.echo(json.dumps(r, ensure_ascii=False))
+            continue
+        flag = "FLAGGED: " + "; ".join(f"{v['kind']} {v['claim']!r} ({v['expected']})" for v in r["violations"]) \
+            if r["flagged"] else f"checked ({r['attempts']} attempt(s))"
+        typer.echo(f"--- variant {r['variant'] + 1}: {flag}")
+        if r["subject"]:
+            typer.echo(f"Subject: {r['subject']}")
+        typer.echo(r["text"])
+    _log(json.dumps(summary))
+
+
+@command()
+def recommend(
+    catalogue: Catalogue,
+    history: Annotated[list[str], typer.Option(help="a SKU the customer bought (repeatable)")],
+    embedder: Annotated[str, typer.Option(help="encoder that ranks by similarity")] = "minilm-l6-v2",
+    model: Annotated[str | None, typer.Option(help="a model to write each reason (fact-checked); default: "
+                                                   "rule-based reasons")] = None,
+    k: Annotated[int, typer.Option("-k", help="products to recommend")] = 3,
+    backend: AppBackend = "auto",
+    seed: Seed = 0,
+):
+    """Recommend in-stock catalogue products for a purchase history, ranked by similarity, each with a reason."""
+    from slmkit.recipes.write import recommend_products
+    for r in recommend_products(catalogue, history, embedder=embedder, model=model, k=k, backend=backend, seed=seed):
+        typer.echo(json.dumps(r, ensure_ascii=False))
+
+
 @command()
 def presets():
     """List the named model shapes with their size and training cost."""
