@@ -89,6 +89,7 @@ def test_a_faithful_text_passes(catalogue):
     ("Brews 4 cups at once.", "figure"),
     ("It has a dual boiler.", "feature"),  # the Pro 2 Dual's, not the Pro 2's
     ("Use code SPRING24 today.", "code"),  # an offer the brief never made
+    ("Free shipping on the Pro 2!", "offer"),
     ("Dear [Customer Name], enjoy.", None),  # not a fact: the writer flags placeholders itself (below)
 ])
 def test_each_kind_of_violation_is_caught(catalogue, claim, kind):
@@ -117,6 +118,12 @@ def test_writer_regenerates_until_the_facts_hold_and_flags_what_never_does(catal
     bad = write_texts(RepliesLM(["Dear [Name], a 3-year warranty."]), catalogue, [pro], Brief(), n=2, retries=1)
     assert [t.attempts for t in bad] == [2, 2] and all(t.flagged for t in bad)
     assert {v["kind"] for v in bad[0].violations} == {"warranty", "placeholder"}
+    # unusable without a false fact: a loop, or the prompt copied out
+    [loop] = write_texts(RepliesLM(["The Pro 2 is great. The Pro 2 is great. The Pro 2 is great."]), catalogue,
+                         [pro], Brief(), n=1, retries=0)
+    assert [v["kind"] for v in loop.violations] == ["repetition"]
+    [echo] = write_texts(RepliesLM(["Product facts:\n- Pro 2"]), catalogue, [pro], Brief(), n=1, retries=0)
+    assert [v["kind"] for v in echo.violations] == ["echo"]
     summary = summarize([text, *bad])
     assert summary == {"outputs": 3, "flagged": 2, "attempts": 6, "first_draft_violations_per_100": 166.7,
                        "flagged_violations_per_100": 133.3}

@@ -5,12 +5,14 @@
 
 The check is deliberately strict, because a small model invents figures easily and a wrong price in a campaign
 e-mail is a real cost: every number in the text must be one the catalogue gives for a product the text is
-about or names (its price, warranty, a figure in its features or name), or one the brief itself contains (a
-discount, a date). Prices and warranty terms are matched to the right field, so "2-year warranty" on a 1-year
-product is caught even though "2" occurs elsewhere. Features are checked against the others': a feature phrase
-(two content words, e.g. "dual boiler") that only other products have is a violation when the text's products
-lack it, and a product out of stock may not be called in stock. What no rule here can see (an invented feature
-named in words no catalogue row uses) is left to the reader; the tests plant each kind of violation.
+about or names (its price, warranty, a figure in its features or name, with its unit where it has one: "60 mm"
+is not supported by "60 min"), or one the brief itself contains (a discount, a date). A price or warranty term
+must be that of the product named last before it in its sentence, so "2-year warranty" on a 1-year product is
+caught even though "2" occurs elsewhere. Features are checked against the others': a feature phrase (two content
+words, e.g. "dual boiler") that only other products have is a violation when the text's products lack it. An
+offer ("free shipping", "a gift") or a code ("SPRING24") must be the brief's, and a product out of stock may
+not be called in stock. What no rule here can see (an invented feature named in words no catalogue row uses) is
+left to the reader; the tests plant each kind of violation.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _CODE = re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[a-z])[a-z0-9][\w-]*[a-z0-9]
 # a figure, or a run of them sharing one unit ("15/30/60 min", "88-96 °C", "30 or 60 minutes")
 _FIGURE = re.compile(rf"(?<![\w.,])({NUMBER}(?:\s*(?:/|-|–|,|\bto\b|\bor\b|\band\b)\s*{NUMBER})*)"
                      r"(?:\s*(°\s?c\b|%|[a-z]+))?", re.I)
+# an offer the brief did not make: "free shipping", "a complimentary gift"
+_OFFER = re.compile(r"\b(?:free|complimentary|gifts?|bonus|vouchers?|coupons?|cashback|upgrades?|buy one|"
+                    r"two for one|bogo)\b", re.I)
 _STOP = set("a an and at for the of in on to with after by from or per same time each your its is are".split())
 
 
@@ -242,6 +247,10 @@ def check_facts(text: str, catalogue: Catalogue, about: list[Product] = (), brie
         code = m.group(0)
         if code.lower() not in known and not _unit(re.sub(rf"^{NUMBER}-?", "", code)):
             violations.append(Violation("code", code, "not in the brief or the catalogue"))
+    for m in _OFFER.finditer(text):
+        if m.group(0).lower() not in known:
+            violations.append(Violation("offer", text[m.start():m.start() + 40].split("\n")[0].strip(),
+                                        "an offer the brief does not make"))
     own = set().union(*(_phrases(" ".join([p.name, *p.features])) for p in products)) if products else set()
     others = {}
     for p in catalogue:

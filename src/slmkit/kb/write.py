@@ -13,6 +13,7 @@ from the model: LoRA-tune it on the brand's own texts first (`slm finetune --lor
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -92,8 +93,9 @@ def write_texts(lm, catalogue: Catalogue, products: list[Product], brief: Brief,
     for variant in range(n):
         first = None
         for attempt in range(retries + 1):
+            # a mild repetition penalty: small models otherwise loop on one sentence
             params = lm.sampling_params(temperature=temperature, top_p=0.95, max_new_tokens=budget,
-                                        seed=seed + 1000 * variant + attempt)
+                                        repetition_penalty=1.1, seed=seed + 1000 * variant + attempt)
             text = "".join(lm.stream_chat(messages, params)).strip()
             violations = _check(text, catalogue, products, brief)
             first = len(violations) if first is None else first
@@ -110,15 +112,20 @@ def write_texts(lm, catalogue: Catalogue, products: list[Product], brief: Brief,
 
 
 _PLACEHOLDER = re.compile(r"\[[^\]\n]{1,40}\]|\{[^}\n]{1,40}\}|<[^>\n]{1,40}>")
+_ECHO = re.compile(r"^\s*(?:product facts|campaign notes)\s*:", re.I | re.M)
 
 
 def _check(text: str, catalogue: Catalogue, products: list[Product], brief: Brief) -> list[Violation]:
-    """The catalogue's fact check, plus what makes a text unusable as it stands: nothing written, or a
-    placeholder left for someone to fill in ("[Your Name]")."""
+    """The catalogue's fact check, plus what makes a text unusable as it stands: nothing written, a
+    placeholder left for someone to fill in ("[Your Name]"), the prompt's own headings copied out, or a sentence
+    repeated three times (a small model's loop)."""
     if not text.strip():
         return [Violation("empty", "", "the model wrote nothing")]
     found = check_facts(text, catalogue, about=products, brief=brief.text())
     found += [Violation("placeholder", m.group(0), "a placeholder, not text") for m in _PLACEHOLDER.finditer(text)]
+    found += [Violation("echo", m.group(0).strip(), "the prompt copied out") for m in _ECHO.finditer(text)][:1]
+    sentences = collections.Counter(s.strip().lower() for s in re.split(r"[.!?\n]+", text) if len(s.strip()) > 8)
+    found += [Violation("repetition", s[:60], f"said {n} times") for s, n in sentences.items() if n >= 3][:1]
     return found
 
 
