@@ -201,6 +201,10 @@ def _bad_inputs(tmp):
         (["kb", "eval", missing, "--questions", str(huge), *out], "huge.jsonl:1"),
         (["write", missing, "--model", missing, "--sku", "KB-1"], "no such catalogue file"),
         (["recommend", missing, "--history", "KB-1"], "no such catalogue file"),
+        (["support", "reply", missing, "hi", "--intents", missing], "no knowledge base here"),
+        (["support", "chat", missing, "--intents", missing], "no knowledge base here"),
+        (["support", "tickets", missing], "no ticket store here"),
+        (["support", "eval", missing, "--messages", str(huge), *out], "huge.jsonl:1: missing field"),
     ]
 
 
@@ -220,7 +224,7 @@ def _all_commands():
 
 def test_every_command_answers_bad_input_with_one_error_line_and_exit_2(tmp_path):
     cases = _bad_inputs(tmp_path)
-    groups = ("data", "classify", "kb", "cascade")  # commands with subcommands
+    groups = ("data", "classify", "kb", "cascade", "support")  # commands with subcommands
     covered = {" ".join(args[:2]) if args[0] in groups else args[0] for args, _ in cases}
     assert set(_all_commands()) - NO_INPUT <= covered, "a command without a bad-input case"
     failures = []

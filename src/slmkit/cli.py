@@ -25,6 +25,9 @@ app.add_typer(classify_app, name="classify")
 kb_app = typer.Typer(no_args_is_help=True, help="Knowledge base: index documents, search, ask with citations, "
                                                 "evaluate.")
 app.add_typer(kb_app, name="kb")
+support_app = typer.Typer(no_args_is_help=True, help="Customer-service assistant: replies grounded in the help "
+                                                      "center, hand-offs to people, tickets, evaluation.")
+app.add_typer(support_app, name="support")
 cascade_app = typer.Typer(no_args_is_help=True, help="Cascades: a small model that escalates what it is unsure of.")
 app.add_typer(cascade_app, name="cascade")
 
@@ -895,6 +898,120 @@ def export(
     """Write a model for llama.cpp (GGUF), transformers/vLLM (HF directory) or onnxruntime (ONNX)."""
     from slmkit.recipes.convert import export_model
     typer.echo(f"wrote {export_model(model, out, fmt=format, quant=quant, dtype=dtype)}")
+
+
+HelpKb = Annotated[Path, typer.Argument(help="the help center: a knowledge base (`slm kb index`), or for eval a "
+                                              "folder of articles (indexed into OUT/kb)")]
+Intents = Annotated[str | None, typer.Option(help="a classifier directory (`slm classify train`) or a JSON file of "
+                                                  "intent descriptions (e.g. examples/support-intents.json)")]
+Queue = Annotated[Path, typer.Option(help="hand-off queue: a .sqlite ticket store (or a .jsonl log)")]
+SupportModel = Annotated[str | None, typer.Option("--model", help="model writing the replies (default: quoted "
+                                                                  "articles only)")]
+SupportMinSimilarity = Annotated[float, typer.Option(help="hand off as not_in_kb below this best-chunk "
+                                                          "similarity")]
+CatalogueOpt = Annotated[Path | None, typer.Option("--catalogue", help="product catalogue CSV: product facts in "
+                                                                       "replies")]
+
+
+def _print_turn(turn, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(turn.to_dict(), ensure_ascii=False))
+        return
+    typer.echo(turn.reply)
+    _log(f"intent {turn.intent} ({turn.intent_confidence:.2f}); "
+         + (f"handed off: {turn.reason} ({turn.evidence}), ticket {turn.ticket}" if turn.handoff
+            else f"answered (confidence {turn.confidence:.2f}; articles {', '.join(turn.articles[:3])})"))
+
+
+@command(support_app, "reply")
+def support_reply(
+    kb: HelpKb,
+    message: Annotated[str, typer.Argument(help="the customer's message")],
+    intents: Intents = None,
+    model: SupportModel = None,
+    queue: Queue = Path("tickets.sqlite"),
+    catalogue: CatalogueOpt = None,
+    backend: AppBackend = "auto",
+    min_similarity: SupportMinSimilarity = 0.35,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole turn as JSON")] = False,
+):
+    """Answer one customer message from the help center, or hand it to a person (a ticket in --queue)."""
+    from slmkit.recipes.support import close_assistant, open_assistant
+    assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
+                               min_similarity=min_similarity)
+    try:
+        _print_turn(assistant.handle([{"role": "user", "content": message}]), as_json)
+    finally:
+        close_assistant(assistant)
+
+
+@command(support_app, "chat")
+def support_chat(
+    kb: HelpKb,
+    intents: Intents = None,
+    model: SupportModel = None,
+    queue: Queue = Path("tickets.sqlite"),
+    catalogue: CatalogueOpt = None,
+    backend: AppBackend = "auto",
+    min_similarity: SupportMinSimilarity = 0.35,
+):
+    """A conversation with the assistant on stdin, one customer message per line; context is kept over turns, and
+    after a hand-off the person has the whole conversation in the ticket."""
+    from slmkit.recipes.support import close_assistant, open_assistant
+    assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
+                               min_similarity=min_similarity)
+    messages = []
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.strip()})
+            turn = assistant.handle(messages)
+            messages.append({"role": "assistant", "content": turn.reply})
+            _print_turn(turn, as_json=False)
+    finally:
+        close_assistant(assistant)
+
+
+@command(support_app, "tickets")
+def support_tickets(
+    queue: Annotated[Path, typer.Argument(help="the ticket store (.sqlite)")] = Path("tickets.sqlite"),
+    status: Annotated[str, typer.Option(help="open | closed | all")] = "open",
+    answer: Annotated[tuple[str, str] | None, typer.Option(help="TICKET TEXT: reply to a ticket and close it")]
+    = None,
+    close: Annotated[str | None, typer.Option(help="TICKET: close it without a reply")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per ticket")] = False,
+):
+    """List the hand-off tickets people work from; answer or close one."""
+    from slmkit.recipes.support import support_tickets as tickets
+    for t in tickets(queue, status=None if status == "all" else status, answer=answer, close=close):
+        if as_json:
+            typer.echo(json.dumps(t, ensure_ascii=False))
+            continue
+        last = next((m["content"] for m in reversed(t.get("messages", [])) if m.get("role") == "user"),
+                    t.get("prompt", ""))
+        typer.echo(f"{t['ticket']}  {t['status']:<6}  {t['reason'] or '-':<20}  {t['intent'] or '-':<24}  "
+                   f"{' '.join(str(last).split())[:70]}")
+
+
+@command(support_app, "eval")
+def support_eval(
+    kb: HelpKb,
+    messages: Annotated[Path, typer.Option(help="customer messages (JSONL in ../shared/data/support's format)")],
+    out: Annotated[Path, _out("folder for results.json, replies.jsonl and the tickets")],
+    intents: Intents = None,
+    model: SupportModel = None,
+    catalogue: CatalogueOpt = None,
+    backend: AppBackend = "auto",
+    min_similarity: SupportMinSimilarity = 0.35,
+    limit: Annotated[int | None, typer.Option(help="only the first N messages")] = None,
+):
+    """Score the assistant on a messages file: intent_accuracy, handoff_precision, handoff_recall, auto_resolved,
+    wrong_reply_rate (OUT/results.json)."""
+    from slmkit.recipes.support import support_eval as run
+    results = run(kb, messages, out, model=model, intents=intents, catalogue=catalogue, backend=backend,
+                  min_similarity=min_similarity, limit=limit, log=_log)
+    typer.echo(json.dumps(results, indent=2))
 
 
 Catalogue = Annotated[Path, typer.Argument(help="product catalogue CSV (sku,name,category,price_eur,key_features,"

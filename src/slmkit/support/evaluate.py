@@ -1,0 +1,132 @@
+"""`slm support eval`: the assistant on a file of customer messages (../shared/data/support's format), scored.
+
+    {"id", "message", "intent", "answer_articles": ["shipping.md"], "answer_keywords": ["€6.95"],
+     "escalate": false, "escalate_reason": ""}
+
+OUT/results.json holds at least `intent_accuracy`, `handoff_precision`, `handoff_recall`, `auto_resolved` (share
+of all messages answered without a person) and `wrong_reply_rate` (share of automatic replies that miss an
+answer keyword), and besides: macro-F1 of the intents, recall per escalation reason, safety messages answered
+automatically (must be 0), article hit@1/3/5, keyword recall of the replies, the error rate among automatic
+replies (an automatic reply is an error when the message should have gone to a person or the reply misses a
+keyword), and the largest automatic share whose error rate stays at or under 5% and 10% when the confidence
+threshold is swept (the rules' hand-offs stay hand-offs). OUT/replies.jsonl holds every turn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from slmkit.eval.metrics import classification_report
+from slmkit.files import atomic_write_json, atomic_write_text, iter_jsonl
+from slmkit.kb.retrieve import search
+from slmkit.support.rules import handoff_reasons
+
+FIELDS = ("message", "intent", "answer_articles", "answer_keywords", "escalate")
+
+
+def read_messages(path: str | Path) -> list[dict]:
+    """Support messages; a record without the fields scoring needs is reported as file:line."""
+    out = []
+    for n, record in iter_jsonl(path):
+        missing = [f for f in FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)} (support messages need "
+                             f"{', '.join(FIELDS)})")
+        if not isinstance(record["message"], str) or not record["message"].strip():
+            raise ValueError(f"{path}:{n}: `message` must be a non-empty string")
+        out.append(record)
+    return out
+
+
+def has_keyword(reply: str, keyword: str) -> bool:
+    """Case-insensitive substring after collapsing whitespace runs (the data's README rule)."""
+    def norm(s: str) -> str:
+        return re.sub(r"\s+", " ", s).lower()
+    return norm(keyword) in norm(reply)
+
+
+def evaluate_support(assistant, messages: list[dict], out: str | Path | None = None, log=None) -> dict:
+    """Run `assistant` (SupportAssistant) on every message (each its own conversation) and score it."""
+    records = []
+    for i, m in enumerate(messages, 1):
+        turn = assistant.handle([{"role": "user", "content": m["message"]}])
+        top5 = [Path(h.path).name for h in search(assistant.kb, m["message"], k=5, mode=assistant.mode)]
+        keywords = m["answer_keywords"]
+        found = [has_keyword(turn.draft, k) for k in keywords]
+        records.append({**turn.to_dict(), "id": m.get("id"), "gold_intent": m["intent"],
+                        "gold_escalate": bool(m["escalate"]), "gold_reason": m.get("escalate_reason", ""),
+                        "gold_articles": m["answer_articles"], "retrieved_5": top5,
+                        "keywords_found": sum(found), "keywords": len(keywords), "all_keywords": all(found),
+                        "rule": bool(handoff_reasons(m["message"]))})
+        if log:
+            log(f"[{i}/{len(messages)}] {'hand-off ' + turn.reason if turn.handoff else 'auto'}: {m['message'][:60]}")
+    metrics = support_metrics(records)
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "replies.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_json(out / "results.json", metrics)
+    return metrics
+
+
+def support_metrics(records: list[dict]) -> dict:
+    n = len(records)
+    if not n:
+        raise ValueError("no messages to evaluate")
+    labels = sorted({r["gold_intent"] for r in records} | {r["intent"] for r in records})
+    report = classification_report([r["gold_intent"] for r in records], [r["intent"] for r in records], labels)
+    handed = [r for r in records if r["handoff"]]
+    gold = [r for r in records if r["gold_escalate"]]
+    auto = [r for r in records if not r["handoff"]]
+    with_kw = [r for r in auto if r["keywords"]]
+    reasons = sorted({r["gold_reason"] for r in gold})
+    with_articles = [r for r in records if r["gold_articles"]]
+
+    def hit(k: int) -> float | None:
+        if not with_articles:
+            return None
+        return round(sum(bool(set(r["retrieved_5"][:k]) & set(r["gold_articles"])) for r in with_articles)
+                     / len(with_articles), 4)
+
+    def ratio(a: int, b: int) -> float | None:
+        return round(a / b, 4) if b else None
+
+    return {
+        "messages": n,
+        "intent_accuracy": round(report["accuracy"].value, 4),
+        "intent_macro_f1": round(report["macro_f1"].value, 4),
+        "handoff_precision": ratio(sum(r["gold_escalate"] for r in handed), len(handed)),
+        "handoff_recall": ratio(sum(r["handoff"] for r in gold), len(gold)),
+        "auto_resolved": ratio(len(auto), n),
+        "wrong_reply_rate": ratio(sum(not r["all_keywords"] for r in with_kw), len(auto)),
+        "auto_error_rate": ratio(sum(_auto_error(r) for r in auto), len(auto)),
+        "recall_by_reason": {reason: ratio(sum(r["handoff"] for r in gold if r["gold_reason"] == reason),
+                                           sum(r["gold_reason"] == reason for r in gold)) for reason in reasons},
+        "handoff_reasons": {reason: sum(r["reason"] == reason for r in handed)
+                            for reason in sorted({r["reason"] for r in handed})},
+        "safety_auto_answered": sum(r["gold_reason"] == "safety" and not r["handoff"] for r in records),
+        "article_hit_at_1": hit(1), "article_hit_at_3": hit(3), "article_hit_at_5": hit(5),
+        "keyword_recall": ratio(sum(r["keywords_found"] for r in with_kw), sum(r["keywords"] for r in with_kw)),
+        "auto_resolved_at_error": {str(e): auto_share_at_error(records, e) for e in (0.05, 0.10)},
+    }
+
+
+def _auto_error(r: dict) -> bool:
+    return r["gold_escalate"] or not r["all_keywords"]
+
+
+def auto_share_at_error(records: list[dict], max_error: float) -> dict:
+    """Sweep the confidence threshold over the messages no rule hands off: the largest share of all messages
+    answered automatically with an error rate at or under `max_error`, and the threshold that gives it."""
+    free = sorted((r for r in records if not r["rule"]), key=lambda r: -r["confidence"])
+    best = {"auto_resolved": 0.0, "threshold": None, "error_rate": None}
+    errors = 0
+    for i, r in enumerate(free, 1):
+        errors += _auto_error(r)
+        tied = i < len(free) and free[i]["confidence"] == r["confidence"]
+        if not tied and errors / i <= max_error and i / len(records) > best["auto_resolved"]:
+            best = {"auto_resolved": round(i / len(records), 4), "threshold": r["confidence"],
+                    "error_rate": round(errors / i, 4)}
+    return best
