@@ -77,7 +77,7 @@ REWRITES = [
 # Options that need an optional extra: without it installed the command is not run (`make test` installs all).
 EXTRAS = {("--backend", "llamacpp"): "llama_cpp", ("--format", "onnx"): "onnxscript"}
 # What stdin holds for an interactive command.
-STDIN = {("chat",): "hello\n/exit\n"}
+STDIN = {("chat",): "hello\n/exit\n", ("support", "chat"): "How much is shipping?\nI want a real person\n"}
 # Shell variables the README uses, relative to the working directory.
 VARIABLES = {"LIB": "lib", "KEY": "test-key"}
 
@@ -120,7 +120,7 @@ def _importable(module: str) -> bool:
 
 
 def _kind(words: list[str]) -> tuple[str, ...]:
-    return tuple(words[1:3]) if words[1] in ("data", "classify", "kb") else (words[1],)
+    return tuple(words[1:3]) if words[1] in ("data", "classify", "kb", "support") else (words[1],)
 
 
 def _expand(word: str) -> str:
@@ -209,6 +209,13 @@ WORLD_FILES = {  # what the README's commands read, by the names they use
          "topics": ["reference"], "answerable": True},
         {"id": "q2", "question": "How tall is the moon?", "answer": "", "answer_keywords": [], "topics": [],
          "answerable": False}],
+    "help-center/shipping.md": lambda: "# Shipping\n\nShipping to Norway costs €19.95 and takes 5-8 days.\n",
+    "help-center/returns.md": lambda: "# Returns\n\nReturn any product within 30 days for a refund.\n",
+    "messages.jsonl": lambda: [  # ../shared/data/support's format, for `slm support eval`
+        {"id": "m1", "message": "How much is shipping to Norway?", "intent": "shipping",
+         "answer_articles": ["shipping.md"], "answer_keywords": ["€19.95"], "escalate": False, "escalate_reason": ""},
+        {"id": "m2", "message": "Can I talk to a real person?", "intent": "other", "answer_articles": [],
+         "answer_keywords": [], "escalate": True, "escalate_reason": "asks_for_human"}],
     "catalogue.csv": lambda: (  # the marketing writer's catalogue
         "sku,name,category,price_eur,key_features,warranty_years,in_stock\n"
         "KB-PRO2,Kettleby Pro 2 espresso machine,espresso_machine,649.00,58 mm portafilter; steam wand,2,true\n"
@@ -237,6 +244,10 @@ BENCHMARKS = {  # the records slmkit.eval.benchmarks writes, a few each
 
 def _example_file(rel: str, commands: list[list[str]]) -> None:
     """A README-named file of examples/ as the repository has it, reading tiny data instead of ../shared/data."""
+    if rel.endswith(".json"):  # plain data (the support intents): as it is
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        Path(rel).write_text((REPO / rel).read_text(encoding="utf-8"), encoding="utf-8")
+        return
     spec = yaml.safe_load((REPO / rel).read_text(encoding="utf-8"))
     path = Path(rel)
     path.parent.mkdir(parents=True, exist_ok=True)
