@@ -272,8 +272,25 @@ def _run_perplexity(lm, task: Task, items, **_) -> list[dict]:
             for item, (nats, tokens) in zip(items, scored, strict=True)]
 
 
+_KBS: dict = {}  # open knowledge bases by folder: one embedder load per evaluation, not one per batch
+
+
+def _run_kb(lm, task: Task, items, **_) -> list[dict]:
+    from slmkit.kb.evaluate import question_record
+    from slmkit.kb.index import open_kb
+    kb = None
+    if task.retrieval != "none":
+        kb = _KBS.get(task.kb) or _KBS.setdefault(task.kb, open_kb(task.kb))
+    out = []
+    for item in items:
+        record, timing = question_record(kb, item, lm, mode=task.retrieval, k=task.sources,
+                                         min_similarity=task.min_similarity, max_new_tokens=task.max_new_tokens)
+        out.append({**record, **timing})
+    return out
+
+
 _RUNNERS = {"choice": _run_choice, "classify": _run_choice, "generate": _run_generate, "code": _run_code,
-            "perplexity": _run_perplexity}
+            "perplexity": _run_perplexity, "kb": _run_kb}
 
 
 # --- scorers: records -> metrics -------------------------------------------------------------------------------
@@ -340,8 +357,16 @@ def _score_perplexity(task: Task, records, samples):
     return out, {"bytes": sum(r["bytes"] for r in records), "tokens": sum(r["tokens"] for r in records)}
 
 
+def _score_kb(task: Task, records, samples):
+    """`slm kb eval`'s six numbers, the shares with their intervals; those nothing was counted for are left out."""
+    from slmkit.kb.evaluate import tallies
+    out = {name: M.Metric(total / n, n=n) if name == "mrr" else M.proportion(total, n)
+           for name, (total, n) in tallies(records).items() if n or name == task.main_metric}
+    return out, {}
+
+
 _SCORERS = {"choice": _score_choice, "classify": _score_classify, "generate": _score_generate,
-            "code": _score_code, "perplexity": _score_perplexity}
+            "code": _score_code, "perplexity": _score_perplexity, "kb": _score_kb}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Five kinds cover the field:
     generate    items {"question", "answer"}: generated text scored by exact match, a regex or a final number
     code        items {"prompt", "test", "entry_point"}: generated code run against tests in a sandbox (pass@k)
     classify    items {"text", "label"}: the label whose verbaliser the model finds most likely
+    kb          items {"question", "answer_keywords", "topics", "answerable"} (kb-python's format) over a knowledge
+                base (`kb:` in the YAML, a folder from `slm kb index`): retrieval, answers with citations or
+                abstention, scored as `slm kb eval` scores them (hit_at_5, answer_correct, citation_precision, ...)
 
 Built-in tasks: mmlu (letter answers, as in the MMLU paper), mmlu_cloze (the answer texts, as SmolLM2's authors
 report it), gsm8k, humaneval (registry packages, see benchmarks.py) and python (held-out standard-library test
@@ -23,10 +26,10 @@ from pathlib import Path
 
 from slmkit.files import iter_jsonl
 
-KINDS = ("perplexity", "choice", "generate", "code", "classify")
+KINDS = ("perplexity", "choice", "generate", "code", "classify", "kb")
 BUILTIN = ("mmlu", "mmlu_cloze", "gsm8k", "humaneval", "python")
 MAIN_METRIC = {"perplexity": "bits_per_byte", "choice": "acc", "generate": "exact_match", "code": "pass@1",
-               "classify": "accuracy"}
+               "classify": "accuracy", "kb": "answer_correct"}
 LOWER_IS_BETTER = {"bits_per_byte", "token_loss"}
 
 
@@ -57,6 +60,11 @@ class Task:
     # classify
     labels: list[str] | None = None
     verbalizers: dict[str, str] | None = None  # label -> the words the model scores (default: the label)
+    # kb
+    kb: str | None = None  # the knowledge base folder (relative to the YAML file)
+    retrieval: str = "hybrid"  # hybrid | bm25 | dense | none (closed book)
+    sources: int = 3  # chunks shown to the model
+    min_similarity: float = 0.45  # abstain below this best-chunk similarity
     # perplexity
     stride: int | None = None  # default: half the model's context
     description: str = ""
@@ -75,6 +83,8 @@ class Task:
             self.verbalizers = {label: (self.verbalizers or {}).get(label, label.replace("_", " "))
                                 for label in self.labels}
         self.main_metric = self.main_metric or MAIN_METRIC[self.kind]
+        if self.kind == "kb" and not self.kb and self.retrieval != "none":
+            raise ValueError(f"task {self.name!r}: a kb task needs `kb:`, the knowledge base folder (slm kb index)")
         for i, item in enumerate(self.items):
             item.setdefault("id", f"{self.name}/{i}")
             _check_item(self, item, i)
@@ -100,7 +110,7 @@ class Task:
 
 
 _REQUIRED = {"perplexity": ("text",), "choice": ("answer",), "generate": ("answer",),
-             "code": ("prompt", "test", "entry_point"), "classify": ("label",)}
+             "code": ("prompt", "test", "entry_point"), "classify": ("label",), "kb": ("question",)}
 
 
 def _check_item(task: Task, item: dict, i: int) -> None:
@@ -116,6 +126,9 @@ def _check_item(task: Task, item: dict, i: int) -> None:
         if not isinstance(item["answer"], int) or not 0 <= item["answer"] < n:
             raise ValueError(f"{where}: `answer` must be the index (0..{n - 1}) of the right choice, "
                              f"got {item['answer']!r}")
+    if task.kind == "kb":
+        from slmkit.kb.evaluate import check_question
+        item.update(check_question(item, where))
     if task.kind == "classify" and str(item["label"]) not in task.labels:
         raise ValueError(f"{where}: label {item['label']!r} is not one of the task's labels {task.labels}")
 
@@ -209,6 +222,8 @@ def _from_yaml(path: Path, overrides: dict) -> Task:
     spec = dict(spec)
     spec.setdefault("name", path.stem)
     spec["items"] = read_items(path.parent / spec.pop("data"))
+    if spec.get("kb"):
+        spec["kb"] = str(path.parent / spec["kb"])
     if "fewshot_data" in spec:
         spec["fewshot_items"] = read_items(path.parent / spec.pop("fewshot_data"))
     return _make(Task, spec, overrides, where=str(path))

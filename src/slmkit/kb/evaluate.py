@@ -36,18 +36,7 @@ def read_questions(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such question file")
     questions = []
     for n, q in iter_jsonl(path):
-        if not isinstance(q.get("question"), str) or not q["question"].strip():
-            raise ValueError(f"{path}:{n}: no \"question\" (a non-empty string)")
-        answerable = q.get("answerable", bool(q.get("topics")))
-        if not isinstance(answerable, bool):
-            raise ValueError(f"{path}:{n}: \"answerable\" must be true or false")
-        for name in ("topics", "answer_keywords"):
-            if not isinstance(q.get(name, []), list) or not all(isinstance(x, str) for x in q.get(name, [])):
-                raise ValueError(f"{path}:{n}: \"{name}\" must be a list of strings")
-        if answerable and not q.get("topics"):
-            raise ValueError(f"{path}:{n}: an answerable question needs its gold \"topics\" (source file stems)")
-        questions.append({**q, "id": q.get("id", f"line-{n}"), "answerable": answerable,
-                          "topics": q.get("topics", []), "answer_keywords": q.get("answer_keywords", [])})
+        questions.append({**check_question(q, f"{path}:{n}"), "id": q.get("id", f"line-{n}")})
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
@@ -70,24 +59,28 @@ def _share(values: list[bool]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def score(records: list[dict]) -> dict:
-    """The six numbers from per-question records: `answerable`, `gold_ranks` (1-based ranks of gold chunks in
-    the retrieved list, or None when retrieval did not run), `abstained`, `correct` (None without a model) and
-    `citations_gold` (a bool per citation)."""
+def tallies(records: list[dict]) -> dict[str, tuple[float, int]]:
+    """Each of the six numbers as (total, count) over the questions (or citations) it is a share of, from
+    per-question records: `answerable`, `gold_ranks` (1-based ranks of gold chunks in the retrieved list, or None
+    when retrieval did not run), `abstained`, `correct` (None without a model) and `citations_gold` (a bool per
+    citation). mrr's total is the sum of reciprocal ranks."""
     answerable = [r for r in records if r["answerable"]]
     unanswerable = [r for r in records if not r["answerable"]]
     retrieved = [r for r in answerable if r["gold_ranks"] is not None]
     answered = [r for r in answerable if r["correct"] is not None]
     citations = [g for r in records for g in r["citations_gold"]]
     first = [min(r["gold_ranks"], default=None) for r in retrieved]
-    return {
-        "hit_at_5": _share([f is not None and f <= 5 for f in first]),
-        "mrr": round(sum(1 / f for f in first if f is not None and f <= MRR_DEPTH) / len(first), 4) if first else None,
-        "answer_correct": _share([r["correct"] for r in answered]),
-        "citation_precision": _share(citations),
-        "abstain_recall": _share([r["abstained"] for r in unanswerable]),
-        "false_abstain_rate": _share([r["abstained"] for r in answerable]),
-    }
+    return {"hit_at_5": (sum(f is not None and f <= 5 for f in first), len(first)),
+            "mrr": (sum(1 / f for f in first if f is not None and f <= MRR_DEPTH), len(first)),
+            "answer_correct": (sum(bool(r["correct"]) for r in answered), len(answered)),
+            "citation_precision": (sum(citations), len(citations)),
+            "abstain_recall": (sum(r["abstained"] for r in unanswerable), len(unanswerable)),
+            "false_abstain_rate": (sum(r["abstained"] for r in answerable), len(answerable))}
+
+
+def score(records: list[dict]) -> dict:
+    """The six numbers (None where nothing was counted: no model, no retrieval, no citation)."""
+    return {name: round(total / n, 4) if n else None for name, (total, n) in tallies(records).items()}
 
 
 def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: str = "hybrid", k: int = TOP_K,
@@ -103,37 +96,12 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
         raise ValueError(f"mode {mode} retrieves: give a knowledge base")
     records, latency = [], []
     for i, q in enumerate(questions, 1):
-        start = time.perf_counter()
-        hits = search(kb, q["question"], k=max(MRR_DEPTH, k), mode=mode, rerank=rerank) if mode != "none" else None
-        search_s = time.perf_counter() - start
-        if lm is None:
-            answer = None
-            abstained = not hits or max(h.similarity for h in hits[:k]) < min_similarity
-        elif mode == "none":
-            answer = ask_closed_book(q["question"], lm, max_new_tokens=max_new_tokens)
-        else:
-            answer = ask(kb, q["question"], lm, k=k, min_similarity=min_similarity, hits=hits[:k],
-                         max_new_tokens=max_new_tokens)
-        if answer is not None:
-            abstained = answer.abstained
-        latency.append({"search_s": search_s if hits is not None else None,
-                        "ttft_s": None if answer is None else answer.ttft_s,
-                        "total_s": None if answer is None else answer.total_s + search_s})
-        records.append({
-            "id": q["id"], "question": q["question"], "answerable": q["answerable"], "topics": q["topics"],
-            "gold_ranks": None if hits is None else [r for r, h in enumerate(hits, 1) if is_gold(h.path, q["topics"])],
-            "retrieved": None if hits is None else [f"{Path(h.path).name}:{h.lines}" for h in hits[:5]],
-            # what the abstention threshold is compared with, kept so a threshold can be tuned from this file
-            "similarity": None if not hits else round(max(h.similarity for h in hits[:k]), 4),
-            "abstained": abstained,
-            "answer": None if answer is None else answer.text,
-            "correct": None if answer is None or not q["answerable"] else
-            (not abstained and keywords_present(answer.text, q["answer_keywords"])),
-            "citations": [] if answer is None else [f"[{c.n}] {Path(c.path).name}:{c.lines}" for c in answer.citations],
-            "citations_gold": [] if answer is None else [is_gold(c.path, q["topics"]) for c in answer.citations],
-        })
+        record, timing = question_record(kb, q, lm, mode=mode, k=k, min_similarity=min_similarity, rerank=rerank,
+                                         max_new_tokens=max_new_tokens)
+        records.append(record)
+        latency.append(timing)
         if log:
-            log(f"{i}/{len(questions)} {q['id']}: {'abstained' if abstained else 'answered'}")
+            log(f"{i}/{len(questions)} {q['id']}: {'abstained' if record['abstained'] else 'answered'}")
     results = {**score(records),
                "counts": {"questions": len(records), "answerable": sum(r["answerable"] for r in records),
                           "citations": sum(len(r["citations_gold"]) for r in records)},
@@ -146,6 +114,58 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
         atomic_write_text(out / "answers.jsonl", "".join(_json_line(r) for r in records))
         atomic_write_json(out / "results.json", results)
     return results
+
+
+def question_record(kb: KnowledgeBase | None, q: dict, lm=None, mode: str = "hybrid", k: int = TOP_K,
+                    min_similarity: float = MIN_SIMILARITY, rerank: Reranker | None = None,
+                    max_new_tokens: int = 160) -> tuple[dict, dict]:
+    """One question through retrieval (and `ask` with an `lm`): its record for `score`, and its timings."""
+    start = time.perf_counter()
+    hits = search(kb, q["question"], k=max(MRR_DEPTH, k), mode=mode, rerank=rerank) if mode != "none" else None
+    search_s = time.perf_counter() - start
+    if lm is None:
+        answer = None
+        abstained = not hits or max(h.similarity for h in hits[:k]) < min_similarity
+    elif mode == "none":
+        answer = ask_closed_book(q["question"], lm, max_new_tokens=max_new_tokens)
+    else:
+        answer = ask(kb, q["question"], lm, k=k, min_similarity=min_similarity, hits=hits[:k],
+                     max_new_tokens=max_new_tokens)
+    if answer is not None:
+        abstained = answer.abstained
+    timing = {"search_s": search_s if hits is not None else None,
+              "ttft_s": None if answer is None else answer.ttft_s,
+              "total_s": None if answer is None else answer.total_s + search_s}
+    record = {
+        "id": q["id"], "question": q["question"], "answerable": q["answerable"], "topics": q["topics"],
+        "gold_ranks": None if hits is None else [r for r, h in enumerate(hits, 1) if is_gold(h.path, q["topics"])],
+        "retrieved": None if hits is None else [f"{Path(h.path).name}:{h.lines}" for h in hits[:5]],
+        # what the abstention threshold is compared with, kept so a threshold can be tuned from this file
+        "similarity": None if not hits else round(max(h.similarity for h in hits[:k]), 4),
+        "abstained": abstained,
+        "answer": None if answer is None else answer.text,
+        "correct": None if answer is None or not q["answerable"] else
+        (not abstained and keywords_present(answer.text, q["answer_keywords"])),
+        "citations": [] if answer is None else [f"[{c.n}] {Path(c.path).name}:{c.lines}" for c in answer.citations],
+        "citations_gold": [] if answer is None else [is_gold(c.path, q["topics"]) for c in answer.citations],
+    }
+    return record, timing
+
+
+def check_question(q: dict, where: str) -> dict:
+    """A question with its defaults filled in, or a ValueError naming `where` (file:line) and the field."""
+    if not isinstance(q.get("question"), str) or not q["question"].strip():
+        raise ValueError(f"{where}: no \"question\" (a non-empty string)")
+    answerable = q.get("answerable", bool(q.get("topics")))
+    if not isinstance(answerable, bool):
+        raise ValueError(f"{where}: \"answerable\" must be true or false")
+    for name in ("topics", "answer_keywords"):
+        if not isinstance(q.get(name, []), list) or not all(isinstance(x, str) for x in q.get(name, [])):
+            raise ValueError(f"{where}: \"{name}\" must be a list of strings")
+    if answerable and not q.get("topics"):
+        raise ValueError(f"{where}: an answerable question needs its gold \"topics\" (source file stems)")
+    return {**q, "answerable": answerable, "topics": q.get("topics", []),
+            "answer_keywords": q.get("answer_keywords", [])}
 
 
 def _json_line(record: dict) -> str:
