@@ -169,6 +169,8 @@ def _bad_inputs(tmp):
         (train("--set", "n_layers=-2"), "n_layers=-2: must be a positive integer"),
         (train("--set", "dim=30"), "dim=30 must be divisible by n_heads=4"),
         (train("--set", "dim=wide"), "dim='wide': expected an integer"),
+        (train("--objective", "xlm"), "unknown objective 'xlm'; choose one of clm, mlm"),
+        (train("--objective", "mlm"), "preset 'nano' is a decoder preset; --objective mlm trains an encoder"),
         (["finetune", missing, *out, "--data", str(huge), "--max-steps", "1"], "missing"),
         (["merge", missing, missing, *out], "missing"),
         (["distill", "--data", str(data), *out, "--teacher", missing, "--max-steps", "1"], "missing"),
