@@ -71,8 +71,9 @@ def main() -> None:
     ap.add_argument("--preset", default="enc-tiny")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=50)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -94,8 +95,8 @@ def main() -> None:
     # RoBERTa's AdamW settings (beta2 0.98, weight decay 0.01); dropout off: one pass over a few million tokens
     # does not overfit, and dropout only slows a model this far from convergence
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                   warmup_steps=100, beta2=0.98, weight_decay=0.01, max_minutes=args.minutes, eval_every=200,
-                   eval_tokens=65536, save_every=500, log_every=20, progress=False)
+                   warmup_steps=args.warmup_steps, beta2=0.98, weight_decay=0.01, max_minutes=args.minutes,
+                   eval_every=200, eval_tokens=65536, save_every=500, log_every=20, progress=False)
     torch.manual_seed(0)
     encoder = mlm.build_encoder(args.preset, {"dropout": 0.0}, vocab, args.seq_len)
     untrained = mlm.evaluate(encoder, data, vocab, args.seq_len, args.batch_size, torch.device("cpu"), "fp32")

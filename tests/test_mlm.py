@@ -161,6 +161,13 @@ def test_mlm_learns_and_its_model_loads_in_transformers_and_the_embedder(text_da
     assert torch.equal(load_encoder_dir(run / "checkpoint").embeddings.word_embeddings.weight,
                        ours.embeddings.word_embeddings.weight)
 
+    # continued pretraining (--init-from the encoder) starts where it ended, with its tokenizer
+    more = train(mlm_config(text_data, tmp_path / "more", init_from=str(model_dir), model_overrides={}, max_steps=2))
+    assert more["parameters"] == ours.num_params()
+    assert read_metrics(tmp_path / "more" / "metrics.jsonl")[0]["loss"] < uniform - 1.0
+    with pytest.raises(ValueError, match="the shape of a continued encoder"):
+        train(mlm_config(text_data, tmp_path / "more2", init_from=str(model_dir), max_steps=2))
+
     from slmkit.lm.embedder import Embedder, load_embedder
     emb = load_embedder(str(model_dir))
     assert isinstance(emb, Embedder)
@@ -169,7 +176,7 @@ def test_mlm_learns_and_its_model_loads_in_transformers_and_the_embedder(text_da
     v = emb.embed(["the cat sat", "the cat sat", "birds sang"])
     assert v.shape == (3, 32) and torch.allclose(v.norm(dim=1), torch.ones(3))
     assert torch.allclose(v[0], v[1])
-    r = runner.invoke(app, ["embed", str(model_dir), "the cat sat"])
+    r = runner.invoke(app, ["embed", str(run), "the cat sat"])  # a run directory names its model
     assert r.exit_code == 0, r.output
     assert np.allclose(json.loads(r.output.strip()), v[0].numpy(), atol=1e-5)
 
@@ -228,8 +235,9 @@ def test_bad_mlm_inputs_are_one_line_errors(token_data, tmp_path):
         TrainConfig(data="d", out="o", objective="span", max_steps=1)
     assert TrainConfig(data="d", out="o", objective="mlm", max_steps=1).preset == "enc-tiny"
     assert TrainConfig(data="d", out="o", max_steps=1).preset == "micro"
-    with pytest.raises(ValueError, match="objective mlm pretrains an encoder from scratch; init_from"):
-        mlm_config(token_data, tmp_path / "r", init_from="m", max_steps=1)
+    from slmkit.distill.kd import DistillConfig
+    with pytest.raises(ValueError, match="objective mlm pretrains an encoder; distill is for causal LMs"):
+        mlm_config(token_data, tmp_path / "r", distill=DistillConfig(teacher="t"), max_steps=1)
     with pytest.raises(ValueError, match="masked-LM pretraining reads a token dataset"):
         train(mlm_config(tmp_path / "sft.jsonl", tmp_path / "r", max_steps=1))
     with pytest.raises(ValueError, match="seq_len 64 exceeds the encoder's 32 positions"):

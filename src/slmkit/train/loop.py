@@ -105,11 +105,11 @@ class TrainConfig:
         if not self.init_from:
             mlm.check_preset(self.preset, self.objective)
         if self.objective == "mlm":
-            unsupported = [name for name, on in (("init_from", self.init_from), ("lora", self.lora),
-                                                 ("distill", self.distill), ("loss_chunk", self.loss_chunk)) if on]
+            unsupported = [name for name, on in (("lora", self.lora), ("distill", self.distill),
+                                                 ("loss_chunk", self.loss_chunk)) if on]
             if unsupported:
-                raise ValueError(f"objective mlm pretrains an encoder from scratch; {unsupported[0]} is for "
-                                 "causal LMs (--objective clm)")
+                raise ValueError(f"objective mlm pretrains an encoder; {unsupported[0]} is for causal LMs "
+                                 "(--objective clm)")
         self._check_numbers()
         if not (self.max_steps or self.max_tokens or self.max_minutes):
             raise ValueError("set a budget: max_steps, max_tokens and/or max_minutes")
@@ -248,14 +248,17 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     run = Path(cfg.out)
     data, tokenizer = open_training_data(cfg)
     # masked LM: the dataset's tokenizer + <mask>, saved with the encoder (train/mlm.py)
-    vocab = mlm.mlm_vocab(data, tokenizer) if cfg.objective == "mlm" else None
+    vocab = mlm.mlm_vocab(data, tokenizer, cfg.init_from) if cfg.objective == "mlm" else None
     if vocab is not None:
         tokenizer = vocab.tokenizer
 
     torch.manual_seed(cfg.seed)
     if vocab is not None:
-        model = mlm.build_encoder(cfg.preset, cfg.model_overrides, vocab, cfg.seq_len).to(device)
+        model = (mlm.continued_encoder(cfg.init_from, cfg.model_overrides, vocab, cfg.seq_len) if cfg.init_from
+                 else mlm.build_encoder(cfg.preset, cfg.model_overrides, vocab, cfg.seq_len)).to(device)
         n_params, flops_per_token = model.num_params(), mlm.flops_per_token(model.cfg, cfg.seq_len)
+        if tokenizer is not None:  # transformers truncates at the positions the encoder has
+            tokenizer.model_max_length = model.cfg.max_positions
     else:
         model = build_model(cfg, data, tokenizer).to(device)
         n_params, flops_per_token = model.cfg.num_params(), model.cfg.flops_per_token(cfg.seq_len)

@@ -92,10 +92,13 @@ def mlm_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
                      model_max_length=tokenizer.model_max_length, add_bos=tokenizer.add_bos)
 
 
-def mlm_vocab(data: TokenDataset, tokenizer: Tokenizer | None) -> MLMVocab:
+def mlm_vocab(data: TokenDataset, tokenizer: Tokenizer | None, init_from: str | None = None) -> MLMVocab:
     """The masked-LM ids for `data`; `tokenizer` is the dataset's (None for a dataset without one: then <mask>
-    and <pad> are the two ids after its vocabulary, and there are no bos/eos)."""
+    and <pad> are the two ids after its vocabulary, and there are no bos/eos). Continuing an encoder
+    (`init_from`), its own tokenizer is used, which must give every id of the dataset's the same meaning."""
     base = data.vocab_size
+    if init_from is not None:
+        tokenizer = _continued_tokenizer(init_from, tokenizer, data)
     split = data.meta["splits"]["val"]
     mean_bytes = split["bytes"] / max(1, split["tokens"] - split.get("documents", 0))
     if tokenizer is None:
@@ -112,6 +115,20 @@ def mlm_vocab(data: TokenDataset, tokenizer: Tokenizer | None) -> MLMVocab:
     return MLMVocab(vocab_size=vocab, mask_id=tok.mask_id, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
                     special_ids=special, random_ids=np.setdiff1d(np.arange(base), special),
                     token_bytes=_byte_level_lengths(tok, vocab, special), mean_bytes=mean_bytes, tokenizer=tok)
+
+
+def _continued_tokenizer(init_from: str, data_tokenizer: Tokenizer | None, data: TokenDataset) -> Tokenizer:
+    from slmkit.tokenizer import load_tokenizer
+    tok = load_tokenizer(init_from)
+    fix = f"tokenize the data with it: `slm data prepare ... --tokenizer {init_from}`"
+    if data_tokenizer is None:
+        raise ValueError(f"{data.path} has no tokenizer/ to check against {init_from}'s; {fix}")
+    theirs = tok.hf.get_vocab()
+    if any(theirs.get(t) != i for t, i in data_tokenizer.hf.get_vocab().items()):
+        raise ValueError(f"{data.path} was tokenized with another tokenizer than {init_from}'s; {fix}")
+    if tok.mask_token is None:
+        raise ValueError(f"{init_from}: its tokenizer has no mask token, so it was not trained as a masked LM")
+    return tok
 
 
 def _gpt2_byte_chars() -> dict[str, int]:
@@ -161,6 +178,28 @@ def build_encoder(preset: str, overrides: dict, vocab: MLMVocab, seq_len: int) -
         raise ValueError(f"seq_len {seq_len} exceeds the encoder's {cfg.max_positions} positions; use --seq-len "
                          f"{cfg.max_positions} or less, or --set max_positions={seq_len}")
     return Encoder(cfg)
+
+
+def continued_encoder(init_from: str, overrides: dict, vocab: MLMVocab, seq_len: int) -> Encoder:
+    """The encoder directory `init_from` (with its masked-LM head) to train further on the masked-LM objective."""
+    from slmkit.formats.encoder_dir import is_encoder_dir, load_encoder_dir
+    if not is_encoder_dir(init_from):
+        raise ValueError(f"{init_from}: not an encoder directory (BERT/RoBERTa config.json); --objective mlm "
+                         "continues an encoder")
+    if overrides:
+        raise ValueError(f"--set {next(iter(overrides))}: the shape of a continued encoder is {init_from}'s")
+    model = load_encoder_dir(init_from).train()
+    cfg = model.cfg
+    if model.lm_head is None:
+        raise ValueError(f"{init_from}: the encoder has no masked-LM head (a sentence-embedding model, e.g.); "
+                         "masked-LM training needs one")
+    if cfg.vocab_size < vocab.vocab_size or cfg.pad_token_id != vocab.pad_id:
+        raise ValueError(f"{init_from}: its vocabulary ({cfg.vocab_size} ids, pad {cfg.pad_token_id}) is not its "
+                         f"tokenizer's ({vocab.vocab_size} ids, pad {vocab.pad_id})")
+    if seq_len > cfg.max_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the encoder's {cfg.max_positions} positions; use --seq-len "
+                         f"{cfg.max_positions} or less")
+    return model
 
 
 def check_preset(preset: str, objective: str) -> None:
