@@ -285,3 +285,15 @@ def test_ddp_mlm_two_processes_match_one_process_at_the_same_global_batch(token_
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4, abs=1e-5), step
         assert b[step]["masked_acc"] == pytest.approx(a[step]["masked_acc"], abs=1e-6), step
     assert json.loads((tmp_path / "ddp" / "model" / "slmkit.json").read_text())["world_size"] == 2
+
+
+def test_a_gpt2_style_tokenizer_gets_pad_and_mask_appended_and_one_separator_around_texts():
+    from conftest import pulled
+
+    from slmkit.tokenizer import load_tokenizer
+    gpt2 = load_tokenizer(pulled("gpt2-tokenizer"))  # <|endoftext|> is bos and eos; no pad, no mask
+    ext = mlm.mlm_tokenizer(gpt2)
+    assert (ext.pad_id, ext.mask_id) == (gpt2.vocab_size, gpt2.vocab_size + 1)
+    eot = gpt2.bos_id
+    assert ext.hf.encode("hello world").ids == [eot, *gpt2.encode("hello world"), eot]
+    assert ext.hf.encode("say <mask>").ids[-2] == ext.mask_id  # lstrip: the space goes into the mask
