@@ -68,7 +68,17 @@ def test_presets_prints_each_shapes_size_and_cost_as_built():
     assert r.exit_code == 0, r.output
     rows = {m[1]: m for m in re.finditer(r"^(\S+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+dim (\d+), (\d+) layers",
                                          r.output, re.M)}
-    assert set(rows) == set(PRESETS)
+    from slmkit.model.encoder import ENCODER_PRESETS, Encoder, encoder_config
+    assert set(rows) == set(PRESETS) | set(ENCODER_PRESETS)
+    for name in ENCODER_PRESETS:  # the encoders: every weight, and all but the word/position/type embeddings
+        cfg, row = encoder_config(name), rows.pop(name)
+        with torch.device("meta"):
+            params = dict(Encoder(cfg).named_parameters())
+        total = sum(p.numel() for p in params.values())
+        assert int(row[2].replace(",", "")) == total, name
+        assert int(row[3].replace(",", "")) == total - sum(p.numel() for k, p in params.items()
+                                                           if k.startswith("embeddings.") and p.dim() == 2), name
+        assert (int(row[5]), int(row[6])) == (cfg.dim, cfg.n_layers)
     for name, row in rows.items():
         cfg = model_config(name)
         with torch.device("meta"):  # the model as built, counted without allocating it
@@ -169,6 +179,8 @@ def _bad_inputs(tmp):
         (train("--set", "n_layers=-2"), "n_layers=-2: must be a positive integer"),
         (train("--set", "dim=30"), "dim=30 must be divisible by n_heads=4"),
         (train("--set", "dim=wide"), "dim='wide': expected an integer"),
+        (train("--objective", "xlm"), "unknown objective 'xlm'; choose one of clm, mlm"),
+        (train("--objective", "mlm"), "preset 'nano' is a decoder preset; --objective mlm trains an encoder"),
         (["finetune", missing, *out, "--data", str(huge), "--max-steps", "1"], "missing"),
         (["merge", missing, missing, *out], "missing"),
         (["distill", "--data", str(data), *out, "--teacher", missing, "--max-steps", "1"], "missing"),

@@ -176,10 +176,13 @@ def mixture_cmd(
 def train(
     data: Annotated[Path, typer.Option(help="token dataset directory (from `slm data prepare`)")],
     out: RunDir,
-    preset: Annotated[str, typer.Option(help="model shape: see `slm presets`")] = "micro",
+    preset: Annotated[str | None, typer.Option(help="model shape: see `slm presets` (default: micro; with "
+                                                    "--objective mlm an encoder preset, enc-tiny)")] = None,
     set_: ModelSet = None,
     init_from: Annotated[str | None, typer.Option(help="start from this model (a model/run directory or a pulled "
                                                        "name)")] = None,
+    objective: Annotated[str, typer.Option(help="clm: a causal decoder (next-token prediction) | mlm: a "
+                                                "RoBERTa-style encoder (dynamic 15% masking, 80/10/10)")] = "clm",
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 16,
     grad_accum: GradAccum = 1,
@@ -206,9 +209,12 @@ def train(
     resume: Resume = False,
 ):
     """Pretrain (or continue training) a model on a token dataset. Works under torchrun for DDP."""
-    from slmkit.model.config import parse_overrides
+    from slmkit.model.config import ModelConfig, parse_overrides
+    from slmkit.model.encoder import EncoderConfig
     from slmkit.recipes.pretrain import pretrain
-    pretrain(data, out, preset=preset, model_overrides=parse_overrides(set_), init_from=init_from, resume=resume,
+    fields = EncoderConfig if objective == "mlm" else ModelConfig
+    pretrain(data, out, preset=preset, model_overrides=parse_overrides(set_, fields), init_from=init_from,
+             resume=resume, objective=objective,
              seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio,
              optimizer=optimizer, schedule=schedule, decay_frac=decay_frac, warmup_steps=warmup_steps,
              weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
@@ -1081,15 +1087,29 @@ def recommend(
 @command()
 def presets():
     """List the named model shapes with their size and training cost."""
+    import torch
+
     from slmkit.model.config import PRESETS, model_config
+    from slmkit.model.encoder import ENCODER_PRESETS, Encoder, encoder_config
+    from slmkit.train.mlm import flops_per_token
     typer.echo(f"{'preset':<16}{'params':>14}{'non-emb':>14}{'GFLOPs/token':>14}  shape")
     for name in PRESETS:
         c = model_config(name)
         typer.echo(f"{name:<16}{c.num_params():>14,}{c.num_params(include_embeddings=False):>14,}"
                    f"{c.flops_per_token() / 1e9:>14.3f}  dim {c.dim}, {c.n_layers} layers, {c.n_heads}/"
                    f"{c.n_kv_heads} heads, ffn {c.hidden_dim}, vocab {c.vocab_size}, ctx {c.max_seq_len}")
-    typer.echo("non-emb: without the token embedding and an untied LM head (Kaplan et al. 2020); GFLOPs/token: "
-               "training (forward + backward) at the full context")
+    typer.echo("encoders (slm train --objective mlm; RoBERTa layout with its MLM head):")
+    for name in ENCODER_PRESETS:
+        c = encoder_config(name)
+        with torch.device("meta"):  # counted, not allocated
+            n = Encoder(c).num_params()
+        emb = (c.vocab_size + c.position_rows + c.type_vocab_size) * c.dim
+        typer.echo(f"{name:<16}{n:>14,}{n - emb:>14,}{flops_per_token(c, c.max_positions) / 1e9:>14.3f}  dim "
+                   f"{c.dim}, {c.n_layers} layers, {c.n_heads} heads, ffn {c.hidden_dim}, vocab {c.vocab_size}, "
+                   f"ctx {c.max_positions}")
+    typer.echo("non-emb: without the token embedding and an untied LM head (Kaplan et al. 2020; an encoder's: "
+               "without its word, position and type embeddings); GFLOPs/token: training (forward + backward) at the "
+               "full context")
 
 
 def main():  # pragma: no cover

@@ -41,17 +41,19 @@ class Tokenizer:
 
     def __init__(self, hf: tokenizers.Tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, chat_template: str | None = None,
-                 model_max_length: int | None = None, add_bos: bool | None = None):
+                 model_max_length: int | None = None, add_bos: bool | None = None, mask_token: str | None = None):
         self.hf = hf
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.pad_token = pad_token
+        self.mask_token = mask_token  # masked-LM encoders only (RoBERTa's <mask>, BERT's [MASK])
         self.chat_template = chat_template
         self.model_max_length = model_max_length  # written to tokenizer_config.json when known
         # Whether the model saw a bos token in front of every text: true for slmkit's own data (each document
         # starts with bos), false for e.g. SmolLM2, whose "bos" <|im_start|> only opens chat turns.
         self.add_bos = (bos_token is not None) if add_bos is None else add_bos
-        for name, token in [("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)]:
+        for name, token in [("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
+                            ("mask_token", mask_token)]:
             if token is not None and hf.token_to_id(token) is None:
                 raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary")
 
@@ -79,6 +81,10 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self._id(self.pad_token)
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._id(self.mask_token)
 
     @property
     def sha256(self) -> str:
@@ -159,6 +165,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / "tokenizer.json", self.hf.to_str(pretty=True))
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        if self.mask_token:  # only encoders have one; transformers' fill-mask pipeline reads it
+            special["mask_token"] = self.mask_token
         config = {
             # The generic fast tokenizer: transformers takes everything from tokenizer.json.
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -412,7 +420,7 @@ def _read_config(directory: Path) -> dict:
 
     config, special_map = read_json(config_file), read_json(map_file)
     settings = {}
-    for name in ("bos_token", "eos_token", "pad_token"):
+    for name in ("bos_token", "eos_token", "pad_token", "mask_token"):
         # tokenizer_config.json wins; special_tokens_map.json (older transformers) fills what it lacks.
         if name in config or name in special_map:
             settings[name] = _token_name(config.get(name)) or _token_name(special_map.get(name))

@@ -180,12 +180,20 @@ PRESETS: dict[str, dict] = {
 
 def _coerce(name: str, value):
     """Turn a command-line string into the type of ModelConfig's field `name`."""
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    return coerce_field(name, value, ModelConfig)
+
+
+def coerce_field(name: str, value, config=ModelConfig):
+    """Turn a command-line string into the type of the field `name` of the config dataclass `config`
+    (ModelConfig, or the encoder's EncoderConfig)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
     if name not in fields or name == "extra":
         raise ValueError(f"unknown model field {name!r}; known: {', '.join(sorted(set(fields) - {'extra'}))}")
     if not isinstance(value, str):
         return value
-    default = getattr(ModelConfig(), name)
+    default = getattr(config(), name)
+    if isinstance(default, str):
+        return value
     if isinstance(default, bool):
         if value.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{name}={value!r}: expected true or false")
@@ -201,14 +209,15 @@ def _coerce(name: str, value):
         raise ValueError(f"{name}={value!r}: expected {kind}") from None
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    """`["dim=128", "n_layers=2"]` -> {"dim": 128, "n_layers": 2}, typed and validated."""
+def parse_overrides(items: list[str] | None, config=ModelConfig) -> dict:
+    """`["dim=128", "n_layers=2"]` -> {"dim": 128, "n_layers": 2}, typed and validated against the fields of
+    `config` (ModelConfig, or EncoderConfig for an encoder)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like field=value, e.g. n_layers=4")
         k, v = item.split("=", 1)
-        out[k.strip()] = _coerce(k.strip(), v.strip())
+        out[k.strip()] = coerce_field(k.strip(), v.strip(), config)
     return out
 
 

@@ -226,3 +226,26 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: boo
     m = attention_mask.to(hidden.dtype)[..., None]
     pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
     return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+# ---- presets: the encoder shapes `slm train --objective mlm --preset NAME` builds -------------------------------
+# All RoBERTa-flavoured with a masked-LM head (what MLM pretraining from scratch trains); vocab_size, pad_token_id
+# and max_positions are set by the training run from its tokenizer and --seq-len. enc-mini is all-MiniLM-L6-v2's
+# shape (MiniLM-L6-H384), roberta-base RoBERTa-base's (125M parameters with its 50k vocabulary).
+ENCODER_PRESETS: dict[str, dict] = {
+    "enc-tiny": dict(vocab_size=8192, dim=128, n_layers=4, n_heads=4, hidden_dim=512, max_positions=128),
+    "enc-micro": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, hidden_dim=1024, max_positions=256),
+    "enc-mini": dict(vocab_size=30522, dim=384, n_layers=6, n_heads=12, hidden_dim=1536, max_positions=512),
+    "roberta-base": dict(vocab_size=50265, dim=768, n_layers=12, n_heads=12, hidden_dim=3072, max_positions=512),
+}
+
+
+def encoder_config(preset: str = "enc-tiny", **overrides) -> EncoderConfig:
+    """The EncoderConfig of `preset` reshaped by `overrides` (strings from the command line are typed)."""
+    from slmkit.model.config import coerce_field  # here, not at the top, so the presets stay one block
+    if preset not in ENCODER_PRESETS:
+        raise ValueError(f"unknown encoder preset {preset!r}; choose one of: {', '.join(ENCODER_PRESETS)}")
+    fields = {"flavour": "roberta", "mlm_head": True, "norm_eps": 1e-5, **ENCODER_PRESETS[preset]}
+    for k, v in overrides.items():
+        fields[k] = coerce_field(k, v, EncoderConfig)
+    return EncoderConfig(**fields)

@@ -4,7 +4,8 @@ Everything is safetensors or JSON (never pickle), and the directory is replaced 
 file fsynced, then two renames; a kill between them is repaired by `recover_dir` on resume), so a run killed at any
 moment resumes from the last complete checkpoint. optimizer.safetensors holds AdamW's per-parameter tensors (and
 the torch RNG state); trainer_state.json the step, tokens and elapsed time, plus the optimizer's scalars.
-Resume refuses a checkpoint made for another model shape or other data, with a one-line error.
+Resume refuses a checkpoint made for another model shape or other data, with a one-line error. A masked-LM run's
+model files are an encoder directory (formats/encoder_dir.py) instead of a decoder's.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slmkit.files import atomic_dir, atomic_write_json, recover_dir
+from slmkit.formats.encoder_dir import load_encoder_dir, save_encoder_dir
 from slmkit.formats.hf_dir import load_model_dir, read_provenance, save_model_dir
 from slmkit.model.config import ModelConfig
+from slmkit.model.encoder import Encoder, EncoderConfig
 from slmkit.model.llama import Transformer
 from slmkit.model.lora import LoRAConfig, load_lora_weights, merged_copy, save_adapter
 
@@ -29,8 +32,11 @@ def save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, t
     """With LoRA, the checkpoint's model files hold the merged model (so it loads like any model directory) and
     `adapter/` the LoRA matrices that resume reads back (the frozen base is `lora_base`, the run's init_from)."""
     with atomic_dir(run / "checkpoint") as tmp:
-        save_model_dir(merged_copy(model) if lora else model, tmp / "model", tokenizer=tokenizer,
-                       provenance=provenance)
+        if isinstance(model, Encoder):
+            save_encoder_dir(model, tmp / "model", tokenizer=tokenizer, provenance=provenance)
+        else:
+            save_model_dir(merged_copy(model) if lora else model, tmp / "model", tokenizer=tokenizer,
+                           provenance=provenance)
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()
@@ -49,7 +55,8 @@ def load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) -
     if (ckpt / "adapter").exists():
         load_lora_weights(model, ckpt / "adapter")  # the frozen base is init_from, already loaded
     else:
-        model.load_state_dict(load_model_dir(ckpt).state_dict())
+        saved = load_encoder_dir(ckpt) if isinstance(model, Encoder) else load_model_dir(ckpt)
+        model.load_state_dict(saved.state_dict())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     per_param: dict[int, dict] = {}
@@ -85,12 +92,21 @@ def start_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, resum
 def check_matches(ckpt: Path, model: Transformer, provenance: dict | None) -> None:
     """Raise a one-line ValueError when the checkpoint was made for another model shape or other data (instead
     of a shape-mismatch traceback, or silently continuing on different data)."""
+    config = EncoderConfig if isinstance(model, Encoder) else ModelConfig
     try:
-        saved = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        hf = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{ckpt}/config.json: unreadable ({e}); the checkpoint is damaged") from e
+    if (hf.get("model_type") in ("bert", "roberta")) != (config is EncoderConfig):
+        what = "a masked-LM encoder" if config is ModelConfig else "a causal decoder"
+        raise ValueError(f"{ckpt} holds {what}; resume with the run's original --objective (see train_config.json) "
+                         "or choose another --out")
+    try:
+        saved = config.from_hf(hf)
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{ckpt}/config.json: unreadable ({e}); the checkpoint is damaged") from e
     diff = [f"{f.name} {getattr(saved, f.name)!r} (now {getattr(model.cfg, f.name)!r})"
-            for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(model.cfg, f.name)]
+            for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(model.cfg, f.name)]
     if diff:
         raise ValueError(f"{ckpt} was saved for another model: {', '.join(diff[:4])}; resume with the run's "
                          "original --preset/--set/--init-from (see train_config.json) or choose another --out")

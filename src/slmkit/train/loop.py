@@ -10,6 +10,11 @@ A run directory looks like:
     RUN/loss.png         loss curve
     RUN/train_config.json
 
+objective "clm" (the default) trains a causal decoder (model/llama.py); "mlm" trains a bidirectional encoder
+(model/encoder.py) with RoBERTa's masked-LM recipe (train/mlm.py), and RUN/model and RUN/checkpoint are then
+transformers RobertaForMaskedLM directories (formats/encoder_dir.py). Budgets, schedules, optimizers,
+checkpoints, exact resume and DDP are the same for both.
+
 Run it under `torchrun --nproc_per_node N` for data parallelism; the global batch
 (batch_size × grad_accum × world_size) is split so N processes see what one process would.
 Checkpoints are checkpoint.py, metrics and the progress line metrics.py, the processes distributed.py.
@@ -32,12 +37,13 @@ from slmkit.data.tokens import TokenDataset, dataset_tokenizer
 from slmkit.distill.kd import DistillConfig, Distiller
 from slmkit.eval.perplexity import bits_per_byte
 from slmkit.files import atomic_write_json
+from slmkit.formats.encoder_dir import save_encoder_dir
 from slmkit.formats.hf_dir import DTYPES, load_model_dir, read_provenance, save_model_dir
 from slmkit.hub import sampling_defaults
 from slmkit.model.config import ModelConfig, model_config
 from slmkit.model.llama import Transformer
 from slmkit.model.lora import LoRAConfig, add_lora, count_parameters, merged_copy, save_adapter
-from slmkit.train import distributed
+from slmkit.train import distributed, mlm
 from slmkit.train.checkpoint import save_checkpoint, start_state
 from slmkit.train.metrics import Progress, append_metrics, fmt_time, plot_losses, truncate_metrics
 from slmkit.train.optim import OPTIMIZERS, make_optimizer
@@ -50,7 +56,8 @@ SCHEDULES = ("cosine", "wsd")
 class TrainConfig:
     data: str
     out: str
-    preset: str = "micro"
+    preset: str | None = None  # None: "micro" (clm) or "enc-tiny" (mlm)
+    objective: str = "clm"  # clm: causal LM (a decoder) | mlm: RoBERTa's masked LM (an encoder; train/mlm.py)
     model_overrides: dict = field(default_factory=dict)
     init_from: str | None = None  # start from an existing model directory instead of random weights
     lora: LoRAConfig | None = None  # train low-rank adapters on the frozen init_from model
@@ -91,6 +98,18 @@ class TrainConfig:
             self.lora = LoRAConfig(**self.lora)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig(**self.distill)
+        if self.objective not in mlm.OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(mlm.OBJECTIVES)}")
+        if self.preset is None:
+            self.preset = "enc-tiny" if self.objective == "mlm" else "micro"
+        if not self.init_from:
+            mlm.check_preset(self.preset, self.objective)
+        if self.objective == "mlm":
+            unsupported = [name for name, on in (("lora", self.lora), ("distill", self.distill),
+                                                 ("loss_chunk", self.loss_chunk)) if on]
+            if unsupported:
+                raise ValueError(f"objective mlm pretrains an encoder; {unsupported[0]} is for causal LMs "
+                                 "(--objective clm)")
         self._check_numbers()
         if not (self.max_steps or self.max_tokens or self.max_minutes):
             raise ValueError("set a budget: max_steps, max_tokens and/or max_minutes")
@@ -206,6 +225,9 @@ def open_training_data(cfg: TrainConfig):
     records (supervised fine-tuning of `init_from`, with the loss on the answers only; see data/sft.py)."""
     path = Path(cfg.data)
     if path.suffix == ".jsonl":
+        if cfg.objective == "mlm":
+            raise ValueError(f"{path}: masked-LM pretraining reads a token dataset (from `slm data prepare`), "
+                             "not JSONL records")
         if not cfg.init_from:
             raise ValueError(f"{path}: fine-tuning on JSONL records needs the model to start from (init_from)")
         from slmkit.data.sft import SFTDataset
@@ -225,13 +247,25 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     precision = resolve_precision(cfg.precision, device)
     run = Path(cfg.out)
     data, tokenizer = open_training_data(cfg)
+    # masked LM: the dataset's tokenizer + <mask>, saved with the encoder (train/mlm.py)
+    vocab = mlm.mlm_vocab(data, tokenizer, cfg.init_from) if cfg.objective == "mlm" else None
+    if vocab is not None:
+        tokenizer = vocab.tokenizer
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data, tokenizer).to(device)
+    if vocab is not None:
+        model = (mlm.continued_encoder(cfg.init_from, cfg.model_overrides, vocab, cfg.seq_len) if cfg.init_from
+                 else mlm.build_encoder(cfg.preset, cfg.model_overrides, vocab, cfg.seq_len)).to(device)
+        n_params, flops_per_token = model.num_params(), mlm.flops_per_token(model.cfg, cfg.seq_len)
+        if tokenizer is not None:  # transformers truncates at the positions the encoder has
+            tokenizer.model_max_length = model.cfg.max_positions
+    else:
+        model = build_model(cfg, data, tokenizer).to(device)
+        n_params, flops_per_token = model.cfg.num_params(), model.cfg.flops_per_token(cfg.seq_len)
     if cfg.lora:
         add_lora(model.to(DTYPES[cfg.base_dtype]), cfg.lora)  # freezes the base; A and B are fp32
     trainable, total = count_parameters(model)
-    if cfg.seq_len > model.cfg.max_seq_len:
+    if vocab is None and cfg.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}; "
                          f"use --seq-len {model.cfg.max_seq_len} or less")
     model.train()
@@ -243,18 +277,32 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if resume:
         log(f"resumed from {run}/checkpoint at step {state['step']} ({state['tokens']:,} tokens)")
 
-    flops_per_token = model.cfg.flops_per_token(cfg.seq_len)
     metrics = run / "metrics.jsonl"
     if master:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", provenance["train_config"])
         truncate_metrics(metrics, state["step"])
-        log(f"model: {model.cfg.num_params():,} parameters ({model.num_params():,} tensors' elements), "
+        kind = f"encoder ({model.cfg.flavour}, masked LM), " if vocab is not None else ""
+        log(f"model: {kind}{n_params:,} parameters ({model.num_params():,} tensors' elements), "
             f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, {precision}, world {world.size}, "
             f"{cfg.tokens_per_step(world.size):,} tokens/step")
         log(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})"
             + (f", LoRA r={cfg.lora.r} on {', '.join(cfg.lora.targets)}" if cfg.lora else ""))
-    step_fn = world.wrap(torch.compile(model) if cfg.compile else model)
+    stepped = mlm.MaskedLM(model) if vocab is not None else model  # what the steps call: the loss inside forward
+    step_fn = world.wrap(torch.compile(stepped) if cfg.compile else stepped)
+
+    def validate(max_tokens: int | None = None) -> dict:
+        if vocab is not None:
+            return mlm.evaluate(model, data, vocab, cfg.seq_len, cfg.batch_size, device, precision, max_tokens)
+        return evaluate(model, data, cfg.seq_len, cfg.batch_size, device, precision, max_tokens)
+
+    def save_final(provenance: dict) -> None:
+        if vocab is not None:
+            save_encoder_dir(model, run / "model", tokenizer=tokenizer, provenance=provenance)
+        else:
+            save_model_dir(merged_copy(model) if cfg.lora else model, run / "model", tokenizer=tokenizer,
+                           provenance=provenance,
+                           sampling=sampling_defaults(cfg.init_from) if cfg.init_from else None)
 
     # ---- steps, until the budget is spent (or Ctrl-C, which saves a checkpoint to resume from)
     with distributed.StopSignals(enabled=master) as stop:
@@ -269,7 +317,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             while budget_progress(cfg, state["step"], state["tokens"], elapsed()) < 1.0:
                 lr = lr_at(cfg, state["step"], budget_progress(cfg, state["step"], state["tokens"], elapsed()))
                 loss, parts, tokens, grad_norm = _step(cfg, state["step"], lr, model, step_fn, opt, data,
-                                                       distiller, world, precision)
+                                                       distiller, world, precision, vocab)
                 state["step"] += 1
                 state["tokens"] += tokens
                 progress.count(tokens)
@@ -287,12 +335,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                     progress.show(rec, spent, elapsed())
                 if cfg.eval_every and step % cfg.eval_every == 0 and not done:
                     if master:
-                        val = evaluate(model, data, cfg.seq_len, cfg.batch_size, device, precision,
-                                       cfg.eval_tokens)
+                        val = validate(cfg.eval_tokens)
                         append_metrics(metrics, {"step": step, "tokens": state["tokens"], **val})
                         plot_losses(run)
                         progress.write(f"step {step}: val loss {val['val_loss']:.4f}, "
-                                       f"{val['val_bpb']:.4f} bits/byte")
+                                       f"{val['val_bpb']:.4f} bits/byte{_accuracy(val)}")
                     world.barrier()
                 if world.any(stop.signal is not None):
                     if master:
@@ -311,50 +358,64 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     state["elapsed"] = elapsed()
     summary = {"run": str(run), "steps": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed"],
                "preset": cfg.preset, "model_overrides": cfg.model_overrides, "precision": precision,
-               "world_size": world.size, "parameters": model.cfg.num_params(), "trainable_parameters": trainable,
+               "objective": cfg.objective, "world_size": world.size, "parameters": n_params,
+               "trainable_parameters": trainable,
                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "interrupted": interrupted}
     if master:
         save_checkpoint(run, model, opt, tokenizer, state, provenance, cfg.lora, cfg.init_from)
         if not interrupted:
-            final = evaluate(model, data, cfg.seq_len, cfg.batch_size, device, precision)
+            final = validate()
             append_metrics(metrics, {"step": state["step"], "tokens": state["tokens"], "final": True, **final})
             summary.update(final)
             provenance["metrics"] = {k: v for k, v in summary.items() if k != "run"}
-            save_model_dir(merged_copy(model) if cfg.lora else model, run / "model", tokenizer=tokenizer,
-                           provenance=provenance, sampling=sampling_defaults(cfg.init_from) if cfg.init_from else None)
+            save_final(provenance)
             summary["model_dir"] = str(run / "model")
             if cfg.lora:
                 summary["adapter_dir"] = str(save_adapter(model, cfg.lora, run / "adapter", cfg.init_from,
                                                           provenance))
             log(f"done: {state['step']} steps, {state['tokens']:,} tokens in {fmt_time(state['elapsed'])}; "
-                f"val loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte -> {run / 'model'}")
+                f"val loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte{_accuracy(final)} "
+                f"-> {run / 'model'}")
         plot_losses(run)
     world.barrier()
     world.close()
     return summary
 
 
+def _accuracy(val: dict) -> str:
+    return f", masked-token accuracy {val['val_masked_acc']:.2%}" if "val_masked_acc" in val else ""
+
+
 def _step(cfg: TrainConfig, step: int, lr: float, model: Transformer, step_fn, opt, data, distiller, world,
-          precision: str) -> tuple[float, dict, int, float | None]:
-    """One optimizer step over grad_accum micro-batches: (mean loss across ranks, distillation parts, positions
-    computed on all ranks, gradient norm before clipping)."""
+          precision: str, vocab: mlm.MLMVocab | None = None) -> tuple[float, dict, int, float | None]:
+    """One optimizer step over grad_accum micro-batches: (mean loss across ranks, distillation parts or the
+    masked-token accuracy, positions computed on all ranks, gradient norm before clipping)."""
     for g in opt.param_groups:
         g["lr"] = lr
     device = world.device
     loss_sum = torch.zeros((), device=device)
     parts: dict[str, list] = {"kd": [], "ce": []}
+    right, masked = torch.zeros((), device=device), torch.zeros((), device=device)
     tokens = 0  # positions computed: fine-tuning batches are only as wide as their longest example
     for micro in range(cfg.grad_accum):
         # Global sample index: identical data for any split of the batch across ranks/micro-steps.
         first = (step * cfg.grad_accum * world.size + micro * world.size + world.rank) * cfg.batch_size
-        x, y = data.train_batch(first, cfg.batch_size, cfg.seq_len, cfg.seed)
+        if vocab is not None:  # inputs with 15% of tokens masked, labels -100 except there (train/mlm.py)
+            x, y = mlm.train_batch(data, first, cfg.batch_size, cfg.seq_len, cfg.seed, vocab)
+        else:
+            x, y = data.train_batch(first, cfg.batch_size, cfg.seq_len, cfg.seed)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         tokens += x.numel() * world.size
         # DDP averages gradients on the last micro-batch only
         sync = world.size == 1 or micro == cfg.grad_accum - 1
         ctx = step_fn.no_sync() if not sync else contextlib.nullcontext()
         with ctx, autocast(device, precision):
-            if distiller:
+            if vocab is not None:
+                loss, n_right, n_masked = step_fn(x, y)
+                right += n_right.detach()
+                masked += n_masked
+                loss = loss / cfg.grad_accum
+            elif distiller:
                 windows = data.train_windows(first, cfg.batch_size, cfg.seq_len, cfg.seed) \
                     if distiller.cache else None
                 loss, micro_parts = distiller.loss(step_fn, model, x, y, windows, first)
@@ -371,6 +432,10 @@ def _step(cfg: TrainConfig, step: int, lr: float, model: Transformer, step_fn, o
     opt.step()
     opt.zero_grad(set_to_none=True)
     world.average(loss_sum)
+    if vocab is not None:
+        world.average(right)
+        world.average(masked)
+        parts = {"masked_acc": [right.item() / max(masked.item(), 1)]}
     return loss_sum.item(), parts, tokens, float(grad_norm) if grad_norm is not None else None
 
 

@@ -94,7 +94,8 @@ class Progress:
         """Update the line from a step's metrics record; `progress` is the fraction of the budget spent."""
         eta = max(0.0, elapsed / progress - elapsed) if progress > 0 else float("nan")
         self.bar.n = min(1000, int(progress * 1000))
-        self.bar.set_postfix_str(f"step {rec['step']} loss {rec['loss']:.3f} {rec['tok_s']:,.0f} tok/s "
+        acc = f" acc {rec['masked_acc']:.1%}" if "masked_acc" in rec else ""  # masked LM: masked-token accuracy
+        self.bar.set_postfix_str(f"step {rec['step']} loss {rec['loss']:.3f}{acc} {rec['tok_s']:,.0f} tok/s "
                                  f"MFU {rec['mfu']:.0%} ETA {fmt_time(eta)}", refresh=True)
 
     def write(self, message: str) -> None:

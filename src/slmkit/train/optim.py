@@ -17,6 +17,7 @@ import torch
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_MOMENTUM = 0.95  # Muon's default, and nanochat's
+HIDDEN_BLOCKS = ("layers.", "encoder.layer.")  # where the blocks' matrices are: the decoder's, the encoder's
 
 
 class Optimizers:
@@ -64,12 +65,14 @@ class Optimizers:
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer | Optimizers:
     """The optimizer over `model`'s trainable parameters, as `cfg` (a TrainConfig: optimizer, lr, weight_decay,
     beta1, beta2) says. Weight decay applies to matrices only (not to norm gains); "muon" takes the 2-D weights
-    inside the transformer blocks (`layers.*`)."""
+    inside the transformer blocks (a decoder's `layers.*`, an encoder's `encoder.layer.*`: attention and MLP; an
+    encoder's embeddings, embedding LayerNorm and MLM head stay on AdamW)."""
     optimizer, lr, weight_decay = cfg.optimizer, cfg.lr, cfg.weight_decay
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for name, p in trainable if optimizer == "muon" and name.startswith("layers.") and p.dim() == 2]
+    hidden = [p for name, p in trainable
+              if optimizer == "muon" and name.startswith(HIDDEN_BLOCKS) and p.dim() == 2]
     taken = {id(p) for p in hidden}
     rest = [p for _, p in trainable if id(p) not in taken]
     decay = [p for p in rest if p.dim() >= 2]

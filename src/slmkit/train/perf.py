@@ -48,8 +48,11 @@ def matmul_peak_flops(device_type: str = "cpu", precision: str = "fp32", n: int 
     """
     device = torch.device(device_type)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global one would shift a run's dropout masks by whether this cached
+    # measurement ran before (the first run of a process, rank 0 only), breaking exact resume and DDP parity.
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
