@@ -601,11 +601,16 @@ def serve(
     target_error: Annotated[float, typer.Option(help="with --escalate-to: the error allowed on what the model "
                                                      "answers itself (threshold chosen on the calibration's dev data)")]
     = 0.05,
+    prefix_cache_mb: Annotated[float, typer.Option(help="memory (MB) for recent prompts' keys and values: a prompt "
+                                                       "that begins like a recent one (system prompt, few-shot "
+                                                       "examples) skips that part of its prefill (torch; 0: off)")]
+    = 512,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
+               prefix_cache_mb=prefix_cache_mb,
                max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
 

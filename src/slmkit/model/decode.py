@@ -114,6 +114,73 @@ class SlotKVCache:
         self.lengths[dst] = n
 
 
+class PrefixCache:
+    """Keys and values of recent prompts, so a new prompt that starts the same way (a system prompt, few-shot
+    examples, retrieved context) skips recomputing that part: llama.cpp's `cache_prompt`, vLLM's prefix caching.
+
+    `longest(ids)` finds the stored prompt sharing the longest common prefix with `ids` (at least `min_tokens`,
+    and never all of `ids`: the last token must run to give the next token's logits) and `fill(cache, ...)`
+    copies that many positions into a fresh KVCache, whose `length` then says where the forward pass starts.
+    `store(ids, cache)` keeps a prefilled prompt's cache (no copy: the cache was made for this prompt alone);
+    a stored prompt that the new one extends is replaced by it. Least recently used entries go first once the
+    entries' bytes pass `max_bytes`. Lookup compares token ids (a tensor comparison per entry), so it is exact:
+    two prompts share cached positions only where their tokens are equal, and RoPE positions are the same.
+    """
+
+    def __init__(self, max_bytes: int, min_tokens: int = 16):
+        from collections import OrderedDict
+        self.max_bytes, self.min_tokens = max_bytes, min_tokens
+        self._entries: OrderedDict[int, tuple[torch.Tensor, KVCache, int]] = OrderedDict()
+        self._next = 0
+        self.bytes = 0
+        self.hits = 0
+        self.tokens_reused = 0
+
+    def longest(self, ids: list[int]) -> tuple[int, int] | None:
+        """(shared prefix length, entry key) of the best stored prompt, or None."""
+        query = torch.tensor(ids[:-1], dtype=torch.long)
+        best = None
+        for key, (tokens, _, _) in self._entries.items():
+            m = min(len(tokens), len(query))
+            if m < self.min_tokens:
+                continue
+            same = tokens[:m] == query[:m]
+            n = m if bool(same.all()) else int(same.to(torch.int8).argmin())
+            if n >= self.min_tokens and (best is None or n > best[0]):
+                best = (n, key)
+        return best
+
+    def fill(self, cache: KVCache, key: int, n: int) -> None:
+        """Copy the entry's first `n` positions into `cache` (empty, batch 1) and mark them filled."""
+        _, stored, _ = self._entries[key]
+        self._entries.move_to_end(key)
+        for layer in range(len(cache.k)):
+            cache.k[layer][:, :, :n] = stored.k[layer][:, :, :n]
+            cache.v[layer][:, :, :n] = stored.v[layer][:, :, :n]
+        cache.length = n
+        self.hits += 1
+        self.tokens_reused += n
+
+    def store(self, ids: list[int], cache: KVCache) -> None:
+        tokens = torch.tensor(ids, dtype=torch.long)
+        size = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+        if size > self.max_bytes:
+            return
+        for key, (old, _, old_size) in list(self._entries.items()):
+            if len(old) <= len(tokens) and bool((tokens[:len(old)] == old).all()):  # extended: replace it
+                del self._entries[key]
+                self.bytes -= old_size
+        self._entries[self._next] = (tokens, cache, size)
+        self._next += 1
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, _, old_size) = self._entries.popitem(last=False)
+            self.bytes -= old_size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def fuse_projections(model: Transformer) -> Transformer:
     """Merge each block's q/k/v projections into one `qkv_proj` and gate/up into `gate_up_proj`, in place.
 

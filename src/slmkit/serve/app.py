@@ -292,8 +292,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           adapter: str | Path | None = None, weights: str = "fp32", draft: str | None = None,
           draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
           write_timeout_s: float = 30.0, escalate_to: str | None = None,
-          calibration: str | Path | None = None, target_error: float = 0.05) -> None:
+          calibration: str | Path | None = None, target_error: float = 0.05, prefix_cache_mb: float = 512) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
+    `prefix_cache_mb`: memory for recent prompts' keys and values, reused by prompts that begin the same way
+    (torch backend; 0: off).
     `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
     int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively (lm/speculative.py) with this
     draft model or "ngram"; the target runs on the torch backend ("auto" picks it) and the engine then serves one
@@ -337,7 +339,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")
-    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                      request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                      max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation)

@@ -2,6 +2,7 @@
 
 Every running row keeps its keys and values in one row of a SlotKVCache (each row at its own position), so a
 decoding step is one (n, 1) forward pass for all n rows: the weights are read once per step for all of them.
+A prompt that shares its beginning with a recent one starts from that one's keys and values (PrefixCache).
 """
 
 from __future__ import annotations
@@ -9,18 +10,19 @@ from __future__ import annotations
 import torch
 
 from slmkit.lm.torch_lm import TorchLM
-from slmkit.model.decode import KVCache, SlotKVCache
+from slmkit.model.decode import KVCache, PrefixCache, SlotKVCache
 
 
 class TorchBatch:
     """Rows of slmkit's model decoding together through a SlotKVCache (the interface: engine.batch_decoder)."""
 
-    def __init__(self, lm: TorchLM, max_batch: int):
+    def __init__(self, lm: TorchLM, max_batch: int, prefix_cache_mb: float = 0):
         self.model = lm.model
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = SlotKVCache(self.model.cfg, max_batch, self.model.cfg.max_seq_len, device=self.device,
                                  dtype=self.dtype)
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
 
     @property
     def n_active(self) -> int:
@@ -33,8 +35,14 @@ class TorchBatch:
     def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
         # The prompt runs through a cache of its own, then is copied into its row: the running rows are untouched.
         single = KVCache(self.model.cfg, 1, len(ids), device=self.device, dtype=self.dtype)
-        logits = self.model(torch.tensor([ids], device=self.device), cache=single)[0, -1].float().cpu()
+        hit = self.prefixes.longest(ids) if self.prefixes is not None else None
+        if hit is not None:
+            self.prefixes.fill(single, hit[1], hit[0])
+        new = ids[single.length:]
+        logits = self.model(torch.tensor([new], device=self.device), cache=single)[0, -1].float().cpu()
         self.cache.load_row(row, single)
+        if self.prefixes is not None:
+            self.prefixes.store(ids, single)
         return logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:

@@ -97,6 +97,8 @@ class EngineStats:
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     busy_seconds: float = 0.0
+    prefix_cache_hits: int = 0  # prompts that started from a cached prefix
+    prefix_tokens_reused: int = 0  # prompt tokens not recomputed thanks to it
     extra: dict = field(default_factory=dict)
 
 
@@ -155,15 +157,16 @@ class _Pending:
         self.cancelled = True
 
 
-def batch_decoder(lm: LM, max_batch: int):
+def batch_decoder(lm: LM, max_batch: int, prefix_cache_mb: float = 0):
     """The backend's batched decoder, or None: one request at a time.
 
     What every batched decoder gives the engine: `prefill(row, ids)` -> the (vocab,) logits after the prompt,
     placed in `row`; `decode(tokens)` -> (n, vocab) logits, one new token for each of rows 0..n-1;
-    `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`; optionally `close()`.
+    `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`; optionally `close()` and
+    `prefixes` (a PrefixCache: `prefix_cache_mb` of recent prompts' keys and values, torch only).
     """
     if isinstance(lm, TorchLM):
-        return TorchBatch(lm, max_batch)
+        return TorchBatch(lm, max_batch, prefix_cache_mb)
     if isinstance(lm, LlamaCppLM):
         from slmkit.serve.batch_llamacpp import LlamaCppBatch  # imports llama_cpp, as the LM itself does
         return LlamaCppBatch(lm, max_batch)
@@ -179,13 +182,15 @@ class Engine:
     """
 
     def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
-                 max_events: int = 4096):
+                 max_events: int = 4096, prefix_cache_mb: float = 0):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_events", max_events)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} is {value!r}; it must be a whole number >= 1")
         self.lm = lm
         self.tokenizer = lm.tokenizer
-        self._batch = batch_decoder(lm, max_batch)
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb is {prefix_cache_mb!r}; it must be >= 0 (0: off)")
+        self._batch = batch_decoder(lm, max_batch, prefix_cache_mb)
         self.max_batch = max_batch if self._batch is not None else 1
         self.max_queue = max_queue
         self.max_events = max_events  # events one request may have waiting unread (see SlowReader)
@@ -372,6 +377,10 @@ class Engine:
                 except Exception as e:
                     choice.request.fail(e)
                     continue
+                prefixes = getattr(batch, "prefixes", None)
+                if prefixes is not None:
+                    self.stats.prefix_cache_hits, self.stats.prefix_tokens_reused = (prefixes.hits,
+                                                                                     prefixes.tokens_reused)
                 rows.append(choice)
                 self._step_safely(choice, logits)
             rows = self._drop_finished(rows, batch)
