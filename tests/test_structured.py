@@ -203,3 +203,32 @@ def test_log_probs_under_a_grammar_are_the_models_own(url):
     lp = out.choices[0].logprobs
     assert out.choices[0].text in ("yes", "no") and all(top for top in lp.top_logprobs)
     assert all(v > float("-inf") for top in lp.top_logprobs for v in top.values())
+
+
+def test_slm_generate_json_schema_grammar_and_regex(lm, tmp_path):
+    """`slm generate --json-schema/--grammar/--regex`: the same constrained path as the server, from the CLI."""
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+    model = str(tiny_model_dir(tmp_path / "m", lm.tokenizer, max_seq_len=512))
+    run = CliRunner().invoke
+    schema = tmp_path / "pet.json"  # closed, as the openai client's strict schemas are: else any extra keys may follow
+    schema.write_text(json.dumps({**Pet.model_json_schema(), "additionalProperties": False}))
+    common = ["--backend", "torch", "--no-chat", "--max-new-tokens", str(MAX_TOKENS), "--seed", "1"]
+    for i in range(4):  # a random model: valid only by construction
+        r = run(app, ["generate", model, "pet:", "--json-schema", str(schema), *common[:-1], str(i)])
+        assert r.exit_code == 0, r.output
+        Pet.model_validate_json(r.stdout.strip().removeprefix("pet:"))
+    r = run(app, ["generate", model, "x", "--json-schema", '{"type": "integer", "maximum": 99}', *common])
+    assert r.exit_code == 0 and 0 <= int(r.stdout.strip().removeprefix("x")) <= 99, r.output
+    r = run(app, ["generate", model, "x", "--regex", "(yes|no)!", *common])
+    assert r.exit_code == 0 and r.stdout.strip().removeprefix("x") in ("yes!", "no!"), r.output
+    gbnf = tmp_path / "g.gbnf"
+    gbnf.write_text('root ::= "a" [0-9] [0-9]\n')
+    r = run(app, ["generate", model, "x", "--grammar", str(gbnf), *common])
+    assert r.exit_code == 0 and re.fullmatch(r"xa\d\d", r.stdout.strip()), r.output
+    for bad, message in [(["--json-schema", "{not json"], "--json-schema:1: not JSON"),
+                         (["--json-schema", "missing.json"], "neither an inline JSON schema nor a file"),
+                         (["--regex", "a", "--json-schema", "{}"], "cannot be combined")]:
+        r = run(app, ["generate", model, "x", *bad, *common])
+        assert r.exit_code == 2 and message in r.output, r.output

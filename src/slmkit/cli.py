@@ -468,6 +468,13 @@ def generate(
     small_base: SmallBase = None,
     small_tuned: SmallTuned = None,
     beta: Beta = 1.0,
+    json_schema: Annotated[str | None, typer.Option(help="structured output: the text is JSON valid against this "
+                                                         "schema (a .json file, or the schema inline; '{}': any "
+                                                         "JSON), by construction (llguidance's token mask)")] = None,
+    grammar: Annotated[Path | None, typer.Option(help="structured output: a GBNF (llama.cpp's) or Lark grammar "
+                                                      "file the text must match")] = None,
+    regex: Annotated[str | None, typer.Option(help="structured output: a regular expression the text must "
+                                                   "match")] = None,
 ):
     """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
     from slmkit.lm import load_lm
@@ -495,7 +502,23 @@ def generate(
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stops, seed=seed)
     if chat is None:
         chat = lm.instruction_tuned and (lm.tokenizer is None or lm.tokenizer.chat_template is not None)
-    if chat:
+    constrained = [n for n, v in (("--json-schema", json_schema), ("--grammar", grammar), ("--regex", regex)) if v]
+    if constrained:
+        from slmkit.lm.constraints import compile_grammar, read_json_schema
+        from slmkit.serve.engine import generate_text
+        if len(constrained) > 1 or draft or large:
+            raise ValueError(f"{' and '.join(constrained) or 'structured output'} cannot be combined with "
+                             f"{'each other' if len(constrained) > 1 else '--draft or --large'}")
+        if lm.tokenizer is None:
+            raise ValueError("structured output masks tokens: it needs a local model, not a remote endpoint")
+        compiled = compile_grammar(lm.tokenizer, json_schema=read_json_schema(json_schema) if json_schema else None,
+                                   grammar=grammar.read_text(encoding="utf-8") if grammar else None, regex=regex)
+        text = (lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+                if chat else prompt)
+        if not chat:
+            sys.stdout.write(prompt)
+        pieces = generate_text(lm, lm.encode_prompt(text), params, compiled)
+    elif chat:
         pieces = lm.stream_chat([{"role": "user", "content": prompt}], params)
     else:
         sys.stdout.write(prompt)

@@ -206,8 +206,10 @@ class TextStream:
         while safe + base > self.n_emitted and text[safe - 1] == "\ufffd":
             safe -= 1
         piece = self._emit(text, safe) if safe + base > self.n_emitted else ""
-        # keep only what a stop string may still start in: the last `_hold` emitted characters and beyond
-        drop = max(0, self.n_emitted - self._hold - self._base)
+        # keep only what a stop string may still start in: the last `_hold` emitted characters and beyond. Only
+        # committed text can go: what was emitted from the uncommitted tail (a space before an incomplete
+        # character, say) is decoded again, with what completes it, at the next commit.
+        drop = min(max(0, self.n_emitted - self._hold - self._base), len(self._buf))
         if drop:
             self._buf, self._base = self._buf[drop:], self._base + drop
         return piece

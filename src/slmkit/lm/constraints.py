@@ -108,3 +108,21 @@ class Matcher:
         """Move past the sampled `token` (one the mask allowed)."""
         self._m.consume_token(token)
         self._check()
+
+
+def read_json_schema(value: str) -> dict:
+    """A JSON schema given on the command line: inline JSON ('{"type": "object"}') or a .json file's path."""
+    from pathlib import Path
+    text, where = value, "--json-schema"
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{value}: neither an inline JSON schema nor a file")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}:{e.lineno}: not JSON ({e.msg})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}: a JSON schema is an object")
+    return schema

@@ -26,7 +26,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -502,3 +502,24 @@ class Engine:
     def _fail_all(self, choices: list[_Choice], error: BaseException) -> None:
         for c in choices:
             c.request.fail(error)
+
+
+def generate_text(lm: LM, prompt_ids: list[int], params: SamplingParams, grammar: str | None = None) -> Iterator[str]:
+    """One completion of `prompt_ids` through the engine, as text pieces while they are generated: what
+    `slm generate --json-schema / --grammar / --regex` uses, so structured output takes the same path (the
+    grammar's token mask in the batched decoder) in a script as in the server."""
+    engine = Engine(lm, max_batch=1, max_queue=1)
+    loop = asyncio.new_event_loop()
+    events = engine.generate(GenerationRequest(prompt_ids, params, grammar=grammar))
+    try:
+        while True:
+            try:
+                event = loop.run_until_complete(events.__anext__())
+            except StopAsyncIteration:
+                return
+            if event.text:
+                yield event.text
+    finally:
+        loop.run_until_complete(events.aclose())
+        loop.close()
+        engine.close()
