@@ -80,6 +80,12 @@ def structured_output(body: SamplingBody) -> tuple[str, dict] | None:
         given.append(("json_schema", {"json_schema": body.json_schema}))
     if body.grammar is not None:
         given.append(("grammar", {"grammar": body.grammar}))
+    if getattr(body, "tools", None):
+        from slmkit.serve.tools import check_tools, tool_grammar
+        functions, choice = check_tools(body.tools, body.tool_choice)
+        grammar = tool_grammar(functions, choice, parallel=body.parallel_tool_calls is not False)
+        if grammar is not None:
+            given.append(("tools", {"grammar": grammar}))
     if len(given) > 1:
         raise APIError(400, f"give one of {' or '.join(f for f, _ in given)}, not both", param=given[1][0])
     return given[0] if given else None
@@ -151,8 +157,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         pendings = guard.submit_all(engine, requests, what)
         deadline = asyncio.get_running_loop().time() + request_timeout_s
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        tools = bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) != "none"
         choices = protocol.Choices(engine.tokenizer, model_name, chat, n, n * len(prompts), logprobs is not None,
-                                   sum(len(p) for p in prompts), include_usage)
+                                   sum(len(p) for p in prompts), include_usage, tools=tools)
 
         def record_ttft() -> None:
             if choices.first_token_at is not None:
@@ -236,8 +243,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 message["content"] = "".join(p.text for p in m.content)
             message.setdefault("content", "")
             messages.append(message)
+        extra = {}
+        if body.tools:
+            from slmkit.serve.tools import check_tools, render_messages
+            functions, choice = check_tools(body.tools, body.tool_choice)
+            messages, extra = render_messages(messages, functions if choice != "none" else [], tok)
+        elif body.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
         except Exception as e:  # the template's raise_exception (e.g. roles must alternate), a missing field
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
         ids = lm.encode_prompt(text)

@@ -158,6 +158,10 @@ class ChatBody(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0)
+    # tool calling (serve/tools.py): checked there, so a malformed tool is a 400 naming its field
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class EmbeddingBody(_Body):
@@ -192,8 +196,11 @@ class Choices:
     """
 
     def __init__(self, tokenizer, model: str, chat: bool, n: int, n_choices: int, logprobs: bool,
-                 prompt_tokens: int, include_usage: bool):
+                 prompt_tokens: int, include_usage: bool, tools: bool = False):
         self.tokenizer, self.model, self.chat, self.n = tokenizer, model, chat, n
+        # with tools, a reply that opens with <tool_call> is held back and sent as tool_calls (serve/tools.py)
+        self.tools = tools
+        self.mode: list[str | None] = [None] * n_choices  # None: undecided, "content" or "call"
         self.logprobs, self.prompt_tokens, self.include_usage = logprobs, prompt_tokens, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -246,6 +253,17 @@ class Choices:
     def response(self) -> dict:
         choices = []
         for c, text in enumerate(self.texts):
+            if self.chat and self.tools:
+                from slmkit.serve.tools import parse_calls
+                content, calls = parse_calls(text)
+                message = {"role": "assistant", "content": content, "refusal": None}
+                if calls:
+                    message["tool_calls"] = calls
+                choice = {"index": c, "message": message,
+                          "logprobs": self._chat_logprobs(self.tokens[c]) if self.logprobs else None}
+                finish = "tool_calls" if calls and self.finish[c] == "stop" else self.finish[c]
+                choices.append({**choice, "finish_reason": finish})
+                continue
             if self.chat:
                 choice = {"index": c, "message": {"role": "assistant", "content": text, "refusal": None},
                           "logprobs": self._chat_logprobs(self.tokens[c]) if self.logprobs else None}
@@ -279,6 +297,8 @@ class Choices:
             self.offsets[c] += len(token[0])
         if not (ev.text or token or ev.finish_reason):
             return []  # text held back (a possible stop string, a partial character): nothing to say yet
+        if self.chat and self.tools and self.mode[c] != "content":
+            return self._tool_event(c, ev)
         if self.chat:
             logprobs = self._chat_logprobs([token]) if token else None
             chunks = []
@@ -292,6 +312,41 @@ class Choices:
         logprobs = self._completion_logprobs([token], start) if token else None
         return [self._chunk([{"index": c, "text": ev.text, "logprobs": logprobs,
                               "finish_reason": ev.finish_reason}])]
+
+    def _tool_event(self, c: int, ev: TokenEvent) -> list[dict]:
+        """Stream chunks for a choice that may be a tool call: held until its text can no longer open with
+        <tool_call> (then sent as content, and the rest streams as usual), or, for a call, until it ends: then
+        OpenAI's tool_calls deltas (each call's id, type and name, then its arguments) and finish "tool_calls"."""
+        from slmkit.serve.tools import OPEN, parse_calls
+        text = self.texts[c].lstrip()
+        if self.mode[c] is None:
+            if text.startswith(OPEN):
+                self.mode[c] = "call"
+            elif not OPEN.startswith(text) or ev.finish_reason:
+                self.mode[c] = "content"
+                chunks = [self._chunk([{"index": c, "delta": {"content": self.texts[c]}, "logprobs": None,
+                                        "finish_reason": None}])] if self.texts[c] else []
+                if ev.finish_reason:
+                    chunks.append(self._chunk([{"index": c, "delta": {}, "logprobs": None,
+                                                "finish_reason": ev.finish_reason}]))
+                return chunks
+        if not ev.finish_reason:
+            return []
+        content, calls = parse_calls(self.texts[c])
+        chunks = []
+        for k, call in enumerate(calls):
+            fn = call["function"]
+            chunks.append(self._chunk([{"index": c, "delta": {"tool_calls": [
+                {"index": k, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}]},
+                "logprobs": None, "finish_reason": None}]))
+            chunks.append(self._chunk([{"index": c, "delta": {"tool_calls": [
+                {"index": k, "function": {"arguments": fn["arguments"]}}]}, "logprobs": None, "finish_reason": None}]))
+        if content:
+            chunks.append(self._chunk([{"index": c, "delta": {"content": content}, "logprobs": None,
+                                        "finish_reason": None}]))
+        finish = "tool_calls" if calls and ev.finish_reason == "stop" else ev.finish_reason
+        chunks.append(self._chunk([{"index": c, "delta": {}, "logprobs": None, "finish_reason": finish}]))
+        return chunks
 
     def stream_end(self) -> list[dict]:
         if not self.include_usage:
