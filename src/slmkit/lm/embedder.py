@@ -48,10 +48,16 @@ class Embedder:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
         """One unit-length vector per text, a (len(texts), dim) float32 CPU tensor."""
+        return self.pool(texts).cpu()
+
+    def pool(self, texts: list[str], normalize: bool = True, keep=None) -> torch.Tensor:
+        """The mean-pooled final hidden states (len(texts), dim) on the model's device, differentiable when the
+        caller has gradients on (classify/head.py trains through it); `keep` runs the encoder under a length
+        schedule (model/length_drop.py), pooling over the tokens kept."""
         ids = [self.encode(t) for t in texts]
         device = next(self.model.parameters()).device
-        out = torch.empty(len(texts), self.dim)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        chunks = []
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             width = max(len(ids[i]) for i in rows)
@@ -61,8 +67,16 @@ class Embedder:
                 x[r, :len(ids[i])] = torch.tensor(ids[i])
                 mask[r, :len(ids[i])] = 1
             x, mask = x.to(device), mask.to(device)
-            out[rows] = mean_pool(self.model(x, mask).float(), mask).cpu()
-        return out
+            if keep is None:
+                hidden = self.model(x, mask)
+            else:
+                hidden, mask = self.model.forward_pruned(x, mask, keep)
+            chunks.append(mean_pool(hidden.float(), mask, normalize=normalize))
+        if not chunks:
+            return torch.empty(0, self.dim, device=device)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(chunks)[inverse.to(device)]
 
     def close(self) -> None:
         """Nothing to free: for symmetry with LM, so callers can close whatever load_embedder gave them."""
