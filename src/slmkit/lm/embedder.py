@@ -13,12 +13,27 @@ Batches are sorted by length and padded, so padding costs little.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import tokenizers
 import torch
 
 from slmkit.model.encoder import Encoder, mean_pool
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_copy(tokenizer) -> tokenizers.Tokenizer:
+    """A private copy of the tokenizer without the padding and truncation a tokenizer.json may carry (MiniLM's
+    pads every text to 128): lengths are ours to decide here. Kept per tokenizer, since copying one costs more
+    than embedding a short text (classify/head.py makes an Embedder per call)."""
+    if tokenizer not in _PLAIN:
+        hf = tokenizers.Tokenizer.from_str(tokenizer.hf.to_str())
+        hf.no_padding()
+        hf.no_truncation()
+        _PLAIN[tokenizer] = hf
+    return _PLAIN[tokenizer]
 
 
 class Embedder:
@@ -32,11 +47,7 @@ class Embedder:
         self.batch_size = batch_size
         self.dim = model.cfg.dim
         self.max_length = min(max_length or model.cfg.max_positions, model.cfg.max_positions)
-        # A private copy of the tokenizer without the padding and truncation a tokenizer.json may carry
-        # (MiniLM's pads every text to 128): lengths are ours to decide here.
-        self._hf = tokenizers.Tokenizer.from_str(tokenizer.hf.to_str())
-        self._hf.no_padding()
-        self._hf.no_truncation()
+        self._hf = _plain_copy(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """Token ids with the tokenizer's special tokens, cut to max_length (keeping the closing special token)."""
