@@ -13,7 +13,9 @@ here picks from it exactly as the search picks for --budget. For the teacher (th
 length: the anchor, measured in the same run), the student at full length, and the student under each budget's
 schedule: dev accuracy, FLOPs relative to the full length (counted from the dev token counts per layer), and
 latency per utterance at batch 1 (median over the dev utterances, after a warm-up) and batched (all dev
-utterances in batches of --batch, ms per utterance, the median of --repeats passes), on --threads threads.
+utterances in batches of --batch, ms per utterance, the median of --repeats passes), with torch on --threads
+threads (run it with 1 and with 2: on 2 cores other jobs oversubscribe, 2 threads mostly wait for each other).
+The timings interleave the models, so the shared machine's changing load falls on all alike.
 """
 
 from __future__ import annotations
@@ -34,26 +36,32 @@ from slmkit.lm.embedder import Embedder
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "intent"
 
 
-def measure(clf: Classifier, texts, golds, lengths, batch: int, repeats: int) -> dict:
-    probs = clf.predict_proba(texts)
-    acc = float((probs.argmax(1) == golds).mean())
-    for t in texts[:5]:
-        clf.predict_proba([t])
-    single = []
-    for t in texts:
-        start = time.perf_counter()
-        clf.predict_proba([t])
-        single.append(time.perf_counter() - start)
-    batched = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            clf.predict_proba(texts[i:i + batch])
-        batched.append((time.perf_counter() - start) / len(texts))
-    keep = clf.info.length_schedule
-    return {"dev_accuracy": round(acc, 4), "flops": round(schedule_flops(clf, lengths, keep), 4),
-            "latency_ms_b1": round(1000 * statistics.median(single), 3),
-            f"latency_ms_b{batch}": round(1000 * statistics.median(batched), 3), "keep": keep}
+def timed(clf: Classifier, keep, texts: list[str]) -> float:
+    clf.info.length_schedule = keep
+    start = time.perf_counter()
+    clf.predict_proba(texts)
+    return time.perf_counter() - start
+
+
+def measure(rows, texts, golds, lengths, batch: int, repeats: int) -> list[dict]:
+    """Accuracy, FLOPs and latencies of each (name, classifier, schedule). The timings interleave the rows (each
+    utterance, each batched pass, through every row in turn), so a change in the shared machine's load falls on
+    all of them alike."""
+    for _, clf, keep in rows:
+        for t in texts[:5]:  # warm-up
+            timed(clf, keep, [t])
+    single = [[timed(clf, keep, [t]) for _, clf, keep in rows] for t in texts]
+    batched = [[sum(timed(clf, keep, texts[i:i + batch]) for i in range(0, len(texts), batch)) / len(texts)
+                for _, clf, keep in rows] for _ in range(repeats)]
+    out = []
+    for r, (name, clf, keep) in enumerate(rows):
+        clf.info.length_schedule = keep
+        acc = float((clf.predict_proba(texts).argmax(1) == golds).mean())
+        out.append({"model": name, "threads": torch.get_num_threads(), "dev_accuracy": round(acc, 4),
+                    "flops": round(schedule_flops(clf, lengths, keep), 4),
+                    "latency_ms_b1": round(1000 * statistics.median(s[r] for s in single), 3),
+                    f"latency_ms_b{batch}": round(1000 * statistics.median(b[r] for b in batched), 3), "keep": keep})
+    return out
 
 
 def main() -> None:
@@ -82,16 +90,14 @@ def main() -> None:
         if within:
             rows.append((f"student, budget {budget}", student, max(within, key=lambda f: f["accuracy"])["keep"]))
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name, clf, keep in rows:
-        clf.info.length_schedule = keep
-        row = {"model": name, **measure(clf, texts, golds, lengths, args.batch, args.repeats)}
-        print(json.dumps(row))
-        results.append(row)
-        with args.log.open("a") as f:
+    results = measure(rows, texts, golds, lengths, args.batch, args.repeats)
+    with args.log.open("a") as f:
+        for row in results:
+            print(json.dumps(row))
             f.write(json.dumps(row) + "\n")
     anchor = results[0]
     b = f"latency_ms_b{args.batch}"
+    print(f"torch threads: {args.threads}")
     print(f"| model | schedule (fraction kept after each layer) | dev accuracy | FLOPs | ms/utterance, batch 1 "
           f"| speed-up | ms/utterance, batch {args.batch} | speed-up |\n|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -55,6 +55,16 @@ def write_jsonl(path, texts, labels):
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from a second thread, and on a shared machine two mostly wait for each
+    other (this file took 5 minutes instead of 30 s with 2 threads on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     return tiny_bert(tmp_path_factory.mktemp("enc") / "bert")
