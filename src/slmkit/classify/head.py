@@ -118,7 +118,8 @@ def features(model, tokenizer, texts: list[str], prompt: str = "{text}", batch_s
         from slmkit.lm.embedder import Embedder
         training = model.training
         embedder = Embedder(model, tokenizer, batch_size=batch_size)
-        model.train(training)  # Embedder sets eval mode; while training, dropout stays on
+        if training:
+            model.train()  # Embedder sets eval mode; while training, dropout stays on
         with torch.set_grad_enabled(grad):
             return embedder.pool([prompt.format(text=t) for t in texts], keep=keep)
     if keep is not None:

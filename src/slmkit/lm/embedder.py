@@ -41,7 +41,7 @@ class Embedder:
 
     def __init__(self, model: Encoder, tokenizer, name: str = "encoder", batch_size: int = 32,
                  max_length: int | None = None):
-        self.model = model.eval()
+        self.model = model.eval() if model.training else model  # eval() walks every module: not per call
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
