@@ -122,7 +122,7 @@ def test_features_are_the_embedders_mean_pooled_vectors_and_dropout_is_on_while_
     assert a.requires_grad and not torch.allclose(a, b) and model.training  # dropout, mode left as it was
 
 
-def test_cli_train_predict_eval_on_an_encoder(bert, tmp_path):
+def test_cli_train_predict_eval_cascade_on_an_encoder(bert, full_clf, tmp_path):
     texts, labels = tiny_data()
     data = write_jsonl(tmp_path / "train.jsonl", texts, labels)
     dev = write_jsonl(tmp_path / "dev.jsonl", *tiny_data(2, seed=1))
@@ -135,6 +135,12 @@ def test_cli_train_predict_eval_on_an_encoder(bert, tmp_path):
     r = run(app, ["classify", "eval", str(tmp_path / "c"), "--data", str(data)])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["accuracy"]["value"] == 1.0
+    # a cascade takes it like any classifier directory (here escalating to a fine-tuned encoder classifier)
+    r = run(app, ["classify", "cascade", str(tmp_path / "c"), "--escalate-to", str(full_clf), "--dev", str(data),
+                  "--data", str(dev), "--target-error", "0.2"])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(records) == 6 and {rec["answered_by"] for rec in records} <= {"small", "large"}
     r = run(app, ["classify", "train", str(bert), "--data", str(data), "--method", "pet", "--pattern", "{text} is",
                   "--verbalizer", "red=red", "-o", str(tmp_path / "p")])
     assert r.exit_code == 2 and "is an encoder" in r.output
