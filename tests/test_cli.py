@@ -206,6 +206,8 @@ def _bad_inputs(tmp):
          "not a classifier directory"),
         (["classify", "supericl", missing, "--large", missing, "--demos", str(huge), "--data", str(huge)],
          "not a classifier directory"),
+        (["classify", "prune", missing, "--data", str(huge), "--dev", str(huge), *out],
+         "not a classifier directory"),
         (["cascade", "calibrate", missing, "--dev", str(huge), *out], "huge.jsonl:2"),
         (["kb", "index", missing, *out], "no such file or folder"),
         (["kb", "search", missing, "q"], "no knowledge base here"),

@@ -68,6 +68,7 @@ TINY = {
     # tests/test_eval.py runs it
     ("eval",): ["--limit", "1", "--no-efficiency"],
     ("classify", "train"): ["--epochs", "2"],
+    ("classify", "prune"): ["--epochs", "1", "--generations", "1", "--population", "4"],
 }
 # Rewrites of single words: (the option the word follows, or None for any word; pattern; replacement, None to drop
 # the word; why).

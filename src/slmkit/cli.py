@@ -20,7 +20,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="slmkit: build, train and run your own small language model.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare token datasets.")
 app.add_typer(data_app, name="data")
-classify_app = typer.Typer(no_args_is_help=True, help="Text classifiers on a language model (head or PET).")
+classify_app = typer.Typer(no_args_is_help=True, help="Text classifiers on a language model (head or PET; "
+                                                         "token pruning of encoder classifiers).")
 app.add_typer(classify_app, name="classify")
 kb_app = typer.Typer(no_args_is_help=True, help="Knowledge base: index documents, search, ask with citations, "
                                                 "evaluate.")
@@ -671,7 +672,8 @@ def eval_(
 
 @command(classify_app, "train")
 def classify_train(
-    model: Annotated[str, typer.Argument(help="the decoder: a model/run directory or a pulled name")],
+    model: Annotated[str, typer.Argument(help="the decoder or encoder (BERT / RoBERTa): a model/run directory or a "
+                                              "pulled name (e.g. minilm-l6-v2)")],
     data: Annotated[Path, typer.Option(help="JSONL of {\"text\", \"label\"} training records")],
     out: Annotated[Path, _out("classifier directory to write")],
     dev: Annotated[Path | None, typer.Option(help="JSONL of labelled dev records: calibrates the confidence")] = None,
@@ -683,8 +685,9 @@ def classify_train(
     verbalizer: Annotated[list[str] | None, typer.Option(help="pet: LABEL=WORD (repeatable)")] = None,
     unlabelled: Annotated[Path | None, typer.Option(help="pet: JSONL of {\"text\"} to distil soft labels on")]
     = None,
-    train_body: Annotated[bool, typer.Option(help="head: fine-tune the decoder too")] = False,
-    epochs: Annotated[int | None, typer.Option(help="training epochs (default: head 200, pet 6)")] = None,
+    train_body: Annotated[bool, typer.Option(help="head: fine-tune the decoder / encoder too")] = False,
+    epochs: Annotated[int | None, typer.Option(help="training epochs (default: head 200, --train-body 5, pet 6)")]
+    = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (default: head's own, pet 1e-5)")] = None,
     seed: Seed = 0,
 ):
@@ -719,6 +722,32 @@ def classify_eval(
     """Accuracy, macro-F1, per-class scores, confusion matrix and calibration error on labelled data."""
     from slmkit.recipes.classify import evaluate_classifier
     typer.echo(json.dumps(evaluate_classifier(classifier, data), indent=2))
+
+
+@command(classify_app, "prune")
+def classify_prune(
+    classifier: Annotated[Path, typer.Argument(help="an encoder classifier from `slm classify train ENCODER "
+                                                    "--train-body`")],
+    data: Annotated[Path, typer.Option(help="JSONL of {\"text\", \"label\"} training records")],
+    dev: Annotated[Path, typer.Option(help="JSONL of labelled dev records: the schedule search scores on them")],
+    out: Annotated[Path, _out("pruned classifier directory to write")],
+    budget: Annotated[float, typer.Option(help="FLOPs allowed, as a fraction of the full-length encoder's, in "
+                                               "(0, 1]")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="LengthDrop epochs per stage (distillation, then the task)")] = 3,
+    lr: Annotated[float, typer.Option(help="learning rate of both stages")] = 3e-5,
+    drop_ratio: Annotated[float, typer.Option(help="LengthDrop's p: a layer keeps U(1-p, 1) of the tokens before "
+                                                   "it")] = 0.2,
+    sub_models: Annotated[int, typer.Option(help="random sub-models per step (with the full and the smallest)")]
+    = 2,
+    generations: Annotated[int, typer.Option(help="evolutionary search generations")] = 10,
+    population: Annotated[int, typer.Option(help="schedules per search generation")] = 16,
+    seed: Seed = 0,
+):
+    """Length-adaptive token pruning (LengthDrop distillation, then a schedule search within --budget); the
+    classifier written drops the least significant tokens layer by layer in `slm classify predict/eval`."""
+    from slmkit.recipes.classify import prune_classifier
+    prune_classifier(classifier, data, dev, out, budget=budget, epochs=epochs, lr=lr, drop_ratio=drop_ratio,
+                     sub_models=sub_models, generations=generations, population=population, seed=seed, log=_log)
 
 
 # ---- knowledge base --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A classifier on a decoder LM: the last token's final hidden state -> a linear head, with calibrated confidence.
+"""A classifier on a language model: a summary of its final hidden states -> a linear head, with calibrated
+confidence. The model is a decoder (the last token's hidden state) or an encoder (the mean of the tokens').
 
     slm classify train MODEL --data train.jsonl --dev dev.jsonl -o DIR    ({"text", "label"} records)
     slm classify predict DIR --data new.jsonl                             (label + confidence per line)
@@ -12,8 +13,14 @@ overfit; `train_body=True` fine-tunes everything. Confidence is calibrated by te
 about 90% of the time (reported as expected calibration error before and after). Cascades and SuperICL rely on
 these confidences being honest.
 
+On an encoder (a BERT / RoBERTa directory, or a pulled one: `minilm-l6-v2`) the features are the mean-pooled,
+L2-normalised final hidden states over the tokenizer's own [CLS] ... [SEP], exactly the sentence embedding
+lm/embedder.py computes: every token has seen the whole text, so the mean summarises it. An encoder classifier
+may also carry a length schedule (classify/prune.py, `slm classify prune`): its encoder then drops the least
+significant tokens layer by layer at prediction time.
+
 A saved classifier is a directory: classifier.json (labels, prompt, temperature, base model), head.safetensors,
-and model/ when the decoder itself was trained.
+and model/ when the decoder or encoder itself was trained (an HF model directory either way).
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from slmkit.files import atomic_dir, iter_jsonl
 @dataclass
 class ClassifierInfo:
     labels: list[str]
-    base: str  # the decoder's model directory
+    base: str  # the decoder's or encoder's model directory ("model": the one saved inside the classifier)
     prompt: str = "{text}"
     temperature: float = 1.0
     body_trained: bool = False
     metrics: dict = field(default_factory=dict)
+    length_schedule: list[float] | None = None  # encoder only: fraction of tokens kept after each layer
+    pareto: list[dict] = field(default_factory=list)  # the prune search's front: {"keep", "flops", "accuracy"}
 
 
 class Classifier:
@@ -47,7 +56,8 @@ class Classifier:
 
     @torch.no_grad()
     def logits(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        feats = features(self.model, self.tokenizer, texts, self.info.prompt, batch_size)
+        feats = features(self.model, self.tokenizer, texts, self.info.prompt, batch_size,
+                         keep=self.info.length_schedule)
         return self.head(feats)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -59,19 +69,19 @@ class Classifier:
         return [(self.info.labels[int(p.argmax())], float(p.max())) for p in probs]
 
     def save(self, directory: str | Path) -> None:
+        from slmkit.formats.encoder_dir import save_encoder_dir
         from slmkit.formats.hf_dir import save_model_dir
         with atomic_dir(directory) as tmp:
             info = self.info
             if info.body_trained:
-                save_model_dir(self.model, tmp / "model", tokenizer=self.tokenizer)
+                save = save_encoder_dir if is_encoder(self.model) else save_model_dir
+                save(self.model, tmp / "model", tokenizer=self.tokenizer)
                 info = ClassifierInfo(**{**asdict(info), "base": "model"})
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
             (tmp / "classifier.json").write_text(json.dumps(asdict(info), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> Classifier:
-        from slmkit.formats.hf_dir import load_model_dir
-        from slmkit.tokenizer import load_tokenizer
         directory = Path(directory)
         path = directory / "classifier.json"
         if not path.is_file():
@@ -79,15 +89,41 @@ class Classifier:
                                     "make one with `slm classify train`")
         info = ClassifierInfo(**json.loads(path.read_text()))
         base = directory / info.base if info.base == "model" else Path(info.base)
-        model = load_model_dir(base)
+        model, tokenizer = load_body(base)
         head = torch.nn.Linear(model.cfg.dim, len(info.labels))
         head.load_state_dict(load_file(str(directory / "head.safetensors")))
-        return cls(model, load_tokenizer(base), head, info)
+        return cls(model, tokenizer, head, info)
+
+
+def is_encoder(model) -> bool:
+    from slmkit.model.encoder import Encoder
+    return isinstance(model, Encoder)
+
+
+def load_body(path: str | Path):
+    """(model, tokenizer) of a model directory: an encoder (model/encoder.py) or a decoder."""
+    from slmkit.formats.encoder_dir import is_encoder_dir, load_encoder_dir
+    from slmkit.formats.hf_dir import load_model_dir
+    from slmkit.tokenizer import load_tokenizer
+    model = load_encoder_dir(path) if is_encoder_dir(path) else load_model_dir(path)
+    return model, load_tokenizer(Path(path))
 
 
 def features(model, tokenizer, texts: list[str], prompt: str = "{text}", batch_size: int = 32,
-             grad: bool = False) -> torch.Tensor:
-    """(N, dim) final hidden state at the last token of each prompt-formatted text (right-padded batches)."""
+             grad: bool = False, keep: list[float] | None = None) -> torch.Tensor:
+    """(N, dim) features of each prompt-formatted text: a decoder's final hidden state at the last token
+    (right-padded batches), or an encoder's mean-pooled final hidden states (lm/embedder.py), under the length
+    schedule `keep` when given."""
+    if is_encoder(model):
+        from slmkit.lm.embedder import Embedder
+        training = model.training
+        embedder = Embedder(model, tokenizer, batch_size=batch_size)
+        if training:
+            model.train()  # Embedder sets eval mode; while training, dropout stays on
+        with torch.set_grad_enabled(grad):
+            return embedder.pool([prompt.format(text=t) for t in texts], keep=keep)
+    if keep is not None:
+        raise ValueError("a length schedule needs an encoder classifier; this one is on a decoder")
     encoded = [tokenizer.encode(prompt.format(text=t), add_bos=tokenizer.add_bos)[-model.cfg.max_seq_len:]
                for t in texts]
     out = []
@@ -109,40 +145,37 @@ def train_classifier(model_dir: str | Path, texts: list[str], labels: list[str],
                      *, soft_targets: np.ndarray | None = None, dev: tuple[list[str], list[str]] | None = None,
                      prompt: str = "{text}", train_body: bool = False, epochs: int = 200, lr: float | None = None,
                      weight_decay: float = 1e-2, seed: int = 0, log=print) -> Classifier:
-    """Train a head (and optionally the decoder) on labelled texts; calibrate on `dev` (texts, labels).
+    """Train a head (and optionally the decoder or encoder under it) on labelled texts; calibrate on `dev`
+    (texts, labels). `model_dir` is a decoder or encoder directory (see `features` for what each gives).
 
     `soft_targets` (N, labels) trains on probability distributions instead of hard labels (distilling e.g.
     PET's soft labels on unlabelled text into the classifier).
     """
-    from slmkit.formats.hf_dir import load_model_dir
-    from slmkit.tokenizer import load_tokenizer
     torch.manual_seed(seed)
     label_set = list(label_set or sorted(set(labels)))
     unknown = sorted(set(labels) - set(label_set))
     if unknown:
         raise ValueError(f"labels {unknown} are not in the label set {label_set}")
-    model, tokenizer = load_model_dir(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_body(model_dir)
     targets = (torch.tensor(soft_targets, dtype=torch.float32) if soft_targets is not None else
                F.one_hot(torch.tensor([label_set.index(y) for y in labels]), len(label_set)).float())
     head = torch.nn.Linear(model.cfg.dim, len(label_set))
     info = ClassifierInfo(labels=label_set, base=str(Path(model_dir).resolve()), prompt=prompt,
                           body_trained=train_body)
-    if not train_body:
-        model.eval()
-        feats = features(model, tokenizer, texts, prompt)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr or 1e-2, weight_decay=weight_decay)
-        for _ in range(epochs):
-            loss = torch.sum(-targets * F.log_softmax(head(feats), -1), -1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    else:
-        model.train()
+    # The head is first fitted on the frozen model's features; with train_body everything is then fine-tuned
+    # from there (linear probing, then fine-tuning: Kumar et al., 2022), so the small body learning rate does
+    # not have to drag a random head into place, and the features the pretrained body had are not wrecked early.
+    model.eval()
+    fit_head(head, features(model, tokenizer, texts, prompt), targets, 200 if train_body else epochs,
+             lr=1e-2 if train_body else lr or 1e-2, weight_decay=weight_decay)
+    if train_body:
+        model.train()  # dropout on while fine-tuning
         params = list(model.parameters()) + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=lr or 2e-5, weight_decay=weight_decay)
-        order = np.random.default_rng(seed).permutation(len(texts))
+        rng = np.random.default_rng(seed)
         batch = 8
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            order, total = rng.permutation(len(texts)), 0.0
             for start in range(0, len(order), batch):
                 idx = order[start:start + batch]
                 feats = features(model, tokenizer, [texts[i] for i in idx], prompt, grad=True)
@@ -150,6 +183,8 @@ def train_classifier(model_dir: str | Path, texts: list[str], labels: list[str],
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                total += loss.item() * len(idx)
+            log(f"epoch {epoch + 1}/{epochs}: training loss {total / len(texts):.4f}")
         model.eval()
     classifier = Classifier(model, tokenizer, head, info)
     if dev is not None:
@@ -164,6 +199,17 @@ def train_classifier(model_dir: str | Path, texts: list[str], labels: list[str],
         log(f"dev accuracy {info.metrics['dev_accuracy']:.3f}; temperature {info.temperature:.3f}: "
             f"ECE {before:.3f} -> {after:.3f}")
     return classifier
+
+
+def fit_head(head: torch.nn.Linear, feats: torch.Tensor, targets: torch.Tensor, epochs: int, lr: float,
+             weight_decay: float) -> None:
+    """Full-batch AdamW on fixed features against (soft) targets: cross-entropy with probability targets."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        loss = torch.sum(-targets * F.log_softmax(head(feats), -1), -1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def fit_temperature(logits: torch.Tensor, golds: torch.Tensor) -> float:

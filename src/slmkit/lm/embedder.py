@@ -13,6 +13,7 @@ Batches are sorted by length and padded, so padding costs little.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import tokenizers
@@ -20,23 +21,33 @@ import torch
 
 from slmkit.model.encoder import Encoder, mean_pool
 
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_copy(tokenizer) -> tokenizers.Tokenizer:
+    """A private copy of the tokenizer without the padding and truncation a tokenizer.json may carry (MiniLM's
+    pads every text to 128): lengths are ours to decide here. Kept per tokenizer, since copying one costs more
+    than embedding a short text (classify/head.py makes an Embedder per call)."""
+    if tokenizer not in _PLAIN:
+        hf = tokenizers.Tokenizer.from_str(tokenizer.hf.to_str())
+        hf.no_padding()
+        hf.no_truncation()
+        _PLAIN[tokenizer] = hf
+    return _PLAIN[tokenizer]
+
 
 class Embedder:
     """An encoder (model/encoder.py) with its tokenizer, as a sentence embedder."""
 
     def __init__(self, model: Encoder, tokenizer, name: str = "encoder", batch_size: int = 32,
                  max_length: int | None = None):
-        self.model = model.eval()
+        self.model = model.eval() if model.training else model  # eval() walks every module: not per call
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.dim = model.cfg.dim
         self.max_length = min(max_length or model.cfg.max_positions, model.cfg.max_positions)
-        # A private copy of the tokenizer without the padding and truncation a tokenizer.json may carry
-        # (MiniLM's pads every text to 128): lengths are ours to decide here.
-        self._hf = tokenizers.Tokenizer.from_str(tokenizer.hf.to_str())
-        self._hf.no_padding()
-        self._hf.no_truncation()
+        self._hf = _plain_copy(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """Token ids with the tokenizer's special tokens, cut to max_length (keeping the closing special token)."""
@@ -48,10 +59,16 @@ class Embedder:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
         """One unit-length vector per text, a (len(texts), dim) float32 CPU tensor."""
+        return self.pool(texts).cpu()
+
+    def pool(self, texts: list[str], normalize: bool = True, keep=None) -> torch.Tensor:
+        """The mean-pooled final hidden states (len(texts), dim) on the model's device, differentiable when the
+        caller has gradients on (classify/head.py trains through it); `keep` runs the encoder under a length
+        schedule (model/length_drop.py), pooling over the tokens kept."""
         ids = [self.encode(t) for t in texts]
         device = next(self.model.parameters()).device
-        out = torch.empty(len(texts), self.dim)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        chunks = []
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             width = max(len(ids[i]) for i in rows)
@@ -61,8 +78,16 @@ class Embedder:
                 x[r, :len(ids[i])] = torch.tensor(ids[i])
                 mask[r, :len(ids[i])] = 1
             x, mask = x.to(device), mask.to(device)
-            out[rows] = mean_pool(self.model(x, mask).float(), mask).cpu()
-        return out
+            if keep is None:
+                hidden = self.model(x, mask)
+            else:
+                hidden, mask = self.model.forward_pruned(x, mask, keep)
+            chunks.append(mean_pool(hidden.float(), mask, normalize=normalize))
+        if not chunks:
+            return torch.empty(0, self.dim, device=device)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(chunks)[inverse.to(device)]
 
     def close(self) -> None:
         """Nothing to free: for symmetry with LM, so callers can close whatever load_embedder gave them."""

@@ -211,6 +211,13 @@ class Encoder(nn.Module):
             x = layer(x, key_mask)
         return x
 
+    def forward_pruned(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, keep,
+                       token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward under a length schedule (one fraction of the tokens kept per layer; model/length_drop.py):
+        (hidden states, mask of the tokens kept), both shorter than `ids` where tokens were dropped."""
+        from slmkit.model.length_drop import pruned_forward
+        return pruned_forward(self, ids, attention_mask, keep, token_type_ids)
+
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise ValueError("this encoder has no masked-LM head (config mlm_head is false)")

@@ -1,5 +1,6 @@
-"""Text classifiers on a language model (`slm classify train | predict | eval`): a linear head on the decoder's
-last hidden state, or PET (patterns + verbalisers, distilled into a head); see classify/head.py and pet.py."""
+"""Text classifiers on a language model (`slm classify train | predict | eval | prune`): a linear head on a
+decoder's last hidden state or an encoder's mean-pooled ones, or PET (patterns + verbalisers, distilled into a
+head); length-adaptive token pruning of an encoder classifier. See classify/head.py, pet.py and prune.py."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ def train_classifier(model: str, data: str | Path, out: str | Path, dev: str | P
                      verbalizers: dict[str, str] | None = None, unlabelled: str | Path | None = None,
                      train_body: bool = False, epochs: int | None = None, lr: float | None = None, seed: int = 0,
                      log=print) -> Classifier:
-    """Train a classifier on `data` ({"text", "label"} JSONL) over `model` (a model/run directory or a pulled
-    name) and save it to `out`; `dev` (labelled JSONL) calibrates its confidence (temperature scaling).
+    """Train a classifier on `data` ({"text", "label"} JSONL) over `model` (a decoder or encoder: a model/run
+    directory or a pulled name such as minilm-l6-v2) and save it to `out`; `dev` (labelled JSONL) calibrates its
+    confidence (temperature scaling).
 
-    method "head": a linear head on the frozen decoder (`train_body` fine-tunes the decoder too), reading each
-    text through `prompt`; 200 epochs by default. method "pet": `patterns` (templates over {text} ending at the
+    method "head": a linear head on the frozen model (`train_body` fine-tunes the model too, after fitting the
+    head), reading each text through `prompt`; 200 epochs of the head by default, 5 of fine-tuning with
+    `train_body`. method "pet": `patterns` (templates over {text} ending at the
     slot) and `verbalizers` (label -> word) fine-tune the decoder, whose soft labels on the training texts and
     `unlabelled` ({"text"} JSONL) are distilled into a head; 6 epochs at lr 1e-5 by default.
     """
-    base = model_dir(model, "a classifier")
+    base = model_dir(model, "a classifier", kinds=("model", "embedding"))
     texts, labels = read_labelled(data)
     if any(label is None for label in labels):
         raise ValueError(f"{data}: every training record needs a `label`")
@@ -30,9 +33,13 @@ def train_classifier(model: str, data: str | Path, out: str | Path, dev: str | P
     if method == "head":
         from slmkit.classify.head import train_classifier as train_head
         clf = train_head(base, texts, labels, dev=dev_set, prompt=prompt, train_body=train_body,
-                         epochs=epochs or 200, lr=lr, seed=seed, log=log)
+                         epochs=epochs or (5 if train_body else 200), lr=lr, seed=seed, log=log)
     elif method == "pet":
         from slmkit.classify.pet import PET, pet_classifier
+        from slmkit.formats.encoder_dir import is_encoder_dir
+        if is_encoder_dir(base):
+            raise ValueError(f"{model}: --method pet fills a slot with a decoder's next word; this is an encoder "
+                             "(use --method head)")
         if not patterns or not verbalizers:
             raise ValueError("--method pet needs at least one --pattern and a --verbalizer LABEL=WORD per label")
         missing = sorted(set(labels) - set(verbalizers))
@@ -46,6 +53,32 @@ def train_classifier(model: str, data: str | Path, out: str | Path, dev: str | P
     clf.save(out)
     log(f"classifier written to {out}")
     return clf
+
+
+def prune_classifier(classifier: str | Path, data: str | Path, dev: str | Path, out: str | Path,
+                     budget: float = 0.5, epochs: int = 3, lr: float = 3e-5, drop_ratio: float = 0.2,
+                     sub_models: int = 2, generations: int = 10, population: int = 16, seed: int = 0,
+                     log=print) -> Classifier:
+    """Length-adaptive token pruning (classify/prune.py) of the encoder classifier directory `classifier` (one
+    `train_classifier(ENCODER, train_body=True)` wrote): `epochs` of LengthDrop distillation from it and `epochs`
+    on the labels of `data`, then the search on `dev` for the most accurate per-layer length schedule within
+    `budget` (a fraction of the full-length FLOPs). The classifier written to `out` records the schedule and the
+    Pareto front, and predicts pruned."""
+    from slmkit.classify.prune import check_prunable
+    from slmkit.classify.prune import prune_classifier as prune
+    clf = Classifier.load(classifier)
+    check_prunable(clf, budget)  # before reading data: a wrong classifier or budget fails at once
+    texts, labels = read_labelled(data)
+    dev_texts, dev_labels = read_labelled(dev)
+    for path, these in ((data, labels), (dev, dev_labels)):
+        if not these or any(y is None for y in these):
+            raise ValueError(f"{path}: needs labelled records ({{\"text\", \"label\"}} on every line)")
+    pruned = prune(clf, texts, labels, dev_texts, dev_labels, budget=budget, epochs=(epochs, epochs), lr=lr,
+                   drop_ratio=drop_ratio, sub_models=sub_models, generations=generations, population=population,
+                   seed=seed, log=log)
+    pruned.save(out)
+    log(f"pruned classifier written to {out}")
+    return pruned
 
 
 def predict_labels(classifier: str | Path, data: str | Path) -> list[dict]:
