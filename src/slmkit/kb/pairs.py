@@ -86,7 +86,7 @@ def kb_pairs(kb_dir: str | Path, out: str | Path, kinds: tuple[str, ...] = KINDS
                     break
         rng.shuffle(records)
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        counts = {k: sum(r["kind"] == k for r in records) for k in kinds}
+        counts = {k: sum(r["kind"] == k for r in records) for k in KINDS}
         return {"pairs": len(records), **counts, "with_negative": with_negative, "out": str(out)}
     finally:
         kb.close()

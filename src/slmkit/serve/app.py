@@ -139,7 +139,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         metrics.answered = {"small": 0, "large": 0}  # counted from 0, so a dashboard sees both from the start
     lm, created = engine.lm, int(time.time())
     encoder = engine.embedder
-    embedding_model = getattr(encoder, "name", None) or model_name
+    # who embeds answers in the `model` field: the encoder by its name (the served model's, when it is the model)
+    embedding_model = model_name if lm is None or encoder is None else getattr(encoder, "name", model_name)
     names = [model_name] + ([embedding_model] if embedding_model != model_name else [])
 
     def check_generator(route: str) -> None:
