@@ -102,9 +102,10 @@ def main() -> None:
     ap.add_argument("--dev-pairs", type=int, default=100)
     ap.add_argument("--embed-batch", type=int, default=32)
     ap.add_argument("--embed-max-length", type=int, default=128)
-    ap.add_argument("--rerank-pairs", type=int, default=200)
+    ap.add_argument("--rerank-pairs", type=int, default=160)
+    ap.add_argument("--rerank-lr", type=float, default=5e-5)
     ap.add_argument("--rerank-dev-pairs", type=int, default=40, help="dev pairs scored before / after (x 4 passes)")
-    ap.add_argument("--rerank-max-length", type=int, default=192)
+    ap.add_argument("--rerank-max-length", type=int, default=128)
     ap.add_argument("--rerank-pool", type=int, default=20)
     ap.add_argument("--runs", help="only these evaluations, CORPUS:EMBEDDER:MODE[:rr], e.g. full:minilm:hybrid:rr "
                     "(default: all)")
@@ -136,7 +137,7 @@ def main() -> None:
         subset.write_text("".join(train.read_text().splitlines(keepends=True)[:args.rerank_pairs]))
         dev_subset.write_text("".join(dev.read_text().splitlines(keepends=True)[:args.rerank_dev_pairs]))
         train_reranker("minilm-l6-v2", subset, work / "rr-ft", dev=dev_subset, max_length=args.rerank_max_length,
-                       log=log)
+                       lr=args.rerank_lr, log=log)
     report["train"]["reranker"] = json.loads((work / "rr-ft" / "slmkit.json").read_text())["reranker"]
 
     questions = {"full": args.questions}

@@ -108,7 +108,7 @@ def test_pairs_encode_as_transformers_tokenizer_does_and_scores_rank_hits(tmp_pa
 def test_training_puts_positives_first(tmp_path, encoder):
     pairs = write(tmp_path / "pairs.jsonl", PAIRS)
     result = train_reranker(str(encoder), pairs, tmp_path / "rr", dev=pairs, negatives=2, epochs=30, batch_size=6,
-                            lr=3e-3, warmup=0.0, max_length=24, device="cpu", log=lambda m: None)
+                            lr=3e-3, head_lr=3e-3, warmup=0.0, max_length=24, device="cpu", log=lambda m: None)
     assert result["last_loss"] < 0.5 * result["first_loss"]
     assert result["dev_after"]["accuracy"] == 1.0 > result["dev_before"]["accuracy"]
     rr = load_reranker(tmp_path / "rr")
@@ -146,8 +146,8 @@ def test_kb_search_and_eval_rerank_with_a_reranker(tmp_path, encoder):
     from slmkit.kb.index import index_kb
     from slmkit.recipes.kb import kb_eval, kb_search
     pairs = write(tmp_path / "pairs.jsonl", PAIRS)
-    train_reranker(str(encoder), pairs, tmp_path / "rr", negatives=2, epochs=30, batch_size=6, lr=3e-3, warmup=0.0,
-                   max_length=24, device="cpu", log=lambda m: None)
+    train_reranker(str(encoder), pairs, tmp_path / "rr", negatives=2, epochs=30, batch_size=6, lr=3e-3, head_lr=3e-3,
+                   warmup=0.0, max_length=24, device="cpu", log=lambda m: None)
     docs = tmp_path / "docs"
     docs.mkdir()
     for p in PAIRS:  # one document per animal

@@ -606,7 +606,8 @@ def rerank_train(
     = 3,
     epochs: PairEpochs = 1,
     batch_size: Annotated[int, typer.Option(help="queries per batch")] = 8,
-    lr: float = 2e-5,
+    lr: Annotated[float, typer.Option(help="the encoder's learning rate")] = 2e-5,
+    head_lr: Annotated[float, typer.Option(help="the new score head's learning rate")] = 1e-3,
     pairwise: Annotated[bool, typer.Option(help="margin loss on (positive, negative) pairs instead of the "
                                                 "listwise softmax")] = False,
     max_length: Annotated[int, typer.Option(help="tokens per query + passage")] = 256,
@@ -617,8 +618,9 @@ def rerank_train(
     """Train a cross-encoder reranker (query and passage read together, a score on [CLS]) on pairs."""
     from slmkit.train.rerank import train_reranker
     typer.echo(json.dumps(train_reranker(encoder, pairs, out, dev=dev, negatives=negatives, epochs=epochs,
-                                         batch_size=batch_size, lr=lr, pairwise=pairwise, max_length=max_length,
-                                         max_steps=max_steps, seed=seed, device=device, log=_log), indent=2))
+                                         batch_size=batch_size, lr=lr, head_lr=head_lr, pairwise=pairwise,
+                                         max_length=max_length, max_steps=max_steps, seed=seed, device=device,
+                                         log=_log), indent=2))
 
 
 @command()

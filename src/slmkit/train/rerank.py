@@ -8,9 +8,10 @@ estimation" of Gao et al. 2021, the usual way rerankers are trained on retrieved
 uses a margin ranking loss on (positive, negative) score pairs instead (RankNet-style, margin 1).
 
 The head's dense layer starts from BERT's pretrained pooler when the source encoder has one (all-MiniLM-L6-v2
-does), its output layer from N(0, 0.02). Accuracy on `dev` pairs (the positive ranked first in its group, and
-MRR) is measured before and after and kept in slmkit.json. The result loads in transformers as
-BertForSequenceClassification with one label, and as `load_reranker` / `slm kb ... --reranker DIR`.
+does), its output layer from N(0, 0.02); the head trains at `head_lr`, the encoder at `lr`. Accuracy on `dev`
+pairs (the positive ranked first in its group, and MRR) is measured before and after and kept in slmkit.json.
+The result loads in transformers as BertForSequenceClassification with one label, and as `load_reranker` /
+`slm kb ... --reranker DIR`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def group_accuracy(rr: Reranker, pairs: list[dict], negatives: int, seed: int) -
 
 
 def train_reranker(encoder: str, pairs: str | Path, out: str | Path, dev: str | Path | None = None,
-                   negatives: int = 3, epochs: int = 1, batch_size: int = 8, lr: float = 2e-5, warmup: float = 0.1,
+                   negatives: int = 3, epochs: int = 1, batch_size: int = 8, lr: float = 2e-5,
+                   head_lr: float = 1e-3, warmup: float = 0.1,
                    pairwise: bool = False, max_length: int = 256, max_steps: int | None = None, seed: int = 0,
                    device: str = "auto", log=print) -> dict:
     """Train a cross-encoder on `pairs` from `encoder` (an encoder directory, a pulled encoder such as minilm-l6-v2,
@@ -86,7 +88,7 @@ def train_reranker(encoder: str, pairs: str | Path, out: str | Path, dev: str | 
     if negatives < 1 or batch_size < 1 or max_length < 8:
         raise ValueError(f"--negatives {negatives}, --batch-size {batch_size}, --max-length {max_length}: need "
                          "at least 1 negative, 1 query a batch and 8 tokens")
-    for name, value in (("epochs", epochs), ("lr", lr)):
+    for name, value in (("epochs", epochs), ("lr", lr), ("head-lr", head_lr)):
         if not value > 0:
             raise ValueError(f"--{name} is {value}; it must be above 0")
     if not 0 <= warmup < 1:
@@ -111,7 +113,10 @@ def train_reranker(encoder: str, pairs: str | Path, out: str | Path, dev: str | 
         log(f"dev before: {json.dumps(before)}")
     steps_per_epoch = math.ceil(len(train_pairs) / batch_size)
     total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    # The new score head starts from nothing: at the body's lr it barely moves in a few hundred steps (all scores
+    # stay equal, the loss stays at ln(1 + negatives)), so it learns at its own, higher rate.
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
+                             {"params": model.head.parameters(), "lr": head_lr}], weight_decay=0.01)
     warm = max(1, int(warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
@@ -146,7 +151,8 @@ def train_reranker(encoder: str, pairs: str | Path, out: str | Path, dev: str | 
                "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
                "seconds": round(time.perf_counter() - start, 1), "dev_before": before, "dev_after": after}
     config = {"encoder": str(encoder), "pairs": str(pairs), "dev": None if dev is None else str(dev),
-              "negatives": negatives, "epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+              "negatives": negatives, "epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr,
+              "warmup": warmup,
               "loss": "pairwise" if pairwise else "listwise", "max_length": max_length, "seed": seed}
     save_reranker_dir(model.cpu(), out, tokenizer=rr.tokenizer, provenance={"reranker": {"config": config, **summary}})
     return {**summary, "out": str(out)}
