@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--rerank-dev-pairs", type=int, default=40, help="dev pairs scored before / after (x 4 passes)")
     ap.add_argument("--rerank-max-length", type=int, default=128)
     ap.add_argument("--rerank-pool", type=int, default=20)
+    ap.add_argument("--eval-only", action="store_true", help="train nothing (another process may be training)")
     ap.add_argument("--runs", help="only these evaluations, CORPUS:EMBEDDER:MODE[:rr], e.g. full:minilm:hybrid:rr "
                     "(default: all)")
     args = ap.parse_args()
@@ -127,18 +128,19 @@ def main() -> None:
     if not pairs.exists():
         report["pairs"] = kb_pairs(work / "kb-minilm", pairs)
     train, dev = split_pairs(pairs, args.dev_pairs, work)
-    if not (work / "emb-ft" / "model.safetensors").exists():
+    if not (work / "emb-ft" / "model.safetensors").exists() and not args.eval_only:
         train_embedder("minilm-l6-v2", train, work / "emb-ft", dev=dev, batch_size=args.embed_batch,
                        max_length=args.embed_max_length, log=log)
     report["train"]["embedder"] = json.loads((work / "emb-ft" / "slmkit.json").read_text())["contrastive"]
     report["index"]["fine_tuned"] = index(work, "kb-ft", str(work / "emb-ft"), log)
-    if not (work / "rr-ft" / "model.safetensors").exists():
+    if not (work / "rr-ft" / "model.safetensors").exists() and not args.eval_only:
         subset, dev_subset = work / "pairs.rerank.jsonl", work / "pairs.rerank-dev.jsonl"
         subset.write_text("".join(train.read_text().splitlines(keepends=True)[:args.rerank_pairs]))
         dev_subset.write_text("".join(dev.read_text().splitlines(keepends=True)[:args.rerank_dev_pairs]))
         train_reranker("minilm-l6-v2", subset, work / "rr-ft", dev=dev_subset, max_length=args.rerank_max_length,
                        lr=args.rerank_lr, log=log)
-    report["train"]["reranker"] = json.loads((work / "rr-ft" / "slmkit.json").read_text())["reranker"]
+    if (work / "rr-ft" / "slmkit.json").exists():
+        report["train"]["reranker"] = json.loads((work / "rr-ft" / "slmkit.json").read_text())["reranker"]
 
     questions = {"full": args.questions}
     kbs = {"minilm": "kb-minilm", "fine_tuned": "kb-ft"}
