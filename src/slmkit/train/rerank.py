@@ -95,6 +95,7 @@ def train_reranker(encoder: str, pairs: str | Path, out: str | Path, dev: str | 
         raise ValueError(f"--warmup {warmup}: a share of the steps, 0 <= warmup < 1")
     train_pairs = read_pairs(pairs, need_negative=True)
     dev_pairs = read_pairs(dev, need_negative=True) if dev is not None else None
+    torch.manual_seed(seed)  # before the head is made: its initialisation is part of the run
     ref = resolve_model(encoder, kinds=("model", "embedding"))
     source = Path(ref.location)
     if ref.kind == "dir" and is_reranker_dir(source):
@@ -104,7 +105,6 @@ def train_reranker(encoder: str, pairs: str | Path, out: str | Path, dev: str | 
     else:
         raise ValueError(f"{encoder}: not an encoder (a BERT/RoBERTa directory or minilm-l6-v2) or reranker "
                          "directory; a cross-encoder is trained from an encoder")
-    torch.manual_seed(seed)
     rng = random.Random(seed)
     rr = Reranker(model, load_tokenizer(source), name=str(encoder), max_length=max_length)
     model.to(pick_device(device))
