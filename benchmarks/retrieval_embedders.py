@@ -102,8 +102,9 @@ def main() -> None:
     ap.add_argument("--dev-pairs", type=int, default=100)
     ap.add_argument("--embed-batch", type=int, default=32)
     ap.add_argument("--embed-max-length", type=int, default=128)
-    ap.add_argument("--rerank-pairs", type=int, default=160)
-    ap.add_argument("--rerank-lr", type=float, default=5e-5)
+    ap.add_argument("--rerank-pairs", type=int, default=400)
+    ap.add_argument("--rerank-lr", type=float, default=1e-4)
+    ap.add_argument("--rerank-head-lr", type=float, default=5e-3)
     ap.add_argument("--rerank-dev-pairs", type=int, default=40, help="dev pairs scored before / after (x 4 passes)")
     ap.add_argument("--rerank-max-length", type=int, default=128)
     ap.add_argument("--rerank-pool", type=int, default=20)
@@ -138,7 +139,7 @@ def main() -> None:
         subset.write_text("".join(train.read_text().splitlines(keepends=True)[:args.rerank_pairs]))
         dev_subset.write_text("".join(dev.read_text().splitlines(keepends=True)[:args.rerank_dev_pairs]))
         train_reranker("minilm-l6-v2", subset, work / "rr-ft", dev=dev_subset, max_length=args.rerank_max_length,
-                       lr=args.rerank_lr, log=log)
+                       lr=args.rerank_lr, head_lr=args.rerank_head_lr, log=log)
     if (work / "rr-ft" / "slmkit.json").exists():
         report["train"]["reranker"] = json.loads((work / "rr-ft" / "slmkit.json").read_text())["reranker"]
 
