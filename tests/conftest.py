@@ -141,3 +141,34 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def tiny_encoder_dir(path, texts, flavour: str = "bert", std: float = 0.02, **overrides):
+    """A tiny random BERT (or RoBERTa) directory over a WordPiece vocabulary of `texts`' words, its tokenizer.json
+    adding [CLS] A [SEP] (and [CLS] A [SEP] B [SEP] for pairs, token types 0 / 1) as BERT's does. `std`: the
+    weights' spread (BERT's 0.02 leaves a tiny random model's [CLS] state almost the same for every input, which
+    a cross-encoder test would need thousands of steps to get past)."""
+    import tokenizers
+
+    from slmkit.formats.encoder_dir import save_encoder_dir
+    from slmkit.model.encoder import Encoder, EncoderConfig
+    from slmkit.tokenizer import load_tokenizer
+    words = sorted({w for t in texts for w in tokenizers.pre_tokenizers.BertPreTokenizer().pre_tokenize_str(
+        t.lower()) for w in [w[0]]})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    hf.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path / "tokenizer.json"))
+    cfg = dict(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_positions=64, dropout=0.0,
+               flavour=flavour, type_vocab_size=2 if flavour == "bert" else 1)
+    model = Encoder(EncoderConfig(**{**cfg, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and std != 0.02:
+                p.normal_(std=std)
+    save_encoder_dir(model, path, tokenizer=load_tokenizer(path / "tokenizer.json"))
+    return path

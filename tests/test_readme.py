@@ -63,6 +63,8 @@ TINY = {
     ("generate",): ["--max-new-tokens", "8"],
     ("chat",): ["--max-new-tokens", "8"],
     ("kb", "ask"): ["--max-new-tokens", "8"],
+    ("embed-train",): ["--max-steps", "1", "--batch-size", "2", "--max-length", "16"],
+    ("rerank-train",): ["--max-steps", "1", "--batch-size", "2", "--max-length", "32", "--negatives", "1"],
     ("kb", "eval"): ["--max-new-tokens", "8"],
     # --no-efficiency: measuring speed and memory starts a fresh process per model (~10 s each on 2 cores);
     # tests/test_eval.py runs it
@@ -320,7 +322,7 @@ def _stand_in_encoder(path: Path) -> None:
     hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
     hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
     hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     path.mkdir(parents=True, exist_ok=True)
     hf.save(str(path / "tokenizer.json"))
     model = Encoder(EncoderConfig(vocab_size=len(vocab), dim=32, n_layers=1, n_heads=4, hidden_dim=64,

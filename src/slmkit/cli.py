@@ -593,6 +593,82 @@ def embed(
         typer.echo(json.dumps([round(x, 7) for x in vector]))
 
 
+PairsFile = Annotated[Path, typer.Option(help="JSONL of {\"query\", \"positive\"[, \"negative\"]} training pairs "
+                                             "(`slm kb pairs KB -o FILE` writes them)")]
+DevPairs = Annotated[Path | None, typer.Option(help="JSONL pairs held out: accuracy before and after")]
+PairEpochs = Annotated[int, typer.Option(help="passes over the pairs")]
+PairMaxSteps = Annotated[int | None, typer.Option(help="stop after this many steps (default: the epochs')")]
+Device = Annotated[str, typer.Option(help="auto (cuda, mps, else cpu) | cpu | cuda")]
+
+
+# `slm embed MODEL TEXT...` is a command with a variadic argument, so it cannot also be a group (`slm embed train`
+# would embed the text "train"): training is its own command, next to it.
+@command(name="embed-train")
+def embed_train(
+    encoder: Annotated[str, typer.Argument(help="the encoder to fine-tune: a BERT/RoBERTa directory or minilm-l6-v2")],
+    pairs: PairsFile,
+    out: Annotated[Path, _out("encoder directory to write (for `slm embed`, `slm kb index --embedder`)")],
+    dev: DevPairs = None,
+    epochs: PairEpochs = 1,
+    batch_size: Annotated[int, typer.Option(help="pairs per batch: each query's negatives are the batch's other "
+                                                 "positives (and hard negatives)")] = 32,
+    lr: float = 2e-5,
+    scale: Annotated[float, typer.Option(help="similarity scale, 1 / temperature")] = 20.0,
+    symmetric: Annotated[bool, typer.Option(help="also rank the queries for each positive")] = False,
+    max_length: Annotated[int | None, typer.Option(help="tokens per text while training (default: the encoder's "
+                                                        "max_seq_length)")] = None,
+    max_steps: PairMaxSteps = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+):
+    """Fine-tune sentence embeddings on (query, positive) pairs with in-batch negatives (MultipleNegativesRanking)."""
+    from slmkit.train.contrastive import train_embedder
+    typer.echo(json.dumps(train_embedder(encoder, pairs, out, dev=dev, epochs=epochs, batch_size=batch_size, lr=lr,
+                                         scale=scale, symmetric=symmetric, max_length=max_length,
+                                         max_steps=max_steps, seed=seed, device=device, log=_log), indent=2))
+
+
+@command(name="rerank-train")
+def rerank_train(
+    encoder: Annotated[str, typer.Argument(help="the encoder to start from (a BERT/RoBERTa directory or "
+                                                "minilm-l6-v2), or a reranker directory to train further")],
+    pairs: PairsFile,
+    out: Annotated[Path, _out("reranker directory to write (BertForSequenceClassification, one label)")],
+    dev: DevPairs = None,
+    negatives: Annotated[int, typer.Option(help="negatives per query: its hard negatives, then other positives")]
+    = 3,
+    epochs: PairEpochs = 1,
+    batch_size: Annotated[int, typer.Option(help="queries per batch")] = 8,
+    lr: Annotated[float, typer.Option(help="the encoder's learning rate")] = 2e-5,
+    head_lr: Annotated[float, typer.Option(help="the new score head's learning rate")] = 1e-3,
+    pairwise: Annotated[bool, typer.Option(help="margin loss on (positive, negative) pairs instead of the "
+                                                "listwise softmax")] = False,
+    max_length: Annotated[int, typer.Option(help="tokens per query + passage")] = 256,
+    max_steps: PairMaxSteps = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+):
+    """Train a cross-encoder reranker (query and passage read together, a score on [CLS]) on pairs."""
+    from slmkit.train.rerank import train_reranker
+    typer.echo(json.dumps(train_reranker(encoder, pairs, out, dev=dev, negatives=negatives, epochs=epochs,
+                                         batch_size=batch_size, lr=lr, head_lr=head_lr, pairwise=pairwise,
+                                         max_length=max_length, max_steps=max_steps, seed=seed, device=device,
+                                         log=_log), indent=2))
+
+
+@command()
+def rerank(
+    reranker: Annotated[str, typer.Argument(help="a reranker directory (`slm rerank-train`)")],
+    query: Annotated[str, typer.Argument(help="the query")],
+    passages: Annotated[list[str], typer.Argument(help="passages to score")],
+):
+    """Score passages against a query with a cross-encoder; print them best first, a JSON object per line."""
+    from slmkit.lm.reranker import load_reranker
+    scores = load_reranker(reranker).score(query, passages)
+    for i in sorted(range(len(passages)), key=lambda i: -scores[i]):
+        typer.echo(json.dumps({"index": i, "score": round(scores[i], 5), "text": passages[i]}, ensure_ascii=False))
+
+
 @command()
 def serve(
     model: ModelArg,
@@ -629,16 +705,18 @@ def serve(
                                                        "that begins like a recent one (system prompt, few-shot "
                                                        "examples) skips that part of its prefill (torch; 0: off)")]
     = 512,
+    embedder: Annotated[str | None, typer.Option(help="answer /v1/embeddings with this encoder (a BERT/RoBERTa "
+                                                      "directory or minilm-l6-v2) instead of the model's mean-pooled "
+                                                      "hidden states")] = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
-    chat page at /."""
+    chat page at /. An encoder as MODEL serves /v1/embeddings only."""
     from slmkit.serve.app import serve as run_server
     run_server(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch,
                prefix_cache_mb=prefix_cache_mb,
                max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
-
-               escalate_to=escalate_to, calibration=calibration, target_error=target_error)
+               escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder)
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------
@@ -757,6 +835,9 @@ KbMode = Annotated[str, typer.Option(help="retrieval: hybrid (BM25 + dense, reci
 KbMinSimilarity = Annotated[float, typer.Option(help="abstain when no retrieved chunk has this cosine similarity "
                                                      "to the question (tuned on kb-python dev)")]
 KbK = Annotated[int, typer.Option("-k", help="sources shown to the model")]
+KbReranker = Annotated[Path | None, typer.Option(help="a cross-encoder (`slm rerank-train`) that reorders the best "
+                                                      "--rerank-pool retrieved chunks")]
+KbRerankPool = Annotated[int, typer.Option(help="with --reranker: fused candidates it reads")]
 
 
 @command(kb_app, "index")
@@ -776,6 +857,23 @@ def kb_index(
                           indent=2))
 
 
+@command(kb_app, "pairs")
+def kb_pairs(
+    kb: KbDir,
+    out: Annotated[Path, _out("JSONL of {\"query\", \"positive\", \"negative\"} pairs (for `slm embed-train`, "
+                              "`slm rerank-train`)")],
+    kinds: Annotated[str, typer.Option(help="comma-separated: heading (a chunk's heading -> its text), sentence "
+                                            "(one of its sentences -> the rest: the inverse cloze task)")]
+    = "heading,sentence",
+    negatives: Annotated[bool, typer.Option(help="add a BM25 hard negative from another document")] = True,
+    seed: Seed = 0,
+):
+    """Training pairs made from a knowledge base's own chunks (no labels needed; see kb/pairs.py for the limits)."""
+    from slmkit.kb.pairs import kb_pairs as make_pairs
+    typer.echo(json.dumps(make_pairs(kb, out, kinds=tuple(_globs(kinds)), seed=seed, negatives=negatives),
+                          indent=2))
+
+
 @command(kb_app, "search")
 def kb_search(
     kb: KbDir,
@@ -783,10 +881,12 @@ def kb_search(
     k: Annotated[int, typer.Option("-k", help="chunks to return")] = 5,
     mode: KbMode = "hybrid",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    reranker: KbReranker = None,
+    rerank_pool: KbRerankPool = 20,
 ):
     """The chunks that best match a question, best first."""
     from slmkit.recipes.kb import kb_search as search
-    hits = search(kb, query, k=k, mode=mode)
+    hits = search(kb, query, k=k, mode=mode, reranker=reranker, rerank_pool=rerank_pool)
     if as_json:
         typer.echo(json.dumps(hits, indent=2, ensure_ascii=False))
         return
@@ -808,11 +908,13 @@ def kb_ask(
     min_similarity: KbMinSimilarity = 0.45,
     max_new_tokens: int = 160,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer, citations and sources as JSON")] = False,
+    reranker: KbReranker = None,
+    rerank_pool: KbRerankPool = 20,
 ):
     """Answer from the knowledge base with [n] citations (path and lines), or say it is not in it."""
     from slmkit.recipes.kb import kb_ask as ask
     answer = ask(kb, question, model, backend=backend, k=k, mode=mode, min_similarity=min_similarity,
-                 max_new_tokens=max_new_tokens)
+                 max_new_tokens=max_new_tokens, reranker=reranker, rerank_pool=rerank_pool)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return
@@ -838,11 +940,14 @@ def kb_eval(
     min_similarity: KbMinSimilarity = 0.45,
     limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
     max_new_tokens: int = 160,
+    reranker: KbReranker = None,
+    rerank_pool: KbRerankPool = 20,
 ):
     """hit_at_5, mrr, answer_correct, citation_precision, abstain_recall, false_abstain_rate -> OUT/results.json."""
     from slmkit.recipes.kb import kb_eval as evaluate
     results = evaluate(kb, questions, out, model=model, backend=backend, mode=mode, k=k,
-                       min_similarity=min_similarity, limit=limit, max_new_tokens=max_new_tokens, log=_log)
+                       min_similarity=min_similarity, limit=limit, max_new_tokens=max_new_tokens, log=_log,
+                       reranker=reranker, rerank_pool=rerank_pool)
     typer.echo(json.dumps(results, indent=2))
 
 

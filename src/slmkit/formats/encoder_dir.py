@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,8 +82,10 @@ def load_encoder_dir(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_encoder_dir(model: Encoder, path: str | Path, tokenizer=None, provenance: dict | None = None) -> Path:
-    """Write `model` (+ tokenizer) as a transformers encoder directory, atomically."""
+def save_encoder_dir(model: Encoder, path: str | Path, tokenizer=None, provenance: dict | None = None,
+                     extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` (+ tokenizer) as a transformers encoder directory, atomically; `extra(tmp)` may add files
+    (e.g. sentence-transformers' pooling config) before the directory takes its place."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", {**model.cfg.to_hf(), "torch_dtype": "float32"})
@@ -95,4 +98,6 @@ def save_encoder_dir(model: Encoder, path: str | Path, tokenizer=None, provenanc
             "slmkit_version": __version__,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "parameters": model.num_params(), **(provenance or {})})
+        if extra is not None:
+            extra(tmp)
     return path

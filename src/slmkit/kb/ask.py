@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from slmkit.kb.index import KnowledgeBase
-from slmkit.kb.retrieve import Hit, Reranker, search
+from slmkit.kb.retrieve import RERANK_POOL, Hit, Reranker, search
 
 ABSTAIN = "not in the knowledge base"
 ABSTAIN_TEXT = "Sorry, that is not in the knowledge base."
@@ -97,11 +97,12 @@ def _generate(lm, messages: list[dict], max_new_tokens: int) -> tuple[str, float
 
 def ask(kb: KnowledgeBase, question: str, lm, k: int = TOP_K, mode: str = "hybrid",
         min_similarity: float = MIN_SIMILARITY, max_new_tokens: int = 160, rerank: Reranker | None = None,
-        hits: list[Hit] | None = None) -> Answer:
+        hits: list[Hit] | None = None, rerank_pool: int = RERANK_POOL) -> Answer:
     """Answer `question` from the `k` best chunks with `lm` (any slmkit LM with a chat template), or abstain.
     `hits`: already retrieved chunks (best first) to answer from instead of searching again."""
     start = time.perf_counter()
-    hits = (hits if hits is not None else search(kb, question, k=k, mode=mode, rerank=rerank))[:k]
+    hits = (hits if hits is not None else search(kb, question, k=k, mode=mode, rerank=rerank,
+                                                       rerank_pool=rerank_pool))[:k]
     if not hits or max(h.similarity for h in hits) < min_similarity:
         return Answer(question, ABSTAIN_TEXT, True, "retrieval", [], hits, None, time.perf_counter() - start)
     text, ttft = _generate(lm, build_messages(question, hits), max_new_tokens)

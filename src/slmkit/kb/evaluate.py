@@ -24,7 +24,7 @@ from pathlib import Path
 from slmkit.files import atomic_write_json, atomic_write_text, iter_jsonl
 from slmkit.kb.ask import MIN_SIMILARITY, TOP_K, ask, ask_closed_book
 from slmkit.kb.index import KnowledgeBase
-from slmkit.kb.retrieve import MODES, Reranker, search
+from slmkit.kb.retrieve import MODES, RERANK_POOL, Reranker, search
 
 METRICS = ("hit_at_5", "mrr", "answer_correct", "citation_precision", "abstain_recall", "false_abstain_rate")
 MRR_DEPTH = 10
@@ -85,7 +85,8 @@ def score(records: list[dict]) -> dict:
 
 def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: str = "hybrid", k: int = TOP_K,
                 min_similarity: float = MIN_SIMILARITY, out: str | Path | None = None,
-                rerank: Reranker | None = None, max_new_tokens: int = 160, log=None) -> dict:
+                rerank: Reranker | None = None, max_new_tokens: int = 160, log=None,
+                rerank_pool: int = RERANK_POOL) -> dict:
     """Run every question through retrieval (and `ask` when `lm` is given) and score it; with `out`, write
     OUT/results.json (the six numbers on top, then counts, settings and latency) and OUT/answers.jsonl."""
     if mode not in (*MODES, "none"):
@@ -97,7 +98,7 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
     records, latency = [], []
     for i, q in enumerate(questions, 1):
         record, timing = question_record(kb, q, lm, mode=mode, k=k, min_similarity=min_similarity, rerank=rerank,
-                                         max_new_tokens=max_new_tokens)
+                                         rerank_pool=rerank_pool, max_new_tokens=max_new_tokens)
         records.append(record)
         latency.append(timing)
         if log:
@@ -106,7 +107,9 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
                "counts": {"questions": len(records), "answerable": sum(r["answerable"] for r in records),
                           "citations": sum(len(r["citations_gold"]) for r in records)},
                "settings": {"mode": mode, "k": k, "min_similarity": min_similarity, "model": getattr(lm, "name", None),
-                            "embedder": kb.embedder_spec if kb else None},
+                            "embedder": kb.embedder_spec if kb else None,
+                            "reranker": getattr(rerank, "name", None) if rerank else None,
+                            "rerank_pool": rerank_pool if rerank else None},
                "latency": _latency(latency)}
     if out is not None:
         out = Path(out)
@@ -118,10 +121,11 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
 
 def question_record(kb: KnowledgeBase | None, q: dict, lm=None, mode: str = "hybrid", k: int = TOP_K,
                     min_similarity: float = MIN_SIMILARITY, rerank: Reranker | None = None,
-                    max_new_tokens: int = 160) -> tuple[dict, dict]:
+                    rerank_pool: int = RERANK_POOL, max_new_tokens: int = 160) -> tuple[dict, dict]:
     """One question through retrieval (and `ask` with an `lm`): its record for `score`, and its timings."""
     start = time.perf_counter()
-    hits = search(kb, q["question"], k=max(MRR_DEPTH, k), mode=mode, rerank=rerank) if mode != "none" else None
+    hits = search(kb, q["question"], k=max(MRR_DEPTH, k), mode=mode, rerank=rerank,
+                  rerank_pool=rerank_pool) if mode != "none" else None
     search_s = time.perf_counter() - start
     if lm is None:
         answer = None

@@ -3,8 +3,9 @@ reciprocal rank (Cormack et al. 2009: score = sum over lists of 1 / (60 + rank))
 
 RRF needs no score calibration between the two lists, which is why it is the usual default: BM25 finds the
 chunk that shares the question's rare words (`__cause__`, `nonlocal`), the embedder the one that paraphrases it.
-A reranker (a cross-encoder, when slmkit has one) is any callable `(query, hits) -> hits` given as `rerank=`;
-it sees the fused candidates and returns them reordered (and may rescore them).
+A reranker (a cross-encoder: `slmkit.lm.reranker.load_reranker`, `--reranker DIR`) is any callable
+`(query, hits) -> hits` given as `rerank=`; it sees the best `rerank_pool` fused candidates (20: a cross-encoder
+reads every one with the query, so the pool is its cost) and returns them reordered (and may rescore them).
 
 Every hit carries `similarity`: the cosine similarity of its chunk to the question, whatever the mode, which is
 what `ask` abstains on.
@@ -20,6 +21,7 @@ from slmkit.kb.index import KnowledgeBase
 MODES = ("hybrid", "bm25", "dense")
 RRF_K = 60
 CANDIDATES = 50
+RERANK_POOL = 20
 
 
 @dataclass
@@ -56,14 +58,16 @@ def rrf(rankings: list[list[int]], k: int = RRF_K) -> dict[int, float]:
 
 
 def search(kb: KnowledgeBase, query: str, k: int = 5, mode: str = "hybrid", candidates: int = CANDIDATES,
-           rerank: Reranker | None = None) -> list[Hit]:
-    """The `k` best chunks for `query`, best first."""
+           rerank: Reranker | None = None, rerank_pool: int = RERANK_POOL) -> list[Hit]:
+    """The `k` best chunks for `query`, best first; with `rerank`, the best `rerank_pool` fused ones reranked."""
     if mode not in MODES:
         raise ValueError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
     if not query.strip():
         raise ValueError("empty question; ask something")
     if k < 1:
         raise ValueError(f"k must be >= 1, not {k}")
+    if rerank_pool < 1:
+        raise ValueError(f"the rerank pool must be >= 1 candidate, not {rerank_pool}")
     pool = max(candidates, k)
     vector = kb.embed([query])[0]
     bm25 = [i for i, _ in kb.store.keyword_search(query, pool)] if mode != "dense" else []
@@ -73,7 +77,7 @@ def search(kb: KnowledgeBase, query: str, k: int = 5, mode: str = "hybrid", cand
     else:
         ranking = bm25 or dense
         fused = {i: 1.0 / rank for rank, i in enumerate(ranking, 1)}
-    order = sorted(fused, key=lambda i: -fused[i])[:pool if rerank else k]
+    order = sorted(fused, key=lambda i: -fused[i])[:max(rerank_pool, k) if rerank else k]
     sims = kb.store.similarities(vector, order)
     bm25_rank = {i: r for r, i in enumerate(bm25, 1)}
     dense_rank = {i: r for r, i in enumerate(dense, 1)}

@@ -61,6 +61,8 @@ class Store(Protocol):
 
     def get_chunks(self, ids: list[int]) -> list[StoredChunk]: ...
 
+    def chunk_ids(self) -> list[int]: ...  # every chunk's id, in document order
+
     def get_meta(self) -> dict: ...
 
     def set_meta(self, meta: dict) -> None: ...
@@ -185,6 +187,9 @@ class SQLiteStore:
                                f"JOIN documents ON documents.id = chunks.doc_id WHERE chunks.id IN ({marks})", ids)
         found = {r[0]: StoredChunk(r[0], r[1], Chunk(r[2], r[3], r[4], r[5])) for r in rows}
         return [found[i] for i in ids if i in found]
+
+    def chunk_ids(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM chunks ORDER BY doc_id, ord")]
 
     def get_meta(self) -> dict:
         meta = dict(self.db.execute("SELECT key, value FROM meta"))

@@ -49,9 +49,13 @@ class Embedder:
         self.max_length = min(max_length or model.cfg.max_positions, model.cfg.max_positions)
         self._hf = _plain_copy(tokenizer)
 
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids with the tokenizer's special tokens, uncut (the server counts and checks them)."""
+        return self._hf.encode(text, add_special_tokens=True).ids
+
     def encode(self, text: str) -> list[int]:
         """Token ids with the tokenizer's special tokens, cut to max_length (keeping the closing special token)."""
-        ids = self._hf.encode(text, add_special_tokens=True).ids
+        ids = self.token_ids(text)
         if len(ids) > self.max_length:
             ids = ids[:self.max_length - 1] + ids[-1:]
         return ids

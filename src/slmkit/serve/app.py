@@ -4,7 +4,8 @@
     GET  /v1/models             the one model served, in OpenAI's list shape
     POST /v1/completions        text completions: prompt (one string or a list), n, seed, stop, logprobs, stream
     POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream
-    POST /v1/embeddings         mean-pooled, L2-normalised final hidden states (slmkit's own model only)
+    POST /v1/embeddings         the encoder's sentence embeddings (--embedder, or an encoder as the model), else
+                                the model's mean-pooled, L2-normalised final hidden states (slmkit's own model only)
     GET  /health                ok, the model, the queue depth (503 "unhealthy" once the engine thread died)
     GET  /metrics               Prometheus text format: requests, tokens, latency and time to first token
                                 (and who answered, with --escalate-to: escalate.py)
@@ -18,7 +19,9 @@ holds the routes and start-up; the pieces they wire together:
     metrics.py    the Prometheus metrics
     engine.py     continuous batching (batch_torch.py, batch_llamacpp.py: the backends' batched decoders)
 
-The request's `model` field is not checked (the one model answers). A sampling field a request leaves out takes
+The request's `model` field is not checked (the one model answers). `slm serve ENCODER` (an encoder directory or
+minilm-l6-v2) serves embeddings only: the completion routes answer 404 (no generator), as OpenAI's do for an
+embedding model. A sampling field a request leaves out takes
 the model's own default (`LM.sampling_params`: its generation_config.json, else slmkit's). /health and the chat
 page need no key; /metrics needs it unless `public_metrics` (every other path needs it: deny by default).
 docs/reliability-server.md lists what the server guarantees under bad input, load and faults.
@@ -141,6 +144,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     if escalation is not None:
         metrics.answered = {"small": 0, "large": 0}  # counted from 0, so a dashboard sees both from the start
     lm, created = engine.lm, int(time.time())
+    encoder = engine.embedder
+    # who embeds answers in the `model` field: the encoder by its name (the served model's, when it is the model)
+    embedding_model = model_name if lm is None or encoder is None else getattr(encoder, "name", model_name)
+    names = [model_name] + ([embedding_model] if embedding_model != model_name else [])
+
+    def check_generator(route: str) -> None:
+        if lm is None:
+            raise APIError(404, f"{model_name} is an embedding model: this server has no generator for {route} "
+                                "(it serves /v1/embeddings only; serve a decoder, with --embedder ENCODER for both)",
+                           param="model", code="model_not_supported")
     # openapi_url=None: the schema is not served (tests/test_fuzz_api.py fuzzes the routes from app.openapi())
     app = App(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(guard.Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
@@ -202,17 +215,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [protocol.model_card(model_name, created)]}
+        return {"object": "list", "data": [protocol.model_card(name, created) for name in names]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        if model != model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
+        if model not in names:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {' and '.join(names)}",
                            param="model", code="model_not_found")
-        return protocol.model_card(model_name, created)
+        return protocol.model_card(model, created)
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionBody):
+        check_generator("/v1/completions")
         guard.check_unicode(body.model_dump(by_alias=True))
         n = guard.check_n(body.n)
         guard.check_logprobs(body.logprobs, "logprobs")
@@ -227,6 +241,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatBody):
+        check_generator("/v1/chat/completions")
         guard.check_unicode(body.model_dump(by_alias=True))
         n = guard.check_n(body.n)
         guard.check_logprobs(body.top_logprobs, "top_logprobs")
@@ -268,20 +283,26 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody):
-        """Mean-pooled final hidden states, L2-normalised (`TorchLM.embed`): only slmkit's own model exposes
-        hidden states; other backends answer 400. They run on the engine thread, admitted like a generation
-        (a full queue is a 429), and a request past its time stops there (504)."""
+        """The encoder's sentence embeddings when the server has one (`Embedder.embed`), else mean-pooled final
+        hidden states, L2-normalised (`TorchLM.embed`): only slmkit's own model exposes hidden states; other
+        backends answer 400. They run on the engine thread, admitted like a generation (a full queue is a 429),
+        and a request past its time stops there (504). Tokens are counted, and checked against the context,
+        with the tokenizer of whichever embeds."""
         from slmkit.lm.torch_lm import TorchLM
         guard.check_unicode(body.model_dump(by_alias=True))
-        if not isinstance(lm, TorchLM):
-            raise APIError(400, f"embeddings need slmkit's own model (backend torch), not {type(lm).__name__}",
-                           param="model")
+        if encoder is None and not isinstance(lm, TorchLM):
+            raise APIError(400, f"embeddings need slmkit's own model (backend torch), not {type(lm).__name__}, "
+                                "or an encoder (slm serve MODEL --embedder ENCODER)", param="model")
         inputs = [body.input] if isinstance(body.input, str) else body.input
-        dim = lm.model.cfg.dim
+        dim = encoder.dim if encoder is not None else lm.model.cfg.dim
         if body.dimensions is not None and body.dimensions != dim:
             raise APIError(400, f"this model's embeddings have {dim} dimensions", param="dimensions")
-        ids = [lm.encode_prompt(text) for text in inputs]  # to check them and count them; embed encodes its own
-        guard.check_embedding_inputs(ids, engine.max_length)
+        # to check them and count them; embed encodes its own
+        if encoder is not None:
+            ids, context = [encoder.token_ids(text) for text in inputs], encoder.max_length
+        else:
+            ids, context = [lm.encode_prompt(text) for text in inputs], engine.max_length
+        guard.check_embedding_inputs(ids, context)
         (pending,) = guard.submit_all(engine, [EmbeddingRequest(inputs)], "input")
         try:
             async with asyncio.timeout(request_timeout_s):
@@ -295,9 +316,31 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if isinstance(vectors, BaseException):
             raise APIError(500, f"embedding failed: {vectors}", type="server_error") from vectors
         n_tokens = sum(len(x) for x in ids)
-        return JSONResponse(protocol.embeddings_response(vectors.numpy(), body.encoding_format, model_name, n_tokens))
+        return JSONResponse(protocol.embeddings_response(vectors.numpy(), body.encoding_format, embedding_model,
+                                                         n_tokens))
 
     return app
+
+
+def _is_encoder(spec: str) -> bool:
+    """Whether `spec` names a BERT/RoBERTa encoder (a directory, or a pulled one such as minilm-l6-v2)."""
+    from slmkit.formats.encoder_dir import is_encoder_dir
+    from slmkit.hub import resolve_model
+    try:
+        ref = resolve_model(spec, kinds=("model", "embedding"))
+    except (ValueError, FileNotFoundError):
+        return False  # not a pulled name: load_lm gives the error a model would get
+    return ref.kind == "dir" and is_encoder_dir(ref.location)
+
+
+def _load_encoder(spec: str, option: str):
+    from slmkit.lm.embedder import Embedder, load_embedder
+    if not _is_encoder(spec):
+        raise ValueError(f"{option} {spec}: not an encoder (a BERT/RoBERTa directory or minilm-l6-v2); "
+                         "a decoder's embeddings are served without --embedder")
+    embedder = load_embedder(spec)
+    assert isinstance(embedder, Embedder)
+    return embedder
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
@@ -306,7 +349,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           adapter: str | Path | None = None, weights: str = "fp32", draft: str | None = None,
           draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
           write_timeout_s: float = 30.0, escalate_to: str | None = None,
-          calibration: str | Path | None = None, target_error: float = 0.05, prefix_cache_mb: float = 512) -> None:
+          calibration: str | Path | None = None, target_error: float = 0.05, embedder: str | None = None,
+          prefix_cache_mb: float = 512) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `prefix_cache_mb`: memory for recent prompts' keys and values, reused by prompts that begin the same way
     (torch backend; 0: off).
@@ -320,13 +364,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     the model loads.
     `escalate_to` (a model, URL or queue:FILE.jsonl) with `calibration` (a file from `slm cascade calibrate`)
     answers chat completions by a cascade for `target_error` (escalate.py).
+    `embedder` (an encoder directory or pulled encoder) answers /v1/embeddings; an encoder as `model` serves
+    embeddings only (no generator: the completion routes answer 404).
     """
     import sys
 
     import torch
     import uvicorn
 
-    from slmkit.lm import load_lm
     check_limits(max_batch=max_batch, max_queue=max_queue, max_body_bytes=max_body_bytes,
                  request_timeout=request_timeout_s, max_concurrency=max_concurrency, write_timeout=write_timeout_s)
     if not 0 <= port <= 65535:
@@ -341,6 +386,40 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
+    only_embeddings = _is_encoder(model)
+    if only_embeddings and (embedder is not None or escalate_to is not None or draft is not None
+                            or adapter is not None):
+        raise ValueError(f"{model} is an encoder: it serves embeddings only, without --embedder, --draft, --adapter "
+                         "or --escalate-to")
+    lm = escalation = None
+    if only_embeddings:
+        log.info("serving %s: embeddings only (an encoder has no generator)", model)
+        encoder = _load_encoder(model, "MODEL")
+    else:
+        encoder = _load_encoder(embedder, "--embedder") if embedder is not None else None
+        lm, escalation = _load_generator(model, backend, device, weights, adapter, draft, draft_k, escalate_to,
+                                         calibration, target_error)
+    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, embedder=encoder, prefix_cache_mb=prefix_cache_mb)
+    app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
+                     request_timeout_s=request_timeout_s, public_metrics=public_metrics,
+                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation)
+    try:
+        # uvicorn's own connection limit is a backstop past the app's (its 503 is plain text, the app's is
+        # OpenAI's shape): idle keep-alive connections count there, not in the app.
+        uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=2 * max_concurrency,
+                    timeout_keep_alive=5)
+    finally:
+        engine.close()
+        if lm is not None:
+            lm.close()
+        if escalation is not None:
+            escalation.large.close()
+
+
+def _load_generator(model, backend, device, weights, adapter, draft, draft_k, escalate_to, calibration,
+                    target_error):
+    """The served LM (and the escalation target, with `escalate_to`), as `serve` describes."""
+    from slmkit.lm import load_lm
     if (adapter is not None or draft is not None) and backend == "auto":
         backend = "torch"  # the only backend that applies an adapter unmerged and rolls back a speculative cache
     backend, model_arg, options = generation_backend(model, backend, device, weights)
@@ -353,17 +432,4 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")
-    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
-    app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
-                     request_timeout_s=request_timeout_s, public_metrics=public_metrics,
-                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation)
-    try:
-        # uvicorn's own connection limit is a backstop past the app's (its 503 is plain text, the app's is
-        # OpenAI's shape): idle keep-alive connections count there, not in the app.
-        uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=2 * max_concurrency,
-                    timeout_keep_alive=5)
-    finally:
-        engine.close()
-        lm.close()
-        if escalation is not None:
-            escalation.large.close()
+    return lm, escalation

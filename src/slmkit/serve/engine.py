@@ -9,7 +9,9 @@ The server only talks to `Engine`:
 `submit` raises QueueFull when the bounded queue is full (the server answers 429) and PromptTooLong when the
 prompt plus max_tokens exceed the context (400). Leaving the `async for` early (a client disconnecting)
 cancels the request at the next token boundary and frees its slot. Embeddings (`EmbeddingRequest`) queue the
-same way and run on the engine thread between decoding steps, a few inputs at a time, so a cancelled one stops.
+same way and run on the engine thread between decoding steps, a few inputs at a time, so a cancelled one stops;
+an `embedder` (an encoder, lm/embedder.py) answers them instead of the model, and an engine with an embedder and
+no model (`slm serve ENCODER`) serves embeddings only.
 
 Two bounds keep one client from holding the engine's memory: a request whose events pile up unread (its
 client stopped reading, `max_events` of them) is cancelled with `SlowReader`; and if the engine thread itself
@@ -181,20 +183,23 @@ class Engine:
     New requests are prefilled and join between steps; finished or cancelled ones leave between steps.
     """
 
-    def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
-                 max_events: int = 4096, prefix_cache_mb: float = 0):
+    def __init__(self, lm: LM | None, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
+                 max_events: int = 4096, embedder=None, prefix_cache_mb: float = 0):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_events", max_events)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} is {value!r}; it must be a whole number >= 1")
-        self.lm = lm
-        self.tokenizer = lm.tokenizer
+        if lm is None and embedder is None:
+            raise ValueError("an engine needs a language model, an embedder, or both")
+        self.lm = lm  # None: an embeddings-only engine (`slm serve ENCODER`)
+        self.embedder = embedder  # answers EmbeddingRequests instead of the LM (lm/embedder.py's Embedder)
+        self.tokenizer = lm.tokenizer if lm is not None else embedder.tokenizer
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb is {prefix_cache_mb!r}; it must be >= 0 (0: off)")
-        self._batch = batch_decoder(lm, max_batch, prefix_cache_mb)
+        self._batch = batch_decoder(lm, max_batch, prefix_cache_mb) if lm is not None else None
         self.max_batch = max_batch if self._batch is not None else 1
         self.max_queue = max_queue
         self.max_events = max_events  # events one request may have waiting unread (see SlowReader)
-        self.max_length = lm.max_length
+        self.max_length = lm.max_length if lm is not None else embedder.max_length
         self.stats = EngineStats()
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._closed = False
@@ -311,12 +316,17 @@ class Engine:
             if pending is None:
                 continue
             try:
-                if isinstance(pending.request, EmbeddingRequest):
+                if isinstance(pending.request, EmbeddingRequest) and self.embedder is not None:
+                    rest = [pending]
+                    while rest:  # EMBED_CHUNK inputs at a time, so a cancelled request stops soon
+                        rest = self._embed_some(rest)
+                elif isinstance(pending.request, EmbeddingRequest):
                     raise ValueError(f"embeddings need slmkit's own model, not {type(self.lm).__name__}")
-                for index in range(pending.request.n):
-                    if pending.cancelled:
-                        break
-                    self._sequential_choice(pending, index)
+                else:
+                    for index in range(pending.request.n):
+                        if pending.cancelled:
+                            break
+                        self._sequential_choice(pending, index)
             except Exception as e:  # one bad request must not take the engine down
                 pending.emit(e)
             pending.finish()
@@ -417,7 +427,7 @@ class Engine:
         start = time.perf_counter()
         try:
             done = len(p.embedded)
-            p.embedded.extend(self.lm.embed(texts[done:done + EMBED_CHUNK]))
+            p.embedded.extend((self.embedder or self.lm).embed(texts[done:done + EMBED_CHUNK]))
         except Exception as e:
             p.fail(e)
             return embeds[1:]
