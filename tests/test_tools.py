@@ -57,8 +57,8 @@ def _check_call(call):
 @pytest.mark.parametrize("seed", range(6))
 def test_required_tool_calls_parse_from_a_random_model(url, seed):
     out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=[ORDER_TOOL, RETURN_TOOL],
-                                              tool_choice="required", parallel_tool_calls=False,
-                                              max_tokens=MAX_TOKENS, temperature=1.0, seed=seed)
+                                              tool_choice="required", max_tokens=MAX_TOKENS, temperature=1.0,
+                                              seed=seed)  # one call: parallel_tool_calls is off unless asked
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     [call] = choice.message.tool_calls
@@ -69,8 +69,8 @@ def test_required_tool_calls_parse_from_a_random_model(url, seed):
 def test_parallel_calls_each_parse(url):
     # a random model may go on calling until max_tokens; every complete call parses, the cut one is not a call
     out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=[ORDER_TOOL, RETURN_TOOL],
-                                              tool_choice="required", max_tokens=MAX_TOKENS, temperature=1.0,
-                                              seed=1)
+                                              tool_choice="required", parallel_tool_calls=True,
+                                              max_tokens=MAX_TOKENS, temperature=1.0, seed=1)
     choice = out.choices[0]
     assert choice.message.tool_calls and choice.finish_reason in ("tool_calls", "length")
     for call in choice.message.tool_calls:

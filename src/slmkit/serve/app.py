@@ -86,7 +86,9 @@ def structured_output(body: SamplingBody) -> tuple[str, dict] | None:
     if getattr(body, "tools", None):
         from slmkit.serve.tools import check_tools, tool_grammar
         functions, choice = check_tools(body.tools, body.tool_choice)
-        grammar = tool_grammar(functions, choice, parallel=body.parallel_tool_calls is not False)
+        # one call per reply unless parallel_tool_calls is true: given the choice, a small model repeats its call
+        # until max_tokens (SmolLM2-135M does, greedy), where OpenAI's models stop on their own
+        grammar = tool_grammar(functions, choice, parallel=body.parallel_tool_calls is True)
         if grammar is not None:
             given.append(("tools", {"grammar": grammar}))
     if len(given) > 1:

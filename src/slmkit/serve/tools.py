@@ -7,7 +7,8 @@ always parse.
              <tool_call>{"name": ..., "arguments": {...}}</tool_call>; earlier calls are written back the same
              way and tool results as <tool_response> user turns.
     grammar  llguidance (lm/constraints.py): with tool_choice "required" or a named function the reply must be
-             one call (or several, with parallel_tool_calls) whose JSON matches a listed tool's `parameters`;
+             one call (several only when parallel_tool_calls is true: unlike OpenAI's default, because a small
+             model given the choice repeats its call until max_tokens) whose JSON matches a tool's `parameters`;
              with "auto" it is either such calls or free text that does not start with "<"; "none" leaves
              the reply free and the tools out of the prompt.
     reply    the calls are parsed back into OpenAI's `tool_calls` (ids "call_...", arguments as a JSON string),
