@@ -57,6 +57,8 @@ def main() -> None:
         texts += batch
         print(f"{product.sku}: {sum(t.flagged for t in batch)}/{len(batch)} flagged, "
               f"{sum(t.attempts for t in batch)} attempts, {took:.0f} s", flush=True)
+        if args.texts:  # after every product, so a run stopped early keeps what it wrote
+            atomic_write_text(args.texts, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in texts))
     lm.close()
     # which kinds the check catches in first drafts: re-check isn't needed, the flagged ones keep theirs, and
     # first_draft_violations counts all; the kinds of what went out flagged:
@@ -69,8 +71,6 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     if args.json:
         atomic_write_json(args.json, summary)
-    if args.texts:
-        atomic_write_text(args.texts, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in texts))
 
 
 if __name__ == "__main__":
