@@ -90,6 +90,8 @@ def test_a_faithful_text_passes(catalogue):
     ("It has a dual boiler.", "feature"),  # the Pro 2 Dual's, not the Pro 2's
     ("Use code SPRING24 today.", "code"),  # an offer the brief never made
     ("Free shipping on the Pro 2!", "offer"),
+    ("Ask about our bundle deal.", "offer"),
+    ("A triple boiler inside.", "figure"),  # counts in words are figures too
     ("Dear [Customer Name], enjoy.", None),  # not a fact: the writer flags placeholders itself (below)
 ])
 def test_each_kind_of_violation_is_caught(catalogue, claim, kind):
@@ -98,6 +100,13 @@ def test_each_kind_of_violation_is_caught(catalogue, claim, kind):
         assert found == []
     else:
         assert kind in {v.kind for v in found}, found
+
+
+def test_an_invented_product_of_the_brand(catalogue):
+    found = check_facts("Meet the Kettlebrite, our best drink.", catalogue, [catalogue["KB-PRO2"]], brand="Kettleby")
+    assert [v.kind for v in found] == ["product"]
+    assert check_facts("Kettleby quality: the Kettleby Pro 2 and its kettle.", catalogue, [catalogue["KB-PRO2"]],
+                       brand="Kettleby") == []
 
 
 def test_stock_claims(catalogue):

@@ -121,7 +121,7 @@ def _check(text: str, catalogue: Catalogue, products: list[Product], brief: Brie
     repeated three times (a small model's loop)."""
     if not text.strip():
         return [Violation("empty", "", "the model wrote nothing")]
-    found = check_facts(text, catalogue, about=products, brief=brief.text())
+    found = check_facts(text, catalogue, about=products, brief=brief.text(), brand=brief.company)
     found += [Violation("placeholder", m.group(0), "a placeholder, not text") for m in _PLACEHOLDER.finditer(text)]
     found += [Violation("echo", m.group(0).strip(), "the prompt copied out") for m in _ECHO.finditer(text)][:1]
     sentences = collections.Counter(s.strip().lower() for s in re.split(r"[.!?\n]+", text) if len(s.strip()) > 8)
