@@ -143,6 +143,29 @@ def stop_process(proc) -> None:
         proc.wait()
 
 
+def write_wordpiece(path, vocab: dict[str, int], pair: bool = True) -> None:
+    """`path`/tokenizer.json: a lower-casing WordPiece over `vocab` whose post-processor adds [CLS] A [SEP] (and,
+    with `pair`, [CLS] A [SEP] B [SEP] with token types 0 / 1), as BERT's does; the tiny encoders' tokenizer."""
+    import tokenizers
+    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    special = [("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    hf.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1" if pair else None, special_tokens=special)
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning workers cost seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_encoder_dir(path, texts, flavour: str = "bert", std: float = 0.02, **overrides):
     """A tiny random BERT (or RoBERTa) directory over a WordPiece vocabulary of `texts`' words, its tokenizer.json
     adding [CLS] A [SEP] (and [CLS] A [SEP] B [SEP] for pairs, token types 0 / 1) as BERT's does. `std`: the
@@ -156,13 +179,7 @@ def tiny_encoder_dir(path, texts, flavour: str = "bert", std: float = 0.02, **ov
     words = sorted({w for t in texts for w in tokenizers.pre_tokenizers.BertPreTokenizer().pre_tokenize_str(
         t.lower()) for w in [w[0]]})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
-    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    path.mkdir(parents=True, exist_ok=True)
-    hf.save(str(path / "tokenizer.json"))
+    write_wordpiece(path, vocab)
     cfg = dict(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_positions=64, dropout=0.0,
                flavour=flavour, type_vocab_size=2 if flavour == "bert" else 1)
     model = Encoder(EncoderConfig(**{**cfg, **overrides}))

@@ -5,8 +5,8 @@ import json
 import re
 
 import pytest
-import tokenizers
 import torch
+from conftest import write_wordpiece
 from typer.testing import CliRunner
 
 from slmkit.classify.head import Classifier, train_classifier
@@ -36,13 +36,7 @@ def tiny_data(n_per_label=6, seed=0):
 def tiny_bert(path, n_layers=2, seed=0):
     """A random BERT directory with a WordPiece tokenizer whose post-processor adds [CLS] ... [SEP]."""
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *COLOURS, *FILLER])}
-    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
-    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    path.mkdir(parents=True)
-    hf.save(str(path / "tokenizer.json"))
+    write_wordpiece(path, vocab, pair=False)
     torch.manual_seed(seed)
     model = Encoder(EncoderConfig(vocab_size=len(vocab), dim=32, n_layers=n_layers, n_heads=4, hidden_dim=64,
                                   max_positions=32))

@@ -288,20 +288,14 @@ def test_question_file_errors(tmp_path):
 # ---- the commands ---------------------------------------------------------------------------------------------
 
 def _tiny_bert(path: Path, texts: list[str]) -> Path:
-    import tokenizers
+    from conftest import write_wordpiece
 
     from slmkit.formats.encoder_dir import save_encoder_dir
     from slmkit.model.encoder import Encoder, EncoderConfig
     from slmkit.tokenizer import load_tokenizer
     words = sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
-    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    path.mkdir(parents=True)
-    hf.save(str(path / "tokenizer.json"))
+    write_wordpiece(path, vocab, pair=False)
     model = Encoder(EncoderConfig(vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
                                   max_positions=64))
     save_encoder_dir(model, path, tokenizer=load_tokenizer(path / "tokenizer.json"))

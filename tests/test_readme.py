@@ -310,7 +310,7 @@ def build_world(root: Path, commands: list[list[str]]) -> None:
 
 def _stand_in_encoder(path: Path) -> None:
     """A tiny BERT in the layout `slm pull minilm-l6-v2` leaves: WordPiece with [CLS]/[SEP] added by tokenizer.json."""
-    import tokenizers
+    from conftest import write_wordpiece
 
     from slmkit.formats.encoder_dir import save_encoder_dir
     from slmkit.hub import SOURCE_RECORD
@@ -318,13 +318,7 @@ def _stand_in_encoder(path: Path) -> None:
     from slmkit.tokenizer import load_tokenizer
     words = sorted({w.strip("?.,").lower() for w in (TEXT + " " + " ".join(_prose(i) for i in range(5))).split()})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "?", ".", ","])}
-    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
-    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    path.mkdir(parents=True, exist_ok=True)
-    hf.save(str(path / "tokenizer.json"))
+    write_wordpiece(path, vocab)
     model = Encoder(EncoderConfig(vocab_size=len(vocab), dim=32, n_layers=1, n_heads=4, hidden_dim=64,
                                   max_positions=64))
     save_encoder_dir(model, path, tokenizer=load_tokenizer(path / "tokenizer.json"))
