@@ -681,8 +681,10 @@ def serve(
                                          "else slmkit's torch model) | torch | llamacpp | hf")] = "auto",
     max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp)")] = 16,
     max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch before 429 answers")] = 64,
-    adapter: Annotated[Path | None, typer.Option(help="serve MODEL with this LoRA adapter (PEFT format), unmerged "
-                                                      "(torch backend)")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter (PEFT format), unmerged, torch backend: "
+                                                           "DIR serves MODEL with it; NAME=DIR (repeatable) loads "
+                                                           "each, and a request's model MODEL:NAME picks one (all "
+                                                           "share one batch)")] = None,
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP + "; not fp32 picks torch under auto")] = "fp32",
     draft: Annotated[str | None, typer.Option(help="speculative decoding (as in `slm generate --draft`): a draft "
                                                    "model or 'ngram'; torch backend, one request at a time")]

@@ -18,7 +18,7 @@ WEIGHTS = ("fp32", "bf16", "int8")
 
 def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
             weights: str = "fp32", adapter: str | Path | None = None, draft: str | None = None, draft_k: int = 4,
-            **options) -> LM:
+            adapters: dict[str, str | Path] | None = None, **options) -> LM:
     """An LM for `spec`: a model or run directory, a .gguf file, a pulled name (`slm models`), or an
     http(s):// OpenAI-compatible endpoint.
 
@@ -28,6 +28,8 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     backend's constructor (e.g. n_ctx for llamacpp, chat for remote). `weights` bf16 or int8 (per-channel,
     quantize.py) is for slmkit's torch backend; llama.cpp's counterpart is a q8_0 GGUF (`slm export --quant`).
     `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged (torch backend).
+    `adapters`: {name: directory}, several adapters loaded side by side, one chosen per request or per batch row
+    (`lm.adapters`, model/multi_lora.py; torch backend).
     `draft`: decode speculatively (lm/speculative.py) with this model (same tokenizer, opened on the torch
     backend with the same device and dtype) or "ngram" (prompt lookup), drafting up to `draft_k` tokens a step.
     A `.json` file is an up-scaling spec (lm/upscale.py, `read_spec`): a large model steered by a small tuned/base
@@ -38,12 +40,14 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     from slmkit.lm.upscale import is_upscale_spec, load_spec
     if is_upscale_spec(spec):
-        if weights != "fp32" or adapter is not None or draft is not None or options:
+        if weights != "fp32" or adapter is not None or adapters or draft is not None or options:
             raise ValueError(f"{spec} is an up-scaling spec: weights, adapters, drafts and backend options apply to "
                              "its member models, not to it (open those yourself and build an UpscaledLM)")
         return load_spec(spec, backend=backend, device=device, dtype=dtype)
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if adapters and (adapter is not None or draft is not None):
+        raise ValueError("adapters chosen per request (NAME=DIR) go with neither a single --adapter DIR nor --draft")
     ref = resolve_model(spec)
     if weights != "fp32":
         if backend not in ("auto", "torch") or ref.kind == "remote":
@@ -61,6 +65,13 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
         from slmkit.lm.torch_lm import apply_adapter
         try:
             apply_adapter(lm, adapter)
+        except BaseException:
+            lm.close()
+            raise
+    if adapters:
+        from slmkit.lm.torch_lm import load_adapters
+        try:
+            load_adapters(lm, adapters)
         except BaseException:
             lm.close()
             raise

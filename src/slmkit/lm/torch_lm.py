@@ -208,3 +208,17 @@ def apply_adapter(lm, adapter: str | Path):
     lm.instruction_tuned = lm.instruction_tuned or read_provenance(adapter).get("instruction_tuned", False)
     return lm
 
+
+def load_adapters(lm, adapters: dict[str, str | Path]):
+    """Put several LoRA adapters on an open LM at once, each chosen per request (`serve --adapter NAME=DIR`):
+    `lm.adapters` is their AdapterBank (model/multi_lora.py); `with lm.adapters.use(NAME): lm.generate(...)`
+    runs one of them, and the serving engine picks one per batch row."""
+    from slmkit.model.multi_lora import add_adapters
+    from slmkit.model.quantize import Int8Linear
+    if not isinstance(lm, TorchLM):
+        raise ValueError("--adapter NAME=DIR runs on slmkit's torch backend; use --backend torch")
+    if any(isinstance(m, Int8Linear) for m in lm.model.modules()):
+        raise ValueError("--adapter NAME=DIR needs float weights (fp32 or bf16), not int8")
+    unfuse_projections(lm.model)  # the adapters wrap q_proj, up_proj, ...: back to the separate projections
+    lm.adapters = add_adapters(lm.model, adapters)
+    return lm

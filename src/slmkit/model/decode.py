@@ -125,24 +125,26 @@ class PrefixCache:
     a stored prompt that the new one extends is replaced by it. Least recently used entries go first once the
     entries' bytes pass `max_bytes`. Lookup compares token ids (a tensor comparison per entry), so it is exact:
     two prompts share cached positions only where their tokens are equal, and RoPE positions are the same.
+    `tag` keeps apart prompts whose keys and values differ for the same tokens: those run through different LoRA
+    adapters (model/multi_lora.py) share nothing.
     """
 
     def __init__(self, max_bytes: int, min_tokens: int = 16):
         from collections import OrderedDict
         self.max_bytes, self.min_tokens = max_bytes, min_tokens
-        self._entries: OrderedDict[int, tuple[torch.Tensor, KVCache, int]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[torch.Tensor, KVCache, int, int]] = OrderedDict()
         self._next = 0
         self.bytes = 0
         self.hits = 0
         self.tokens_reused = 0
 
-    def longest(self, ids: list[int]) -> tuple[int, int] | None:
-        """(shared prefix length, entry key) of the best stored prompt, or None."""
+    def longest(self, ids: list[int], tag: int = 0) -> tuple[int, int] | None:
+        """(shared prefix length, entry key) of the best stored prompt with this tag, or None."""
         query = torch.tensor(ids[:-1], dtype=torch.long)
         best = None
-        for key, (tokens, _, _) in self._entries.items():
+        for key, (tokens, _, _, entry_tag) in self._entries.items():
             m = min(len(tokens), len(query))
-            if m < self.min_tokens:
+            if m < self.min_tokens or entry_tag != tag:
                 continue
             same = tokens[:m] == query[:m]
             n = m if bool(same.all()) else int(same.to(torch.int8).argmin())
@@ -152,7 +154,7 @@ class PrefixCache:
 
     def fill(self, cache: KVCache, key: int, n: int) -> None:
         """Copy the entry's first `n` positions into `cache` (empty, batch 1) and mark them filled."""
-        _, stored, _ = self._entries[key]
+        _, stored, _, _ = self._entries[key]
         self._entries.move_to_end(key)
         for layer in range(len(cache.k)):
             cache.k[layer][:, :, :n] = stored.k[layer][:, :, :n]
@@ -161,20 +163,20 @@ class PrefixCache:
         self.hits += 1
         self.tokens_reused += n
 
-    def store(self, ids: list[int], cache: KVCache) -> None:
+    def store(self, ids: list[int], cache: KVCache, tag: int = 0) -> None:
         tokens = torch.tensor(ids, dtype=torch.long)
         size = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
         if size > self.max_bytes:
             return
-        for key, (old, _, old_size) in list(self._entries.items()):
-            if len(old) <= len(tokens) and bool((tokens[:len(old)] == old).all()):  # extended: replace it
+        for key, (old, _, old_size, old_tag) in list(self._entries.items()):
+            if old_tag == tag and len(old) <= len(tokens) and bool((tokens[:len(old)] == old).all()):  # extended
                 del self._entries[key]
                 self.bytes -= old_size
-        self._entries[self._next] = (tokens, cache, size)
+        self._entries[self._next] = (tokens, cache, size, tag)
         self._next += 1
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, _, old_size) = self._entries.popitem(last=False)
+            _, (_, _, old_size, _) = self._entries.popitem(last=False)
             self.bytes -= old_size
 
     def __len__(self) -> int:

@@ -1,7 +1,7 @@
 """`slm serve`: an OpenAI-compatible HTTP server over the generation `Engine`.
 
     GET  /                      the chat page (chat.html beside this file)
-    GET  /v1/models             the one model served, in OpenAI's list shape
+    GET  /v1/models             the model served (and MODEL:NAME per LoRA adapter), in OpenAI's list shape
     POST /v1/completions        text completions: prompt (one string or a list), n, seed, stop, logprobs, stream
     POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream
     POST /v1/embeddings         the encoder's sentence embeddings (--embedder, or an encoder as the model), else
@@ -19,9 +19,11 @@ holds the routes and start-up; the pieces they wire together:
     metrics.py    the Prometheus metrics
     engine.py     continuous batching (batch_torch.py, batch_llamacpp.py: the backends' batched decoders)
 
-The request's `model` field is not checked (the one model answers). `slm serve ENCODER` (an encoder directory or
-minilm-l6-v2) serves embeddings only: the completion routes answer 404 (no generator), as OpenAI's do for an
-embedding model. A sampling field a request leaves out takes
+The request's `model` field is not checked (the one model answers), except that with LoRA adapters loaded side by
+side (`slm serve MODEL --adapter NAME=DIR ...`) "MODEL:NAME" (or "NAME") selects adapter NAME for that request;
+requests for different adapters and the base decode in one batch (model/multi_lora.py).
+`slm serve ENCODER` (an encoder directory or minilm-l6-v2) serves embeddings only: the completion routes answer
+404 (no generator), as OpenAI's do for an embedding model. A sampling field a request leaves out takes
 the model's own default (`LM.sampling_params`: its generation_config.json, else slmkit's). /health and the chat
 page need no key; /metrics needs it unless `public_metrics` (every other path needs it: deny by default).
 docs/reliability-server.md lists what the server guarantees under bad input, load and faults.
@@ -150,6 +152,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     # who embeds answers in the `model` field: the encoder by its name (the served model's, when it is the model)
     embedding_model = model_name if lm is None or encoder is None else getattr(encoder, "name", model_name)
     names = [model_name] + ([embedding_model] if embedding_model != model_name else [])
+    adapter_names = list(lm.adapters.names) if getattr(lm, "adapters", None) is not None else []
+    names += [f"{model_name}:{a}" for a in adapter_names]
+
+    def adapter_for(requested: str | None) -> str | None:
+        """The adapter a request's `model` selects: MODEL:NAME or NAME; None (the base) for anything else."""
+        if not adapter_names or requested is None:
+            return None
+        name = requested.removeprefix(f"{model_name}:")
+        if name in adapter_names:
+            return name
+        if requested.startswith(f"{model_name}:"):
+            raise APIError(404, f"the model {requested!r} does not exist; the adapters served are "
+                                f"{', '.join(f'{model_name}:{a}' for a in adapter_names)}",
+                           param="model", code="model_not_found")
+        return None
 
     def check_generator(route: str) -> None:
         if lm is None:
@@ -167,13 +184,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                        n: int, logprobs: int | None, chat: bool, what: str) -> Response:
         """Submit one generation per prompt, n choices each; answer with all of them, or stream them."""
         t0 = time.perf_counter()
+        adapter = adapter_for(body.model)
         grammar = await compile_structured_output(engine.tokenizer, body)
-        requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs, grammar=grammar) for ids in prompts]
+        requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs, grammar=grammar, adapter=adapter)
+                    for ids in prompts]
         pendings = guard.submit_all(engine, requests, what)
         deadline = asyncio.get_running_loop().time() + request_timeout_s
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         tools = bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) != "none"
-        choices = protocol.Choices(engine.tokenizer, model_name, chat, n, n * len(prompts), logprobs is not None,
+        answered_by = model_name if adapter is None else f"{model_name}:{adapter}"
+        choices = protocol.Choices(engine.tokenizer, answered_by, chat, n, n * len(prompts), logprobs is not None,
                                    sum(len(p) for p in prompts), include_usage, tools=tools)
 
         def record_ttft() -> None:
@@ -348,7 +368,7 @@ def _load_encoder(spec: str, option: str):
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, backend: str = "auto",
           max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1_000_000,
           request_timeout_s: float = 300.0, device: str = "cpu", log_level: str = "info",
-          adapter: str | Path | None = None, weights: str = "fp32", draft: str | None = None,
+          adapter: str | Path | list[str] | None = None, weights: str = "fp32", draft: str | None = None,
           draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
           write_timeout_s: float = 30.0, escalate_to: str | None = None,
           calibration: str | Path | None = None, target_error: float = 0.05, embedder: str | None = None,
@@ -356,10 +376,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `prefix_cache_mb`: memory for recent prompts' keys and values, reused by prompts that begin the same way
     (torch backend; 0: off).
-    `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it). `weights`: fp32, bf16 or
-    int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively (lm/speculative.py) with this
-    draft model or "ngram"; the target runs on the torch backend ("auto" picks it) and the engine then serves one
-    request at a time (speculation trades batching for latency: a batch of 1 per step, see BENCHMARKS.md).
+    `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it), or a list of "NAME=DIR"
+    adapters loaded side by side, one chosen per request by its model "MODEL:NAME" (split_adapters).
+    `weights`: fp32, bf16 or int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively
+    (lm/speculative.py) with this draft model or "ngram"; the target runs on the torch backend ("auto" picks it)
+    and the engine then serves one request at a time (speculation trades batching for latency: a batch of 1 per
+    step, see BENCHMARKS.md).
 
     The API key is `api_key`, else $SLM_API_KEY; without one the routes are open (a warning is logged
     when the address is not loopback). Nonsense limits (`max_batch` 0, a negative timeout) are refused before
@@ -381,6 +403,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if escalate_to is not None and calibration is None:
         raise ValueError("--escalate-to needs --calibration FILE (write one with `slm cascade calibrate MODEL --dev "
                          "FILE -o FILE`)")
+    adapter, adapters = split_adapters(adapter)
+    if adapters and escalate_to is not None:
+        raise ValueError("--adapter NAME=DIR is not served with --escalate-to (the calibration is the base model's)")
     if escalate_to is not None and draft is not None:
         raise ValueError("--escalate-to needs the batched engine's log-probs, which --draft turns off; use one")
     if device == "cpu":
@@ -390,7 +415,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
     only_embeddings = _is_encoder(model)
     if only_embeddings and (embedder is not None or escalate_to is not None or draft is not None
-                            or adapter is not None):
+                            or adapter is not None or adapters):
         raise ValueError(f"{model} is an encoder: it serves embeddings only, without --embedder, --draft, --adapter "
                          "or --escalate-to")
     lm = escalation = None
@@ -399,8 +424,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         encoder = _load_encoder(model, "MODEL")
     else:
         encoder = _load_encoder(embedder, "--embedder") if embedder is not None else None
-        lm, escalation = _load_generator(model, backend, device, weights, adapter, draft, draft_k, escalate_to,
-                                         calibration, target_error)
+        lm, escalation = _load_generator(model, backend, device, weights, adapter, adapters, draft, draft_k,
+                                         escalate_to, calibration, target_error)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, embedder=encoder, prefix_cache_mb=prefix_cache_mb)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                      request_timeout_s=request_timeout_s, public_metrics=public_metrics,
@@ -418,19 +443,41 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             escalation.large.close()
 
 
-def _load_generator(model, backend, device, weights, adapter, draft, draft_k, escalate_to, calibration,
+def split_adapters(values: str | Path | list | None) -> tuple[str | None, dict[str, str]]:
+    """`--adapter` values as (one adapter for every request, {name: directory} chosen per request): DIR is the
+    first, NAME=DIR (repeatable) the second; the two don't mix."""
+    if values is None or isinstance(values, str | Path):
+        return (None if values is None else str(values)), {}
+    single, named = [], {}
+    for value in map(str, values):
+        name, sep, path = value.partition("=")
+        if sep and "/" not in name and name:
+            from slmkit.model.multi_lora import check_adapter_name
+            if name in named:
+                raise ValueError(f"--adapter {value}: the name {name!r} is given twice")
+            named[check_adapter_name(name)] = path
+        else:
+            single.append(value)
+    if len(single) > 1 or (single and named):
+        raise ValueError(f"--adapter {single[-1]}: give each adapter a name (--adapter NAME=DIR, chosen per request "
+                         "by its model MODEL:NAME), or serve a single --adapter DIR")
+    return (single[0] if single else None), named
+
+
+def _load_generator(model, backend, device, weights, adapter, adapters, draft, draft_k, escalate_to, calibration,
                     target_error):
     """The served LM (and the escalation target, with `escalate_to`), as `serve` describes."""
     from slmkit.lm import load_lm
-    if (adapter is not None or draft is not None) and backend == "auto":
+    if (adapter is not None or adapters or draft is not None) and backend == "auto":
         backend = "torch"  # the only backend that applies an adapter unmerged and rolls back a speculative cache
     backend, model_arg, options = generation_backend(model, backend, device, weights)
     log.info("serving %s with the %s backend (%s weights)%s%s", model, backend, weights,
-             f" and adapter {adapter}" if adapter else "", f", draft {draft}" if draft else "")
+             f" and adapter {adapter}" if adapter else f" and adapters {', '.join(adapters)}" if adapters else "",
+             f", draft {draft}" if draft else "")
     escalation = (escalate.load_escalation(escalate_to, calibration, target_error, device)
                   if escalate_to is not None else None)
-    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter, draft=draft,
-                 draft_k=draft_k, **options)
+    lm = load_lm(model_arg, backend=backend, device=device, weights=weights, adapter=adapter,
+                 adapters=adapters or None, draft=draft, draft_k=draft_k, **options)
     if lm.tokenizer is None:
         lm.close()
         raise ValueError(f"{model} has no local tokenizer (a remote endpoint?); serve a local model")

@@ -3,6 +3,8 @@
 Every running row keeps its keys and values in one row of a SlotKVCache (each row at its own position), so a
 decoding step is one (n, 1) forward pass for all n rows: the weights are read once per step for all of them.
 A prompt that shares its beginning with a recent one starts from that one's keys and values (PrefixCache).
+With LoRA adapters loaded side by side (`lm.adapters`, model/multi_lora.py), each row runs its own: the adapter
+bank gets the running rows' adapters before every forward pass.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class TorchBatch:
         self.cache = SlotKVCache(self.model.cfg, max_batch, self.model.cfg.max_seq_len, device=self.device,
                                  dtype=self.dtype)
         self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.adapters = getattr(lm, "adapters", None)  # an AdapterBank, or None: every row is the base
+        self.row_adapter = [0] * max_batch  # each row's adapter slot
 
     @property
     def n_active(self) -> int:
@@ -32,23 +36,38 @@ class TorchBatch:
     def n_active(self, n: int) -> None:
         self.cache.n_active = n
 
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+    def prefill(self, row: int, ids: list[int], adapter: int = 0) -> torch.Tensor:
+        """The prompt `ids` into `row`, through adapter slot `adapter` (0: the base); its next-token logits."""
+        if adapter and self.adapters is None:
+            raise ValueError("this model has no adapters loaded")
         # The prompt runs through a cache of its own, then is copied into its row: the running rows are untouched.
         single = KVCache(self.model.cfg, 1, len(ids), device=self.device, dtype=self.dtype)
-        hit = self.prefixes.longest(ids) if self.prefixes is not None else None
+        hit = self.prefixes.longest(ids, tag=adapter) if self.prefixes is not None else None
         if hit is not None:
             self.prefixes.fill(single, hit[1], hit[0])
         new = ids[single.length:]
-        logits = self.model(torch.tensor([new], device=self.device), cache=single)[0, -1].float().cpu()
+        logits = self._forward(torch.tensor([new], device=self.device), single, adapter)[0, -1].float().cpu()
         self.cache.load_row(row, single)
+        self.row_adapter[row] = adapter
         if self.prefixes is not None:
-            self.prefixes.store(ids, single)
+            self.prefixes.store(ids, single, tag=adapter)
         return logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         self.cache.n_active = len(tokens)
         x = torch.tensor([[t] for t in tokens], device=self.device)
-        return self.model(x, cache=self.cache)[:, -1].float().cpu()
+        rows = torch.tensor(self.row_adapter[:len(tokens)], device=self.device) if self.adapters is not None else 0
+        return self._forward(x, self.cache, rows)[:, -1].float().cpu()
+
+    def _forward(self, x: torch.Tensor, cache, adapter_rows) -> torch.Tensor:
+        if self.adapters is None:
+            return self.model(x, cache=cache)
+        self.adapters.rows = adapter_rows
+        try:
+            return self.model(x, cache=cache)
+        finally:
+            self.adapters.rows = None  # anything else the model runs (embeddings) is the base
 
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
+        self.row_adapter[dst] = self.row_adapter[src]

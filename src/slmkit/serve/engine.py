@@ -73,6 +73,7 @@ class GenerationRequest:
     n: int = 1  # independent choices (seeds seed, seed+1, ...)
     logprobs: int | None = None  # also report the top-k alternatives of every generated token
     grammar: str | None = None  # every choice keeps to it (slmkit.lm.constraints.compile_grammar's)
+    adapter: str | None = None  # one of the LoRA adapters loaded side by side (`lm.adapters`); None: the base
 
 
 @dataclass
@@ -235,6 +236,12 @@ class Engine:
             raise ValueError(f"log-probs are not available from the {type(self.lm).__name__} backend")
         if request.grammar is not None and self._batch is None:  # its tokens are sampled inside the backend
             raise ValueError(f"structured output needs the torch or llama.cpp backend, not {type(self.lm).__name__}")
+        if request.adapter is not None:
+            bank = getattr(self.lm, "adapters", None)
+            if bank is None or self._batch is None:
+                raise ValueError(f"no adapter {request.adapter!r}: this model has no adapters loaded "
+                                 "(slm serve MODEL --adapter NAME=DIR)")
+            bank.slot(request.adapter)  # an unknown name: ValueError naming the loaded ones
         return self._enqueue(request, n_prompt * request.n)
 
     def _enqueue(self, request, prompt_tokens: int) -> _Pending:
@@ -381,9 +388,12 @@ class Engine:
                 if choice.request.cancelled:
                     continue
                 try:
-                    grammar = choice.request.request.grammar
-                    choice.matcher = None if grammar is None else Matcher(self.tokenizer, grammar)
-                    logits = batch.prefill(len(rows), choice.request.request.prompt_ids)
+                    req = choice.request.request
+                    choice.matcher = None if req.grammar is None else Matcher(self.tokenizer, req.grammar)
+                    if req.adapter is None:
+                        logits = batch.prefill(len(rows), req.prompt_ids)
+                    else:
+                        logits = batch.prefill(len(rows), req.prompt_ids, self.lm.adapters.slot(req.adapter))
                 except Exception as e:
                     choice.request.fail(e)
                     continue
