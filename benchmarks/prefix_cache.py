@@ -1,10 +1,12 @@
-"""Time to first token with a long shared system prompt, with and without the torch engine's prefix cache.
+"""Time to first token with a long shared system prompt, with and without the engine's prefix cache.
 
     nice python benchmarks/prefix_cache.py --model smollm2-135m-instruct --system-tokens 1000 --requests 8 \
         --json docs/benchmark-logs/prefix_cache.json
+    nice python benchmarks/prefix_cache.py --backend llamacpp --json docs/benchmark-logs/prefix_cache_llamacpp.json
 
 Each request is the same ~N-token system prompt plus a different short question (chat template), sent one after
-another to the serving engine (slmkit.serve.engine.Engine, the torch backend, as `slm serve` runs it) so that
+another to the serving engine (slmkit.serve.engine.Engine, as `slm serve` runs it: the torch backend's PrefixCache, or
+llama.cpp's kept sequences with --backend llamacpp) so that
 TTFT is prefill time, not queueing: first with --prefix-cache-mb 0, then with the cache on (the first request
 fills it and is reported apart). TTFT is measured from submission to the first token event, in-process (no HTTP);
 medians and the ratio, measured in one run.
@@ -50,16 +52,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--system-tokens", type=int, default=1000)
     ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--backend", default="torch", choices=["torch", "llamacpp"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    lm = load_lm(args.model, backend="torch")
+    lm = load_lm(args.model, backend=args.backend)
     system = system_prompt(lm, args.system_tokens)
     prompts = [lm.tokenizer.apply_chat_template([{"role": "system", "content": system},
                                                  {"role": "user", "content": q}], add_generation_prompt=True)
                for q in (QUESTIONS * 10)[:args.requests + 1]]
     ids = [lm.encode_prompt(p) for p in prompts]
-    out = {"model": args.model, "prompt_tokens": [len(i) for i in ids][:3], "cpu": platform.processor(),
-           "requests": args.requests}
+    out = {"model": args.model, "backend": args.backend, "prompt_tokens": [len(i) for i in ids][:3],
+           "cpu": platform.processor(), "requests": args.requests}
     for label, mb in (("uncached", 0), ("cached", 512)):
         engine = Engine(lm, max_batch=4, prefix_cache_mb=mb)
         try:

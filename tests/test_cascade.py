@@ -3,6 +3,7 @@ classifier cascade, and `slm serve --escalate-to` (field, header, metrics)."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -306,6 +307,58 @@ def test_serve_escalation_field_header_and_metrics(small, tmp_path):
     Calibration(feature="agreement", scores=[1.0], correct=[True]).save(cal_file)
     with pytest.raises(ValueError, match=r"feature 'agreement' cannot be served"):
         load_escalation("queue:" + str(tmp_path / "q.jsonl"), cal_file)
+
+
+def test_serve_escalation_with_tools(tmp_path):
+    """Tools under the cascade: the small model's call keeps to the schema; the target's <tool_call> parses,
+    streamed and not."""
+    pytest.importorskip("fastapi")
+    from slmkit.serve.app import create_app
+    from slmkit.serve.engine import Engine
+    from slmkit.serve.escalate import Escalation
+    tok = train_tokenizer([TEXT] * 40, vocab_size=300)
+    small = load_lm(str(tiny_model_dir(tmp_path / "m", tok, max_seq_len=2048)))  # room for the tools' message
+    escalation = Escalation(Fixed(), Calibration(feature="mean_logprob", scores=[0.0], correct=[True]), 0.0)
+    engine = Engine(small, max_batch=2, max_queue=8)
+    tool = {"type": "function", "function": {"name": "get_order", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^KB-[0-9]{3}$"}},
+        "required": ["order_id"], "additionalProperties": False}}}
+    ask = {"messages": [{"role": "user", "content": "where is KB-204?"}], "tools": [tool], "tool_choice": "required",
+           "max_tokens": 400, "temperature": 1.0, "seed": 0}
+
+    def post(url, body):
+        import http.client
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read().decode()
+
+    try:
+        with live_server(create_app(engine, "tiny", escalation=escalation)) as url:
+            status, headers, data = post(url, ask)  # a random model: only the grammar makes its call parse
+            assert status == 200 and headers["x-slmkit-answered-by"] == "small", data
+            choice = json.loads(data)["choices"][0]
+            assert "tool_calls" in choice["message"], choice
+            (call,) = choice["message"]["tool_calls"]
+            assert choice["finish_reason"] == "tool_calls" and call["function"]["name"] == "get_order"
+            assert re.fullmatch(r"KB-[0-9]{3}", json.loads(call["function"]["arguments"])["order_id"])
+            escalation.threshold = math.inf
+            escalation.large = Fixed('<tool_call>{"name": "get_order", "arguments": {"order_id": "KB-204"}}'
+                                     '</tool_call>')
+            for streamed in (False, True):
+                status, headers, data = post(url, {**ask, "stream": streamed})
+                assert status == 200 and headers["x-slmkit-answered-by"] == "large", data
+                if streamed:
+                    chunks = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
+                    (call,) = [c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls") or []]
+                    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and call["index"] == 0
+                else:
+                    (call,) = json.loads(data)["choices"][0]["message"]["tool_calls"]
+                assert json.loads(call["function"]["arguments"]) == {"order_id": "KB-204"}
+    finally:
+        engine.close()
 
 
 def test_classify_cascade_cli(small_dir, tmp_path):

@@ -118,3 +118,33 @@ def test_logprobs_through_the_llamacpp_engine_match_the_lm(models):
             top = lp.top_logprobs[len(ids) - 1 + i]  # keyed by text, the engine's top-3 can merge equal pieces
             assert 0 < len(ev.top_logprobs) <= 3 and max(ev.top_logprobs.values()) == pytest.approx(top[0], abs=1e-3)
             assert all(abs(top - v).min() <= 1e-3 for v in ev.top_logprobs.values())
+
+
+def test_prompts_that_begin_alike_reuse_a_finished_sequences_cells(models):
+    """Prefix reuse (llama.cpp's cache_prompt): a prompt extending a finished request's prompt decodes only its
+    new tokens, and gives what decoding it from nothing gives; one that shares nothing starts over."""
+    _, lm = models
+    shared = "def area(r):\n    return 3.14159 * r * r\n\n"
+    prompts = [lm.encode_prompt(shared + tail) for tail in ("for r in", "for r in range(5):", "print(")]
+    prompts.append(lm.encode_prompt("café ✓"))
+    expected = [list(lm.stream_ids(ids, greedy(8), None)) for ids in prompts]
+    engine = Engine(lm, max_batch=2, prefix_cache_mb=1)
+    batch = engine._batch
+    assert batch.prefixes is not None
+
+    async def one(ids):
+        return (await collect(engine, GenerationRequest(ids, greedy(8))))[0][0]
+
+    try:
+        got = [asyncio.run(one(ids)) for ids in prompts]  # one after another: each finds the last one's cells
+    finally:
+        engine.close()
+    assert got == expected
+
+    def common(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    shares = [min(common(prompts[i - 1], prompts[i]), len(prompts[i]) - 1) for i in range(1, len(prompts))]
+    assert shares[0] > 10 and shares[1] > 10  # the shared function
+    assert batch.prefixes.hits == sum(k > 0 for k in shares) == engine.stats.prefix_cache_hits
+    assert batch.prefixes.tokens_reused >= sum(shares)

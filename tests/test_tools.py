@@ -66,6 +66,14 @@ def test_required_tool_calls_parse_from_a_random_model(url, seed):
     assert choice.message.content is None
 
 
+def test_a_greedy_random_model_finishes_its_call(url):
+    # the whitespace bound must reach the tools' %json too: unbounded, greedy decoding pads with tabs for ever
+    out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=[ORDER_TOOL],
+                                              tool_choice="required", max_tokens=MAX_TOKENS, temperature=0)
+    assert out.choices[0].finish_reason == "tool_calls", out.choices[0]
+    _check_call(out.choices[0].message.tool_calls[0])
+
+
 def test_parallel_calls_each_parse(url):
     # a random model may go on calling until max_tokens; every complete call parses, the cut one is not a call
     out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=[ORDER_TOOL, RETURN_TOOL],

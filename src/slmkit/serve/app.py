@@ -299,8 +299,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         params = sampling(lm, body, max_tokens, stop_strings(tok))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if escalation is not None:
+            tool_grammar = await compile_structured_output(tok, body) if body.tools else None
             return await escalate.chat(engine, escalation, metrics, request, body, messages, ids, params, n, logprobs,
-                                       model_name, request_timeout_s)
+                                       model_name, request_timeout_s, grammar=tool_grammar)
         return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages")
 
     @app.post("/v1/embeddings")

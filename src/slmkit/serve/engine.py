@@ -166,13 +166,14 @@ def batch_decoder(lm: LM, max_batch: int, prefix_cache_mb: float = 0):
     What every batched decoder gives the engine: `prefill(row, ids)` -> the (vocab,) logits after the prompt,
     placed in `row`; `decode(tokens)` -> (n, vocab) logits, one new token for each of rows 0..n-1;
     `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`; optionally `close()` and
-    `prefixes` (a PrefixCache: `prefix_cache_mb` of recent prompts' keys and values, torch only).
+    `prefixes` (its `hits` and `tokens_reused`: torch keeps `prefix_cache_mb` of recent prompts' keys and values,
+    llama.cpp keeps finished sequences' cells for the next prompt that begins the same way).
     """
     if isinstance(lm, TorchLM):
         return TorchBatch(lm, max_batch, prefix_cache_mb)
     if isinstance(lm, LlamaCppLM):
         from slmkit.serve.batch_llamacpp import LlamaCppBatch  # imports llama_cpp, as the LM itself does
-        return LlamaCppBatch(lm, max_batch)
+        return LlamaCppBatch(lm, max_batch, reuse_prefixes=prefix_cache_mb > 0)
     return None
 
 

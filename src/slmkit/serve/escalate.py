@@ -12,8 +12,12 @@ URL) or a hand-off queue for people (`queue:FILE.jsonl`, `lm.handoff.HandoffQueu
     metrics  slmkit_cascade_answers_total{answered_by="small" | "large"}
 
 A streamed request gets the chosen reply once decided (the small model's reply must be complete before the
-decision), with the "slmkit" field in its first chunk. One choice per request (n=1) and free text only:
-a request for n > 1 or structured output is a 400. /v1/completions is answered by the small model alone. The
+decision), with the "slmkit" field in its first chunk. One choice per request (n=1) and free text or tool calls:
+a request for n > 1 or structured output is a 400 (the target cannot be held to a grammar). With `tools`, the
+small model's calls are constrained to the tools' schemas as without a cascade, and its confidence is that of
+its call; an escalated request's messages carry the tools as the small model saw them (serve/tools.py's system
+message), and a `<tool_call>` in the target's reply becomes a tool call (one that does not parse stays text).
+/v1/completions is answered by the small model alone. The
 small model's log-probs come from the engine's batched decoders: serve it with the torch or llama.cpp backend.
 """
 
@@ -70,8 +74,9 @@ def load_escalation(target: str, calibration: str, target_error: float = 0.05, d
 
 async def chat(engine: Engine, escalation: Escalation, metrics, request: Request, body: ChatBody,
                messages: list[dict], ids: list[int], params: SamplingParams, n: int, logprobs: int | None,
-               model_name: str, timeout_s: float) -> Response:
-    """Answer one chat completion through the cascade (see the module docstring)."""
+               model_name: str, timeout_s: float, grammar: str | None = None) -> Response:
+    """Answer one chat completion through the cascade (see the module docstring); `grammar`: the tools' (the
+    request's other structured output is refused here)."""
     if n != 1:
         raise APIError(400, "with --escalate-to each request gets one choice; send n=1", param="n")
     if body.response_format is not None or body.json_schema is not None or body.grammar is not None:
@@ -79,10 +84,12 @@ async def chat(engine: Engine, escalation: Escalation, metrics, request: Request
                             "be held to the grammar)", param="response_format")
     feature = escalation.calibration.feature
     top = max(TOP_K if feature == "neg_entropy" else 0, logprobs or 0)
-    pendings = guard.submit_all(engine, [GenerationRequest(ids, params, n=1, logprobs=top)], "messages")
+    asked = GenerationRequest(ids, params, n=1, logprobs=top, grammar=grammar)
+    pendings = guard.submit_all(engine, [asked], "messages")
     deadline = asyncio.get_running_loop().time() + timeout_s
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    choices = protocol.Choices(engine.tokenizer, model_name, True, 1, 1, True, len(ids), include_usage)
+    tools = bool(body.tools) and body.tool_choice != "none"
+    choices = protocol.Choices(engine.tokenizer, model_name, True, 1, 1, True, len(ids), include_usage, tools=tools)
     try:
         finished = await stream.collect(request, choices, pendings, deadline)
     except TimeoutError:
@@ -91,8 +98,7 @@ async def chat(engine: Engine, escalation: Escalation, metrics, request: Request
         return Response(status_code=499)
     # Score the reply's own tokens as calibration did (`Cascade.score_answer` re-scores the reply's text): the end
     # token and a held-back stop string are generated but are not part of the text.
-    tokens = choices.tokens[0][:len(engine.tokenizer.encode(choices.texts[0]))]
-    score = confidence(feature, [lp for _, lp, _ in tokens], [list(top.values()) for _, _, top in tokens])
+    score = await _score_reply(engine, escalation, feature, ids, choices)
     p = float(escalation.calibration(score))
     who = "small" if p >= escalation.threshold else "large"
     if who == "large":
@@ -121,14 +127,36 @@ async def chat(engine: Engine, escalation: Escalation, metrics, request: Request
     return JSONResponse({**choices.response(), "slmkit": info}, headers=headers)
 
 
+async def _score_reply(engine: Engine, escalation: Escalation, feature: str, prompt_ids: list[int],
+                       choices: protocol.Choices) -> float:
+    """The reply's confidence as calibration computes it (`Cascade.score_answer`: the log-probs of the reply's
+    text, re-encoded), from the generation's own log-probs when its tokens are that encoding, else by scoring
+    the text again (a model may generate a word in pieces its tokenizer would not split it into)."""
+    tok = engine.tokenizer
+    answer_ids = tok.encode(choices.texts[0])
+    tokens = choices.tokens[0][:len(answer_ids)]
+    if [t for t, _, _ in tokens] == [tok.decode([i]) for i in answer_ids]:
+        return confidence(feature, [lp for _, lp, _ in tokens], [list(top.values()) for _, _, top in tokens])
+
+    def rescore() -> float:
+        with escalation.lock:  # off the engine thread: the model's forward pass keeps no state between calls
+            lp = engine.lm.logprobs((prompt_ids + answer_ids)[-engine.max_length:], top_k=TOP_K)
+        n = len(answer_ids)
+        return confidence(feature, lp.token_logprobs[-n:], lp.top_logprobs[-n:])
+    return await asyncio.to_thread(rescore)
+
+
 def _stream(choices: protocol.Choices, info: dict, headers: dict) -> Response:
     """The decided reply as OpenAI stream chunks: role (with the "slmkit" field), the content, the finish."""
     from fastapi.responses import StreamingResponse
     whole = choices.response()["choices"][0]
+    message = whole["message"]
+    delta = {"content": message["content"]}
+    if message.get("tool_calls"):  # OpenAI's streamed shape: each call with its index, whole in one delta
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
     chunks = [{**choices._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]), "slmkit": info},
-              choices._chunk([{"index": 0, "delta": {"content": whole["message"]["content"]},
-                               "logprobs": whole["logprobs"], "finish_reason": None}]),
+              choices._chunk([{"index": 0, "delta": delta, "logprobs": whole["logprobs"], "finish_reason": None}]),
               choices._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": whole["finish_reason"]}]),
               *choices.stream_end()]
 

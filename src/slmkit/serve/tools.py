@@ -21,6 +21,7 @@ import json
 import re
 import uuid
 
+from slmkit.lm.constraints import JSON_OPTIONS
 from slmkit.serve.protocol import APIError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -105,8 +106,10 @@ def tool_grammar(functions: list[dict], choice: str, parallel: bool = True) -> s
     chosen = [f for f in functions if choice == f"function:{f['name']}"] or functions
     rules = []
     for i, f in enumerate(chosen):
+        # %json takes no compile-time defaults: the whitespace bound rides in the schema, or a weak model greedily
+        # pads the call with tabs until max_tokens (a random tiny model did, every time)
         schema = {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                  "required": ["name", "arguments"], "additionalProperties": False}
+                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
         rules.append(f"tool_{i}: %json {json.dumps(schema)}")
     call = f'call: "{OPEN}" ({" | ".join(f"tool_{i}" for i in range(len(chosen)))}) "{CLOSE}"'
     calls = 'calls: call ("\\n" call)*' if parallel else "calls: call"
