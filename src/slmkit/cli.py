@@ -678,8 +678,10 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                      "(default: $SLM_API_KEY; none: open)")] = None,
     backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed, on the model's GGUF; "
-                                         "else slmkit's torch model) | torch | llamacpp | hf")] = "auto",
-    max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp)")] = 16,
+                                         "else slmkit's torch model) | torch | llamacpp | hf | llama-server "
+                                         "(llama.cpp's C++ server, started and fronted by slmkit)")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp; llama-server's "
+                                                "--parallel slots)")] = 16,
     max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch before 429 answers")] = 64,
     adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter (PEFT format), unmerged, torch backend: "
                                                            "DIR serves MODEL with it; NAME=DIR (repeatable) loads "
@@ -710,6 +712,9 @@ def serve(
     embedder: Annotated[str | None, typer.Option(help="answer /v1/embeddings with this encoder (a BERT/RoBERTa "
                                                       "directory or minilm-l6-v2) instead of the model's mean-pooled "
                                                       "hidden states")] = None,
+    llama_server_bin: Annotated[Path | None, typer.Option(help="with --backend llama-server: the binary "
+                                                               "(default: $SLM_LLAMA_SERVER, PATH, or "
+                                                               "`slm build-llama-server`'s)")] = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /. An encoder as MODEL serves /v1/embeddings only."""
@@ -718,7 +723,18 @@ def serve(
                prefix_cache_mb=prefix_cache_mb,
                max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
-               escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder)
+               escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder,
+               llama_server_bin=llama_server_bin)
+
+
+@command(name="build-llama-server")
+def build_llama_server_cmd(
+    jobs: Annotated[int | None, typer.Option(help="parallel compile jobs (default: every core)")] = None,
+):
+    """Compile llama.cpp's llama-server (for `slm serve --backend llama-server`) from the llama.cpp sources that
+    llama-cpp-python's source distribution vendors, into slmkit's cache; prints the binary's path."""
+    from slmkit.serve.llama_server import build_llama_server
+    typer.echo(build_llama_server(jobs=jobs, log=_log))
 
 
 # ---- evaluation and classifiers ------------------------------------------------------------------------

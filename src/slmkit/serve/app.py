@@ -373,7 +373,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
           write_timeout_s: float = 30.0, escalate_to: str | None = None,
           calibration: str | Path | None = None, target_error: float = 0.05, embedder: str | None = None,
-          prefix_cache_mb: float = 512) -> None:
+          prefix_cache_mb: float = 512, llama_server_bin: str | Path | None = None) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `prefix_cache_mb`: memory for recent prompts' keys and values, reused by prompts that begin the same way
     (torch backend; 0: off).
@@ -391,6 +391,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     answers chat completions by a cascade for `target_error` (escalate.py).
     `embedder` (an encoder directory or pulled encoder) answers /v1/embeddings; an encoder as `model` serves
     embeddings only (no generator: the completion routes answer 404).
+    backend "llama-server": llama.cpp's C++ server does the generating, started on the model's GGUF with
+    `max_batch` slots (`llama_server_bin`, else found as llama_server.find_llama_server says) behind slmkit's
+    front (proxy.py); stopped when this returns.
     """
     import sys
 
@@ -414,6 +417,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
+    if backend == "llama-server":
+        return _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes,
+                                   request_timeout_s, log_level, public_metrics, max_concurrency, write_timeout_s,
+                                   llama_server_bin, refused={"--adapter": adapter, "--draft": draft,
+                                                              "--escalate-to": escalate_to, "--embedder": embedder,
+                                                              "--weights": None if weights == "fp32" else weights})
     only_embeddings = _is_encoder(model)
     if only_embeddings and (embedder is not None or escalate_to is not None or draft is not None
                             or adapter is not None or adapters):
@@ -442,6 +451,34 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             lm.close()
         if escalation is not None:
             escalation.large.close()
+
+
+def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes, request_timeout_s,
+                        log_level, public_metrics, max_concurrency, write_timeout_s, binary, refused: dict) -> None:
+    import uvicorn
+
+    from slmkit.hub import resolve_model
+    from slmkit.serve.llama_server import find_llama_server, start_llama_server
+    from slmkit.serve.proxy import create_proxy_app
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} need slmkit's own engine; the llama-server backend serves the GGUF as "
+                         "it is (use --backend torch or llamacpp)")
+    binary = find_llama_server(binary)  # before converting anything: a missing binary is the likelier error
+    ref = resolve_model(model)
+    if ref.kind == "remote":
+        raise ValueError(f"{model} is a remote endpoint: serve a local model with --backend llama-server")
+    server = start_llama_server(ref.gguf_file(create=True), binary, parallel=max_batch, alias=model)
+    try:
+        app = create_proxy_app(server.url, model, max_requests=max_batch + max_queue,
+                               api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
+                               request_timeout_s=request_timeout_s, public_metrics=public_metrics,
+                               max_concurrency=max_concurrency, write_timeout_s=write_timeout_s,
+                               upstream_alive=server.alive)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=2 * max_concurrency,
+                    timeout_keep_alive=5)
+    finally:
+        server.close()
 
 
 def split_adapters(values: str | Path | list | None) -> tuple[str | None, dict[str, str]]:

@@ -1,0 +1,171 @@
+"""slmkit's front over an OpenAI-compatible server that does the generating: `slm serve --backend llama-server`.
+
+The upstream (llama.cpp's llama-server, started and stopped by llama_server.py) batches and samples; this app
+keeps what slmkit's own server guarantees in front of it: the API key and body/concurrency limits (guard.py),
+request validation in OpenAI's error shape (the same bodies as app.py's routes), admission (more than
+`max_requests` generations at once: 429 with Retry-After, as the engine's full queue answers), the per-request
+timeout (504), Prometheus metrics (requests, latency, tokens from the upstream's usage, TTFT of streams), /health
+(503 once the upstream is gone) and the chat page. Bodies are forwarded as the client sent them (llama-server
+reads response_format, json_schema, grammar, tools and the sampling fields itself), and streams are relayed
+chunk by chunk; a client that disconnects closes the upstream stream, which stops its generation there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from slmkit.serve import guard, protocol
+from slmkit.serve.engine import EngineStats
+from slmkit.serve.metrics import CONTENT_TYPE, Metrics
+from slmkit.serve.protocol import APIError, ChatBody, CompletionBody
+
+
+@dataclass
+class UpstreamView:
+    """What Metrics.render reads from an engine, kept by the proxy."""
+
+    stats: EngineStats = field(default_factory=EngineStats)
+    queue_depth: int = 0  # the upstream queues itself: nothing waits here
+
+
+def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key: str | None = None,
+                     max_body_bytes: int = 1_000_000, request_timeout_s: float = 300.0, public_metrics: bool = False,
+                     max_concurrency: int = 256, write_timeout_s: float = 30.0,
+                     upstream_alive: Callable[[], bool] = lambda: True) -> FastAPI:
+    """The app described in the module docstring, forwarding to `upstream` (http://host:port)."""
+    from slmkit.serve.app import CHAT_PAGE, App, check_limits
+    check_limits(max_requests=max_requests, max_body_bytes=max_body_bytes, request_timeout=request_timeout_s,
+                 max_concurrency=max_concurrency, write_timeout=write_timeout_s)
+    metrics, view, created = Metrics(), UpstreamView(), int(time.time())
+    client = httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(request_timeout_s, connect=5.0),
+                               limits=httpx.Limits(max_connections=max_requests + 8))
+    running = [0]  # generations forwarded and not finished
+
+    app = App(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(guard.Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
+                       public_metrics=public_metrics, max_concurrency=max_concurrency,
+                       write_timeout_s=write_timeout_s)
+    protocol.add_error_handlers(app)
+
+    def upstream_error(e: Exception) -> APIError:
+        if isinstance(e, httpx.TimeoutException):
+            return guard.timeout_error(request_timeout_s)
+        return APIError(503, f"the llama-server backend is not answering: {type(e).__name__}", type="server_error",
+                        code="engine_stopped")
+
+    def count_usage(data: dict) -> None:
+        usage = data.get("usage") or {}
+        view.stats.prompt_tokens_total += int(usage.get("prompt_tokens") or 0)
+        view.stats.completion_tokens_total += int(usage.get("completion_tokens") or 0)
+
+    async def forward(path: str, body: dict) -> Response:
+        if running[0] >= max_requests:
+            raise APIError(429, "the server is busy; retry after 1 s", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        body = {**body, "model": model_name}
+        view.stats.requests_total += 1
+        running[0] += 1
+        t0 = time.perf_counter()
+        if not body.get("stream"):
+            try:
+                r = await client.post(path, json=body)
+            except httpx.HTTPError as e:
+                raise upstream_error(e) from e
+            finally:
+                running[0] -= 1
+            data = r.json()
+            if r.status_code == 200:
+                count_usage(data)
+            return JSONResponse(data, status_code=r.status_code)
+        try:
+            r = await client.send(client.build_request("POST", path, json=body), stream=True)
+        except httpx.HTTPError as e:
+            running[0] -= 1
+            raise upstream_error(e) from e
+        if r.status_code != 200:
+            data = await r.aread()
+            await r.aclose()
+            running[0] -= 1
+            return Response(data, status_code=r.status_code, media_type="application/json")
+
+        async def relay():
+            first, tail = True, b""
+            try:
+                async for chunk in r.aiter_raw():
+                    if first:
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    tail = (tail + chunk)[-4096:]  # the last event carries the usage, when asked for
+                    yield chunk
+            except httpx.HTTPError as e:
+                error = upstream_error(e)
+                yield f"data: {json.dumps(error.body())}\n\n".encode()
+            finally:
+                await r.aclose()
+                running[0] -= 1
+                for line in tail.decode(errors="replace").splitlines():
+                    if line.startswith("data: {") and '"usage"' in line:
+                        try:
+                            count_usage(json.loads(line[6:]))
+                        except ValueError:
+                            pass
+        return StreamingResponse(relay(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(CHAT_PAGE, media_type="text/html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/health")
+    async def health():
+        state = {"model": model_name, "queue_depth": 0, "requests_active": metrics.active, "backend": "llama-server"}
+        try:
+            ok = upstream_alive() and (await client.get("/health", timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not ok:
+            error = APIError(503, "the llama-server backend stopped", type="server_error", code="engine_stopped")
+            return JSONResponse({"status": "unhealthy", **state, **error.body()}, status_code=503)
+        return {"status": "ok", **state}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(view), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [protocol.model_card(model_name, created)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        if model != model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name}",
+                           param="model", code="model_not_found")
+        return protocol.model_card(model, created)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionBody):
+        guard.check_unicode(body.model_dump(by_alias=True))
+        guard.check_n(body.n)
+        return await forward("/v1/completions", await request.json())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatBody):
+        guard.check_unicode(body.model_dump(by_alias=True))
+        guard.check_n(body.n)
+        return await forward("/v1/chat/completions", await request.json())
+
+    @app.post("/v1/embeddings")
+    async def embeddings():
+        raise APIError(400, "embeddings are not served by the llama-server backend; serve with --backend torch, "
+                            "or an encoder (slm serve ENCODER)", param="model")
+
+    app.router.on_shutdown.append(client.aclose)
+    return app
