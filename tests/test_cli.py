@@ -170,6 +170,7 @@ def _bad_inputs(tmp):
         (["data", "prepare", str(deep), *out], "deep.jsonl:1: nested too deeply"),
         (["data", "prepare", missing, *out], "missing"),
         (["mixture", str(bad_yaml), *out], "mix.yaml"),
+        (["build-llama-server", "--jobs", "0"], "--jobs is 0; it must be at least 1"),
         (train("--grad-accum", "0"), "grad_accum=0: must be a positive integer"),
         (train("--log-every", "0"), "log_every=0: must be a positive integer"),
         (train("--batch-size", "0"), "batch_size=0: must be a positive integer"),

@@ -53,6 +53,8 @@ def find_llama_server(explicit: str | Path | None = None) -> Path:
 def build_llama_server(jobs: int | None = None, log=print) -> Path:
     """Compile llama.cpp's server from the sources llama-cpp-python's sdist vendors into cache_dir()/bin (once:
     an existing build is returned). Needs cmake and a C++ compiler."""
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"--jobs is {jobs}; it must be at least 1")
     target = cache_dir() / "bin" / "llama-server"
     if target.is_file():
         return target
