@@ -1,15 +1,20 @@
-"""Aggregate generation throughput through an OpenAI-compatible HTTP server at 1, 4, 16 concurrent clients:
-`slm serve` (continuous batching, over llama.cpp and over slmkit's torch model) vs llama-cpp-python's own
-server on the same weights.
+"""Aggregate generation throughput through an OpenAI-compatible HTTP server at 1, 4, 16, 32 concurrent clients:
+`slm serve` (continuous batching over llama.cpp and over slmkit's torch model, and fronting llama.cpp's C++
+server) vs llama.cpp's own `llama-server` (the anchor: what a user would run instead) and llama-cpp-python's
+server, on the same weights.
 
-    python benchmarks/serve.py                                 # stories15m-shaped random model, both servers
-    python benchmarks/serve.py --preset micro --clients 1 4 16 --requests-per-client 4 --max-tokens 64
+    python benchmarks/serve.py                                 # stories15m-shaped random model, every server
+    python benchmarks/serve.py --preset smollm2-135m-instruct --gguf q8_0 --clients 1 4 16 32
+    python benchmarks/serve.py --servers llama-server slmkit-llama-server slmkit-torch-int8
 
 Each server runs in its own process on 127.0.0.1 (slmkit's with its default threads: all cores but one for the
-model; llama.cpp's with `--threads`); this script's clients use the official `openai` async client, each
-sending `--requests-per-client` completions in turn. Reported per concurrency level: aggregate completion
-tokens/s (the usage the servers report / wall time), the ratio to the same server's 1-client figure, and the
-median time to first token of one streamed request per client sent all at once. Greedy, `ignore_eos`.
+model; llama.cpp's with `--threads`); llama-server is built once from the llama.cpp sources llama-cpp-python's
+sdist vendors (`slm build-llama-server`, cached) and runs with `--parallel` = the most clients, one unified KV
+pool, continuous batching. This script's clients use the official `openai` async client, each sending
+`--requests-per-client` completions in turn. Reported per concurrency level: aggregate completion tokens/s (the
+usage the servers report / wall time), the ratio to the same server's 1-client figure, and the median and p99
+time to first token of one streamed request per client sent all at once. Greedy, `ignore_eos`. Results are
+written after every level (`--json`), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_backends import _threads_env, make_models  # noqa: E402
+
+
+def llama_server_binary() -> Path:
+    """The llama-server binary `slm serve --backend llama-server` would run, built once when there is none."""
+    from slmkit.serve.llama_server import build_llama_server, find_llama_server
+    try:
+        return find_llama_server()
+    except FileNotFoundError:
+        return build_llama_server()
 
 
 def free_port() -> int:
@@ -79,21 +93,23 @@ async def run_clients(port: int, clients: int, per_client: int, max_tokens: int,
     t = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(clients)))
     wall = time.perf_counter() - t
-    ttfts = await asyncio.gather(*(first_token() for _ in range(clients)))
+    ttfts = sorted(await asyncio.gather(*(first_token() for _ in range(clients))))
     await client.close()
     return {"clients": clients, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_median_s": statistics.median(ttfts)}
+            "ttft_median_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1,
+                                                                               int(0.99 * len(ttfts)))]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="stories15m")
-    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 32])
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--servers", nargs="+", default=["slmkit-llamacpp", "slmkit-torch", "slmkit-torch-int8",
-                                                      "llama-cpp-python"])
+    ap.add_argument("--servers", nargs="+", default=["llama-server", "slmkit-llama-server", "slmkit-llamacpp",
+                                                      "slmkit-torch", "slmkit-torch-int8", "llama-cpp-python"])
+    ap.add_argument("--gguf", default="f32", choices=["f32", "q8_0"], help="the GGUF the llama.cpp servers load")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per concurrency level")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -104,13 +120,20 @@ def main() -> None:
         paths = make_models(args.preset, Path(tmp))
         for server in args.servers:
             port = free_port()
-            if server.startswith("slmkit"):  # slmkit-torch[-int8]: the model directory; slmkit-llamacpp: f32 GGUF
+            most = str(max(args.clients))
+            if server == "llama-server":  # the same arguments slm serve --backend llama-server gives it
+                cmd = [str(llama_server_binary()), "-m", paths[args.gguf], "--host", "127.0.0.1", "--port", str(port),
+                       "--alias", "model", "-np", most, "-kvu", "-t", str(args.threads), "--jinja", "--no-webui"]
+            elif server == "slmkit-llama-server":
+                cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths[args.gguf], "--port", str(port),
+                       "--backend", "llama-server", "--max-batch", most]
+            elif server.startswith("slmkit"):  # slmkit-torch[-int8]: the model directory; slmkit-llamacpp: the GGUF
                 backend, _, weights = server.removeprefix("slmkit-").partition("-")
-                cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths["dir" if backend == "torch" else "f32"],
-                       "--port", str(port), "--backend", backend, "--max-batch", str(max(args.clients)),
+                cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths["dir" if backend == "torch" else args.gguf],
+                       "--port", str(port), "--backend", backend, "--max-batch", most,
                        *(["--weights", weights] if weights else [])]
             else:
-                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", paths["f32"], "--port", str(port),
+                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", paths[args.gguf], "--port", str(port),
                        "--n_threads", str(args.threads), "--n_ctx", "1024"]
             proc = start(cmd, port, env)
             try:
@@ -124,21 +147,27 @@ def main() -> None:
                         break
                     r["server"] = server
                     results.append(r)
-                    print(f"{server:<18}{clients:>3} clients {r['tok_s']:>8.1f} tok/s  ttft {r['ttft_median_s']:.3f}s",
+                    print(f"{server:<20}{clients:>3} clients {r['tok_s']:>8.1f} tok/s  ttft {r['ttft_median_s']:.3f}s",
                           file=sys.stderr)
+                    if args.json:  # after every level: a run cut short keeps what it measured
+                        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results},
+                                                              indent=2))
             finally:
                 proc.kill()
                 proc.wait(timeout=30)
-    print(f"\n| server ({args.preset}, {args.threads} threads) | clients | aggregate tok/s | vs 1 client | "
-          "median TTFT |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n| server ({args.preset}, {args.gguf} GGUF, {args.threads} threads) | clients | aggregate tok/s | "
+          "vs 1 client | vs llama-server | TTFT p50 / p99 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         if "error" in r:
             print(f"| {r['server']} | {r['clients']} | did not finish in {args.timeout:.0f} s ({r['error']}) | | |")
             continue
         base = next(x["tok_s"] for x in results if x["server"] == r["server"] and x["clients"] == min(args.clients))
-        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
-              f"{r['ttft_median_s'] * 1000:.0f} ms |")
+        anchor = next((x["tok_s"] for x in results if x["server"] == "llama-server" and x["clients"] == r["clients"]
+                       and "tok_s" in x), None)
+        versus = f"{r['tok_s'] / anchor:.2f}x" if anchor else ""
+        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {versus} | "
+              f"{r['ttft_median_s'] * 1000:.0f} / {r['ttft_p99_s'] * 1000:.0f} ms |")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
 
