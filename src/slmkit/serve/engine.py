@@ -405,6 +405,7 @@ class Engine:
                 rows.append(choice)
                 self._step_safely(choice, logits)
             rows = self._drop_finished(rows, batch)
+            self.stats.requests_active = len({id(c.request) for c in rows + waiting})
             if embeds:
                 embeds = self._embed_some(embeds)
             if not rows:
@@ -422,7 +423,7 @@ class Engine:
                 self._step_safely(c, row_logits)
             rows = self._drop_finished(rows, batch)
             self.stats.busy_seconds += time.perf_counter() - start
-            self.stats.requests_active = len({id(c.request) for c in rows + waiting})
+            self.stats.requests_active = len({id(c.request) for c in rows + waiting})  # idle next: not stale
         self._fail_all(rows + waiting, EngineStopped("the engine stopped"))
         for p in embeds:
             p.fail(EngineStopped("the engine stopped"))
