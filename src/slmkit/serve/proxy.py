@@ -80,10 +80,12 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
                 raise upstream_error(e) from e
             finally:
                 running[0] -= 1
-            data = r.json()
             if r.status_code == 200:
-                count_usage(data)
-            return JSONResponse(data, status_code=r.status_code)
+                try:
+                    count_usage(json.loads(r.content))
+                except ValueError:
+                    pass
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
         try:
             r = await client.send(client.build_request("POST", path, json=body), stream=True)
         except httpx.HTTPError as e:
