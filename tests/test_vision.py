@@ -99,7 +99,7 @@ def test_image_embeddings_change_the_decoders_output():
         splice(decoder, torch.tensor([[7, 7, 1]]), tower(tower.pixels(ex[0].image)), 7)
 
 
-def test_stage_1_trains_the_vision_side_with_the_decoder_frozen():
+def test_stage_1_trains_the_projector_with_the_decoder_frozen():
     from slmkit.tokenizer import SPECIAL_TOKENS, train_tokenizer
     from slmkit.train.vision import StageConfig, encode_turns, train_stage, turn_loss
     ex = make_examples("train", 8, digits=False)
@@ -111,8 +111,8 @@ def test_stage_1_trains_the_vision_side_with_the_decoder_frozen():
     from slmkit.train.vision import trainable
     trainable("align", decoder, tower)
     turn_loss(decoder, tower, turns, tok.pad_id).backward()
-    assert tower.projector.fc1.weight.grad.abs().sum() > 0 and tower.vit.patch.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in decoder.parameters())  # frozen: no gradient kept
+    assert tower.projector.fc1.weight.grad.abs().sum() > 0  # through the frozen decoder to the projector
+    assert all(p.grad is None for p in [*decoder.parameters(), *tower.vit.parameters()])  # frozen: no gradient
     dec0 = {k: v.clone() for k, v in decoder.state_dict().items()}
     proj0 = tower.projector.fc2.weight.clone()
     summary = train_stage(StageConfig("align", max_steps=3, batch_size=4, warmup_steps=1), decoder, tower, turns,
@@ -120,6 +120,11 @@ def test_stage_1_trains_the_vision_side_with_the_decoder_frozen():
     assert summary["steps"] == 3
     assert all(torch.equal(v, decoder.state_dict()[k]) for k, v in dec0.items())
     assert not torch.equal(proj0, tower.projector.fc2.weight)
+    vit0 = tower.vit.patch.weight.clone()
+    clip = train_stage(StageConfig("clip", max_steps=3, batch_size=8, warmup_steps=1), decoder, tower, turns,
+                       tok.pad_id, log=lambda m: None)
+    assert clip["steps"] == 3 and not torch.equal(vit0, tower.vit.patch.weight)  # CLIP's loss trains the ViT
+    assert all(torch.equal(v, decoder.state_dict()[k]) for k, v in dec0.items())
     vit0 = tower.vit.patch.weight.clone()
     train_stage(StageConfig("instruct", max_steps=2, batch_size=4, warmup_steps=1), decoder, tower, turns,
                 tok.pad_id, log=lambda m: None)
@@ -135,7 +140,8 @@ def test_quickstart_writes_the_report_and_resumes(run):
     lines = (out / "data" / "test" / "questions.jsonl").read_text().splitlines()
     assert saved["questions"] == len(lines) == 12
     assert saved["chance"] == pytest.approx(sum(1 / len(_options(line)) for line in lines) / 12)
-    assert [s["steps"] for s in saved["stages"].values()] == [4, 4, 4]
+    assert list(saved["stages"]) == ["text", "clip", "align", "instruct"]
+    assert [s["steps"] for s in saved["stages"].values()] == [4, 4, 4, 4]
     assert "| **all** | 12 |" in (out / "report.md").read_text()
     files = sorted(p.name for p in (out / "model").iterdir())
     assert {"vision.json", "vision.safetensors", "model.safetensors", "config.json", "tokenizer.json"} <= set(files)
@@ -144,7 +150,7 @@ def test_quickstart_writes_the_report_and_resumes(run):
     again = []
     second = run_vision_quickstart(out, n_train=40, n_test=10, max_eval=12, decoder=TINY_DECODER, vision=TINY_VISION,
                                    max_steps=4, batch_size=8, threads=None, log=again.append)
-    assert sum("done, reusing it" in m for m in again) == 3
+    assert sum("done, reusing it" in m for m in again) == 4
     assert {k: second[k] for k in ("accuracy", "text_only_accuracy")} == {k: report[k] for k in
                                                                           ("accuracy", "text_only_accuracy")}
     with pytest.raises(ValueError, match="budget must be positive"):
@@ -300,3 +306,36 @@ def test_chat_page_attaches_an_image(browser, lm, run, tmp_path):  # noqa: F811
             assert not errors, errors
     finally:
         engine.close()
+
+
+def test_a_stage_resumes_exactly_from_its_checkpoint(tmp_path):
+    from slmkit.tokenizer import SPECIAL_TOKENS, train_tokenizer
+    from slmkit.train.vision import StageConfig, encode_turns, train_stage
+    ex = make_examples("train", 6, digits=False)
+    tok = train_tokenizer([e.caption for e in ex] * 3, vocab_size=300, special_tokens=SPECIAL_TOKENS + ["<image>"])
+    turns = encode_turns(tok, [("<image>\nDescribe the image.", e.caption, e.image) for e in ex])
+
+    def fresh():
+        decoder, tower = _tiny()
+        decoder = type(decoder)(type(decoder.cfg)(vocab_size=tok.vocab_size, **{**TINY_DECODER, "max_seq_len": 128}))
+        tower.cfg.image_token_id = tok._id("<image>")
+        return decoder, tower
+
+    cfg = dict(max_steps=4, batch_size=4, warmup_steps=1, log_every=1, save_every_s=0)
+    d1, t1 = fresh()
+    train_stage(StageConfig("instruct", **cfg), d1, t1, turns, tok.pad_id, log=lambda m: None)
+
+    def killed(message):  # the run dies after step 2's checkpoint, during step 3
+        if "step 3:" in message:
+            raise KeyboardInterrupt
+
+    d2, t2 = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(StageConfig("instruct", **cfg), d2, t2, turns, tok.pad_id, ckpt=tmp_path / "c", log=killed)
+    d3, t3 = fresh()  # a new process: the weights come back from the checkpoint
+    logs = []
+    train_stage(StageConfig("instruct", **cfg), d3, t3, turns, tok.pad_id, ckpt=tmp_path / "c", log=logs.append)
+    assert any("resuming stage instruct at step 2" in m for m in logs)
+    for k, v in d1.state_dict().items():
+        assert torch.allclose(v, d3.state_dict()[k], atol=1e-6), k
+    assert torch.allclose(t1.projector.fc2.weight, t3.projector.fc2.weight, atol=1e-6)

@@ -11,9 +11,10 @@
 
 The data (data/vision.py) is made locally: scikit-learn's handwritten digits and Pillow drawings of shapes,
 colours, counts, positions, bar charts and stripes. The stages (train/vision.py): the decoder learns the text
-alone, then the ViT and the projector learn to caption with the decoder frozen (LLaVA's stage 1), then the
-projector and the decoder learn to answer questions about the image (stage 2). Re-running continues where an
-interrupted run stopped. The default budget fits well inside 15 minutes on 2 CPU cores (see BENCHMARKS.md).
+alone and the ViT learns contrastively against the captions (the two pretrained models LLaVA starts from, made
+here), then the projector learns to caption with both frozen (LLaVA's stage 1), then the projector and the
+decoder learn to answer questions about the image (stage 2). Re-running continues where an interrupted run
+stopped. The default budget fits well inside 15 minutes on 2 CPU cores (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ from slmkit.model.llama import Transformer
 from slmkit.model.vit import VisionConfig, VisionTower
 from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
-from slmkit.train.vision import CAPTION_PROMPT, StageConfig, encode_turns, train_stage
+from slmkit.train.vision import CAPTION_PROMPT, STAGES, StageConfig, encode_turns, load_weights, train_stage
 
 IMAGE_TOKEN = "<image>"
 # Measured on the shared 2-core machine (BENCHMARKS.md, "Vision quickstart"): the decoder is the quickstart's
 # `nano` shape, the ViT three blocks of width 128 over 16 patches of 8x8 pixels.
 DECODER = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=96)
 VISION = dict(image_size=IMAGE_SIZE, patch_size=8, dim=128, n_layers=3, n_heads=4)
-# how the budget is shared: text pre-training, alignment (stage 1), instruction tuning (stage 2)
-SHARES = {"text": 0.15, "align": 0.4, "instruct": 0.45}
-LRS = {"text": 3e-3, "align": 1e-3, "instruct": 1e-3}
+# how the budget is shared: the decoder's text, the ViT's contrastive pre-training, alignment (LLaVA's stage 1),
+# instruction tuning (stage 2)
+SHARES = {"text": 0.1, "clip": 0.3, "align": 0.15, "instruct": 0.45}
+LRS = {"text": 3e-3, "clip": 2e-3, "align": 1e-3, "instruct": 1e-3}
+BATCH = {"clip": 4}  # times batch_size: CLIP's loss wants many negatives, and the ViT alone is cheap
 
 
 def run_vision_quickstart(out: str | Path = "runs/quickstart-vision", minutes: float = 8.0, n_train: int = 6000,
@@ -71,7 +74,7 @@ def run_vision_quickstart(out: str | Path = "runs/quickstart-vision", minutes: f
     if not minutes > 0:
         raise ValueError(f"--minutes {minutes:g}: the training budget must be positive")
     t0 = time.perf_counter()
-    log(f"[1/5] making the data: digits + {n_train} rendered training images, {n_test} held out")
+    log(f"[1/6] making the data: digits + {n_train} rendered training images, {n_test} held out")
     train_ex = make_examples("train", n_train, seed=seed)
     test_ex = make_examples("test", n_test, seed=seed)
     tok_path = out / "data" / "tokenizer.json"
@@ -111,21 +114,21 @@ def run_vision_quickstart(out: str | Path = "runs/quickstart-vision", minutes: f
         raise ValueError(f"the longest training turn has {longest} positions, more than max_seq_len "
                          f"{dcfg.max_seq_len}; raise it (decoder={{'max_seq_len': ...}})")
     stages = {}
-    what = {"text": "the decoder on the text alone", "align": "stage 1: ViT + projector on captions, decoder frozen",
+    turns["clip"] = turns["align"]
+    what = {"text": "the decoder on the text alone", "clip": "the ViT, contrastively against the captions",
+            "align": "stage 1: the projector on captions, decoder and ViT frozen",
             "instruct": "stage 2: projector + decoder on questions and answers, ViT frozen"}
-    for n, name in enumerate(("text", "align", "instruct")):
+    for n, name in enumerate(STAGES):
         d = out / "run" / name
         done = d / "done.json"
         cfg = StageConfig(name, minutes=None if max_steps else minutes * SHARES[name], max_steps=max_steps,
-                          batch_size=batch_size, lr=LRS[name], seed=seed)
+                          batch_size=batch_size * BATCH.get(name, 1), lr=LRS[name], seed=seed)
         if done.exists():
-            log(f"[{n + 2}/5] {what[name]}: done, reusing it")
-            from slmkit.train.vision import _load  # weights only: the optimizer is rebuilt and thrown away
-            opt = torch.optim.AdamW([p for m in (model, tower) for p in m.parameters()])
-            _load(d / "checkpoint", model, tower, opt)
+            log(f"[{n + 2}/6] {what[name]}: done, reusing it")
+            load_weights(d / "checkpoint", model, tower)
             stages[name] = json.loads(done.read_text())
             continue
-        log(f"[{n + 2}/5] {what[name]}: {len(turns[name]):,} turns, "
+        log(f"[{n + 2}/6] {what[name]}: {len(turns[name]):,} turns, "
             f"{f'{cfg.minutes:.1f} min' if cfg.minutes else f'{max_steps} steps'}")
         stages[name] = train_stage(cfg, model, tower, turns[name], tok.pad_id, ckpt=d / "checkpoint", log=log)
         atomic_write_json(done, stages[name])
@@ -134,7 +137,7 @@ def run_vision_quickstart(out: str | Path = "runs/quickstart-vision", minutes: f
                   "vision": {"stages": {k: {x: v[x] for x in ("steps", "elapsed_s", "final_loss")}
                                         for k, v in stages.items()}}}
     save_vision_dir(model, tower, out / "model", tok, provenance, sampling={"temperature": 0.0})
-    log("[5/5] answering the held-out questions, with the image and without it")
+    log("[6/6] answering the held-out questions, with the image and without it")
     lm = VisionLM.load(out / "model")
     results = evaluate_vqa(lm, test_ex, items)
     report = {**results, "minutes": minutes, "wall_s": round(time.perf_counter() - t0, 1),
@@ -214,8 +217,9 @@ from the question's wording alone. "Chance" picks one of the question's possible
 |---|---|---|---|
 {stages}
 
-text: the decoder alone on the captions, questions and answers; align (LLaVA's stage 1): ViT + projector learn
-to caption, the decoder frozen; instruct (stage 2): projector + decoder learn to answer, the ViT frozen.
+text: the decoder alone on the captions, questions and answers; clip: the ViT contrastively against the captions
+(CLIP's loss); align (LLaVA's stage 1): the projector learns to caption, decoder and ViT frozen; instruct (stage 2):
+projector + decoder learn to answer, the ViT frozen.
 
 ## Next
 ```bash

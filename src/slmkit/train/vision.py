@@ -1,12 +1,15 @@
-"""Training a LLaVA-style model: text pre-training of the decoder, then LLaVA's two stages.
+"""Training a LLaVA-style model: the two models LLaVA starts from, made here, then LLaVA's two stages.
 
-    stage 0  text      the decoder alone learns the language of the captions and answers (next-token loss on
-                       the chat-formatted text, no image): a stand-in for the pretrained LM LLaVA starts from
-    stage 1  align     image -> caption with the decoder frozen: only the ViT and the projector learn (LLaVA
-                       trains the projector alone, on a pretrained CLIP; there is no pretrained image model here,
-                       so the ViT learns from the captions in this stage too)
-    stage 2  instruct  image + question -> answer: the projector and the decoder learn, the ViT is frozen (as in
-                       LLaVA's visual instruction tuning)
+    text      the decoder alone learns the language of the captions and answers (next-token loss on the
+              chat-formatted text, no image): a stand-in for the pretrained LM LLaVA starts from
+    clip      the ViT learns contrastively against the captions (CLIP's loss, with a small caption encoder and
+              two projection heads that are thrown away afterwards): a stand-in for LLaVA's pretrained CLIP
+    align     LLaVA's stage 1: image -> caption with the decoder and the ViT frozen; the projector alone learns
+    instruct  LLaVA's stage 2: image + question -> answer; the projector and the decoder learn, the ViT is frozen
+
+Why a contrastive stage rather than training the ViT in `align`: measured here, a ViT trained through the frozen
+decoder (the caption loss its only signal) did not learn (the caption loss stayed flat, and the ViT's features came
+out of it no better than random for stage 2), while CLIP's loss gives every image a direct signal.
 
 Each stage is one short loop (`train_stage`): AdamW, linear warmup then a cosine over the stage's time budget
 (or its steps), loss on the assistant's tokens only, a checkpoint (safetensors: weights, AdamW's state, the RNG)
@@ -36,7 +39,7 @@ from slmkit.train.checkpoint import _optimizer_tensors
 
 IGNORE = -100
 CAPTION_PROMPT = "Describe the image."
-STAGES = ("text", "align", "instruct")
+STAGES = ("text", "clip", "align", "instruct")
 
 
 @dataclass
@@ -113,10 +116,51 @@ class StageConfig:
     log_every: int = 25
 
 
+class CaptionEncoder(torch.nn.Module):
+    """CLIP's two heads for the `clip` stage: a caption encoder (token + position embeddings, averaged: the
+    generated captions are templates, so where a word stands carries their meaning) and the image's projection
+    (the ViT's patch features, averaged). Both end in the same space; only the ViT is kept afterwards."""
+
+    def __init__(self, vocab_size: int, vit_dim: int, dim: int = 128, max_len: int = 64):
+        super().__init__()
+        self.tokens = torch.nn.Embedding(vocab_size, dim)
+        self.positions = torch.nn.Embedding(max_len, dim)
+        self.text_proj = torch.nn.Linear(dim, dim)
+        self.image_proj = torch.nn.Linear(vit_dim, dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device).clamp(max=self.positions.num_embeddings - 1)
+        x = (self.tokens(ids) + self.positions(pos)) * mask[..., None]
+        return F.normalize(self.text_proj(x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)), dim=-1)
+
+    def image(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(features.mean(1)), dim=-1)
+
+
+def clip_loss(tower: VisionTower, heads: CaptionEncoder, turns: list[Turn], pad_id: int) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over a batch of (image, caption) turns; images with the same caption are
+    all right answers (the generated captions repeat), so the targets spread over them."""
+    caps = [t.ids[next(i for i, x in enumerate(t.labels) if x != IGNORE):] for t in turns]
+    width = max(len(c) for c in caps)
+    device = heads.tokens.weight.device
+    ids = torch.full((len(caps), width), pad_id, dtype=torch.long)
+    for i, c in enumerate(caps):
+        ids[i, :len(c)] = torch.tensor(c)
+    mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in caps])
+    txt = heads.text(ids.to(device), mask.to(device))
+    img = heads.image(tower.vit(tower.pixels(np.stack([t.image for t in turns]))))
+    logits = heads.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
+    keys = [tuple(c) for c in caps]
+    same = torch.tensor([[float(a == b) for b in keys] for a in keys], device=device)
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 def trainable(stage: str, decoder: Transformer, tower: VisionTower) -> list[torch.nn.Parameter]:
-    """Freeze what the stage keeps fixed; return what it trains."""
+    """Freeze what the stage keeps fixed; return what it trains (of the decoder and the tower)."""
     train_decoder = stage in ("text", "instruct")
-    train_vit = stage == "align"
+    train_vit = stage == "clip"
     train_projector = stage in ("align", "instruct")
     for p in decoder.parameters():
         p.requires_grad_(train_decoder)
@@ -134,11 +178,13 @@ def _lr(cfg: StageConfig, step: int, progress: float) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _save(ckpt: Path, decoder: Transformer, tower: VisionTower, opt, state: dict) -> None:
+def _save(ckpt: Path, decoder: Transformer, tower: VisionTower, opt, state: dict, heads=None) -> None:
     with atomic_dir(ckpt) as tmp:
         weights = {f"decoder.{k}": v.detach().contiguous() for k, v in decoder.state_dict().items()
                    if not (decoder.cfg.tie_embeddings and k == "lm_head.weight")}
         weights.update({f"tower.{k}": v.detach().contiguous() for k, v in tower.state_dict().items()})
+        if heads is not None:
+            weights.update({f"heads.{k}": v.detach().contiguous() for k, v in heads.state_dict().items()})
         save_file(weights, str(tmp / "weights.safetensors"))
         tensors, scalars = _optimizer_tensors(opt)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -146,12 +192,19 @@ def _save(ckpt: Path, decoder: Transformer, tower: VisionTower, opt, state: dict
         atomic_write_json(tmp / "state.json", {**state, "optimizer_scalars": scalars})
 
 
-def _load(ckpt: Path, decoder: Transformer, tower: VisionTower, opt) -> dict:
-    state = json.loads((ckpt / "state.json").read_text())
+def load_weights(ckpt: Path, decoder: Transformer, tower: VisionTower, heads=None) -> None:
+    """A stage checkpoint's weights into the decoder and the tower (and CLIP's heads)."""
     weights = load_file(str(ckpt / "weights.safetensors"))
     decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in weights.items() if k.startswith("decoder.")},
                             strict=not decoder.cfg.tie_embeddings)
     tower.load_state_dict({k.removeprefix("tower."): v for k, v in weights.items() if k.startswith("tower.")})
+    if heads is not None:
+        heads.load_state_dict({k.removeprefix("heads."): v for k, v in weights.items() if k.startswith("heads.")})
+
+
+def _load(ckpt: Path, decoder: Transformer, tower: VisionTower, opt, heads=None) -> dict:
+    state = json.loads((ckpt / "state.json").read_text())
+    load_weights(ckpt, decoder, tower, heads)
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     per_param: dict[int, dict] = {}
@@ -177,6 +230,11 @@ def train_stage(cfg: StageConfig, decoder: Transformer, tower: VisionTower, turn
     if not turns:
         raise ValueError(f"stage {cfg.name}: no training examples")
     params = trainable(cfg.name, decoder, tower)
+    heads = None
+    if cfg.name == "clip":
+        torch.manual_seed(cfg.seed)
+        heads = CaptionEncoder(decoder.cfg.vocab_size, tower.cfg.dim).to(decoder.embed_tokens.weight.device)
+        params += list(heads.parameters())
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -185,7 +243,7 @@ def train_stage(cfg: StageConfig, decoder: Transformer, tower: VisionTower, turn
     if ckpt is not None:
         recover_dir(ckpt)
         if (ckpt / "state.json").exists():
-            state = _load(ckpt, decoder, tower, opt)
+            state = _load(ckpt, decoder, tower, opt, heads)
             log(f"  resuming stage {cfg.name} at step {state['step']} ({state['elapsed']:.0f} s done)")
     decoder.train()
     tower.train()
@@ -208,7 +266,8 @@ def train_stage(cfg: StageConfig, decoder: Transformer, tower: VisionTower, turn
             g["lr"] = _lr(cfg, step, progress)
         rng = random.Random(f"{cfg.seed}-{cfg.name}-{step}")  # the batch is a function of (seed, stage, step)
         batch = [turns[rng.randrange(len(turns))] for _ in range(cfg.batch_size)]
-        loss = turn_loss(decoder, tower, batch, pad_id)
+        loss = (clip_loss(tower, heads, batch, pad_id) if heads is not None
+                else turn_loss(decoder, tower, batch, pad_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -222,12 +281,12 @@ def train_stage(cfg: StageConfig, decoder: Transformer, tower: VisionTower, turn
                 f"({state['elapsed']:.0f} s)")
             window = []
         if ckpt is not None and time.perf_counter() - last_save >= cfg.save_every_s:
-            _save(ckpt, decoder, tower, opt, state)
+            _save(ckpt, decoder, tower, opt, state, heads)
             last_save = time.perf_counter()
     if window:
         state["losses"].append([state["step"], sum(window) / len(window)])
     if ckpt is not None:
-        _save(ckpt, decoder, tower, opt, state)
+        _save(ckpt, decoder, tower, opt, state, heads)
     decoder.eval()
     tower.eval()
     for p in [*decoder.parameters(), *tower.parameters()]:
