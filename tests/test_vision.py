@@ -339,3 +339,14 @@ def test_a_stage_resumes_exactly_from_its_checkpoint(tmp_path):
     for k, v in d1.state_dict().items():
         assert torch.allclose(v, d3.state_dict()[k], atol=1e-6), k
     assert torch.allclose(t1.projector.fc2.weight, t3.projector.fc2.weight, atol=1e-6)
+
+
+def test_quickstart_kind_errors_are_one_line(tmp_path):
+    from slmkit.cli import app
+    r = CliRunner().invoke(app, ["quickstart", "pictures", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 2 and "unknown quickstart 'pictures'; choose code or vision" in r.stderr
+    r = CliRunner().invoke(app, ["quickstart", "vision", "--out", str(tmp_path / "q"), "--preset", "micro"])
+    assert r.exit_code == 2 and "--preset and --set shape the code quickstart's model" in r.stderr
+    r = CliRunner().invoke(app, ["quickstart", "vision", "--out", str(tmp_path / "q"), "--minutes", "0"])
+    assert r.exit_code == 2 and "budget must be positive" in r.stderr
+    assert not (tmp_path / "q").exists()
