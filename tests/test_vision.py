@@ -350,3 +350,17 @@ def test_quickstart_kind_errors_are_one_line(tmp_path):
     r = CliRunner().invoke(app, ["quickstart", "vision", "--out", str(tmp_path / "q"), "--minutes", "0"])
     assert r.exit_code == 2 and "budget must be positive" in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_read_image_refuses_what_it_cannot_or_should_not_decode(tmp_path):
+    import io
+
+    from PIL import Image
+    big = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(big, "PNG")
+    with pytest.raises(ValueError, match="the image: 5000x5000 pixels is more than this reader decodes"):
+        read_image(big.getvalue())
+    with pytest.raises(ValueError, match="x.png: not an image Pillow can read"):
+        read_image(b"\x89PNG broken", name="x.png")
+    (tmp_path / "a.png").write_bytes(write_png(np.full((32, 32, 3), 7, np.uint8)))
+    assert (read_image(tmp_path / "a.png") == 7).all()

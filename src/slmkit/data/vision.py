@@ -38,6 +38,7 @@ _BAR_WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the
 DIGITS = tuple(str(d) for d in range(10))
 KINDS = ("digit", "shape", "count", "bars", "stripes")
 TEST_FRACTION = 0.2
+MAX_PIXELS = 4096 * 4096  # an image is shrunk to IMAGE_SIZE anyway; a bigger one is refused, not decoded
 
 
 @dataclass
@@ -208,19 +209,19 @@ def read_image(source, size: int = IMAGE_SIZE, name: str | None = None) -> np.nd
     from pathlib import Path
     Image, _ = _pillow()
     where = name or (str(source) if not isinstance(source, bytes | bytearray) else "the image")
+    if not isinstance(source, bytes | bytearray) and not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: no such image file")
     try:
-        if isinstance(source, bytes | bytearray):
-            img = Image.open(io.BytesIO(source))
-        else:
-            if not Path(source).is_file():
-                raise FileNotFoundError(f"{source}: no such image file")
-            img = Image.open(source)
-        img.load()
-    except FileNotFoundError:
-        raise
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source)
+        too_big = img.width * img.height > MAX_PIXELS  # the header is read, not the pixels: refuse before decoding
+        if not too_big:
+            img.load()
     except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, ... for what it cannot decode
         raise ValueError(f"{where}: not an image Pillow can read ({type(e).__name__}); give a PNG, JPEG, GIF, "
                          "BMP or WebP file") from None
+    if too_big:
+        raise ValueError(f"{where}: {img.width}x{img.height} pixels is more than this reader decodes "
+                         f"({MAX_PIXELS:,}); scale the image down first")
     img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
