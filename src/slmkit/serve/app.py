@@ -3,7 +3,8 @@
     GET  /                      the chat page (chat.html beside this file)
     GET  /v1/models             the one model served, in OpenAI's list shape
     POST /v1/completions        text completions: prompt (one string or a list), n, seed, stop, logprobs, stream
-    POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream
+    POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream; image_url
+                                content parts (data: URLs) for a vision model (lm/vision_lm.py), one at a time
     POST /v1/embeddings         the encoder's sentence embeddings (--embedder, or an encoder as the model), else
                                 the model's mean-pooled, L2-normalised final hidden states (slmkit's own model only)
     GET  /health                ok, the model, the queue depth (503 "unhealthy" once the engine thread died)
