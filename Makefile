@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # Extras: the tests exercise all of them; llama-cpp-python compiles from source the first time (~8-15 minutes on
 # 2 cores; pip caches the wheel), so `make demo` installs only what the quickstart needs.
-EXTRAS ?= hf,dev,onnx,llamacpp,serve,eval,kb
+EXTRAS ?= hf,dev,onnx,llamacpp,serve,eval,kb,vision
 DEMO_EXTRAS ?= hf,dev,serve
 comma := ,
 BIN := $(VENV)/bin

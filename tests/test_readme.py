@@ -32,6 +32,10 @@ NOT_RUN = {
     ("slm", "train", "--objective", "mlm"): "TINY's decoder shape (--set n_kv_heads=...) is no encoder's; "
                                             "tests/test_mlm.py runs `slm train --objective mlm` on a tiny encoder",
     ("slm", "serve"): "a server that runs until stopped; tests/test_serve.py serves the same app",
+    ("slm", "quickstart", "vision"): "trains for 8 minutes; tests/test_vision.py runs run_vision_quickstart on tiny "
+                                     "shapes and a few steps",
+    ("slm", "generate", "runs/quickstart-vision/model"): "asks the model `slm quickstart vision` trains; "
+                                                         "tests/test_vision.py runs generate --image on a tiny one",
     ("slm", "quickstart"): "prepares the whole standard library first (minutes); tests/test_quickstart.py runs it",
     ("slm", "generate", "http://localhost:8080/v1"): "needs an OpenAI-compatible server on port 8080; "
                                                      "tests/test_remote_lm.py runs the remote backend",

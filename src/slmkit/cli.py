@@ -421,8 +421,13 @@ def synth(
 
 @command()
 def quickstart(
-    out: Annotated[Path, typer.Option(help="where the data, run and report go")] = Path("runs/quickstart"),
-    minutes: Annotated[float, typer.Option(help="training budget in minutes")] = 10.0,
+    kind: Annotated[str, typer.Argument(help="code: a code model on this Python's standard library; vision: a "
+                                             "small multimodal assistant (LLaVA-style) on generated images")]
+    = "code",
+    out: Annotated[Path | None, typer.Option(help="where the data, run and report go (default: runs/quickstart, "
+                                                  "runs/quickstart-vision)")] = None,
+    minutes: Annotated[float | None, typer.Option(help="training budget in minutes (default: 10 code, 8 vision)")]
+    = None,
     preset: Annotated[str | None, typer.Option(help="model shape (`slm presets`); default: the shape measured "
                                                     "best for 10 CPU minutes")] = None,
     set_: ModelSet = None,
@@ -430,11 +435,22 @@ def quickstart(
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="default: measured choice")] = None,
     precision: Precision = "auto",
 ):
-    """Train a small code model on this Python's own standard library and write report.md."""
+    """Train a small code model on this Python's own standard library (KIND code), or a small multimodal
+    assistant on generated images (KIND vision), and write report.md."""
     from slmkit.model.config import parse_overrides
+    if kind == "vision":
+        if preset is not None or set_:
+            raise ValueError("--preset and --set shape the code quickstart's model; `slm quickstart vision` has its "
+                             "own (see slmkit.recipes.vision)")
+        from slmkit.recipes.vision import run_vision_quickstart
+        run_vision_quickstart(out or Path("runs/quickstart-vision"), minutes=8.0 if minutes is None else minutes,
+                              log=_log)
+        return
+    if kind != "code":
+        raise ValueError(f"unknown quickstart {kind!r}; choose code or vision")
     from slmkit.recipes.quickstart import run_quickstart
-    run_quickstart(out, minutes=minutes, preset=preset, model_overrides=parse_overrides(set_),
-                   vocab_size=vocab_size, compile=compile, precision=precision)
+    run_quickstart(out or Path("runs/quickstart"), minutes=10.0 if minutes is None else minutes, preset=preset,
+                   model_overrides=parse_overrides(set_), vocab_size=vocab_size, compile=compile, precision=precision)
 
 
 # ---- running models ------------------------------------------------------------------------------------
@@ -476,6 +492,9 @@ def generate(
                                                       "file the text must match")] = None,
     regex: Annotated[str | None, typer.Option(help="structured output: a regular expression the text must "
                                                    "match")] = None,
+    image: Annotated[Path | None, typer.Option(help="ask about this image (PNG, JPEG, ...): a vision model "
+                                                    "(`slm quickstart vision`) answers PROMPT in its chat template")]
+    = None,
 ):
     """Continue a prompt (or answer it, with --chat), streaming the text as it is generated."""
     from slmkit.lm import load_lm
@@ -504,7 +523,13 @@ def generate(
     if chat is None:
         chat = lm.instruction_tuned and (lm.tokenizer is None or lm.tokenizer.chat_template is not None)
     constrained = [n for n, v in (("--json-schema", json_schema), ("--grammar", grammar), ("--regex", regex)) if v]
-    if constrained:
+    if image is not None:
+        from slmkit.lm.vision_lm import ask_image
+        if constrained or draft or large or chat is False:
+            raise ValueError("--image asks in the chat template, without --json-schema/--grammar/--regex, --draft, "
+                             "--large or --no-chat")
+        pieces = ask_image(lm, model, image, prompt, params)
+    elif constrained:
         from slmkit.lm.constraints import compile_grammar, read_json_schema
         from slmkit.serve.engine import generate_text
         if len(constrained) > 1 or draft or large:

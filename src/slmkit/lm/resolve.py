@@ -115,6 +115,10 @@ def _open(ref, spec: str, backend: str, device: str, dtype: torch.dtype, options
         from slmkit.lm.remote_lm import RemoteLM
         return RemoteLM(ref.location, **options)
     if backend in ("auto", "torch"):
+        from slmkit.formats.vision_dir import is_vision_dir
+        if ref.kind == "dir" and is_vision_dir(ref.location):  # the decoder + its vision tower (lm/vision_lm.py)
+            from slmkit.lm.vision_lm import VisionLM
+            return VisionLM.load(ref.location, device=device, dtype=dtype, **options)
         from slmkit.lm.torch_lm import TorchLM
         return TorchLM.load(ref.location, device=device, dtype=dtype, **options)
     if backend == "hf":
@@ -148,6 +152,9 @@ def generation_backend(model: str, backend: str, device: str, weights: str = "fp
         return backend, model, llamacpp_options
     if backend != "auto" or ref.kind == "remote":
         return backend, model, {}
+    from slmkit.formats.vision_dir import is_vision_dir
+    if ref.kind == "dir" and is_vision_dir(ref.location):
+        return "torch", model, {}  # llama.cpp would serve the decoder alone, blind
     if device != "cpu" or weights != "fp32" or importlib.util.find_spec("llama_cpp") is None:
         return "torch", model, {}
     try:

@@ -153,9 +153,11 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim) for token ids (B, T)."""
-        T = idx.shape[1]
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | SlotKVCache | None = None,
+                      embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) for token ids (B, T), or for input embeddings `embeds` (B, T, dim)
+        given instead of the ids' own (a vision model's image tokens spliced in: model/vit.py)."""
+        T = idx.shape[1] if embeds is None else embeds.shape[1]
         if isinstance(cache, SlotKVCache):
             pos = cache.positions()  # every row at its own position: (B, 1, 1, head_dim) RoPE tables
             if int(pos.max()) >= self.cfg.max_seq_len:
@@ -166,7 +168,7 @@ class Transformer(nn.Module):
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[start:start + T, None, :], self.rope_sin[start:start + T, None, :]
-        x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx) if embeds is None else embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache)
         if cache is not None:
@@ -175,13 +177,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | SlotKVCache | None = None,
-                loss_chunk: int = 0):
+                loss_chunk: int = 0, embeds: torch.Tensor | None = None):
         """Logits (B, T, vocab) when `targets` is None, else the mean cross-entropy (ignore_index -100).
 
         `loss_chunk` > 0 computes the loss over that many positions at a time, recomputing each chunk's
         logits in the backward pass, so the full (B·T, vocab) logits never exist at once.
         """
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, embeds)
         if targets is None:
             return self.lm_head(h)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)

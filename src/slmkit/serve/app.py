@@ -3,7 +3,8 @@
     GET  /                      the chat page (chat.html beside this file)
     GET  /v1/models             the model served (and MODEL:NAME per LoRA adapter), in OpenAI's list shape
     POST /v1/completions        text completions: prompt (one string or a list), n, seed, stop, logprobs, stream
-    POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream
+    POST /v1/chat/completions   chat: messages through the model's chat template; logprobs, stream; image_url
+                                content parts (data: URLs) for a vision model (lm/vision_lm.py), one at a time
     POST /v1/embeddings         the encoder's sentence embeddings (--embedder, or an encoder as the model), else
                                 the model's mean-pooled, L2-normalised final hidden states (slmkit's own model only)
     GET  /health                ok, the model, the queue depth (503 "unhealthy" once the engine thread died)
@@ -111,6 +112,31 @@ async def compile_structured_output(tokenizer, body: SamplingBody) -> str | None
         raise APIError(400, f"{field}: {e}", param=field) from e
 
 
+def content_text(lm, parts: list, i: int, images: list) -> str:
+    """A message's content parts as its text: text parts joined; each image_url part (a data: URL) decoded into
+    `images` and written as the model's image token, at the start of the text as LLaVA's training places it
+    ("<image>\n question"). A model with no vision part answers 400."""
+    texts, tokens = [], []
+    for j, p in enumerate(parts):
+        where = f"messages.{i}.content.{j}"
+        if p.type == "text" and p.text is not None:
+            texts.append(p.text)
+        elif p.type == "image_url" and p.image_url is not None:
+            if not getattr(lm, "accepts_images", False):
+                raise APIError(400, f"this model has no vision part ({type(lm).__name__}): image_url content needs a "
+                                    "vision model (slm quickstart vision) on the torch backend", param=where)
+            from slmkit.data.vision import read_image
+            data = protocol.decode_image_url(p.image_url.url, f"{where}.image_url.url")
+            try:
+                images.append(read_image(data, lm.tower.cfg.image_size, name=f"{where}.image_url"))
+            except ValueError as e:
+                raise APIError(400, str(e), param=f"{where}.image_url.url") from e
+            tokens.append(lm.image_token + "\n")
+        else:
+            raise APIError(400, "only text and image_url content parts are supported", param=where)
+    return "".join(tokens) + "".join(texts)
+
+
 def check_limits(**limits: float) -> None:
     """Each server limit is a positive number (`--max-batch 0` would leave requests waiting for ever); the
     error names the option."""
@@ -181,12 +207,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     protocol.add_error_handlers(app)
 
     async def generate(request: Request, body: SamplingBody, prompts: list[list[int]], params: SamplingParams,
-                       n: int, logprobs: int | None, chat: bool, what: str) -> Response:
+                       n: int, logprobs: int | None, chat: bool, what: str, images: list | None = None) -> Response:
         """Submit one generation per prompt, n choices each; answer with all of them, or stream them."""
         t0 = time.perf_counter()
         adapter = adapter_for(body.model)
         grammar = await compile_structured_output(engine.tokenizer, body)
-        requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs, grammar=grammar, adapter=adapter)
+        requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs, grammar=grammar, adapter=adapter,
+                                      images=images or None)
                     for ids in prompts]
         pendings = guard.submit_all(engine, requests, what)
         deadline = asyncio.get_running_loop().time() + request_timeout_s
@@ -271,13 +298,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if tok.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
                            param="messages")
-        messages = []
+        messages, images = [], []
         for i, m in enumerate(body.messages):
             message = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
-                if any(p.type != "text" or p.text is None for p in m.content):
-                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
-                message["content"] = "".join(p.text for p in m.content)
+                message["content"] = content_text(lm, m.content, i, images)
             message.setdefault("content", "")
             messages.append(message)
         extra = {}
@@ -292,12 +317,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         except Exception as e:  # the template's raise_exception (e.g. roles must alternate), a missing field
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
         ids = lm.encode_prompt(text)
+        if getattr(lm, "accepts_images", False):
+            try:
+                lm.check_images(ids, images)  # e.g. an `<image>` typed as text, or two images
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from e
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         # without max_tokens, the reply may fill the rest of the context
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_length - len(ids))
         params = sampling(lm, body, max_tokens, stop_strings(tok))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if images and escalation is not None:
+            raise APIError(400, "image questions are not escalated: serve without --escalate-to", param="messages")
+        if images:
+            return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages",
+                                  images=images)
         if escalation is not None:
             tool_grammar = await compile_structured_output(tok, body) if body.tools else None
             return await escalate.chat(engine, escalation, metrics, request, body, messages, ids, params, n, logprobs,

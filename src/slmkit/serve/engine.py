@@ -74,6 +74,7 @@ class GenerationRequest:
     logprobs: int | None = None  # also report the top-k alternatives of every generated token
     grammar: str | None = None  # every choice keeps to it (slmkit.lm.constraints.compile_grammar's)
     adapter: str | None = None  # one of the LoRA adapters loaded side by side (`lm.adapters`); None: the base
+    images: list | None = None  # uint8 (S, S, 3) arrays, one per image token of the prompt (a VisionLM's)
 
 
 @dataclass
@@ -235,6 +236,8 @@ class Engine:
                                 f"exceeds the model's context of {self.max_length} tokens")
         if request.logprobs is not None and self._batch is None:
             raise ValueError(f"log-probs are not available from the {type(self.lm).__name__} backend")
+        if request.images and (self._batch is not None or not getattr(self.lm, "accepts_images", False)):
+            raise ValueError(f"images need a vision model, not {type(self.lm).__name__}")
         if request.grammar is not None and self._batch is None:  # its tokens are sampled inside the backend
             raise ValueError(f"structured output needs the torch or llama.cpp backend, not {type(self.lm).__name__}")
         if request.adapter is not None:
@@ -345,7 +348,8 @@ class Engine:
         params = dataclasses.replace(req.params, seed=seed)
         text, n, start = TextStream(self.tokenizer, params.stop), 0, time.perf_counter()
         finish = "stop"  # unless the loop runs out of tokens below
-        for tok in self.lm.stream_ids(req.prompt_ids, params, None):
+        images = {"images": req.images} if req.images else {}  # only a vision LM takes them (lm/vision_lm.py)
+        for tok in self.lm.stream_ids(req.prompt_ids, params, None, **images):
             if pending.cancelled:
                 return
             n += 1

@@ -142,9 +142,30 @@ class CompletionBody(SamplingBody):
     echo: bool | None = False
 
 
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None  # OpenAI's low/high/auto: one size here (the vision model's image size)
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None  # type "image_url": a data: URL (decode_image_url)
+
+
+def decode_image_url(url: str, param: str) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL; anything else (an http URL: this server fetches nothing) is
+    a 400 naming the field."""
+    import base64
+    import binascii
+    head, sep, data = url.partition(",")
+    if not (sep and head.startswith("data:") and head.endswith(";base64")):
+        raise APIError(400, "image_url.url must be a data: URL (data:image/png;base64,...); this server fetches "
+                            "no URLs", param=param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"image_url.url: the base64 data does not decode ({e})", param=param) from e
 
 
 class ChatMessage(BaseModel):
