@@ -122,8 +122,8 @@ def main() -> None:
             port = free_port()
             most = str(max(args.clients))
             if server == "llama-server":  # the same arguments slm serve --backend llama-server gives it
-                cmd = [str(llama_server_binary()), "-m", paths[args.gguf], "--host", "127.0.0.1", "--port", str(port),
-                       "--alias", "model", "-np", most, "-kvu", "-t", str(args.threads), "--jinja", "--no-webui"]
+                from slmkit.serve.llama_server import llama_server_args
+                cmd = llama_server_args(llama_server_binary(), paths[args.gguf], port, int(most), args.threads)
             elif server == "slmkit-llama-server":
                 cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths[args.gguf], "--port", str(port),
                        "--backend", "llama-server", "--max-batch", most]

@@ -93,6 +93,13 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def gguf_context_length(path: str | Path) -> int:
+    """The context a GGUF's model was trained for (`{architecture}.context_length`; 2048 when absent)."""
+    reader = _gguf().GGUFReader(str(path))
+    arch = _field(reader, "general.architecture", "llama")
+    return int(_field(reader, f"{arch}.context_length", 2048))
+
+
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """(ModelConfig, slmkit state dict, Tokenizer) of a llama-architecture GGUF file, dequantized to `dtype`."""
     gguf = _gguf()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("slmkit.serve")
 
+MAX_KV_TOKENS = 65536  # the slots' shared KV pool is at most this many tokens (as the llama.cpp engine's batch)
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built (the [llamacpp] extra's)
 
 
@@ -131,22 +132,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def llama_server_args(binary: str | Path, gguf: str | Path, port: int, parallel: int = 16, threads: int | None = None,
+                      ctx: int | None = None, alias: str = "model") -> list[str]:
+    """llama-server's command line as `start_llama_server` runs it (benchmarks/serve.py runs the same one)."""
+    from slmkit.formats.gguf import gguf_context_length
+    if ctx is None:  # llama-server's default pool is one context for all slots: 32 clients overflow it
+        per_slot = gguf_context_length(gguf)
+        ctx = max(per_slot, min(parallel * per_slot, MAX_KV_TOKENS))
+    return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", alias,
+            "-np", str(parallel), "-kvu", "-c", str(ctx), "-t", str(threads or os.cpu_count() or 1), "--jinja",
+            "--no-webui", "--metrics"]
+
+
 def start_llama_server(gguf: str | Path, binary: str | Path | None = None, parallel: int = 16,
                        threads: int | None = None, ctx: int | None = None, alias: str = "model",
                        timeout_s: float = 300, extra_args: list[str] = ()) -> LlamaServer:
     """Start llama-server on `gguf` with `parallel` slots sharing one KV pool of `ctx` tokens (default: the
-    model's context for each slot, up to 64k in all), continuous batching and the model's chat template (--jinja,
-    which tool calls need); return once it answers /health, or raise with the end of its log."""
+    model's context for each slot, up to MAX_KV_TOKENS in all, as the llama.cpp engine's batch), continuous
+    batching and the model's chat template (--jinja, which tool calls need); return once it answers /health, or
+    raise with the end of its log."""
     binary = find_llama_server(binary)
     if not Path(gguf).is_file():
         raise FileNotFoundError(f"{gguf}: no such GGUF file")
     port = _free_port()
-    args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", alias,
-            "-np", str(parallel), "-kvu", "-t", str(threads or os.cpu_count() or 1), "--jinja", "--no-webui",
-            "--metrics"]
-    if ctx:
-        args += ["-c", str(ctx)]
-    args += list(extra_args)
+    args = [*llama_server_args(binary, gguf, port, parallel, threads, ctx, alias), *extra_args]
     log_file = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
