@@ -41,7 +41,7 @@ from slmkit.train.loop import evaluate as val_loss
 def done(results: Path) -> dict[str, dict]:
     if not results.exists():
         return {}
-    return {r["key"]: r for r in map(json.loads, results.read_text().splitlines()) if r.strip()}
+    return {r["key"]: r for r in (json.loads(line) for line in results.read_text().splitlines() if line.strip())}
 
 
 def record(results: Path, key: str, **fields) -> dict:
