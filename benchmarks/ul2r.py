@@ -15,7 +15,8 @@ killed run keeps what it measured).
         --data /work/bench/ul2/qs/data --out /work/bench/ul2/quickstart --steps 300 --batch-size 8 --lr 3e-4 \
         --control
     nice python benchmarks/ul2r.py --name smollm2 --model smollm2-135m-instruct --data /work/bench/ul2/smol-data \
-        --out /work/bench/ul2/smollm2 --steps 150 --batch-size 4 --lr 1e-4 --bpb-tokens 32768
+        --out /work/bench/ul2/smollm2 --steps 100 --batch-size 4 --seq-len 128 --lr 1e-4 --warmup 10 \
+        --bpb-tokens 16384 --python-limit 5 --after-formats fim
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def measure(results: Path, have: dict, label: str, model: str, data: TokenDatase
     key = f"{label}/python"
     if key not in have:
         t = time.perf_counter()
-        res = evaluate_task(open_lm(), load_task("python"), progress=False)
-        record(results, key, model=model, bits_per_byte=res.metrics["bits_per_byte"].value,
+        res = evaluate_task(open_lm(), load_task("python"), limit=args.python_limit, progress=False)
+        record(results, key, model=model, bits_per_byte=res.metrics["bits_per_byte"].value, files=len(res.records),
                seconds=round(time.perf_counter() - t, 1))
     items = heldout_fim_items("test")
     for fmt in fim_formats:
@@ -116,6 +117,9 @@ def main() -> None:
     p.add_argument("--mixture", default=None, help="--ul2-mixture (default: train/ul2.py's)")
     p.add_argument("--context", type=int, default=256, help="FIM prompt tokens")
     p.add_argument("--bpb-tokens", type=int, default=None, help="validation tokens for bits per byte (None: all)")
+    p.add_argument("--python-limit", type=int, default=None, help="files of the `python` task (None: its 20)")
+    p.add_argument("--after-formats", default="fim,prefix", help="FIM formats scored after training")
+    p.add_argument("--control-only", action="store_true", help="only the control run (run it beside the main one)")
     p.add_argument("--control", action="store_true", help="also a plain causal-LM run (mixture C=1)")
     args = p.parse_args()
     out = Path(args.out)
@@ -128,10 +132,11 @@ def main() -> None:
                torch=torch.__version__, threads=torch.get_num_threads(), args=vars(args),
                note="machine shared with other jobs while measured")
     data = TokenDataset(args.data)
-    measure(results, have, "before", args.model, data, args, ["prefix"])
-    after = train_run(results, have, "ul2", args, args.mixture)
-    measure(results, have, "ul2", after, data, args, ["fim", "prefix"])
-    if args.control:
+    if not args.control_only:
+        measure(results, have, "before", args.model, data, args, ["prefix"])
+        after = train_run(results, have, "ul2", args, args.mixture)
+        measure(results, have, "ul2", after, data, args, args.after_formats.split(","))
+    if args.control or args.control_only:
         control = train_run(results, have, "control", args, None, objective="clm")
         measure(results, have, "control", control, data, args, ["prefix"])
 
