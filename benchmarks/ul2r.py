@@ -12,11 +12,11 @@ Each measurement is appended to OUT/results.jsonl as it finishes, and a rerun sk
 killed run keeps what it measured).
 
     nice python benchmarks/ul2r.py --name quickstart --model /work/bench/ul2/qs/run/model \
-        --data /work/bench/ul2/qs/data --out /work/bench/ul2/quickstart --steps 300 --batch-size 8 --lr 3e-4 \
-        --control
+        --data /work/bench/ul2/qs/data --out /work/bench/ul2/quickstart --steps 150 --batch-size 4 --lr 3e-4 \
+        --control   # (the control can run beside it as a second process: --control-only)
     nice python benchmarks/ul2r.py --name smollm2 --model smollm2-135m-instruct --data /work/bench/ul2/smol-data \
-        --out /work/bench/ul2/smollm2 --steps 100 --batch-size 4 --seq-len 128 --lr 1e-4 --warmup 10 \
-        --bpb-tokens 16384 --python-limit 5 --after-formats fim
+        --out /work/bench/ul2/smollm2 --steps 40 --batch-size 2 --seq-len 128 --lr 1e-4 --warmup 5 \
+        --bpb-tokens 4096 --python-limit 2 --fim-limit 40 --after-formats fim
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def measure(results: Path, have: dict, label: str, model: str, data: TokenDatase
         res = evaluate_task(open_lm(), load_task("python"), limit=args.python_limit, progress=False)
         record(results, key, model=model, bits_per_byte=res.metrics["bits_per_byte"].value, files=len(res.records),
                seconds=round(time.perf_counter() - t, 1))
-    items = heldout_fim_items("test")
+    items = heldout_fim_items("test")[:args.fim_limit]
     for fmt in fim_formats:
         key = f"{label}/fim-{fmt}"
         if key not in have:
@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--mixture", default=None, help="--ul2-mixture (default: train/ul2.py's)")
     p.add_argument("--context", type=int, default=256, help="FIM prompt tokens")
     p.add_argument("--bpb-tokens", type=int, default=None, help="validation tokens for bits per byte (None: all)")
+    p.add_argument("--fim-limit", type=int, default=None, help="the first N FIM test items (None: all 100)")
     p.add_argument("--python-limit", type=int, default=None, help="files of the `python` task (None: its 20)")
     p.add_argument("--after-formats", default="fim,prefix", help="FIM formats scored after training")
     p.add_argument("--control-only", action="store_true", help="only the control run (run it beside the main one)")
