@@ -62,6 +62,7 @@ TINY = {
     ("distill",): [*BUDGET, "--seq-len", "32", "--on-policy-tokens", "8"],
     ("finetune",): [*BUDGET, "--seq-len", "64"],
     ("teacher-cache",): ["--seq-len", "32"],
+    ("eval-fim",): ["--limit", "3", "--max-new-tokens", "8"],
     ("teacher-text",): ["--seq-len", "32", "--prompt-tokens", "8", "--max-tokens", "128"],
     ("synth",): ["--max-new-tokens", "16"],
     ("generate",): ["--max-new-tokens", "8"],

@@ -180,10 +180,15 @@ def train(
     preset: Annotated[str | None, typer.Option(help="model shape: see `slm presets` (default: micro; with "
                                                     "--objective mlm an encoder preset, enc-tiny)")] = None,
     set_: ModelSet = None,
-    init_from: Annotated[str | None, typer.Option(help="start from this model (a model/run directory or a pulled "
+    init_from: Annotated[str | None, typer.Option("--init-from", "--init",
+                                                  help="start from this model (a model/run directory or a pulled "
                                                        "name)")] = None,
     objective: Annotated[str, typer.Option(help="clm: a causal decoder (next-token prediction) | mlm: a "
-                                                "RoBERTa-style encoder (dynamic 15% masking, 80/10/10)")] = "clm",
+                                                "RoBERTa-style encoder (dynamic 15% masking, 80/10/10) | ul2: "
+                                                "continue the --init decoder on UL2's mixture of denoisers")] = "clm",
+    ul2_mixture: Annotated[str | None, typer.Option(help="--objective ul2: mode weights, R (spans), X (extreme "
+                                                         "spans), S (prefix LM), C (plain causal LM); default "
+                                                         "R=1,X=1,S=1,C=1")] = None,
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 16,
     grad_accum: GradAccum = 1,
@@ -215,7 +220,7 @@ def train(
     from slmkit.recipes.pretrain import pretrain
     fields = EncoderConfig if objective == "mlm" else ModelConfig
     pretrain(data, out, preset=preset, model_overrides=parse_overrides(set_, fields), init_from=init_from,
-             resume=resume, objective=objective,
+             resume=resume, objective=objective, ul2_mixture=ul2_mixture,
              seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio,
              optimizer=optimizer, schedule=schedule, decay_frac=decay_frac, warmup_steps=warmup_steps,
              weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
@@ -789,6 +794,29 @@ def eval_(
     report_card(models, _globs(tasks), out, backend=backend, limit=limit, seed=seed, num_fewshot=num_fewshot,
                 chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,
                 allow_unsandboxed=allow_unsandboxed, log=_log)
+
+
+@command(name="eval-fim")
+def eval_fim(
+    model: Annotated[str, typer.Argument(help="a model/run directory or a pulled name (torch backend)")],
+    format_: Annotated[str, typer.Option("--format", help="fim: the UL2 prompt, prefix + sentinel + suffix (a model "
+                                                          "from `slm train --objective ul2`) | prefix: the left "
+                                                          "context only (any decoder)")] = "fim",
+    files: Annotated[list[Path] | None, typer.Option("--file", help="code files to cut items from (repeatable; "
+                                                                    "default: held-out stdlib test files)")] = None,
+    split: Annotated[str, typer.Option(help="without --file: test | dev (20 Lib/test files each)")] = "test",
+    per_file: Annotated[int, typer.Option(help="lines removed per file, one item each")] = 5,
+    limit: Annotated[int | None, typer.Option(help="score the first N items only")] = None,
+    context: Annotated[int, typer.Option(help="prompt tokens (prefix + suffix)")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated for the missing line")] = 48,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the records (JSON) here")] = None,
+):
+    """Fill in the middle: remove one line of held-out code, let the model write it; exact match of the line."""
+    from slmkit.eval.fim import evaluate_fim
+    res = evaluate_fim(model, fmt=format_, context=context, max_new_tokens=max_new_tokens, limit=limit,
+                       files=files, split=split, per_file=per_file, out=out, log=_log)
+    typer.echo(f"fim exact match ({res['format']}): {res['exact_match']:.1%} of {res['n']} items"
+               + (f" -> {out}" if out else ""))
 
 
 @command(classify_app, "train")

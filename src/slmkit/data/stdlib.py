@@ -15,10 +15,11 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def unseen_code_sample(n_files: int = 40, seed: int = 0) -> list[Path]:
-    """Python files the model never trains on: a fixed sample of the stdlib's own test suite."""
+def unseen_code_sample(n_files: int = 40, seed: int = 0, start: int = 0) -> list[Path]:
+    """Python files the model never trains on: a fixed sample of the stdlib's own test suite (`start` skips the
+    first files of the fixed order, for samples that do not overlap)."""
     test_dir = stdlib_dir() / "test"
     files = sorted(p for p in test_dir.glob("test_*.py") if p.is_file())
     random.Random(seed).shuffle(files)
-    return sorted(files[:n_files])
+    return sorted(files[start:start + n_files])
 

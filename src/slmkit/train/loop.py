@@ -12,7 +12,9 @@ A run directory looks like:
 
 objective "clm" (the default) trains a causal decoder (model/llama.py); "mlm" trains a bidirectional encoder
 (model/encoder.py) with RoBERTa's masked-LM recipe (train/mlm.py), and RUN/model and RUN/checkpoint are then
-transformers RobertaForMaskedLM directories (formats/encoder_dir.py). Budgets, schedules, optimizers,
+transformers RobertaForMaskedLM directories (formats/encoder_dir.py); "ul2" continues a decoder (init_from) on
+UL2's mixture of denoisers (train/ul2.py), its tokenizer and embedding grown by the mode and sentinel tokens, and
+validates it left to right as "clm" does. Budgets, schedules, optimizers,
 checkpoints, exact resume and DDP are the same for both.
 
 Run it under `torchrun --nproc_per_node N` for data parallelism; the global batch
@@ -43,7 +45,7 @@ from slmkit.hub import sampling_defaults
 from slmkit.model.config import ModelConfig, model_config
 from slmkit.model.llama import Transformer
 from slmkit.model.lora import LoRAConfig, add_lora, count_parameters, merged_copy, save_adapter
-from slmkit.train import distributed, mlm
+from slmkit.train import distributed, mlm, ul2
 from slmkit.train.checkpoint import save_checkpoint, start_state
 from slmkit.train.metrics import Progress, append_metrics, fmt_time, plot_losses, truncate_metrics
 from slmkit.train.optim import OPTIMIZERS, make_optimizer
@@ -58,6 +60,8 @@ class TrainConfig:
     out: str
     preset: str | None = None  # None: "micro" (clm) or "enc-tiny" (mlm)
     objective: str = "clm"  # clm: causal LM (a decoder) | mlm: RoBERTa's masked LM (an encoder; train/mlm.py)
+    # | ul2: UL2R, a decoder continued on the mixture of denoisers (train/ul2.py)
+    ul2_mixture: str | None = None  # ul2: mode weights, e.g. "R=1,X=1,S=1,C=1" (None: ul2.DEFAULT_MIXTURE)
     model_overrides: dict = field(default_factory=dict)
     init_from: str | None = None  # start from an existing model directory instead of random weights
     lora: LoRAConfig | None = None  # train low-rank adapters on the frozen init_from model
@@ -100,6 +104,10 @@ class TrainConfig:
             self.distill = DistillConfig(**self.distill)
         if self.objective not in mlm.OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(mlm.OBJECTIVES)}")
+        if self.objective == "ul2":
+            ul2.check_config(self)
+        elif self.ul2_mixture is not None:
+            raise ValueError("ul2_mixture is the mixture of --objective ul2")
         if self.preset is None:
             self.preset = "enc-tiny" if self.objective == "mlm" else "micro"
         if not self.init_from:
@@ -253,7 +261,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         tokenizer = vocab.tokenizer
 
     torch.manual_seed(cfg.seed)
-    if vocab is not None:
+    denoise = None  # ul2: (the extended vocabulary, the mixture); the model grows by the sentinels (train/ul2.py)
+    if cfg.objective == "ul2":
+        model, ul2_vocab = ul2.continued_decoder(cfg.init_from, tokenizer, data)
+        denoise, tokenizer = (ul2_vocab, ul2.parse_mixture(cfg.ul2_mixture)), ul2_vocab.tokenizer
+        model = model.to(device)
+        n_params, flops_per_token = model.cfg.num_params(), model.cfg.flops_per_token(cfg.seq_len)
+    elif vocab is not None:
         model = (mlm.continued_encoder(cfg.init_from, cfg.model_overrides, vocab, cfg.seq_len) if cfg.init_from
                  else mlm.build_encoder(cfg.preset, cfg.model_overrides, vocab, cfg.seq_len)).to(device)
         n_params, flops_per_token = model.num_params(), mlm.flops_per_token(model.cfg, cfg.seq_len)
@@ -283,6 +297,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         atomic_write_json(run / "train_config.json", provenance["train_config"])
         truncate_metrics(metrics, state["step"])
         kind = f"encoder ({model.cfg.flavour}, masked LM), " if vocab is not None else ""
+        if denoise:
+            kind = "UL2R mixture " + ", ".join(f"{m} {w:.0%}" for m, w in denoise[1].items() if w) + "; "
         log(f"model: {kind}{n_params:,} parameters ({model.num_params():,} tensors' elements), "
             f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, {precision}, world {world.size}, "
             f"{cfg.tokens_per_step(world.size):,} tokens/step")
@@ -317,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             while budget_progress(cfg, state["step"], state["tokens"], elapsed()) < 1.0:
                 lr = lr_at(cfg, state["step"], budget_progress(cfg, state["step"], state["tokens"], elapsed()))
                 loss, parts, tokens, grad_norm = _step(cfg, state["step"], lr, model, step_fn, opt, data,
-                                                       distiller, world, precision, vocab)
+                                                       distiller, world, precision, vocab, denoise)
                 state["step"] += 1
                 state["tokens"] += tokens
                 progress.count(tokens)
@@ -387,7 +403,8 @@ def _accuracy(val: dict) -> str:
 
 
 def _step(cfg: TrainConfig, step: int, lr: float, model: Transformer, step_fn, opt, data, distiller, world,
-          precision: str, vocab: mlm.MLMVocab | None = None) -> tuple[float, dict, int, float | None]:
+          precision: str, vocab: mlm.MLMVocab | None = None,
+          denoise: tuple | None = None) -> tuple[float, dict, int, float | None]:
     """One optimizer step over grad_accum micro-batches: (mean loss across ranks, distillation parts or the
     masked-token accuracy, positions computed on all ranks, gradient norm before clipping)."""
     for g in opt.param_groups:
@@ -402,6 +419,8 @@ def _step(cfg: TrainConfig, step: int, lr: float, model: Transformer, step_fn, o
         first = (step * cfg.grad_accum * world.size + micro * world.size + world.rank) * cfg.batch_size
         if vocab is not None:  # inputs with 15% of tokens masked, labels -100 except there (train/mlm.py)
             x, y = mlm.train_batch(data, first, cfg.batch_size, cfg.seq_len, cfg.seed, vocab)
+        elif denoise:  # each sequence one denoiser's: mode, corrupted input, targets; labels on the targets only
+            x, y = ul2.train_batch(data, first, cfg.batch_size, cfg.seq_len, cfg.seed, *denoise)
         else:
             x, y = data.train_batch(first, cfg.batch_size, cfg.seq_len, cfg.seed)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -46,7 +46,7 @@ from slmkit.model.encoder import ENCODER_PRESETS, Encoder, EncoderConfig, encode
 from slmkit.tokenizer import Tokenizer
 from slmkit.train.perf import autocast
 
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "ul2")  # ul2: train/ul2.py
 MASK_TOKEN, PAD_TOKEN = "<mask>", "<pad>"
 MASK_PROB = 0.15  # of the real tokens, chosen for prediction
 MASK_REPLACE, MASK_RANDOM = 0.8, 0.1  # of the chosen: -> <mask>, -> a random token (the rest stay)
