@@ -153,8 +153,12 @@ def main() -> None:
                         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results},
                                                               indent=2))
             finally:
-                proc.kill()
-                proc.wait(timeout=30)
+                proc.terminate()  # slm serve stops its llama-server on the way out
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=30)
     print(f"\n| server ({args.preset}, {args.gguf} GGUF, {args.threads} threads) | clients | aggregate tok/s | "
           "vs 1 client | vs llama-server | TTFT p50 / p99 |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -126,6 +126,15 @@ class LlamaServer:
             return ""
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when slmkit's process dies, however it dies (a SIGKILLed
+    `slm serve` left llama-server running, still decoding for clients long gone)."""
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,7 +167,8 @@ def start_llama_server(gguf: str | Path, binary: str | Path | None = None, paral
     args = [*llama_server_args(binary, gguf, port, parallel, threads, ctx, alias), *extra_args]
     log_file = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
     with open(log_file, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     server = LlamaServer(proc, port, log_file)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
