@@ -3,7 +3,6 @@ managed llama-server process (llama_server.py) when a binary is available."""
 
 import asyncio
 import os
-import shutil
 import time
 
 import pytest
@@ -152,4 +151,36 @@ def test_a_managed_llama_server_answers_like_llama_cpp(model_dir, tmp_path):
             assert httpx.get(url + "/health").status_code == 503
     finally:
         server.close()
-    assert not server.alive() and shutil.which is not None and os.path.exists(server.log_file)
+    assert not server.alive() and os.path.exists(server.log_file)
+
+
+@pytest.mark.skipif(_binary() is None, reason="no llama-server binary (slm build-llama-server)")
+def test_llama_server_dies_with_a_killed_slm_serve(model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from slmkit.formats.gguf import write_gguf
+    gguf = write_gguf(model_dir, tmp_path / "m.gguf", quant="f32")
+    script = ("import sys, time; from slmkit.serve.llama_server import start_llama_server; "
+              f"s = start_llama_server({str(gguf)!r}, parallel=1, threads=1); print(s.proc.pid, flush=True); "
+              "time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)  # no finally, no atexit: only the kernel can stop the child now
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, waiting for init to reap it
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("llama-server outlived the process that started it")
+    finally:
+        parent.kill()
