@@ -105,7 +105,9 @@ def table(rows: list[dict]) -> str:
 
         def cell(name, m=m):
             x = m[name]
-            return f"{x['value']:.3f} [{x['low']:.3f}, {x['high']:.3f}]" if x.get("low") is not None else f"{x['value']:.3f}"
+            if x.get("low") is None:
+                return f"{x['value']:.3f}"
+            return f"{x['value']:.3f} [{x['low']:.3f}, {x['high']:.3f}]"
         by = [f"{r['exact_fix_by_kind'][k]['exact_fix']:.2f} ({r['exact_fix_by_kind'][k]['n']})"
               if k in r["exact_fix_by_kind"] else "" for k in kinds]
         lines.append(f"| {r['row']} | {r['items']} | {cell('exact_fix')} | {cell('compiles')} | "

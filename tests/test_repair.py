@@ -55,7 +55,7 @@ def _line(text):
 ])
 def test_filter_keeps_only_corruptions_that_break_compilation(tmp_path, kind, line, broken, kept):
     f = _file(tmp_path)
-    reason = R._check(f, _line(line), broken, kind, set())
+    reason = R._check(f, _line(line), broken, kind)
     assert (reason is None) is kept
     if not kept:
         assert reason == "corruption_compiles"
@@ -188,3 +188,11 @@ def test_cli_on_a_tiny_corpus_and_bad_input(tmp_path):
                           (["textbook"], "needs --teacher")):
         r = CliRunner().invoke(app, ["synth", *args, "-o", str(tmp_path / "bad")])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_kind_without_a_place_does_not_starve_the_others(tmp_path):
+    text = "".join(f"class C{i}:\n    value = {i}\n\n\n" for i in range(20))  # no brackets, operators or reads
+    (tmp_path / "tools.py").write_text(text)
+    records, rejected = R.file_pairs(tmp_path / "tools.py", "tools.py", R.RepairConfig(out="", per_file=6))
+    assert len(records) + sum(rejected.values()) == 6
+    assert {r["kind"] for r in records} <= {"missing_colon", "wrong_indentation"}

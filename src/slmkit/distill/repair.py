@@ -63,7 +63,7 @@ INDENT = "    "
 class RepairConfig:
     out: str
     corpus: str | None = None  # a directory of .py files (default: this Python's standard library)
-    per_file: int = 8  # corruptions tried per file (one line each, kinds in turn)
+    per_file: int = 8  # corruptions tried per file (one line each; the kinds in turn, each on a line it fits)
     heldout: float = 0.1  # share of files held out
     context_lines: int = 3  # lines before and after the broken line in the prompt
     max_line_chars: int = 100
@@ -227,17 +227,23 @@ def file_pairs(path: Path, relpath: str, cfg: RepairConfig) -> tuple[list[dict],
                   and not f.lines[n - 1].lstrip().startswith("#") and len(f.lines[n - 1]) <= cfg.max_line_chars
                   and f.units[n][1] - f.units[n][0] < cfg.max_unit_lines]
     rng.shuffle(candidates)
-    kept, rejected, used = [], {}, set()
-    attempts, offset = 0, rng.randrange(len(cfg.kinds))  # the kinds in turn, from a random first one
-    for lineno in candidates:
-        if attempts >= cfg.per_file:
-            break
-        kind = cfg.kinds[(offset + attempts) % len(cfg.kinds)]
-        broken = _corrupt(f, lineno, kind, rng)
-        if broken is None:
-            continue  # this line has no place for this kind: try the next line
+    kept, rejected, tried, absent = [], {}, set(), set()
+    attempts, turn = 0, rng.randrange(len(cfg.kinds))  # the kinds in turn, from a random first one
+    while attempts < cfg.per_file and len(absent) < len(cfg.kinds):
+        kind = cfg.kinds[turn % len(cfg.kinds)]
+        turn += 1
+        if kind in absent:
+            continue
+        # the next untried line that has a place for this kind; none left: the kind is done for this file
+        found = next(((n, b) for n in candidates if n not in tried
+                      for b in [_corrupt(f, n, kind, rng)] if b is not None), None)
+        if found is None:
+            absent.add(kind)
+            continue
+        lineno, broken = found
+        tried.add(lineno)
         attempts += 1
-        reason = _check(f, lineno, broken, kind, used)
+        reason = _check(f, lineno, broken, kind)
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
@@ -245,14 +251,11 @@ def file_pairs(path: Path, relpath: str, cfg: RepairConfig) -> tuple[list[dict],
         if len(record["prompt"]) > cfg.max_prompt_chars:
             rejected["prompt_too_long"] = rejected.get("prompt_too_long", 0) + 1
             continue
-        used.add(lineno)
         kept.append(record)
     return kept, rejected
 
 
-def _check(f: _File, lineno: int, broken: str, kind: str, used: set[int]) -> str | None:
-    if lineno in used:
-        return "line_already_used"
+def _check(f: _File, lineno: int, broken: str, kind: str) -> str | None:
     first, last = f.units[lineno]
     unit = f.lines[first - 1:last]
     if not compiles(unit_source(unit)):
