@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--baseline-backend", default=None, help="default: --backend (llamacpp: give the f16 GGUF)")
+    ap.add_argument("--threads", type=int, default=None, help="llamacpp threads (1 on an oversubscribed machine: "
+                                                               "llama.cpp's spinning threads stall when shared)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -69,7 +71,9 @@ def main() -> None:
         rows.append((f"quickstart base, {args.shots}-shot", lambda: load_lm(args.base, backend=args.backend),
                      args.shots, False))
     name = Path(args.baseline).parent.name if args.baseline.endswith(".gguf") else args.baseline
-    baseline = lambda: load_lm(args.baseline, backend=args.baseline_backend or args.backend)  # noqa: E731
+    backend = args.baseline_backend or args.backend
+    options = {"n_threads": args.threads} if args.threads and backend == "llamacpp" else {}
+    baseline = lambda: load_lm(args.baseline, backend=backend, **options)  # noqa: E731
     rows += [(f"{name}, {args.shots}-shot raw", baseline, args.shots, False),
              (f"{name}, {args.shots}-shot chat", baseline, args.shots, True)]
     results_file = out / "results.jsonl"

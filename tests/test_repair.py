@@ -12,7 +12,7 @@ from slmkit.cli import app
 from slmkit.distill import repair as R
 from slmkit.eval.harness import evaluate
 from slmkit.eval.repair import compiles, put_back, repair_line
-from slmkit.eval.tasks import Task
+from slmkit.eval.tasks import Task, load_task
 
 SRC = '''import os
 
@@ -183,6 +183,12 @@ def test_cli_on_a_tiny_corpus_and_bad_input(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["kept"] == report["train"] + report["heldout"] > 0
+    task = load_task(str(tmp_path / "out" / "records.jsonl"))  # the records are a repair task as they are
+    assert task.kind == "repair" and task.stop == ["\n"] and task.render(task.items[0]) == task.items[0]["prompt"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**task.items[0], "unit_line": 999, "_source": None}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: `unit_line` must be the index"):
+        load_task(str(bad))
     for args, message in ((["repair", "--corpus", str(tmp_path / "nope")], "corpus directory not found"),
                           (["repair", "--corpus", str(corpus), "--heldout", "1.5"], "held-out share"),
                           (["textbook"], "needs --teacher")):

@@ -34,6 +34,12 @@ BUILTIN = ("mmlu", "mmlu_cloze", "gsm8k", "humaneval", "python")
 MAIN_METRIC = {"perplexity": "bits_per_byte", "choice": "acc", "generate": "exact_match", "code": "pass@1",
                "classify": "accuracy", "kb": "answer_correct", "repair": "exact_fix"}
 LOWER_IS_BETTER = {"bits_per_byte", "token_loss"}
+# What a kind's items need unless the task says otherwise: a repair item's prompt ends where the fixed line starts
+# (`slm synth repair`), and the answer is that one line.
+KIND_DEFAULTS = {"repair": dict(prompt="{prompt}", target_delimiter="", stop=["\n"], max_new_tokens=48,
+                                chat_stop=["\n```", "\n\n"],
+                                system="You fix one broken line of Python code. Reply with the fixed line only, "
+                                       "keeping its indentation.")}
 
 
 @dataclass
@@ -242,6 +248,7 @@ def _from_yaml(path: Path, overrides: dict) -> Task:
 
 
 def _make(cls, spec: dict, overrides: dict, where: str = "") -> Task:
+    spec = {**KIND_DEFAULTS.get(spec.get("kind"), {}), **spec}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(spec) - known)
     if unknown:
