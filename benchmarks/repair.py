@@ -97,6 +97,10 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         atomic_write_text(out / "results.md", table(list(done.values())))
         print(table(list(done.values())), flush=True)
+    if results_file.exists():  # rows another process added too (one may run the baseline, another the rest)
+        rows_now = [json.loads(line) for line in results_file.read_text().splitlines()]
+        order = {label: i for i, (label, *_) in enumerate(rows)}
+        atomic_write_text(out / "results.md", table(sorted(rows_now, key=lambda r: order.get(r["row"], 99))))
 
 
 def table(rows: list[dict]) -> str:
