@@ -13,7 +13,8 @@ Rows (each an `evaluate` run of the `repair` task kind on the same seeded subset
 - the quickstart base before fine-tuning, 3-shot raw (what fine-tuning adds);
 - the baseline 3-shot raw (the same text the fine-tuned model sees, after 3 solved training pairs) and 3-shot
   through its chat template (a system instruction, the examples as turns; the first line of its answer's code
-  block is the fix).
+  block is the fix), and 3-shot chat with the question in plain words (PLAIN_CHAT: the code and the broken line
+  in fences, no "### ..." headings for it to imitate).
 Greedy decoding, one line. Each row's per-item records go to OUT/NAME.records.jsonl as they are made (rerun the
 same command to resume) and its metrics to OUT/results.jsonl when it ends; OUT/results.md is the table so far.
 """
@@ -33,6 +34,10 @@ from slmkit.lm import load_lm
 SYSTEM = "You fix one broken line of Python code. Reply with the fixed line only, keeping its indentation."
 
 
+PLAIN_CHAT = ("This Python code has one broken line:\n```python\n{context}\n```\nThe broken line is:\n```python\n"
+              "{broken}\n```\nWrite the corrected line, with its indentation, and nothing else.")
+
+
 class Unchanged:
     """The anchor: answers every item with its broken line."""
     name = "unchanged"
@@ -48,6 +53,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="an `slm synth repair` output directory")
     ap.add_argument("--finetuned", required=True)
     ap.add_argument("--skip", default="", help="comma list of row-name prefixes not to run")
+    ap.add_argument("--only", default="", help="run only the rows whose names end with this (e.g. \"plain-language "
+                                               "prompt\"), another process running the rest")
     ap.add_argument("--base", default=None, help="the model before fine-tuning (optional row)")
     ap.add_argument("--baseline", default="smollm2-135m-instruct")
     ap.add_argument("--limit", type=int, default=150)
@@ -75,20 +82,27 @@ def main() -> None:
     options = {"n_threads": args.threads} if args.threads and backend == "llamacpp" else {}
     baseline = lambda: load_lm(args.baseline, backend=backend, **options)  # noqa: E731
     rows += [(f"{name}, {args.shots}-shot raw", baseline, args.shots, False),
-             (f"{name}, {args.shots}-shot chat", baseline, args.shots, True)]
+             (f"{name}, {args.shots}-shot chat", baseline, args.shots, True),
+             (f"{name}, {args.shots}-shot chat, plain-language prompt", baseline, args.shots, "plain")]
     results_file = out / "results.jsonl"
     done = {}
     if results_file.exists():
         done = {r["row"]: r for r in map(json.loads, results_file.read_text().splitlines())}
     for label, make, shots, chat in rows:
-        if label in done or any(label.startswith(p) for p in args.skip.split(",") if p):
+        if label in done or any(label.startswith(p) for p in args.skip.split(",") if p) \
+                or (args.only and not label.endswith(args.only)):
             continue
         task = load_task(data / "heldout.jsonl", num_fewshot=shots, **common)
+        if chat == "plain":  # the question in words, the code in fences: no "### ..." format to imitate
+            for item in task.items + task.fewshot_items:
+                item["context"] = item["prompt"].split("### Code\n", 1)[1].split("\n### Broken line\n", 1)[0]
+            task.chat_prompt = PLAIN_CHAT
         slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
         t0 = time.perf_counter()
-        result = evaluate(make(), task, limit=args.limit, seed=args.seed, chat=chat,
+        result = evaluate(make(), task, limit=args.limit, seed=args.seed, chat=bool(chat),
                           records_file=out / f"{slug}.records.jsonl")
         row = {"row": label, "items": result.settings["n_items"], "shots": shots, "chat": chat,
+               "prompt": task.chat_prompt if chat == "plain" else task.prompt,
                "metrics": {k: m.to_dict() for k, m in result.metrics.items()},
                "exact_fix_by_kind": result.details["exact_fix_by_kind"],
                "seconds": round(time.perf_counter() - t0, 1)}
