@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ from slmkit.eval.harness import evaluate
 from slmkit.eval.repair import compiles, put_back, repair_line
 from slmkit.eval.tasks import Task, load_task
 
+REPO = Path(__file__).resolve().parents[1]
 SRC = '''import os
 
 
@@ -185,6 +187,13 @@ def test_cli_on_a_tiny_corpus_and_bad_input(tmp_path):
     assert report["kept"] == report["train"] + report["heldout"] > 0
     task = load_task(str(tmp_path / "out" / "records.jsonl"))  # the records are a repair task as they are
     assert task.kind == "repair" and task.stop == ["\n"] and task.render(task.items[0]) == task.items[0]["prompt"]
+    example = tmp_path / "examples" / "tasks"  # the example task file, where it expects the data
+    example.mkdir(parents=True)
+    (example / "repair.yaml").write_text((REPO / "examples" / "tasks" / "repair.yaml").read_text())
+    (tmp_path / "out").rename(tmp_path / "repair-data")
+    (tmp_path / "repair-data" / "heldout.jsonl").write_text((tmp_path / "repair-data" / "records.jsonl").read_text())
+    yaml_task = load_task(str(example / "repair.yaml"))
+    assert yaml_task.kind == "repair" and yaml_task.num_fewshot == 3 and yaml_task.fewshot_items
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**task.items[0], "unit_line": 999, "_source": None}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: `unit_line` must be the index"):
