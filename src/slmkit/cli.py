@@ -388,11 +388,12 @@ def teacher_text(
 
 @command()
 def synth(
-    recipe: Annotated[str, typer.Argument(help="textbook | explain | program | instruct")],
-    teacher: Annotated[str, typer.Option(help=MODEL_HELP)],
-    seeds: Annotated[Path, typer.Option(help=".txt (one topic/question/instruction per line) or .jsonl records "
-                                             "(program: an \"answer\" field is checked)")],
+    recipe: Annotated[str, typer.Argument(help="textbook | explain | program | instruct | repair")],
     out: Annotated[Path, _out("directory for records.jsonl, rejected.jsonl, report.json")],
+    teacher: Annotated[str | None, typer.Option(help=MODEL_HELP + " (every recipe but repair)")] = None,
+    seeds: Annotated[Path | None, typer.Option(help=".txt (one topic/question/instruction per line) or .jsonl "
+                                                    "records (program: an \"answer\" field is checked); every "
+                                                    "recipe but repair")] = None,
     seed_field: Annotated[str, typer.Option(help="text field of .jsonl seeds")] = "text",
     samples_per_seed: int = 1,
     temperature: float = 0.8,
@@ -412,10 +413,18 @@ def synth(
     backend: Backend = "auto",
     seed: Seed = 0,
     allow_unsandboxed: AllowUnsandboxed = False,
+    corpus: Annotated[Path | None, typer.Option(help="repair: a directory of .py files to corrupt (default: this "
+                                                     "Python's standard library)")] = None,
+    per_file: Annotated[int, typer.Option(help="repair: corruptions tried per file")] = 8,
+    heldout: Annotated[float, typer.Option(help="repair: share of files held out (OUT/heldout.jsonl)")] = 0.1,
+    context_lines: Annotated[int, typer.Option(help="repair: lines before and after the broken one")] = 3,
 ):
-    """Synthetic data from a teacher, filtered, deduplicated and decontaminated. Interrupted? Run it again."""
+    """Synthetic data from a teacher, filtered, deduplicated and decontaminated; or (repair) line-repair pairs
+    from a code corpus, checked by the compiler. Interrupted? Run it again."""
     from slmkit.distill.synth import SynthConfig, synthesize
-    cfg = SynthConfig(recipe=recipe, teacher=teacher, seeds=str(seeds), out=str(out), seed_field=seed_field,
+    cfg = SynthConfig(recipe=recipe, teacher=teacher, seeds=str(seeds) if seeds else None, out=str(out),
+                      corpus=str(corpus) if corpus else None, per_file=per_file, heldout=heldout,
+                      context_lines=context_lines, seed_field=seed_field,
                       samples_per_seed=samples_per_seed, temperature=temperature, top_p=top_p,
                       max_new_tokens=max_new_tokens, strategies=_globs(strategies),
                       decontaminate=_globs(decontaminate), ngram=ngram, min_chars=min_chars,

@@ -13,6 +13,9 @@ Recipes (one seed per line of a .txt file, or one JSONL record per line):
   shown one worked problem and its reply starts inside a ```python block, stopping at the closing fence: a small
   teacher asked for code often answers in prose instead (SmolLM2-135M: 0 of 64 programs usable without this).
 - instruct: instruction -> response, for supervised fine-tuning; {"messages"}.
+- repair (FLAME / SLaDe): no teacher and no seeds: lines of a code corpus (`--corpus DIR`, default the stdlib)
+  broken on purpose and kept when the compiler confirms the break; {"prompt", "completion", ...}. See
+  distill/repair.py, which also writes heldout.jsonl (held-out files).
 
 Every record passes quality filters (length, repetition, language: the share of ASCII letters), exact +
 MinHash near-duplicate removal (data/dedup.py), and decontamination: any record sharing a word n-gram (13 by
@@ -36,7 +39,7 @@ from tqdm import tqdm
 
 from slmkit.files import atomic_write_json, atomic_write_text, iter_jsonl
 
-RECIPES = ("textbook", "explain", "program", "instruct")
+RECIPES = ("textbook", "explain", "program", "instruct", "repair")
 STRATEGIES = {
     "step-by-step": "Think step by step: work through the problem one step at a time, then state the answer.",
     "direct": "Answer directly and concisely, without explanation.",
@@ -61,9 +64,9 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 @dataclass
 class SynthConfig:
     recipe: str
-    teacher: str
-    seeds: str  # .txt (one seed per line) or .jsonl (field `seed_field`, plus "answer" for program)
-    out: str
+    teacher: str | None = None  # every recipe but repair
+    seeds: str | None = None  # .txt (one seed per line) or .jsonl (field `seed_field`, plus "answer" for program)
+    out: str = ""
     seed_field: str = "text"
     samples_per_seed: int = 1
     temperature: float = 0.8
@@ -81,10 +84,21 @@ class SynthConfig:
     backend: str = "auto"
     seed: int = 0
     allow_unsandboxed: bool = False  # program: run even without the sandbox's network namespace (not a setting)
+    # repair (distill/repair.py)
+    corpus: str | None = None  # a directory of .py files (default: this Python's standard library)
+    per_file: int = 8
+    heldout: float = 0.1
+    context_lines: int = 3
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if not self.out:
+            raise ValueError("no output directory (-o/--out)")
+        if self.recipe != "repair":
+            for name in ("teacher", "seeds"):
+                if not getattr(self, name):
+                    raise ValueError(f"the {self.recipe} recipe needs --{name} (only repair works without one)")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -291,6 +305,11 @@ def _checked_program(reply: str, seed: dict, cfg: SynthConfig) -> dict:
 
 def synthesize(cfg: SynthConfig, lm=None, progress: bool = True, log=print) -> dict:
     """Run a recipe over every seed (resuming an interrupted run in cfg.out); returns report.json's content."""
+    if cfg.recipe == "repair":
+        from slmkit.distill.repair import RepairConfig, synthesize_repair
+        return synthesize_repair(RepairConfig(out=cfg.out, corpus=cfg.corpus, per_file=cfg.per_file,
+                                              heldout=cfg.heldout, context_lines=cfg.context_lines, seed=cfg.seed),
+                                 progress=progress, log=log)
     from slmkit.data.dedup import Deduplicator
     out = Path(cfg.out)
     seeds = read_seeds(cfg.seeds, cfg.seed_field)

@@ -78,7 +78,7 @@ def evaluate(lm, task: Task, *, limit: int | None = None, seed: int = 0, chat: b
         raise ValueError("select_by='verifier' needs a verifier LM")
     if samples < 1:
         raise ValueError("samples must be >= 1")
-    if task.kind == "code":
+    if task.kind in ("code", "repair"):
         from slmkit.eval.sandbox import require_isolation
         require_isolation(allow_unsandboxed)
     use_chat = _use_chat(lm, task, chat)
@@ -134,7 +134,7 @@ def _use_chat(lm, task: Task, chat: bool | None) -> bool:
     if chat is None:
         chat = task.chat
     if chat is None:
-        chat = task.kind in ("generate", "code") and bool(getattr(lm, "instruction_tuned", False))
+        chat = task.kind in ("generate", "code", "repair") and bool(getattr(lm, "instruction_tuned", False))
     if chat and task.kind == "perplexity":
         raise ValueError("a perplexity task scores raw text; it has no chat form")
     if chat and lm.tokenizer is not None and not lm.tokenizer.chat_template:
@@ -259,6 +259,23 @@ def _run_code(lm, task: Task, items, *, seed, chat, samples, temperature, select
     return records
 
 
+def _run_repair(lm, task: Task, items, *, seed, chat, allow_unsandboxed, **_) -> list[dict]:
+    """The generated line put back into its unit (eval/sandbox.py compiles it: compile() runs no code, but a
+    parser fed hostile input is still best kept out of this process)."""
+    from slmkit.eval.repair import put_back, repair_line
+    from slmkit.eval.sandbox import run_many
+    prompts = [build_prompt(task, item, seed, chat) for item in items]
+    completions = [texts[0] for texts in _sample(lm, task, prompts, 1, 0.0, seed)]
+    lines = [repair_line(text, chat) for text in completions]
+    programs = [f"compile({put_back(item['unit'], item['unit_line'], line)!r}, '<unit>', 'exec', dont_inherit=True)\n"
+                for item, line in zip(items, lines, strict=True)]
+    results = run_many(programs, timeout_s=task.timeout_s, allow_unsandboxed=allow_unsandboxed)
+    return [{"id": item["id"], "kind": item.get("kind"), "completion": text, "prediction": line,
+             "exact_fix": line.rstrip() == item["completion"].rstrip(), "compiles": result.passed,
+             "unchanged": "broken" in item and line.rstrip() == item["broken"].rstrip()}
+            for item, text, line, result in zip(items, completions, lines, results, strict=True)]
+
+
 def _run_perplexity(lm, task: Task, items, **_) -> list[dict]:
     if lm.tokenizer is None:
         raise ValueError(f"{lm!r} is text only (no token ids): perplexity needs a local backend")
@@ -290,7 +307,7 @@ def _run_kb(lm, task: Task, items, **_) -> list[dict]:
 
 
 _RUNNERS = {"choice": _run_choice, "classify": _run_choice, "generate": _run_generate, "code": _run_code,
-            "perplexity": _run_perplexity, "kb": _run_kb}
+            "perplexity": _run_perplexity, "kb": _run_kb, "repair": _run_repair}
 
 
 # --- scorers: records -> metrics -------------------------------------------------------------------------------
@@ -365,8 +382,19 @@ def _score_kb(task: Task, records, samples):
     return out, {}
 
 
+def _score_repair(task: Task, records, samples):
+    n = len(records)
+    out = {name: M.proportion(sum(bool(r[name]) for r in records), n)
+           for name in ("exact_fix", "compiles", "unchanged")}
+    by_kind: dict[str, list[bool]] = {}
+    for r in records:
+        by_kind.setdefault(r.get("kind") or "?", []).append(r["exact_fix"])
+    return out, {"exact_fix_by_kind": {k: {"exact_fix": sum(v) / len(v), "n": len(v)}
+                                       for k, v in sorted(by_kind.items())}}
+
+
 _SCORERS = {"choice": _score_choice, "classify": _score_classify, "generate": _score_generate,
-            "code": _score_code, "perplexity": _score_perplexity, "kb": _score_kb}
+            "code": _score_code, "perplexity": _score_perplexity, "kb": _score_kb, "repair": _score_repair}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

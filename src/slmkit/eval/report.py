@@ -84,7 +84,7 @@ def report_card(models: list[str], tasks: list[str | TaskSpec], out: str | Path,
         if num_fewshot is not None:
             overrides.setdefault("num_fewshot", num_fewshot)
         loaded[spec.label] = load_task(spec.name, **overrides)
-    if any(task.kind == "code" for task in loaded.values()):  # before any model loads
+    if any(task.kind in ("code", "repair") for task in loaded.values()):  # before any model loads
         from slmkit.eval.sandbox import require_isolation
         require_isolation(allow_unsandboxed)
     verifier_lm = load_lm(verifier, backend=backend) if verifier else None

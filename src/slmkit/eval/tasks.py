@@ -11,6 +11,9 @@ Five kinds cover the field:
     kb          items {"question", "answer_keywords", "topics", "answerable"} (kb-python's format) over a knowledge
                 base (`kb:` in the YAML, a folder from `slm kb index`): retrieval, answers with citations or
                 abstention, scored as `slm kb eval` scores them (hit_at_5, answer_correct, citation_precision, ...)
+    repair      items {"prompt", "completion", "unit", "unit_line"} (`slm synth repair`'s heldout.jsonl): the
+                generated line is the fix; exact_fix (it equals the original line) and compiles (put back into its
+                unit, the unit compiles: checked in the sandbox)
 
 Built-in tasks: mmlu (letter answers, as in the MMLU paper), mmlu_cloze (the answer texts, as SmolLM2's authors
 report it), gsm8k, humaneval (registry packages, see benchmarks.py) and python (held-out standard-library test
@@ -26,11 +29,17 @@ from pathlib import Path
 
 from slmkit.files import iter_jsonl
 
-KINDS = ("perplexity", "choice", "generate", "code", "classify", "kb")
+KINDS = ("perplexity", "choice", "generate", "code", "classify", "kb", "repair")
 BUILTIN = ("mmlu", "mmlu_cloze", "gsm8k", "humaneval", "python")
 MAIN_METRIC = {"perplexity": "bits_per_byte", "choice": "acc", "generate": "exact_match", "code": "pass@1",
-               "classify": "accuracy", "kb": "answer_correct"}
+               "classify": "accuracy", "kb": "answer_correct", "repair": "exact_fix"}
 LOWER_IS_BETTER = {"bits_per_byte", "token_loss"}
+# What a kind's items need unless the task says otherwise: a repair item's prompt ends where the fixed line starts
+# (`slm synth repair`), and the answer is that one line.
+KIND_DEFAULTS = {"repair": dict(prompt="{prompt}", target_delimiter="", stop=["\n"], max_new_tokens=48,
+                                chat_stop=["\n```", "\n\n"],
+                                system="You fix one broken line of Python code. Reply with the fixed line only, "
+                                       "keeping its indentation.")}
 
 
 @dataclass
@@ -100,6 +109,8 @@ class Task:
             return self.verbalizers[str(item["label"])]
         if self.kind == "code":
             return item.get("canonical_solution", "")
+        if self.kind == "repair":
+            return item["completion"]
         return _format(self.target, item, self.name)
 
     def continuations(self, item: dict) -> list[str]:
@@ -110,7 +121,8 @@ class Task:
 
 
 _REQUIRED = {"perplexity": ("text",), "choice": ("answer",), "generate": ("answer",),
-             "code": ("prompt", "test", "entry_point"), "classify": ("label",), "kb": ("question",)}
+             "code": ("prompt", "test", "entry_point"), "classify": ("label",), "kb": ("question",),
+             "repair": ("prompt", "completion", "unit", "unit_line")}
 
 
 def _check_item(task: Task, item: dict, i: int) -> None:
@@ -126,6 +138,11 @@ def _check_item(task: Task, item: dict, i: int) -> None:
         if not isinstance(item["answer"], int) or not 0 <= item["answer"] < n:
             raise ValueError(f"{where}: `answer` must be the index (0..{n - 1}) of the right choice, "
                              f"got {item['answer']!r}")
+    if task.kind == "repair":
+        lines = str(item["unit"]).split("\n")
+        if not isinstance(item["unit_line"], int) or not 0 <= item["unit_line"] < len(lines):
+            raise ValueError(f"{where}: `unit_line` must be the index (0..{len(lines) - 1}) of the broken line in "
+                             f"`unit`, got {item['unit_line']!r}")
     if task.kind == "kb":
         from slmkit.kb.evaluate import check_question
         item.update(check_question(item, where))
@@ -203,7 +220,8 @@ def read_items(path: Path) -> list[dict]:
 
 def _guess_kind(items: list[dict], path: Path) -> str:
     keys = set(items[0])
-    for kind, needs in (("code", {"prompt", "test", "entry_point"}), ("choice", {"choices", "answer"}),
+    for kind, needs in (("code", {"prompt", "test", "entry_point"}), ("repair", {"prompt", "completion", "unit"}),
+                        ("choice", {"choices", "answer"}),
                         ("classify", {"text", "label"}), ("generate", {"answer"}), ("perplexity", {"text"})):
         if needs <= keys:
             return kind
@@ -230,6 +248,7 @@ def _from_yaml(path: Path, overrides: dict) -> Task:
 
 
 def _make(cls, spec: dict, overrides: dict, where: str = "") -> Task:
+    spec = {**KIND_DEFAULTS.get(spec.get("kind"), {}), **spec}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(spec) - known)
     if unknown:
