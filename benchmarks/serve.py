@@ -52,11 +52,14 @@ def free_port() -> int:
 
 def start(cmd: list[str], port: int, env: dict, timeout: float = 120) -> subprocess.Popen:
     import urllib.request
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The log goes to a file: a pipe nobody reads fills up (64 KB) and the server blocks writing to it, which
+    # hung llama-server at 32 clients (and is likely why llama-cpp-python's server "did not finish" at 16 before).
+    log = tempfile.NamedTemporaryFile(prefix="serve-bench-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited: {Path(log.name).read_text(errors='replace')[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
             return proc
