@@ -150,7 +150,7 @@ def llama_server_args(binary: str | Path, gguf: str | Path, port: int, parallel:
         ctx = max(per_slot, min(parallel * per_slot, MAX_KV_TOKENS))
     return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", alias,
             "-np", str(parallel), "-kvu", "-c", str(ctx), "-t", str(threads or os.cpu_count() or 1), "--jinja",
-            "--no-webui", "--metrics"]
+            "--no-webui", "--metrics", "-lv", "2"]  # warnings and errors: a log line per request fills the disk
 
 
 def start_llama_server(gguf: str | Path, binary: str | Path | None = None, parallel: int = 16,
