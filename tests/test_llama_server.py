@@ -184,3 +184,20 @@ def test_llama_server_dies_with_a_killed_slm_serve(model_dir, tmp_path):
             pytest.fail("llama-server outlived the process that started it")
     finally:
         parent.kill()
+
+
+def test_auto_picks_llama_server_only_when_it_can_serve(model_dir, tmp_path, monkeypatch):
+    from slmkit.serve.app import auto_backend
+    monkeypatch.delenv("SLM_LLAMA_SERVER", raising=False)
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))  # no built binary there
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert auto_backend(str(model_dir)) == "auto"  # no binary: the in-process engines decide
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SLM_LLAMA_SERVER", str(fake))
+    assert auto_backend(str(model_dir)) == "llama-server"
+    assert auto_backend(str(model_dir), engine_only=True) == "auto"  # --adapter, --draft, --escalate-to, ...
+    assert auto_backend(str(model_dir), weights="int8") == "auto"
+    assert auto_backend(str(model_dir), device="cuda") == "auto"
+    assert auto_backend("http://127.0.0.1:9/v1") == "auto"

@@ -716,8 +716,9 @@ def serve(
     port: int = 8000,
     api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                      "(default: $SLM_API_KEY; none: open)")] = None,
-    backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed, on the model's GGUF; "
-                                         "else slmkit's torch model) | torch | llamacpp | hf | llama-server "
+    backend: Annotated[str, typer.Option(help="auto (llama-server when its binary is found and no engine-only "
+                                         "option is given; else llama.cpp on a CPU when installed, on the model's "
+                                         "GGUF; else slmkit's torch model) | torch | llamacpp | hf | llama-server "
                                          "(llama.cpp's C++ server, started and fronted by slmkit)")] = "auto",
     max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp; llama-server's "
                                                 "--parallel slots)")] = 16,

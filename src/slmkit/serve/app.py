@@ -452,6 +452,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
+    if backend == "auto":
+        backend = auto_backend(model, device, weights, engine_only=any(
+            x is not None for x in (adapter, draft, escalate_to, embedder)))
     if backend == "llama-server":
         return _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes,
                                    request_timeout_s, log_level, public_metrics, max_concurrency, write_timeout_s,
@@ -486,6 +489,38 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             lm.close()
         if escalation is not None:
             escalation.large.close()
+
+
+def auto_backend(model: str, device: str = "cpu", weights: str = "fp32", engine_only: bool = False) -> str:
+    """What `slm serve --backend auto` serves `model` with: "llama-server" when a llama-server binary is found
+    (llama_server.find_llama_server), on a CPU, for a local decoder (not an encoder or a vision model) with fp32
+    weights asked and no option that needs slmkit's engine (`engine_only`: --adapter, --draft, --escalate-to,
+    --embedder); else "auto", left to `generation_backend` (llama.cpp in-process when installed, else torch).
+
+    The rule is the measurement in BENCHMARKS.md ("Serving: slm serve vs llama-server"): fronting llama-server
+    served the most tokens a second on SmolLM2-135M at 1, 4, 16 and 32 clients (1.2x to 1.9x the in-process
+    llama.cpp engine, 3.7x to 13x torch int8) and as much as llama-server itself (0.94x to 1.03x); only on a 15M model at 16+ clients did the
+    torch int8 engine serve more (1.1x to 1.3x), which `--backend torch --weights int8` still picks."""
+    from slmkit.serve.llama_server import find_llama_server
+    if engine_only or device != "cpu" or weights != "fp32" or _is_encoder(model):
+        return "auto"
+    try:
+        find_llama_server()
+    except FileNotFoundError:
+        return "auto"
+    from slmkit.formats.vision_dir import is_vision_dir
+    from slmkit.hub import resolve_model
+    try:
+        ref = resolve_model(model)
+    except (ValueError, FileNotFoundError):
+        return "auto"  # load_lm gives the error
+    if ref.kind == "remote" or (ref.kind == "dir" and is_vision_dir(ref.location)):
+        return "auto"
+    try:
+        ref.gguf_file(create=True)  # written once into the cache for a model directory; llama-server needs it
+    except ValueError:  # e.g. a tokenizer llama.cpp cannot reproduce exactly
+        return "auto"
+    return "llama-server"
 
 
 def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes, request_timeout_s,
