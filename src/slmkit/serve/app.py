@@ -499,8 +499,8 @@ def auto_backend(model: str, device: str = "cpu", weights: str = "fp32", engine_
 
     The rule is the measurement in BENCHMARKS.md ("Serving: slm serve vs llama-server"): fronting llama-server
     served the most tokens a second on SmolLM2-135M at 1, 4, 16 and 32 clients (1.2x to 1.9x the in-process
-    llama.cpp engine, 3.7x to 13x torch int8) and as much as llama-server itself (0.94x to 1.03x); only on a 15M model at 16+ clients did the
-    torch int8 engine serve more (1.1x to 1.3x), which `--backend torch --weights int8` still picks."""
+    llama.cpp engine, 3.7x to 13x torch int8) and as much as llama-server itself (0.94x to 1.03x); only on a 15M
+    model at 16+ clients did the torch int8 engine serve more (1.1x to 1.3x): `--backend torch --weights int8`."""
     from slmkit.serve.llama_server import find_llama_server
     if engine_only or device != "cpu" or weights != "fp32" or _is_encoder(model):
         return "auto"
