@@ -111,7 +111,9 @@ def tiny_model_dir(path, tokenizer, tie=True, train_on: str | None = None, steps
 def live_server(app, send_buffer: int | None = None, **config):
     """Serve `app` on a free loopback port from a background thread; yields its base URL. `config`: more
     uvicorn.Config options (root_path, ...); `send_buffer`: the sockets' SO_SNDBUF (a slow-reader test fills it)."""
-    sock = socket.socket()
+    # proto IPPROTO_TCP, not socket.socket()'s 0: asyncio sets TCP_NODELAY on accepted connections only then (as
+    # uvicorn's own sockets have it); without it every response waited ~43 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     if send_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     sock.bind(("127.0.0.1", 0))
