@@ -441,7 +441,7 @@ def test_slm_serve_builds_the_app_with_the_key_from_the_environment(lm, monkeypa
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("SLM_API_KEY", "sk-env")
-    result = CliRunner().invoke(cli, ["serve", lm.name, "--port", "8123", "--max-batch", "2"])
+    result = CliRunner().invoke(cli, ["serve", lm.name, "--port", "8123", "--max-batch", "2", "--backend", "torch"])
     assert result.exit_code == 0, result.output
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     guard = seen["app"].user_middleware[0]

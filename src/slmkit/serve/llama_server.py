@@ -85,8 +85,9 @@ def build_llama_server(jobs: int | None = None, log=print) -> Path:
     log("building llama-server (minutes)")
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
                    check=True)
-    built = next(build.rglob("llama-server"), None)
-    if built is None or not built.is_file():
+    # build/bin/ is where llama.cpp's CMake puts binaries (rglob would also meet CMakeFiles/llama-server.dir/)
+    built = build / "bin" / "llama-server"
+    if not built.is_file():
         raise RuntimeError(f"the build finished without a llama-server binary under {build}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
