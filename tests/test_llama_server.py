@@ -112,7 +112,12 @@ def test_admission_timeout_and_a_dead_upstream():
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
 
 
-def test_serve_refuses_what_the_llama_server_backend_cannot_do(model_dir, tmp_path):
+def test_serve_refuses_what_the_llama_server_backend_cannot_do(model_dir, tmp_path, monkeypatch):
+    import uvicorn
+
+    def never(app, **kw):  # a refusal that wrongly started a server would otherwise serve until killed
+        raise AssertionError("a server was started")
+    monkeypatch.setattr(uvicorn, "run", never)
     runner = CliRunner()
     r = runner.invoke(cli, ["serve", str(model_dir), "--backend", "llama-server", "--llama-server-bin",
                             str(tmp_path / "none")])

@@ -40,13 +40,15 @@ def cache_dir() -> Path:
 
 def find_llama_server(explicit: str | Path | None = None) -> Path:
     """The llama-server binary to run (see the module docstring for the order); a one-line error if none."""
-    candidates = [explicit, os.environ.get("SLM_LLAMA_SERVER"), shutil.which("llama-server"),
+    if explicit:  # the one asked for, or an error: never another binary in its place
+        if Path(explicit).is_file() and os.access(explicit, os.X_OK):
+            return Path(explicit)
+        raise FileNotFoundError(f"--llama-server-bin {explicit}: no executable there")
+    candidates = [os.environ.get("SLM_LLAMA_SERVER"), shutil.which("llama-server"),
                   cache_dir() / "bin" / "llama-server"]
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return Path(c)
-    if explicit:
-        raise FileNotFoundError(f"--llama-server-bin {explicit}: no executable there")
     raise FileNotFoundError("no llama-server binary: build one with `slm build-llama-server` (about 10 minutes on "
                             "2 cores), or point $SLM_LLAMA_SERVER / --llama-server-bin at yours")
 
