@@ -453,13 +453,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
     if backend == "auto":
-        backend = auto_backend(model, device, weights, engine_only=any(
+        backend = auto_backend(model, device, weights, engine_only=bool(adapters) or any(
             x is not None for x in (adapter, draft, escalate_to, embedder)))
     if backend == "llama-server":
         return _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes,
                                    request_timeout_s, log_level, public_metrics, max_concurrency, write_timeout_s,
-                                   llama_server_bin, refused={"--adapter": adapter, "--draft": draft,
-                                                              "--escalate-to": escalate_to, "--embedder": embedder,
+                                   llama_server_bin, refused={"--adapter": adapter or adapters or None,
+                                                              "--draft": draft, "--escalate-to": escalate_to,
+                                                              "--embedder": embedder,
                                                               "--weights": None if weights == "fp32" else weights})
     only_embeddings = _is_encoder(model)
     if only_embeddings and (embedder is not None or escalate_to is not None or draft is not None
