@@ -71,6 +71,7 @@ TINY = {
     ("embed-train",): ["--max-steps", "1", "--batch-size", "2", "--max-length", "16"],
     ("rerank-train",): ["--max-steps", "1", "--batch-size", "2", "--max-length", "32", "--negatives", "1"],
     ("kb", "eval"): ["--max-new-tokens", "8"],
+    ("kb", "synth"): ["--n", "3", "--max-new-tokens", "8"],
     # --no-efficiency: measuring speed and memory starts a fresh process per model (~10 s each on 2 cores);
     # tests/test_eval.py runs it
     ("eval",): ["--limit", "1", "--no-efficiency"],

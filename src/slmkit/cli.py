@@ -955,6 +955,31 @@ def kb_pairs(
                           indent=2))
 
 
+@command(kb_app, "synth")
+def kb_synth(
+    kb: KbDir,
+    out: Annotated[Path, _out("JSONL of chat records for `slm finetune --data` (FILE.report.json beside it)")],
+    teacher: Annotated[str, typer.Option(help=MODEL_HELP + ": writes a question per sampled chunk")],
+    n: Annotated[int, typer.Option("--n", help="chunks to try (each gives at most one record)")] = 200,
+    distractors: Annotated[int, typer.Option(help="retrieved near-miss chunks shown beside the gold one")] = 2,
+    p_no_gold: Annotated[float, typer.Option(help="share of records without the gold chunk (target: abstain)")]
+    = 0.2,
+    answer: Annotated[str, typer.Option(help="extractive (the gold chunk's best-matching sentences + [n]) | "
+                                             "teacher (the teacher answers from the chunk)")] = "extractive",
+    max_new_tokens: MaxNewTokens = 64,
+    temperature: float = 0.7,
+    backend: Backend = "auto",
+    seed: Seed = 0,
+):
+    """RAFT-style question/answer/citation records from a knowledge base (the prompt `slm kb ask` uses, the gold
+    chunk among retrieved distractors, some records with no gold and the abstention as target). Interrupted? Run
+    it again."""
+    from slmkit.kb.synth import kb_synth as synthesize
+    typer.echo(json.dumps(synthesize(kb, out, teacher, n=n, distractors=distractors, p_no_gold=p_no_gold, seed=seed,
+                                     answer=answer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     backend=backend, log=_log), indent=2))
+
+
 @command(kb_app, "search")
 def kb_search(
     kb: KbDir,
