@@ -162,6 +162,14 @@ def test_resume_gives_what_one_run_gives(kb, tmp_path):
     assert teacher.calls == 7  # chunks 5..11: the first 5 were saved
     assert part.read_text() == whole.read_text()
     assert not (tmp_path / "part.jsonl.progress").exists()
+    # a resumed run may stop early: --n at or below what is done writes the first n items' records
+    short = tmp_path / "short.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        synth(kb, short, n=12, seed=1, lm=ScriptedTeacher(fail_after=11), save_every=5)
+    report = synth(kb, short, n=6, seed=1, lm=ScriptedTeacher(fail_after=0), save_every=5)  # no teacher call
+    first = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert [json.loads(line) for line in short.read_text().splitlines()] == [r for r in first if r["item"] < 6]
+    assert report["tried"] == 6
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -26,7 +26,9 @@ question too, so a retrieved chunk is not used as a distractor when it shares ov
 one (as kb/pairs.py picks its hard negatives).
 
 Resumable: progress (records so far, counters, settings) is saved atomically every `save_every` chunks in
-FILE.jsonl.progress; run the same command again to continue. The records file itself is written once, at the
+FILE.jsonl.progress; run the same command again to continue. Item i (its chunk, its draws) does not depend on
+`n`, so a resumed run may change `--n`: a larger one goes on, one at or below the chunks already done stops
+there and writes what it has (the rejection counts then still cover every chunk tried). The records file itself is written once, at the
 end, atomically, with FILE.report.json (kept, rejected by reason, teacher tokens/s).
 """
 
@@ -183,6 +185,10 @@ def make_record(kb: KnowledgeBase, lm, gold, rng: random.Random, distractors: in
     return record, None, tokens
 
 
+def _without_n(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "n"}
+
+
 def kb_synth(kb_dir: str | Path, out: str | Path, teacher: str | None = None, n: int = 200, distractors: int = 2,
              p_no_gold: float = 0.2, seed: int = 0, answer: str = "extractive", answer_sentences: int = 2,
              max_new_tokens: int = 64, temperature: float = 0.7, backend: str = "auto", lm=None, embedder=None,
@@ -222,10 +228,13 @@ def kb_synth(kb_dir: str | Path, out: str | Path, teacher: str | None = None, n:
         state = {"done": 0, "records": [], "rejected": {}, "teacher_tokens": 0, "teacher_seconds": 0.0}
         if progress_path.exists():
             saved = json.loads(progress_path.read_text())
-            if saved["settings"] != settings:
+            if _without_n(saved["settings"]) != _without_n(settings):
                 raise ValueError(f"{progress_path} holds an unfinished run with other settings; delete it or use "
                                  "another -o")
             state = saved["state"]
+            if state["done"] > n:  # item i is the same whatever n is: keep the first n items' records
+                state["records"] = [r for r in state["records"] if r["item"] < n]
+                state["done"] = n
             log(f"resuming at chunk {state['done']:,} of {n:,} ({len(state['records']):,} records kept)")
         if lm is None:
             from slmkit.lm.resolve import generation_backend, load_lm
@@ -250,7 +259,7 @@ def kb_synth(kb_dir: str | Path, out: str | Path, teacher: str | None = None, n:
                     state["rejected"][reason] = state["rejected"].get(reason, 0) + 1
                 else:
                     seen.add(record["question"].lower())
-                    state["records"].append(record)
+                    state["records"].append({**record, "item": i})
                 state["done"] = i + 1
                 if state["done"] % save_every == 0:
                     atomic_write_json(progress_path, {"settings": settings, "state": state})
