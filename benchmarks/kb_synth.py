@@ -3,7 +3,8 @@
     python benchmarks/kb_synth.py overlap --records /tmp/kbsynth/synth.jsonl \
         --questions ../shared/data/kb-python/questions.dev.jsonl
     python benchmarks/kb_synth.py latency --kb /tmp/kbsynth/kb \
-        --questions ../shared/data/kb-python/questions.dev.jsonl --model smollm2-135m-instruct --limit 10 [-k 2] [--json docs/benchmark-logs/kb-ask-latency.json]
+        --questions ../shared/data/kb-python/questions.dev.jsonl --model smollm2-135m-instruct --limit 10 \
+        [-k 2] [--json docs/benchmark-logs/kb-ask-latency.json]
 
 overlap: the synth questions never read the dev file, this checks it: exact matches (case and spaces folded), word
 8-grams shared by a synth question and a dev question, and the largest content-word Jaccard similarity of any pair

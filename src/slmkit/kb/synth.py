@@ -28,8 +28,8 @@ one (as kb/pairs.py picks its hard negatives).
 Resumable: progress (records so far, counters, settings) is saved atomically every `save_every` chunks in
 FILE.jsonl.progress; run the same command again to continue. Item i (its chunk, its draws) does not depend on
 `n`, so a resumed run may change `--n`: a larger one goes on, one at or below the chunks already done stops
-there and writes what it has (the rejection counts then still cover every chunk tried). The records file itself is written once, at the
-end, atomically, with FILE.report.json (kept, rejected by reason, teacher tokens/s).
+there and writes what it has (the rejection counts then still cover every chunk tried). The records file itself
+is written once, at the end, atomically, with FILE.report.json (kept, rejected by reason, teacher tokens/s).
 """
 
 from __future__ import annotations
