@@ -122,6 +122,7 @@ def test_filters():
     chunk = "The kettle uses 12 watts of power. Clean it weekly."
     assert clean_question("Q1: How many watts does the kettle use? Because.\nmore") == \
         "How many watts does the kettle use?"
+    assert clean_question("1. What does the kettle do?") == "What does the kettle do?"
     assert question_problem("How many watts does the kettle use?", chunk) is None
     assert question_problem("", chunk) == "question_empty"
     assert question_problem("The kettle uses power", chunk) == "question_not_a_question"

@@ -69,9 +69,11 @@ def _overlap(a: str, b: str) -> float:
 
 
 def clean_question(reply: str) -> str:
-    """The teacher's question: the first line with a "?" (cut after it), without a "Question:" label or quotes."""
+    """The teacher's question: the first line with a "?" (cut after it), without a "Question:" label, a list number
+    ("1.") or quotes."""
     for line in reply.strip().splitlines():
-        line = re.sub(r"^\s*(?:\*\*)?(?:question|q)\s*\d*\s*[:.)]\s*(?:\*\*)?\s*", "", line.strip(), flags=re.I)
+        line = re.sub(r"^\s*(?:\*\*)?(?:(?:question|q)\s*\d*|\d+)\s*[:.)]\s*(?:\*\*)?\s*", "", line.strip(),
+                      flags=re.I)
         if "?" in line:
             return line[:line.index("?") + 1].strip(" \"'*`")
     return reply.strip()
