@@ -128,6 +128,7 @@ def test_filters():
     assert question_problem("The kettle uses power", chunk) == "question_not_a_question"
     assert question_problem("Why?", chunk) == "question_too_short"
     assert question_problem("What is the capital of France?", chunk) == "question_not_from_chunk"
+    assert question_problem("What does the passage say about the kettle?", chunk) == "question_about_the_passage"
     assert question_problem("The kettle uses 12 watts of power?", chunk) == "question_copies_chunk"
     q = "How many watts does the kettle use?"
     assert answer_problem("It uses 12 watts [1].", q, chunk) is None

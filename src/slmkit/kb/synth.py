@@ -17,7 +17,7 @@ The answer (`answer=`):
 - `teacher`: the teacher answers from the gold chunk alone; [n] is appended when it cites nothing.
 
 Filters (a rejected candidate is counted by reason in the report): a question that is empty, not a question
-(no "?"), too short or long, sharing no content word with its chunk (it cannot be answered from it), or copying a
+(no "?"), too short or long, about "the passage" rather than its subject, sharing no content word with its chunk (it cannot be answered from it), or copying a
 whole sentence of the chunk; an answer that is empty, repeats the question or the instruction (copies the prompt),
 or shares no content word with the chunk; and repeats (an exact duplicate question).
 
@@ -57,6 +57,8 @@ MIN_CHUNK_WORDS = 20
 MIN_QUESTION_WORDS, MAX_QUESTION_WORDS = 4, 40
 SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
 WORD = re.compile(r"\w+")
+META = re.compile(r"\b(?:the|this|following) (?:passage|text|manual|reference manual|excerpt)\b|\bthe answer to this\b",
+                  re.I)
 
 
 def content_words(text: str) -> set[str]:
@@ -90,6 +92,8 @@ def question_problem(question: str, chunk_text: str) -> str | None:
         return "question_too_short"
     if n > MAX_QUESTION_WORDS:
         return "question_too_long"
+    if META.search(question):
+        return "question_about_the_passage"  # "What does the passage say?": no user asks that of a KB
     if not content_words(question) & content_words(chunk_text):
         return "question_not_from_chunk"  # shares no content word: the chunk cannot be what answers it
     if question.rstrip("?").strip().lower() in " ".join(chunk_text.split()).lower():
