@@ -17,8 +17,8 @@ The answer (`answer=`):
 - `teacher`: the teacher answers from the gold chunk alone; [n] is appended when it cites nothing.
 
 Filters (a rejected candidate is counted by reason in the report): a question that is empty, not a question
-(no "?"), too short or long, about "the passage" rather than its subject, sharing no content word with its chunk (it cannot be answered from it), or copying a
-whole sentence of the chunk; an answer that is empty, repeats the question or the instruction (copies the prompt),
+(no "?"), too short or long, about "the passage" rather than its subject, sharing no content word with its chunk
+(it cannot be answered from it), or copying a whole sentence of the chunk; an answer that is empty, repeats the question or the instruction (copies the prompt),
 or shares no content word with the chunk; and repeats (an exact duplicate question).
 
 A chunk nested inside another document (pydoc-topics: `compound` holds the text of `try`) could answer the
