@@ -19,7 +19,8 @@ The answer (`answer=`):
 Filters (a rejected candidate is counted by reason in the report): a question that is empty, not a question
 (no "?"), too short or long, about "the passage" rather than its subject, sharing no content word with its chunk
 (it cannot be answered from it), or copying a whole sentence of the chunk; an answer that is empty, repeats the
-question or the instruction (copies the prompt), or shares no content word with the chunk; and repeats (an exact duplicate question).
+question or the instruction (copies the prompt), or shares no content word with the chunk; and repeats (an exact
+duplicate question).
 
 A chunk nested inside another document (pydoc-topics: `compound` holds the text of `try`) could answer the
 question too, so a retrieved chunk is not used as a distractor when it shares over half its words with the gold
