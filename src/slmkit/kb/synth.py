@@ -243,7 +243,7 @@ def kb_synth(kb_dir: str | Path, out: str | Path, teacher: str | None = None, n:
                 state["records"] = [r for r in state["records"] if r["item"] < n]
                 state["done"] = n
             log(f"resuming at chunk {state['done']:,} of {n:,} ({len(state['records']):,} records kept)")
-        if lm is None:
+        if lm is None and state["done"] < n:  # a run cut short with a smaller --n needs no teacher
             from slmkit.lm.resolve import generation_backend, load_lm
             backend, spec, options = generation_backend(teacher, backend, "cpu")
             lm = load_lm(spec, backend=backend, **options)
