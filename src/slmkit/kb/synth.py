@@ -46,6 +46,7 @@ from tqdm import tqdm
 from slmkit.files import atomic_write_json, atomic_write_text
 from slmkit.kb.ask import ABSTAIN, SYSTEM, build_messages
 from slmkit.kb.index import KnowledgeBase, open_kb
+from slmkit.kb.pairs import _overlap  # the share of words two chunks have in common, as pairs' hard negatives use
 from slmkit.kb.retrieve import Hit, search
 from slmkit.kb.store import STOPWORDS
 
@@ -64,11 +65,6 @@ META = re.compile(r"\b(?:the|this|following) (?:passage|text|manual|reference ma
 
 def content_words(text: str) -> set[str]:
     return {w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
-
-
-def _overlap(a: str, b: str) -> float:
-    wa, wb = set(WORD.findall(a.lower())), set(WORD.findall(b.lower()))
-    return len(wa & wb) / max(1, min(len(wa), len(wb)))
 
 
 def clean_question(reply: str) -> str:
