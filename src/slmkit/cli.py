@@ -755,6 +755,16 @@ def serve(
     llama_server_bin: Annotated[Path | None, typer.Option(help="with --backend llama-server: the binary "
                                                                "(default: $SLM_LLAMA_SERVER, PATH, or "
                                                                "`slm build-llama-server`'s)")] = None,
+    kb: Annotated[Path | None, typer.Option(help="ground chat completions in this knowledge base (`slm kb index`): "
+                                                 "numbered sources, [n] citations and the sources in the response, "
+                                                 "an abstention when nothing relevant is found")] = None,
+    kb_k: Annotated[int, typer.Option(help="with --kb: sources shown to the model")] = 3,
+    kb_min_similarity: Annotated[float, typer.Option(help="with --kb: abstain when no source is this similar to "
+                                                          "the question (cosine)")] = 0.45,
+    support: Annotated[Path | None, typer.Option(help="serve the agent page (/agent) over this ticket store "
+                                                      "(.sqlite, as `slm support` and --escalate-to "
+                                                      "queue:FILE.sqlite write): people answer and close hand-offs")]
+    = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /. An encoder as MODEL serves /v1/embeddings only."""
@@ -764,7 +774,8 @@ def serve(
                max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
                escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder,
-               llama_server_bin=llama_server_bin)
+               llama_server_bin=llama_server_bin, kb=kb, kb_k=kb_k, kb_min_similarity=kb_min_similarity,
+               support_tickets=support)
 
 
 @command(name="build-llama-server")
