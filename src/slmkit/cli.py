@@ -763,8 +763,15 @@ def serve(
                                                           "the question (cosine)")] = 0.45,
     support: Annotated[Path | None, typer.Option(help="serve the agent page (/agent) over this ticket store "
                                                       "(.sqlite, as `slm support` and --escalate-to "
-                                                      "queue:FILE.sqlite write): people answer and close hand-offs")]
+                                                      "queue:FILE.sqlite write): people answer and close hand-offs; "
+                                                      "with --kb (the help center) and --intents, chat completions "
+                                                      "are the customer-service assistant's turns")]
     = None,
+    intents: Annotated[Path | None, typer.Option(help="with --support and --kb: the intents (a classifier directory "
+                                                      "or a JSON file of descriptions, e.g. "
+                                                      "examples/support-intents.json)")] = None,
+    catalogue: Annotated[Path | None, typer.Option(help="with --support and --kb: the product catalogue (CSV), "
+                                                        "for product facts in replies")] = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /. An encoder as MODEL serves /v1/embeddings only."""
@@ -775,7 +782,7 @@ def serve(
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
                escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder,
                llama_server_bin=llama_server_bin, kb=kb, kb_k=kb_k, kb_min_similarity=kb_min_similarity,
-               support_tickets=support)
+               support_tickets=support, intents=intents, catalogue=catalogue)
 
 
 @command(name="build-llama-server")

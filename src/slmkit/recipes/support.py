@@ -14,6 +14,7 @@ from pathlib import Path
 from slmkit.lm.handoff import HandoffQueue
 from slmkit.recipes.kb import _open_lm
 from slmkit.support.assistant import MIN_SIMILARITY, SupportAssistant
+from slmkit.support.intents import load_intents
 
 
 def _open_kb(kb_dir: str | Path, index_into: str | Path | None = None, embedder: str | None = None):
@@ -27,18 +28,6 @@ def _open_kb(kb_dir: str | Path, index_into: str | Path | None = None, embedder:
     return open_kb(kb_dir)  # the knowledge base's own error: what is missing and how to make one
 
 
-def _intents(intents: str | Path | None, embedder):
-    from slmkit.support.intents import DescribedIntents, read_descriptions
-    if not intents:
-        raise ValueError("give the intents: a classifier directory (`slm classify train`) or a JSON file of intent "
-                         "descriptions (e.g. examples/support-intents.json)")
-    path = Path(intents)
-    if path.is_dir():
-        from slmkit.classify.head import Classifier
-        return Classifier.load(path)
-    return DescribedIntents(embedder, read_descriptions(path))
-
-
 def open_assistant(kb_dir: str | Path, model: str | None = None, intents: str | Path | None = None,
                    queue: str | Path | None = "tickets.sqlite", catalogue: str | Path | None = None,
                    backend: str = "auto", min_similarity: float = MIN_SIMILARITY, min_confidence: float = 0.0,
@@ -49,7 +38,7 @@ def open_assistant(kb_dir: str | Path, model: str | None = None, intents: str | 
     from slmkit.kb.catalogue import load_catalogue
     kb = _open_kb(kb_dir, index_into)
     lm = _open_lm(model, backend) if model else None
-    return SupportAssistant(kb, _intents(intents, kb.embedder), queue=HandoffQueue(queue) if queue else None, lm=lm,
+    return SupportAssistant(kb, load_intents(intents, kb.embedder), queue=HandoffQueue(queue) if queue else None, lm=lm,
                             catalogue=load_catalogue(catalogue) if catalogue else None, min_similarity=min_similarity,
                             min_confidence=min_confidence)
 
