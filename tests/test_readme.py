@@ -28,7 +28,7 @@ REPO = README.parent
 NOT_RUN = {
     ("make", "demo"): "creates a virtualenv and trains for 10 minutes; `slm quickstart` is tests/test_quickstart.py",
     ("make", "test"): "the whole test suite, this test included",
-    ("torchrun",): "launches DDP worker processes; tests/test_train.py runs DDP training",
+    ("torchrun",): "launches DDP / FSDP worker processes; tests/test_train.py runs both",
     ("slm", "train", "--objective", "mlm"): "TINY's decoder shape (--set n_kv_heads=...) is no encoder's; "
                                             "tests/test_mlm.py runs `slm train --objective mlm` on a tiny encoder",
     ("slm", "serve"): "a server that runs until stopped; tests/test_serve.py serves the same app",

@@ -212,9 +212,12 @@ def train(
     loss_chunk: Annotated[int, typer.Option(help="chunked cross-entropy: positions per chunk (0 = off)")] = 0,
     seed: Seed = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | ...")] = "auto",
+    parallel: Annotated[str, typer.Option(help="under torchrun: ddp (every rank holds the whole model) | fsdp "
+                                               "(FSDP2: weights, gradients and AdamW state sharded across ranks, "
+                                               "for models that do not fit one device)")] = "ddp",
     resume: Resume = False,
 ):
-    """Pretrain (or continue training) a model on a token dataset. Works under torchrun for DDP."""
+    """Pretrain (or continue training) a model on a token dataset. Works under torchrun for DDP or FSDP."""
     from slmkit.model.config import ModelConfig, parse_overrides
     from slmkit.model.encoder import EncoderConfig
     from slmkit.recipes.pretrain import pretrain
@@ -226,7 +229,7 @@ def train(
              weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
              max_tokens=max_tokens, max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
              save_every=save_every, log_every=log_every, precision=precision, compile=compile,
-             loss_chunk=loss_chunk, seed=seed, device=device)
+             loss_chunk=loss_chunk, seed=seed, device=device, parallel=parallel)
 
 
 @command()
