@@ -1349,6 +1349,41 @@ def recommend(
 
 
 @command()
+def plan(
+    task: Annotated[str, typer.Argument(help="generation (a domain's text or code) | classification | qa (questions "
+                                             "over documents) | chat")],
+    data: Annotated[Path | None, typer.Option(help="the data: a token dataset (slm data prepare) or a folder of "
+                                                   "files (its size)")] = None,
+    hours: Annotated[float, typer.Option(help="training budget, hours")] = 1.0,
+    memory_gb: Annotated[float | None, typer.Option(help="memory budget (default: 80% of this machine's RAM)")] = None,
+    clients: Annotated[int, typer.Option(help="concurrent users to serve")] = 16,
+    latency_ms: Annotated[float | None, typer.Option(help="the most a generated token may take, batch 1")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="a typical prompt's length, for the time to first token")] = 128,
+    labelled: Annotated[int | None, typer.Option(help="classification: labelled examples you have")] = None,
+    teacher: Annotated[str | None, typer.Option(help="generation: a teacher to distil from (preset or model "
+                                                     "directory)")] = None,
+    preset: Annotated[str | None, typer.Option(help="estimate this shape instead of choosing one (see `slm "
+                                                    "presets`)")] = None,
+    set_: ModelSet = None,
+    batch_size: BatchSize = 16,
+    seq_len: SeqLen = 256,
+    calibrate: Annotated[bool, typer.Option(help="measure this machine again (else the cached calibration; the first "
+                                                 "run measures)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+):
+    """Plan a small model for a task on this machine: approach, model, training time and tokens, peak memory,
+    disk, decode speed, time to first token and serving throughput, and the commands to run."""
+    from slmkit.model.config import ModelConfig, parse_overrides
+    from slmkit.plan.advise import plan as make_plan
+    from slmkit.plan.advise import render
+    result = make_plan(task, data=data, hours=hours, memory_gb=memory_gb, clients=clients,
+                       prompt_tokens=prompt_tokens, latency_ms=latency_ms, labelled=labelled, teacher=teacher,
+                       preset=preset, overrides=parse_overrides(set_, ModelConfig) if set_ else None,
+                       batch=batch_size, seq=seq_len, recalibrate=calibrate, log=_log)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
+
+
+@command()
 def presets():
     """List the named model shapes with their size and training cost."""
     import torch
