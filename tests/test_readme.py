@@ -32,6 +32,8 @@ NOT_RUN = {
     ("slm", "train", "--objective", "mlm"): "TINY's decoder shape (--set n_kv_heads=...) is no encoder's; "
                                             "tests/test_mlm.py runs `slm train --objective mlm` on a tiny encoder",
     ("slm", "serve"): "a server that runs until stopped; tests/test_serve.py serves the same app",
+    ("slm", "plan"): "measures the machine first (a minute of micro-benchmarks); tests/test_plan.py runs the "
+                     "command on a given calibration and the calibration itself on quick shapes",
     ("slm", "quickstart", "vision"): "trains for 8 minutes; tests/test_vision.py runs run_vision_quickstart on tiny "
                                      "shapes and a few steps",
     ("slm", "generate", "runs/quickstart-vision/model"): "asks the model `slm quickstart vision` trains; "
