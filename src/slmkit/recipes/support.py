@@ -13,7 +13,7 @@ from pathlib import Path
 
 from slmkit.lm.handoff import HandoffQueue
 from slmkit.recipes.kb import _open_lm
-from slmkit.support.assistant import MIN_SIMILARITY, SupportAssistant
+from slmkit.support.assistant import MIN_CONFIDENCE, MIN_SIMILARITY, SupportAssistant
 
 
 def _open_kb(kb_dir: str | Path, index_into: str | Path | None = None, embedder: str | None = None):
@@ -41,8 +41,8 @@ def _intents(intents: str | Path | None, embedder):
 
 def open_assistant(kb_dir: str | Path, model: str | None = None, intents: str | Path | None = None,
                    queue: str | Path | None = "tickets.sqlite", catalogue: str | Path | None = None,
-                   backend: str = "auto", min_similarity: float = MIN_SIMILARITY, min_confidence: float = 0.0,
-                   index_into: str | Path | None = None) -> SupportAssistant:
+                   backend: str = "auto", min_similarity: float = MIN_SIMILARITY, min_confidence: float = MIN_CONFIDENCE,
+                   index_into: str | Path | None = None, quote_articles: int = 2) -> SupportAssistant:
     """A SupportAssistant over the help-center KB, with `model` writing the replies (none: quoted articles only),
     `intents` (a classifier directory or a descriptions JSON, e.g. examples/support-intents.json), hand-offs to
     the `queue` (.sqlite ticket store or .jsonl log) and the `catalogue` CSV for product facts."""
@@ -51,7 +51,7 @@ def open_assistant(kb_dir: str | Path, model: str | None = None, intents: str | 
     lm = _open_lm(model, backend) if model else None
     return SupportAssistant(kb, _intents(intents, kb.embedder), queue=HandoffQueue(queue) if queue else None, lm=lm,
                             catalogue=load_catalogue(catalogue) if catalogue else None, min_similarity=min_similarity,
-                            min_confidence=min_confidence)
+                            min_confidence=min_confidence, quote_articles=quote_articles)
 
 
 def close_assistant(assistant: SupportAssistant) -> None:
@@ -62,8 +62,8 @@ def close_assistant(assistant: SupportAssistant) -> None:
 
 def support_eval(kb_dir: str | Path, messages: str | Path, out: str | Path, model: str | None = None,
                  intents: str | Path | None = None, catalogue: str | Path | None = None, backend: str = "auto",
-                 min_similarity: float = MIN_SIMILARITY, min_confidence: float = 0.0, limit: int | None = None,
-                 log=None) -> dict:
+                 min_similarity: float = MIN_SIMILARITY, min_confidence: float = MIN_CONFIDENCE, limit: int | None = None,
+                 quote_articles: int = 2, log=None) -> dict:
     """`evaluate_support` on a messages file: OUT/results.json, OUT/replies.jsonl, the hand-offs in
     OUT/tickets.sqlite."""
     from slmkit.support.evaluate import evaluate_support, read_messages
@@ -71,7 +71,7 @@ def support_eval(kb_dir: str | Path, messages: str | Path, out: str | Path, mode
     out = Path(out)
     assistant = open_assistant(kb_dir, model, intents, queue=out / "tickets.sqlite", catalogue=catalogue,
                                backend=backend, min_similarity=min_similarity, min_confidence=min_confidence,
-                               index_into=out / "kb")
+                               index_into=out / "kb", quote_articles=quote_articles)
     try:
         return evaluate_support(assistant, items, out=out, log=log)
     finally:
