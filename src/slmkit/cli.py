@@ -800,6 +800,7 @@ def eval_(
 ):
     """Evaluate models side by side: results.json, report.md and report.html (quality with 95% intervals,
     efficiency, plots)."""
+    import slmkit.support.task  # noqa: F401  (registers the `support` task kind: support sits above eval)
     from slmkit.eval.report import report_card
     report_card(models, _globs(tasks), out, backend=backend, limit=limit, seed=seed, num_fewshot=num_fewshot,
                 chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,
@@ -1188,13 +1189,14 @@ def support_reply(
     min_similarity: SupportMinSimilarity = 0.35,
     min_confidence: SupportMinConfidence = 0.26,
     quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole turn as JSON")] = False,
 ):
     """Answer one customer message from the help center, or hand it to a person (a ticket in --queue)."""
     from slmkit.recipes.support import close_assistant, open_assistant
     assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
                                min_similarity=min_similarity, min_confidence=min_confidence,
-                               quote_articles=quote_articles)
+                               quote_articles=quote_articles, reranker=reranker)
     try:
         _print_turn(assistant.handle([{"role": "user", "content": message}]), as_json)
     finally:
@@ -1212,13 +1214,14 @@ def support_chat(
     min_similarity: SupportMinSimilarity = 0.35,
     min_confidence: SupportMinConfidence = 0.26,
     quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
 ):
     """A conversation with the assistant on stdin, one customer message per line; context is kept over turns, and
     after a hand-off the person has the whole conversation in the ticket."""
     from slmkit.recipes.support import close_assistant, open_assistant
     assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
                                min_similarity=min_similarity, min_confidence=min_confidence,
-                               quote_articles=quote_articles)
+                               quote_articles=quote_articles, reranker=reranker)
     messages = []
     try:
         for line in sys.stdin:
@@ -1265,6 +1268,7 @@ def support_eval(
     min_similarity: SupportMinSimilarity = 0.35,
     min_confidence: SupportMinConfidence = 0.26,
     quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
     limit: Annotated[int | None, typer.Option(help="only the first N messages")] = None,
 ):
     """Score the assistant on a messages file: intent_accuracy, handoff_precision, handoff_recall, auto_resolved,
@@ -1272,7 +1276,7 @@ def support_eval(
     from slmkit.recipes.support import support_eval as run
     results = run(kb, messages, out, model=model, intents=intents, catalogue=catalogue, backend=backend,
                   min_similarity=min_similarity, min_confidence=min_confidence, quote_articles=quote_articles,
-                  limit=limit, log=_log)
+                  reranker=reranker, limit=limit, log=_log)
     typer.echo(json.dumps(results, indent=2))
 
 

@@ -78,10 +78,9 @@ class SupportAssistant:
                  quote_articles: int = 2, quote_sentences: int | None = None, max_new_tokens: int = 160,
                  rerank=None):
         """`k` chunks are retrieved: their articles, best first, are what is quoted (and where the retrievers' best
-        chunks are looked for: 20 holds both almost always); the model is shown the first `sources` of them. `rerank`: a cross-encoder (`slmkit.lm.reranker.load_reranker`) reordering the fused
-        chunks before anything is quoted."""
-        if quote_articles < 1:
-            raise ValueError(f"quote_articles must be >= 1, not {quote_articles}")
+        chunks are looked for: 20 holds both almost always); the model is shown the first `sources` of them.
+        `rerank`: a cross-encoder (`slmkit.lm.reranker.load_reranker`) reordering the fused chunks first."""
+        check_quote_articles(quote_articles)
         self.kb, self.intents, self.queue, self.lm, self.catalogue = kb, intents, queue, lm, catalogue
         self.k, self.mode, self.min_similarity, self.min_confidence = k, mode, min_similarity, min_confidence
         self.sources, self.quote_sentences, self.max_new_tokens = sources, quote_sentences, max_new_tokens
@@ -150,6 +149,11 @@ class SupportAssistant:
                 for c in self.kb.store.get_chunks(ids[start:start + 500]):
                     self._articles.setdefault(c.path, []).append(c.id)
         return [c.chunk.text for c in self.kb.store.get_chunks(self._articles.get(path, []))]
+
+
+def check_quote_articles(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"quote_articles (--quote-articles) is {n}; it must be at least 1 (the best article)")
 
 
 def retrievers_agree(hits: list[Hit], quoted: list[str]) -> bool:
