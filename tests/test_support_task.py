@@ -18,7 +18,7 @@ from slmkit.kb.index import index_kb, open_kb
 from slmkit.kb.retrieve import Hit
 from slmkit.lm.resolve import load_lm
 from slmkit.support.assistant import MIN_SIMILARITY, SupportAssistant, article_text, retrievers_agree
-from slmkit.support.evaluate import auto_share_at_error, evaluate_support, wrong_reply
+from slmkit.support.evaluate import auto_share_at_error, evaluate_support, leave_half_out, wrong_reply
 from slmkit.support.task import _Tickets
 
 MESSAGES = [
@@ -143,3 +143,19 @@ def test_the_sweep_on_wrong_replies():
     assert auto_share_at_error(records, 0.05)["auto_resolved"] == 0.0
     assert auto_share_at_error(records, 0.05, wrong_reply) == {"auto_resolved": round(2 / 3, 4), "threshold": 0.8,
                                                                "error_rate": 0.0}
+
+
+def test_leave_half_out():
+    def rec(conf, kw, esc=False, handoff=False, reason=""):
+        return {"confidence": conf, "keywords": 1, "all_keywords": kw, "gold_escalate": esc, "handoff": handoff,
+                "reason": reason}
+    # right replies are the confident ones: any threshold chosen on one half keeps the other half right
+    clean = [rec(0.9 - i / 100, True) for i in range(10)] + [rec(0.1 + i / 100, False) for i in range(10)]
+    clean += [rec(0.0, True, esc=True, handoff=True, reason="safety")] * 2  # the rules' hand-offs stay
+    out = leave_half_out(clean, 0.05, rounds=20)
+    assert out["wrong_reply_rate"] == 0.0 and out["halves_within"] == 1.0 and out["handoff_recall"] == 1.0
+    assert 0.2 < out["auto_resolved"] <= 10 / 22
+    # confidence says nothing: a threshold tuned on one half is no promise for the other
+    noisy = [rec(i / 20, i % 3 != 0) for i in range(20)]
+    assert leave_half_out(noisy, 0.05, rounds=20)["halves_within"] < 1.0
+    assert leave_half_out(noisy[:3], 0.05) is None
