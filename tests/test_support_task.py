@@ -123,6 +123,15 @@ def test_quote_and_confidence(tmp_path):
     assert turn.agreement is True and turn.confidence == pytest.approx((turn.similarity + 1) / 2, abs=1e-3)
     two = SupportAssistant(kb, Intents(), min_similarity=0.0).handle([{"role": "user", "content": "refund"}])
     assert two.reply.count("From our help center") == 2
+    short = SupportAssistant(kb, Intents(), min_similarity=0.0, min_confidence=0.0, quote_articles=1,
+                             quote_sentences=1).handle([{"role": "user", "content": "What does a used refund?"}])
+    assert short.reply == "From our help center (Returns): Case Used, Refund 80%."  # the nearest sentence only
+    # re-indexed under the assistant (new chunk ids): the article is read again, not quoted empty
+    index_kb([write_docs(tmp_path / "help", {**HELP, "returns.md": HELP["returns.md"] + "\nNew: 14 days.\n"})],
+             tmp_path / "kb", embedder_model=WordEmbedder(), embedder="words")
+    again = SupportAssistant(kb, Intents(), min_similarity=0.0, min_confidence=0.0, quote_articles=1)
+    again._articles = {str(tmp_path / "help" / "returns.md"): [10_000]}  # what an old index said
+    assert "14 days" in again.handle([{"role": "user", "content": "What does a used product refund?"}]).reply
     # a reranker reorders what is quoted; one retriever only: the confidence is the similarity
     message = [{"role": "user", "content": "What does a used product refund?"}]
     last_first = SupportAssistant(kb, Intents(), min_similarity=0.0, min_confidence=0.0, quote_articles=1,

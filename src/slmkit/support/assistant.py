@@ -142,13 +142,19 @@ class SupportAssistant:
         return "\n\n".join(parts), citations
 
     def _article_chunks(self, path: str) -> list[str]:
-        """The chunks of the article at `path`, in order (which chunks make which article is read once)."""
-        if self._articles is None:
-            ids, self._articles = self.kb.store.chunk_ids(), {}
-            for start in range(0, len(ids), 500):
-                for c in self.kb.store.get_chunks(ids[start:start + 500]):
-                    self._articles.setdefault(c.path, []).append(c.id)
-        return [c.chunk.text for c in self.kb.store.get_chunks(self._articles.get(path, []))]
+        """The chunks of the article at `path`, in order. Which chunks make which article is read once, and again
+        when the knowledge base was re-indexed since (the article unknown, or a chunk id no longer there)."""
+        for fresh in (self._articles is None, True):
+            if fresh:
+                ids, self._articles = self.kb.store.chunk_ids(), {}
+                for start in range(0, len(ids), 500):
+                    for c in self.kb.store.get_chunks(ids[start:start + 500]):
+                        self._articles.setdefault(c.path, []).append(c.id)
+            ids = self._articles.get(path, [])
+            chunks = self.kb.store.get_chunks(ids)
+            if ids and len(chunks) == len(ids):
+                break
+        return [c.chunk.text for c in chunks]
 
 
 def check_quote_articles(n: int) -> None:
