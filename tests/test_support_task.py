@@ -17,7 +17,7 @@ from slmkit.eval.tasks import load_task
 from slmkit.kb.index import index_kb, open_kb
 from slmkit.kb.retrieve import Hit
 from slmkit.lm.resolve import load_lm
-from slmkit.support.assistant import MIN_SIMILARITY, SupportAssistant, article_text, retrievers_agree
+from slmkit.support.assistant import MIN_CONFIDENCE, MIN_SIMILARITY, SupportAssistant, article_text, retrievers_agree
 from slmkit.support.evaluate import auto_share_at_error, evaluate_support, leave_half_out, wrong_reply
 from slmkit.support.task import _Tickets
 
@@ -168,3 +168,13 @@ def test_leave_half_out():
     noisy = [rec(i / 20, i % 3 != 0) for i in range(20)]
     assert leave_half_out(noisy, 0.05, rounds=20)["halves_within"] < 1.0
     assert leave_half_out(noisy[:3], 0.05) is None
+
+
+def test_cli_defaults_are_the_assistants():
+    import typer.main
+
+    from slmkit.cli import app
+    for name in ("reply", "chat", "eval"):
+        params = {p.name: p.default for p in typer.main.get_command(app).commands["support"].commands[name].params}
+        assert (params["min_confidence"], params["min_similarity"], params["quote_articles"]) == \
+            (MIN_CONFIDENCE, MIN_SIMILARITY, 2), name
