@@ -230,6 +230,7 @@ def _bad_inputs(tmp):
         (["recommend", missing, "--history", "KB-1"], "no such catalogue file"),
         (["support", "reply", missing, "hi", "--intents", missing], "no knowledge base here"),
         (["support", "chat", missing, "--intents", missing], "no knowledge base here"),
+        (["support", "chat", missing, "--quote-articles", "0"], "--quote-articles) is 0; it must be at least 1"),
         (["support", "tickets", missing], "no ticket store here"),
         (["support", "eval", missing, "--messages", str(huge), *out], "huge.jsonl:1: missing field"),
     ]

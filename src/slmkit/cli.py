@@ -821,6 +821,7 @@ def eval_(
 ):
     """Evaluate models side by side: results.json, report.md and report.html (quality with 95% intervals,
     efficiency, plots)."""
+    import slmkit.support.task  # noqa: F401  (registers the `support` task kind: support sits above eval)
     from slmkit.eval.report import report_card
     report_card(models, _globs(tasks), out, backend=backend, limit=limit, seed=seed, num_fewshot=num_fewshot,
                 chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,
@@ -1179,6 +1180,10 @@ SupportModel = Annotated[str | None, typer.Option("--model", help="model writing
                                                                   "articles only)")]
 SupportMinSimilarity = Annotated[float, typer.Option(help="hand off as not_in_kb below this best-chunk "
                                                           "similarity")]
+SupportMinConfidence = Annotated[float, typer.Option(help="hand off as low_confidence below this confidence (the "
+                                                          "mean of the best similarity and whether BM25 and the "
+                                                          "embedder agree on the article)")]
+QuoteArticles = Annotated[int, typer.Option(help="the best N articles are quoted whole in the reply")]
 CatalogueOpt = Annotated[Path | None, typer.Option("--catalogue", help="product catalogue CSV: product facts in "
                                                                        "replies")]
 
@@ -1203,12 +1208,16 @@ def support_reply(
     catalogue: CatalogueOpt = None,
     backend: AppBackend = "auto",
     min_similarity: SupportMinSimilarity = 0.35,
+    min_confidence: SupportMinConfidence = 0.26,
+    quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole turn as JSON")] = False,
 ):
     """Answer one customer message from the help center, or hand it to a person (a ticket in --queue)."""
     from slmkit.recipes.support import close_assistant, open_assistant
     assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
-                               min_similarity=min_similarity)
+                               min_similarity=min_similarity, min_confidence=min_confidence,
+                               quote_articles=quote_articles, reranker=reranker)
     try:
         _print_turn(assistant.handle([{"role": "user", "content": message}]), as_json)
     finally:
@@ -1224,12 +1233,16 @@ def support_chat(
     catalogue: CatalogueOpt = None,
     backend: AppBackend = "auto",
     min_similarity: SupportMinSimilarity = 0.35,
+    min_confidence: SupportMinConfidence = 0.26,
+    quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
 ):
     """A conversation with the assistant on stdin, one customer message per line; context is kept over turns, and
     after a hand-off the person has the whole conversation in the ticket."""
     from slmkit.recipes.support import close_assistant, open_assistant
     assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
-                               min_similarity=min_similarity)
+                               min_similarity=min_similarity, min_confidence=min_confidence,
+                               quote_articles=quote_articles, reranker=reranker)
     messages = []
     try:
         for line in sys.stdin:
@@ -1274,13 +1287,17 @@ def support_eval(
     catalogue: CatalogueOpt = None,
     backend: AppBackend = "auto",
     min_similarity: SupportMinSimilarity = 0.35,
+    min_confidence: SupportMinConfidence = 0.26,
+    quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
     limit: Annotated[int | None, typer.Option(help="only the first N messages")] = None,
 ):
     """Score the assistant on a messages file: intent_accuracy, handoff_precision, handoff_recall, auto_resolved,
     wrong_reply_rate (OUT/results.json)."""
     from slmkit.recipes.support import support_eval as run
     results = run(kb, messages, out, model=model, intents=intents, catalogue=catalogue, backend=backend,
-                  min_similarity=min_similarity, limit=limit, log=_log)
+                  min_similarity=min_similarity, min_confidence=min_confidence, quote_articles=quote_articles,
+                  reranker=reranker, limit=limit, log=_log)
     typer.echo(json.dumps(results, indent=2))
 
 

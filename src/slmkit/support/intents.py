@@ -47,13 +47,13 @@ def read_descriptions(path: str | Path) -> dict[str, str]:
     return data
 
 
-def load_intents(intents: str | Path | None, embedder):
-    """The intent model `intents` names: a classifier directory (`slm classify train`), or a JSON file of intent
-    descriptions (e.g. examples/support-intents.json) matched zero-shot with `embedder`."""
-    if not intents:
+def load_intents(spec: str | Path | None, embedder):
+    """The intent model `spec` names: a classifier directory (`slm classify train`), or a JSON file of intent
+    descriptions read zero-shot with `embedder`."""
+    if not spec:
         raise ValueError("give the intents: a classifier directory (`slm classify train`) or a JSON file of intent "
                          "descriptions (e.g. examples/support-intents.json)")
-    path = Path(intents)
+    path = Path(spec)
     if path.is_dir():
         from slmkit.classify.head import Classifier
         return Classifier.load(path)
