@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from browser import browser, chromium_binary  # noqa: F401 (the page tests' fixtures: headless Chromium)
 
 from slmkit.model.config import model_config
 

@@ -250,6 +250,16 @@ def test_label_word_labeler_agrees_with_scores(small):
 
 # --- serving ---
 
+def post_chat(url: str, body: dict) -> tuple[int, dict, str]:
+    """POST a chat completion to a live server: (status, headers, body text)."""
+    import http.client
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r.status, dict(r.getheaders()), r.read().decode()
+
+
 def test_serve_escalation_field_header_and_metrics(small, tmp_path):
     pytest.importorskip("fastapi")
     import http.client
@@ -262,19 +272,10 @@ def test_serve_escalation_field_header_and_metrics(small, tmp_path):
     escalation = Escalation(large, cal, threshold=0.0)  # every p > 0: the small model answers
     engine = Engine(small, max_batch=4, max_queue=8)
 
-    def post(url, body):
-        host, port = url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        data = r.read().decode()
-        return r.status, dict(r.getheaders()), data
-
     chat = {"messages": [{"role": "user", "content": "the cat"}], "max_tokens": 6, "temperature": 0}
     try:
         with live_server(create_app(engine, "tiny", escalation=escalation)) as url:
-            status, headers, data = post(url, chat)
+            status, headers, data = post_chat(url, chat)
             body = json.loads(data)
             assert status == 200 and headers["x-slmkit-answered-by"] == "small"
             assert body["slmkit"]["answered_by"] == "small" and 0 < body["slmkit"]["confidence"] < 1
@@ -285,15 +286,15 @@ def test_serve_escalation_field_header_and_metrics(small, tmp_path):
             expected = cal(Cascade(small, large, cal, threshold=0.0).score_answer(prompt, small_text))
             assert body["slmkit"]["confidence"] == pytest.approx(expected, abs=1e-4)
             escalation.threshold = math.inf
-            status, headers, data = post(url, chat)
+            status, headers, data = post_chat(url, chat)
             body = json.loads(data)
             assert headers["x-slmkit-answered-by"] == "large" and body["slmkit"]["answered_by"] == "large"
             assert body["choices"][0]["message"]["content"] == "from the large model" and large.calls == 1
-            status, headers, data = post(url, {**chat, "stream": True})
+            status, headers, data = post_chat(url, {**chat, "stream": True})
             chunks = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
             assert headers["x-slmkit-answered-by"] == "large" and chunks[0]["slmkit"]["answered_by"] == "large"
             assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "from the large model"
-            status, _, data = post(url, {**chat, "n": 2})
+            status, _, data = post_chat(url, {**chat, "n": 2})
             assert status == 400 and "one choice" in json.loads(data)["error"]["message"]
             host, port = url.removeprefix("http://").split(":")
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -326,18 +327,9 @@ def test_serve_escalation_with_tools(tmp_path):
     ask = {"messages": [{"role": "user", "content": "where is KB-204?"}], "tools": [tool], "tool_choice": "required",
            "max_tokens": 400, "temperature": 1.0, "seed": 0}
 
-    def post(url, body):
-        import http.client
-        host, port = url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read().decode()
-
     try:
         with live_server(create_app(engine, "tiny", escalation=escalation)) as url:
-            status, headers, data = post(url, ask)  # a random model: only the grammar makes its call parse
+            status, headers, data = post_chat(url, ask)  # a random model: only the grammar makes its call parse
             assert status == 200 and headers["x-slmkit-answered-by"] == "small", data
             choice = json.loads(data)["choices"][0]
             assert "tool_calls" in choice["message"], choice
@@ -348,7 +340,7 @@ def test_serve_escalation_with_tools(tmp_path):
             escalation.large = Fixed('<tool_call>{"name": "get_order", "arguments": {"order_id": "KB-204"}}'
                                      '</tool_call>')
             for streamed in (False, True):
-                status, headers, data = post(url, {**ask, "stream": streamed})
+                status, headers, data = post_chat(url, {**ask, "stream": streamed})
                 assert status == 200 and headers["x-slmkit-answered-by"] == "large", data
                 if streamed:
                     chunks = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]

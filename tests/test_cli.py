@@ -172,6 +172,8 @@ def _bad_inputs(tmp):
         (["mixture", str(bad_yaml), *out], "mix.yaml"),
         (["build-llama-server", "--jobs", "0"], "--jobs is 0; it must be at least 1"),
         (["eval-fim", missing], "missing: not a model directory"),
+        (["plan", "poetry"], "unknown task 'poetry'"),
+        (["plan", "generation", "--data", missing], "missing: no such file or folder"),
         (train("--grad-accum", "0"), "grad_accum=0: must be a positive integer"),
         (train("--log-every", "0"), "log_every=0: must be a positive integer"),
         (train("--batch-size", "0"), "batch_size=0: must be a positive integer"),
@@ -231,6 +233,7 @@ def _bad_inputs(tmp):
         (["recommend", missing, "--history", "KB-1"], "no such catalogue file"),
         (["support", "reply", missing, "hi", "--intents", missing], "no knowledge base here"),
         (["support", "chat", missing, "--intents", missing], "no knowledge base here"),
+        (["support", "chat", missing, "--quote-articles", "0"], "--quote-articles) is 0; it must be at least 1"),
         (["support", "tickets", missing], "no ticket store here"),
         (["support", "eval", missing, "--messages", str(huge), *out], "huge.jsonl:1: missing field"),
     ]

@@ -86,3 +86,17 @@ def test_bad_backend_and_bos_handling(model_dir):
     bos = lm.tokenizer.bos_token
     assert lm.encode_prompt(bos + "x") == lm.encode_prompt("x")  # a template's own bos is not doubled
     assert lm.encode_prompt("x")[0] == lm.tokenizer.bos_id
+
+
+def test_torch_embeddings_batched_equal_one_at_a_time(tmp_path):
+    """TorchLM.embed pads a batch on the right; causal attention and the masked mean make each vector the one the
+    text gets alone."""
+    import torch
+    tok = train_tokenizer(["the cat sat on the mat and the dog ran far away"] * 20, vocab_size=280)
+    lm = load_lm(str(tiny_model_dir(tmp_path / "m", tok)))
+    texts = ["the cat", "the dog ran far away on the mat", "sat", "the mat and the dog", "cat sat on the mat"]
+    batched = lm.embed(texts, batch_size=3)
+    alone = torch.cat([lm.embed([t]) for t in texts])
+    assert batched.shape == (5, lm.model.cfg.dim)
+    assert (batched - alone).abs().max() < 1e-5
+    assert torch.allclose(batched.norm(dim=1), torch.ones(5), atol=1e-5)

@@ -28,10 +28,12 @@ REPO = README.parent
 NOT_RUN = {
     ("make", "demo"): "creates a virtualenv and trains for 10 minutes; `slm quickstart` is tests/test_quickstart.py",
     ("make", "test"): "the whole test suite, this test included",
-    ("torchrun",): "launches DDP worker processes; tests/test_train.py runs DDP training",
+    ("torchrun",): "launches DDP / FSDP worker processes; tests/test_train.py runs both",
     ("slm", "train", "--objective", "mlm"): "TINY's decoder shape (--set n_kv_heads=...) is no encoder's; "
                                             "tests/test_mlm.py runs `slm train --objective mlm` on a tiny encoder",
     ("slm", "serve"): "a server that runs until stopped; tests/test_serve.py serves the same app",
+    ("slm", "plan"): "measures the machine first (a minute of micro-benchmarks); tests/test_plan.py runs the "
+                     "command on a given calibration and the calibration itself on quick shapes",
     ("slm", "quickstart", "vision"): "trains for 8 minutes; tests/test_vision.py runs run_vision_quickstart on tiny "
                                      "shapes and a few steps",
     ("slm", "generate", "runs/quickstart-vision/model"): "asks the model `slm quickstart vision` trains; "

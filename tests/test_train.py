@@ -163,3 +163,62 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(token_data
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
     meta = json.loads((tmp_path / "ddp" / "model" / "slmkit.json").read_text())
     assert meta["world_size"] == 2
+
+
+def _torchrun(args: list[str], what: str) -> None:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *args[1:]], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, f"{what}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_fsdp_two_processes_match_one_process_and_checkpoints_are_interchangeable(token_data, tmp_path):
+    """FSDP2 on 2 CPU processes (gloo): the same losses as one process at the same global batch, a checkpoint in the
+    single-process format (the same weights and AdamW state), and resuming a checkpoint sharded continues as one
+    process does from it."""
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    # fp32: the ranks' gradient sums are then equal to float rounding (bf16 autocast adds its own differences)
+    train(tiny_train_config(token_data, single, max_steps=12, batch_size=4, grad_accum=2, eval_every=6,
+                            precision="fp32"))
+    _torchrun(cli_train_args(token_data, sharded, max_steps=12, batch_size=4, eval_every=6, parallel="fsdp",
+                             precision="fp32"), "fsdp training")
+    a, b = losses(single), losses(sharded)
+    assert a.keys() == b.keys() and len(a) == 12
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    vals = [[r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+            for run in (single, sharded)]
+    assert len(vals[0]) == 2 and vals[1] == pytest.approx(vals[0], rel=1e-4)  # periodic and final, all ranks
+    for name in ("checkpoint/optimizer.safetensors", "checkpoint/model.safetensors", "model/model.safetensors"):
+        want, got = _tensors(single / name), _tensors(sharded / name)
+        assert want.keys() == got.keys(), name
+        for key in want:
+            if key != "rng.torch":
+                scale = float(want[key].float().abs().max()) or 1.0
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5 * scale)
+    assert json.loads((sharded / "model" / "slmkit.json").read_text())["world_size"] == 2
+    load_model_dir(sharded / "model")  # a plain model directory
+
+    # the single run's checkpoint, resumed two more steps: sharded on 2 processes, and on one
+    shutil.copytree(single, tmp_path / "resumed-1")
+    shutil.copytree(single, tmp_path / "resumed-2")
+    train(tiny_train_config(token_data, tmp_path / "resumed-1", max_steps=14, batch_size=4, grad_accum=2,
+                            precision="fp32"), resume=True)
+    _torchrun(cli_train_args(token_data, tmp_path / "resumed-2", max_steps=14, batch_size=4, parallel="fsdp",
+                             precision="fp32") + ["--resume"], "fsdp resume")
+    a, b = losses(tmp_path / "resumed-1"), losses(tmp_path / "resumed-2")
+    assert len(a) == 14 and b[13] == pytest.approx(a[13], rel=1e-4) and b[14] == pytest.approx(a[14], rel=1e-4)
+
+
+def test_fsdp_refuses_what_it_does_not_shard():
+    for kw, word in [({"optimizer": "muon"}, "muon"), ({"objective": "mlm", "preset": "enc-tiny"}, "mlm"),
+                     ({"parallel": "zero3"}, "unknown parallel")]:
+        with pytest.raises(ValueError, match=word):
+            TrainConfig(data="d", out="o", max_steps=1, **{"parallel": "fsdp", **kw})

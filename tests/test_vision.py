@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import live_server
-from test_chat_page import CDP, browser, chromium_binary  # noqa: F401 (fixtures: the headless Chromium)
 from typer.testing import CliRunner
 
 pytest.importorskip("sklearn")
@@ -271,7 +270,7 @@ def test_a_text_only_model_refuses_images(tmp_path):
         engine.close()
 
 
-def test_chat_page_attaches_an_image(browser, lm, run, tmp_path):  # noqa: F811
+def test_chat_page_attaches_an_image(browser, lm, run, tmp_path):
     from slmkit.serve.app import create_app
     from slmkit.serve.engine import Engine
     ex = make_examples("test", 2, digits=False)[0]

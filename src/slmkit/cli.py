@@ -212,9 +212,12 @@ def train(
     loss_chunk: Annotated[int, typer.Option(help="chunked cross-entropy: positions per chunk (0 = off)")] = 0,
     seed: Seed = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | ...")] = "auto",
+    parallel: Annotated[str, typer.Option(help="under torchrun: ddp (every rank holds the whole model) | fsdp "
+                                               "(FSDP2: weights, gradients and AdamW state sharded across ranks, "
+                                               "for models that do not fit one device)")] = "ddp",
     resume: Resume = False,
 ):
-    """Pretrain (or continue training) a model on a token dataset. Works under torchrun for DDP."""
+    """Pretrain (or continue training) a model on a token dataset. Works under torchrun for DDP or FSDP."""
     from slmkit.model.config import ModelConfig, parse_overrides
     from slmkit.model.encoder import EncoderConfig
     from slmkit.recipes.pretrain import pretrain
@@ -226,7 +229,7 @@ def train(
              weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
              max_tokens=max_tokens, max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
              save_every=save_every, log_every=log_every, precision=precision, compile=compile,
-             loss_chunk=loss_chunk, seed=seed, device=device)
+             loss_chunk=loss_chunk, seed=seed, device=device, parallel=parallel)
 
 
 @command()
@@ -755,6 +758,23 @@ def serve(
     llama_server_bin: Annotated[Path | None, typer.Option(help="with --backend llama-server: the binary "
                                                                "(default: $SLM_LLAMA_SERVER, PATH, or "
                                                                "`slm build-llama-server`'s)")] = None,
+    kb: Annotated[Path | None, typer.Option(help="ground chat completions in this knowledge base (`slm kb index`): "
+                                                 "numbered sources, [n] citations and the sources in the response, "
+                                                 "an abstention when nothing relevant is found")] = None,
+    kb_k: Annotated[int, typer.Option(help="with --kb: sources shown to the model")] = 3,
+    kb_min_similarity: Annotated[float, typer.Option(help="with --kb: abstain when no source is this similar to "
+                                                          "the question (cosine)")] = 0.45,
+    support: Annotated[Path | None, typer.Option(help="serve the agent page (/agent) over this ticket store "
+                                                      "(.sqlite, as `slm support` and --escalate-to "
+                                                      "queue:FILE.sqlite write): people answer and close hand-offs; "
+                                                      "with --kb (the help center) and --intents, chat completions "
+                                                      "are the customer-service assistant's turns")]
+    = None,
+    intents: Annotated[Path | None, typer.Option(help="with --support and --kb: the intents (a classifier directory "
+                                                      "or a JSON file of descriptions, e.g. "
+                                                      "examples/support-intents.json)")] = None,
+    catalogue: Annotated[Path | None, typer.Option(help="with --support and --kb: the product catalogue (CSV), "
+                                                        "for product facts in replies")] = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) and a
     chat page at /. An encoder as MODEL serves /v1/embeddings only."""
@@ -764,7 +784,8 @@ def serve(
                max_queue=max_queue, adapter=adapter, weights=weights, draft=draft, draft_k=draft_k,
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
                escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder,
-               llama_server_bin=llama_server_bin)
+               llama_server_bin=llama_server_bin, kb=kb, kb_k=kb_k, kb_min_similarity=kb_min_similarity,
+               support_tickets=support, intents=intents, catalogue=catalogue)
 
 
 @command(name="build-llama-server")
@@ -800,6 +821,7 @@ def eval_(
 ):
     """Evaluate models side by side: results.json, report.md and report.html (quality with 95% intervals,
     efficiency, plots)."""
+    import slmkit.support.task  # noqa: F401  (registers the `support` task kind: support sits above eval)
     from slmkit.eval.report import report_card
     report_card(models, _globs(tasks), out, backend=backend, limit=limit, seed=seed, num_fewshot=num_fewshot,
                 chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,
@@ -1183,6 +1205,10 @@ SupportModel = Annotated[str | None, typer.Option("--model", help="model writing
                                                                   "articles only)")]
 SupportMinSimilarity = Annotated[float, typer.Option(help="hand off as not_in_kb below this best-chunk "
                                                           "similarity")]
+SupportMinConfidence = Annotated[float, typer.Option(help="hand off as low_confidence below this confidence (the "
+                                                          "mean of the best similarity and whether BM25 and the "
+                                                          "embedder agree on the article)")]
+QuoteArticles = Annotated[int, typer.Option(help="the best N articles are quoted whole in the reply")]
 CatalogueOpt = Annotated[Path | None, typer.Option("--catalogue", help="product catalogue CSV: product facts in "
                                                                        "replies")]
 
@@ -1207,12 +1233,16 @@ def support_reply(
     catalogue: CatalogueOpt = None,
     backend: AppBackend = "auto",
     min_similarity: SupportMinSimilarity = 0.35,
+    min_confidence: SupportMinConfidence = 0.26,
+    quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole turn as JSON")] = False,
 ):
     """Answer one customer message from the help center, or hand it to a person (a ticket in --queue)."""
     from slmkit.recipes.support import close_assistant, open_assistant
     assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
-                               min_similarity=min_similarity)
+                               min_similarity=min_similarity, min_confidence=min_confidence,
+                               quote_articles=quote_articles, reranker=reranker)
     try:
         _print_turn(assistant.handle([{"role": "user", "content": message}]), as_json)
     finally:
@@ -1228,12 +1258,16 @@ def support_chat(
     catalogue: CatalogueOpt = None,
     backend: AppBackend = "auto",
     min_similarity: SupportMinSimilarity = 0.35,
+    min_confidence: SupportMinConfidence = 0.26,
+    quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
 ):
     """A conversation with the assistant on stdin, one customer message per line; context is kept over turns, and
     after a hand-off the person has the whole conversation in the ticket."""
     from slmkit.recipes.support import close_assistant, open_assistant
     assistant = open_assistant(kb, model, intents, queue=queue, catalogue=catalogue, backend=backend,
-                               min_similarity=min_similarity)
+                               min_similarity=min_similarity, min_confidence=min_confidence,
+                               quote_articles=quote_articles, reranker=reranker)
     messages = []
     try:
         for line in sys.stdin:
@@ -1278,13 +1312,17 @@ def support_eval(
     catalogue: CatalogueOpt = None,
     backend: AppBackend = "auto",
     min_similarity: SupportMinSimilarity = 0.35,
+    min_confidence: SupportMinConfidence = 0.26,
+    quote_articles: QuoteArticles = 2,
+    reranker: KbReranker = None,
     limit: Annotated[int | None, typer.Option(help="only the first N messages")] = None,
 ):
     """Score the assistant on a messages file: intent_accuracy, handoff_precision, handoff_recall, auto_resolved,
     wrong_reply_rate (OUT/results.json)."""
     from slmkit.recipes.support import support_eval as run
     results = run(kb, messages, out, model=model, intents=intents, catalogue=catalogue, backend=backend,
-                  min_similarity=min_similarity, limit=limit, log=_log)
+                  min_similarity=min_similarity, min_confidence=min_confidence, quote_articles=quote_articles,
+                  reranker=reranker, limit=limit, log=_log)
     typer.echo(json.dumps(results, indent=2))
 
 
@@ -1350,6 +1388,41 @@ def recommend(
     from slmkit.recipes.write import recommend_products
     for r in recommend_products(catalogue, history, embedder=embedder, model=model, k=k, backend=backend, seed=seed):
         typer.echo(json.dumps(r, ensure_ascii=False))
+
+
+@command()
+def plan(
+    task: Annotated[str, typer.Argument(help="generation (a domain's text or code) | classification | qa (questions "
+                                             "over documents) | chat")],
+    data: Annotated[Path | None, typer.Option(help="the data: a token dataset (slm data prepare) or a folder of "
+                                                   "files (its size)")] = None,
+    hours: Annotated[float, typer.Option(help="training budget, hours")] = 1.0,
+    memory_gb: Annotated[float | None, typer.Option(help="memory budget (default: 80% of this machine's RAM)")] = None,
+    clients: Annotated[int, typer.Option(help="concurrent users to serve")] = 16,
+    latency_ms: Annotated[float | None, typer.Option(help="the most a generated token may take, batch 1")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="a typical prompt's length, for the time to first token")] = 128,
+    labelled: Annotated[int | None, typer.Option(help="classification: labelled examples you have")] = None,
+    teacher: Annotated[str | None, typer.Option(help="generation: a teacher to distil from (preset or model "
+                                                     "directory)")] = None,
+    preset: Annotated[str | None, typer.Option(help="estimate this shape instead of choosing one (see `slm "
+                                                    "presets`)")] = None,
+    set_: ModelSet = None,
+    batch_size: BatchSize = 16,
+    seq_len: SeqLen = 256,
+    calibrate: Annotated[bool, typer.Option(help="measure this machine again (else the cached calibration; the first "
+                                                 "run measures)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+):
+    """Plan a small model for a task on this machine: approach, model, training time and tokens, peak memory,
+    disk, decode speed, time to first token and serving throughput, and the commands to run."""
+    from slmkit.model.config import ModelConfig, parse_overrides
+    from slmkit.plan.advise import plan as make_plan
+    from slmkit.plan.advise import render
+    result = make_plan(task, data=data, hours=hours, memory_gb=memory_gb, clients=clients,
+                       prompt_tokens=prompt_tokens, latency_ms=latency_ms, labelled=labelled, teacher=teacher,
+                       preset=preset, overrides=parse_overrides(set_, ModelConfig) if set_ else None,
+                       batch=batch_size, seq=seq_len, recalibrate=calibrate, log=_log)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
 
 
 @command()

@@ -91,6 +91,9 @@ def evaluate(lm, task: Task, *, limit: int | None = None, seed: int = 0, chat: b
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     done = _read_records(records_file, key)
     todo = [it for it in items if it["id"] not in done]
+    if task.kind not in _RUNNERS:
+        raise ValueError(f"task {task.name!r}: no runner for kind {task.kind!r} is registered; "
+                         f"{_PLUGGED.get(task.kind, 'register one with register_kind')}")
     run = _RUNNERS[task.kind]
     start = time.perf_counter()
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{task.name}", unit="item",
@@ -395,6 +398,17 @@ def _score_repair(task: Task, records, samples):
 
 _SCORERS = {"choice": _score_choice, "classify": _score_classify, "generate": _score_generate,
             "code": _score_code, "perplexity": _score_perplexity, "kb": _score_kb, "repair": _score_repair}
+
+
+# Kinds whose runner lives above eval in the layers (it needs code that imports eval) register themselves here
+# when imported; the message says which import does it.
+_PLUGGED = {"support": "import slmkit.support.task first (`slm eval` does)"}
+
+
+def register_kind(kind: str, run, score) -> None:
+    """Plug in a task kind's runner `run(lm, task, items, **settings) -> records` (one per item, each with the
+    item's "id") and scorer `score(task, records, samples) -> (metrics, details)`."""
+    _RUNNERS[kind], _SCORERS[kind] = run, score
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ Five kinds cover the field:
     repair      items {"prompt", "completion", "unit", "unit_line"} (`slm synth repair`'s heldout.jsonl): the
                 generated line is the fix; exact_fix (it equals the original line) and compiles (put back into its
                 unit, the unit compiles: checked in the sandbox)
+    support     items {"message", "intent", "answer_articles", "answer_keywords", "escalate"} (../shared/data/
+                support's format) over a help-center knowledge base (`kb:`) with `intents:` (and `catalogue:`): the
+                customer-service assistant with the model writing its replies, scored as `slm support eval` scores
+                it (intent_accuracy, handoff_precision, handoff_recall, auto_resolved, wrong_reply_rate). Its
+                runner lives in slmkit.support.task, which registers it with the harness (support sits above eval)
 
 Built-in tasks: mmlu (letter answers, as in the MMLU paper), mmlu_cloze (the answer texts, as SmolLM2's authors
 report it), gsm8k, humaneval (registry packages, see benchmarks.py) and python (held-out standard-library test
@@ -29,17 +34,19 @@ from pathlib import Path
 
 from slmkit.files import iter_jsonl
 
-KINDS = ("perplexity", "choice", "generate", "code", "classify", "kb", "repair")
+KINDS = ("perplexity", "choice", "generate", "code", "classify", "kb", "repair", "support")
 BUILTIN = ("mmlu", "mmlu_cloze", "gsm8k", "humaneval", "python")
 MAIN_METRIC = {"perplexity": "bits_per_byte", "choice": "acc", "generate": "exact_match", "code": "pass@1",
-               "classify": "accuracy", "kb": "answer_correct", "repair": "exact_fix"}
-LOWER_IS_BETTER = {"bits_per_byte", "token_loss"}
+               "classify": "accuracy", "kb": "answer_correct", "repair": "exact_fix", "support": "wrong_reply_rate"}
+LOWER_IS_BETTER = {"bits_per_byte", "token_loss", "wrong_reply_rate"}
 # What a kind's items need unless the task says otherwise: a repair item's prompt ends where the fixed line starts
 # (`slm synth repair`), and the answer is that one line.
 KIND_DEFAULTS = {"repair": dict(prompt="{prompt}", target_delimiter="", stop=["\n"], max_new_tokens=48,
                                 chat_stop=["\n```", "\n\n"],
                                 system="You fix one broken line of Python code. Reply with the fixed line only, "
-                                       "keeping its indentation.")}
+                                       "keeping its indentation."),
+                 # the support assistant's own MIN_SIMILARITY (support/assistant.py; a test keeps them equal)
+                 "support": dict(min_similarity=0.35, max_new_tokens=160)}
 
 
 @dataclass
@@ -74,6 +81,10 @@ class Task:
     retrieval: str = "hybrid"  # hybrid | bm25 | dense | none (closed book)
     sources: int = 3  # chunks shown to the model
     min_similarity: float = 0.45  # abstain below this best-chunk similarity
+    # support (also kb, retrieval, sources, min_similarity: hand off as not_in_kb below it)
+    intents: str | None = None  # a descriptions JSON or a classifier directory (relative to the YAML file)
+    catalogue: str | None = None  # the product catalogue CSV (relative to the YAML file)
+    min_confidence: float | None = None  # hand off as low_confidence below it (None: the assistant's default)
     # perplexity
     stride: int | None = None  # default: half the model's context
     description: str = ""
@@ -94,6 +105,9 @@ class Task:
         self.main_metric = self.main_metric or MAIN_METRIC[self.kind]
         if self.kind == "kb" and not self.kb and self.retrieval != "none":
             raise ValueError(f"task {self.name!r}: a kb task needs `kb:`, the knowledge base folder (slm kb index)")
+        if self.kind == "support" and not (self.kb and self.intents):
+            raise ValueError(f"task {self.name!r}: a support task needs `kb:` (the help center indexed by `slm kb "
+                             "index`) and `intents:` (a descriptions JSON or a classifier directory)")
         for i, item in enumerate(self.items):
             item.setdefault("id", f"{self.name}/{i}")
             _check_item(self, item, i)
@@ -122,7 +136,8 @@ class Task:
 
 _REQUIRED = {"perplexity": ("text",), "choice": ("answer",), "generate": ("answer",),
              "code": ("prompt", "test", "entry_point"), "classify": ("label",), "kb": ("question",),
-             "repair": ("prompt", "completion", "unit", "unit_line")}
+             "repair": ("prompt", "completion", "unit", "unit_line"),
+             "support": ("message", "intent", "answer_articles", "answer_keywords", "escalate")}
 
 
 def _check_item(task: Task, item: dict, i: int) -> None:
@@ -143,6 +158,8 @@ def _check_item(task: Task, item: dict, i: int) -> None:
         if not isinstance(item["unit_line"], int) or not 0 <= item["unit_line"] < len(lines):
             raise ValueError(f"{where}: `unit_line` must be the index (0..{len(lines) - 1}) of the broken line in "
                              f"`unit`, got {item['unit_line']!r}")
+    if task.kind == "support" and (not isinstance(item["message"], str) or not item["message"].strip()):
+        raise ValueError(f"{where}: `message` must be a non-empty string")
     if task.kind == "kb":
         from slmkit.kb.evaluate import check_question
         item.update(check_question(item, where))
@@ -240,8 +257,9 @@ def _from_yaml(path: Path, overrides: dict) -> Task:
     spec = dict(spec)
     spec.setdefault("name", path.stem)
     spec["items"] = read_items(path.parent / spec.pop("data"))
-    if spec.get("kb"):
-        spec["kb"] = str(path.parent / spec["kb"])
+    for name in ("kb", "intents", "catalogue"):
+        if spec.get(name):
+            spec[name] = str(path.parent / spec[name])
     if "fewshot_data" in spec:
         spec["fewshot_items"] = read_items(path.parent / spec.pop("fewshot_data"))
     return _make(Task, spec, overrides, where=str(path))

@@ -97,24 +97,37 @@ class TorchLM(LM):
         return generate_ids(self.model, prompt_ids, params, use_cache=self.use_cache, first_allowed=first_allowed)
 
     @torch.inference_mode()
-    def embed(self, texts: list[str]) -> torch.Tensor:
+    def embed(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
         """One unit-length vector per text, a (len(texts), dim) float32 CPU tensor.
 
         A text's vector is its final-norm hidden states (after the last layer and norm, before the output head)
         averaged over all its positions, then L2-normalised, so dot products are cosine similarities. Each text
-        is encoded as a prompt (with bos when the model uses one) and run on its own: no padding in the mean.
+        is encoded as a prompt (with bos when the model uses one). Texts run `batch_size` at a time, sorted by
+        length and padded on the right: attention is causal, so a text's positions never see the padding after
+        them, and the mean is over its own positions only (the same vectors as one at a time, to float rounding).
         """
         device = next(self.model.parameters()).device
-        out = torch.empty(len(texts), self.model.cfg.dim)
+        ids = []
         for i, text in enumerate(texts):
-            ids = self.encode_prompt(text)
-            if not ids:
+            ids.append(self.encode_prompt(text))
+            if not ids[-1]:
                 raise ValueError(f"text {i} is empty: nothing to embed")
-            if len(ids) > self.max_length:
-                raise ValueError(f"text {i} has {len(ids)} tokens, more than the model's context of "
+            if len(ids[-1]) > self.max_length:
+                raise ValueError(f"text {i} has {len(ids[-1])} tokens, more than the model's context of "
                                  f"{self.max_length}")
-            h = self.model.hidden_states(torch.tensor([ids], device=device))[0].float().mean(dim=0)
-            out[i] = torch.nn.functional.normalize(h, dim=0).cpu()
+        out = torch.empty(len(texts), self.model.cfg.dim)
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = len(ids[rows[-1]])
+            x = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width)
+            for r, i in enumerate(rows):
+                x[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1.0
+            h = self.model.hidden_states(x.to(device)).float().cpu()
+            mean = (h * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+            out[rows] = torch.nn.functional.normalize(mean, dim=1)
         return out
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from slmkit.lm.handoff import HandoffQueue
-from slmkit.recipes.kb import _open_lm
-from slmkit.support.assistant import MIN_SIMILARITY, SupportAssistant
+from slmkit.recipes.kb import _open_lm, _open_reranker
+from slmkit.support.assistant import MIN_CONFIDENCE, MIN_SIMILARITY, SupportAssistant, check_quote_articles
 
 
 def _open_kb(kb_dir: str | Path, index_into: str | Path | None = None, embedder: str | None = None):
@@ -27,31 +27,24 @@ def _open_kb(kb_dir: str | Path, index_into: str | Path | None = None, embedder:
     return open_kb(kb_dir)  # the knowledge base's own error: what is missing and how to make one
 
 
-def _intents(intents: str | Path | None, embedder):
-    from slmkit.support.intents import DescribedIntents, read_descriptions
-    if not intents:
-        raise ValueError("give the intents: a classifier directory (`slm classify train`) or a JSON file of intent "
-                         "descriptions (e.g. examples/support-intents.json)")
-    path = Path(intents)
-    if path.is_dir():
-        from slmkit.classify.head import Classifier
-        return Classifier.load(path)
-    return DescribedIntents(embedder, read_descriptions(path))
-
-
 def open_assistant(kb_dir: str | Path, model: str | None = None, intents: str | Path | None = None,
                    queue: str | Path | None = "tickets.sqlite", catalogue: str | Path | None = None,
-                   backend: str = "auto", min_similarity: float = MIN_SIMILARITY, min_confidence: float = 0.0,
-                   index_into: str | Path | None = None) -> SupportAssistant:
+                   backend: str = "auto", min_similarity: float = MIN_SIMILARITY,
+                   min_confidence: float = MIN_CONFIDENCE, index_into: str | Path | None = None,
+                   quote_articles: int = 2, reranker: str | Path | None = None) -> SupportAssistant:
     """A SupportAssistant over the help-center KB, with `model` writing the replies (none: quoted articles only),
     `intents` (a classifier directory or a descriptions JSON, e.g. examples/support-intents.json), hand-offs to
-    the `queue` (.sqlite ticket store or .jsonl log) and the `catalogue` CSV for product facts."""
+    the `queue` (.sqlite ticket store or .jsonl log), the `catalogue` CSV for product facts and a `reranker`
+    (a cross-encoder directory, `slm rerank-train`) reordering the retrieved chunks."""
+    check_quote_articles(quote_articles)
     from slmkit.kb.catalogue import load_catalogue
+    from slmkit.support.intents import load_intents
     kb = _open_kb(kb_dir, index_into)
     lm = _open_lm(model, backend) if model else None
-    return SupportAssistant(kb, _intents(intents, kb.embedder), queue=HandoffQueue(queue) if queue else None, lm=lm,
+    return SupportAssistant(kb, load_intents(intents, kb.embedder), queue=HandoffQueue(queue) if queue else None, lm=lm,
                             catalogue=load_catalogue(catalogue) if catalogue else None, min_similarity=min_similarity,
-                            min_confidence=min_confidence)
+                            min_confidence=min_confidence, quote_articles=quote_articles,
+                            rerank=_open_reranker(reranker))
 
 
 def close_assistant(assistant: SupportAssistant) -> None:
@@ -62,7 +55,8 @@ def close_assistant(assistant: SupportAssistant) -> None:
 
 def support_eval(kb_dir: str | Path, messages: str | Path, out: str | Path, model: str | None = None,
                  intents: str | Path | None = None, catalogue: str | Path | None = None, backend: str = "auto",
-                 min_similarity: float = MIN_SIMILARITY, min_confidence: float = 0.0, limit: int | None = None,
+                 min_similarity: float = MIN_SIMILARITY, min_confidence: float = MIN_CONFIDENCE,
+                 limit: int | None = None, quote_articles: int = 2, reranker: str | Path | None = None,
                  log=None) -> dict:
     """`evaluate_support` on a messages file: OUT/results.json, OUT/replies.jsonl, the hand-offs in
     OUT/tickets.sqlite."""
@@ -71,7 +65,7 @@ def support_eval(kb_dir: str | Path, messages: str | Path, out: str | Path, mode
     out = Path(out)
     assistant = open_assistant(kb_dir, model, intents, queue=out / "tickets.sqlite", catalogue=catalogue,
                                backend=backend, min_similarity=min_similarity, min_confidence=min_confidence,
-                               index_into=out / "kb")
+                               index_into=out / "kb", quote_articles=quote_articles, reranker=reranker)
     try:
         return evaluate_support(assistant, items, out=out, log=log)
     finally:

@@ -42,13 +42,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from slmkit.chat import stop_strings
+from slmkit.kb.ask import MIN_SIMILARITY, TOP_K
+from slmkit.kb.index import open_kb
 from slmkit.lm import generation_backend
 from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
 from slmkit.serve import escalate, guard, protocol, stream
 from slmkit.serve.engine import EmbeddingRequest, Engine, EngineStopped, GenerationRequest
+from slmkit.serve.kb import Grounding
 from slmkit.serve.metrics import CONTENT_TYPE, Metrics
 from slmkit.serve.protocol import APIError, ChatBody, CompletionBody, EmbeddingBody, SamplingBody
+from slmkit.serve.support import Support, open_support, open_tickets
+from slmkit.serve.support import add_routes as add_support_routes
 
 log = logging.getLogger("slmkit.serve")
 
@@ -163,11 +168,14 @@ class App(FastAPI):
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1_000_000,
                request_timeout_s: float = 300.0, public_metrics: bool = False, max_concurrency: int = 256,
-               write_timeout_s: float = 30.0, escalation: escalate.Escalation | None = None) -> FastAPI:
+               write_timeout_s: float = 30.0, escalation: escalate.Escalation | None = None,
+               grounding: Grounding | None = None, support: Support | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine` (see the module docstring); `api_key` guards every route but the
     chat page and /health (and /metrics with `public_metrics`). More than `max_concurrency` requests at once are
     answered 503; a client that takes more than `write_timeout_s` to read the next piece is dropped.
-    `escalation` makes chat completions a cascade (escalate.py)."""
+    `escalation` makes chat completions a cascade (escalate.py); `grounding` answers them from a knowledge base,
+    with citations (kb.py); `support` adds the agent page and the ticket routes, and with its assistant answers
+    chat completions as the customer-service assistant (support.py)."""
     check_limits(max_body_bytes=max_body_bytes, request_timeout=request_timeout_s, max_concurrency=max_concurrency,
                  write_timeout=write_timeout_s)
     metrics = Metrics()
@@ -205,9 +213,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                        public_metrics=public_metrics, max_concurrency=max_concurrency,
                        write_timeout_s=write_timeout_s)
     protocol.add_error_handlers(app)
+    if support is not None:
+        add_support_routes(app, support.tickets)
 
     async def generate(request: Request, body: SamplingBody, prompts: list[list[int]], params: SamplingParams,
-                       n: int, logprobs: int | None, chat: bool, what: str, images: list | None = None) -> Response:
+                       n: int, logprobs: int | None, chat: bool, what: str, images: list | None = None,
+                       annotate=None) -> Response:
         """Submit one generation per prompt, n choices each; answer with all of them, or stream them."""
         t0 = time.perf_counter()
         adapter = adapter_for(body.model)
@@ -221,7 +232,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         tools = bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) != "none"
         answered_by = model_name if adapter is None else f"{model_name}:{adapter}"
         choices = protocol.Choices(engine.tokenizer, answered_by, chat, n, n * len(prompts), logprobs is not None,
-                                   sum(len(p) for p in prompts), include_usage, tools=tools)
+                                   sum(len(p) for p in prompts), include_usage, tools=tools, annotate=annotate)
 
         def record_ttft() -> None:
             if choices.first_token_at is not None:
@@ -305,6 +316,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 message["content"] = content_text(lm, m.content, i, images)
             message.setdefault("content", "")
             messages.append(message)
+        if support is not None and support.assistant is not None:
+            if images:
+                raise APIError(400, "image questions are not answered by the support assistant", param="messages")
+            return await support.reply(tok, model_name, body, messages)
+        annotate = None
+        if grounding is not None:
+            if images:
+                raise APIError(400, "image questions are not answered with --kb", param="messages")
+            grounding.check_request(body)
+            hits = await grounding.retrieve(messages)
+            if not grounding.answerable(hits):
+                return grounding.abstention(tok, model_name, body, hits)
+            messages = grounding.prompt(messages, hits)
+
+            def annotate(text):
+                return grounding.info(hits, text)
         extra = {}
         if body.tools:
             from slmkit.serve.tools import check_tools, render_messages
@@ -337,7 +364,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             tool_grammar = await compile_structured_output(tok, body) if body.tools else None
             return await escalate.chat(engine, escalation, metrics, request, body, messages, ids, params, n, logprobs,
                                        model_name, request_timeout_s, grammar=tool_grammar)
-        return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages")
+        return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages",
+                              annotate=annotate)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody):
@@ -408,7 +436,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           draft_k: int = 4, public_metrics: bool = False, max_concurrency: int = 256,
           write_timeout_s: float = 30.0, escalate_to: str | None = None,
           calibration: str | Path | None = None, target_error: float = 0.05, embedder: str | None = None,
-          prefix_cache_mb: float = 512, llama_server_bin: str | Path | None = None) -> None:
+          prefix_cache_mb: float = 512, llama_server_bin: str | Path | None = None, kb: str | Path | None = None,
+          kb_k: int = TOP_K, kb_min_similarity: float = MIN_SIMILARITY, support_tickets: str | Path | None = None,
+          intents: str | Path | None = None, catalogue: str | Path | None = None) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `prefix_cache_mb`: memory for recent prompts' keys and values, reused by prompts that begin the same way
     (torch backend; 0: off).
@@ -429,6 +459,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     backend "llama-server": llama.cpp's C++ server does the generating, started on the model's GGUF with
     `max_batch` slots (`llama_server_bin`, else found as llama_server.find_llama_server says) behind slmkit's
     front (proxy.py); stopped when this returns.
+    `kb` (a folder from `slm kb index`) grounds chat completions in it: the `kb_k` best chunks as numbered
+    sources, an abstention below `kb_min_similarity`, the citations in the response (kb.py).
+    `support_tickets` (a .sqlite ticket store) serves the agent page at /agent, where people answer and close
+    the hand-offs (support.py), with any backend; with `kb` (then the help center) and `intents` (a classifier
+    directory or a descriptions JSON; `catalogue`: the product CSV), chat completions are the customer-service
+    assistant's turns instead of grounded answers, its hand-offs tickets in that store.
     """
     import sys
 
@@ -445,6 +481,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     adapter, adapters = split_adapters(adapter)
     if adapters and escalate_to is not None:
         raise ValueError("--adapter NAME=DIR is not served with --escalate-to (the calibration is the base model's)")
+    if kb is not None and escalate_to is not None:
+        raise ValueError("--kb is not served with --escalate-to (the calibration is for ungrounded replies); use one")
+    if intents is not None and not (support_tickets and kb):
+        raise ValueError("--intents is the support assistant's: give it with --support TICKETS.sqlite and --kb "
+                         "HELP-CENTER-KB")
+    if support_tickets and kb and not intents:
+        raise ValueError("--support with --kb serves the support assistant: give --intents (a classifier directory "
+                         "or a JSON file of intent descriptions, e.g. examples/support-intents.json)")
+    if kb is not None and not 1 <= kb_k <= 20:
+        raise ValueError(f"--kb-k is {kb_k}; show the model 1 to 20 sources")
     if escalate_to is not None and draft is not None:
         raise ValueError("--escalate-to needs the batched engine's log-probs, which --draft turns off; use one")
     if device == "cpu":
@@ -454,19 +500,24 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
     if backend == "auto":
         backend = auto_backend(model, device, weights, engine_only=bool(adapters) or any(
-            x is not None for x in (adapter, draft, escalate_to, embedder)))
+            x is not None for x in (adapter, draft, escalate_to, embedder, kb)))
     if backend == "llama-server":
         return _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes,
                                    request_timeout_s, log_level, public_metrics, max_concurrency, write_timeout_s,
-                                   llama_server_bin, refused={"--adapter": adapter or adapters or None,
+                                   llama_server_bin, support_tickets, refused={"--adapter": adapter or adapters or None,
                                                               "--draft": draft, "--escalate-to": escalate_to,
-                                                              "--embedder": embedder,
+                                                              "--embedder": embedder, "--kb": kb,
                                                               "--weights": None if weights == "fp32" else weights})
     only_embeddings = _is_encoder(model)
     if only_embeddings and (embedder is not None or escalate_to is not None or draft is not None
-                            or adapter is not None or adapters):
-        raise ValueError(f"{model} is an encoder: it serves embeddings only, without --embedder, --draft, --adapter "
-                         "or --escalate-to")
+                            or adapter is not None or adapters or kb is not None):
+        raise ValueError(f"{model} is an encoder: it serves embeddings only, without --embedder, --draft, --adapter, "
+                         "--kb or --escalate-to")
+    opened_kb = open_kb(kb) if kb is not None else None
+    grounding = (Grounding(opened_kb, k=kb_k, min_similarity=kb_min_similarity)
+                 if opened_kb is not None and support_tickets is None else None)
+    if support_tickets is not None:
+        open_tickets(support_tickets).close_store()  # a bad path is refused before the model loads
     lm = escalation = None
     if only_embeddings:
         log.info("serving %s: embeddings only (an encoder has no generator)", model)
@@ -476,9 +527,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         lm, escalation = _load_generator(model, backend, device, weights, adapter, adapters, draft, draft_k,
                                          escalate_to, calibration, target_error)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, embedder=encoder, prefix_cache_mb=prefix_cache_mb)
+    support = (open_support(support_tickets, engine, opened_kb, intents, catalogue, timeout_s=request_timeout_s)
+               if support_tickets is not None else None)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                      request_timeout_s=request_timeout_s, public_metrics=public_metrics,
-                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation)
+                     max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation,
+                     grounding=grounding, support=support)
     try:
         # uvicorn's own connection limit is a backstop past the app's (its 503 is plain text, the app's is
         # OpenAI's shape): idle keep-alive connections count there, not in the app.
@@ -490,6 +544,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             lm.close()
         if escalation is not None:
             escalation.large.close()
+        if opened_kb is not None:
+            opened_kb.close()
+        if support is not None:
+            support.tickets.close_store()
+            if support.assistant is not None and support.assistant.queue is not None:
+                support.assistant.queue.close()
 
 
 def auto_backend(model: str, device: str = "cpu", weights: str = "fp32", engine_only: bool = False) -> str:
@@ -525,7 +585,8 @@ def auto_backend(model: str, device: str = "cpu", weights: str = "fp32", engine_
 
 
 def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes, request_timeout_s,
-                        log_level, public_metrics, max_concurrency, write_timeout_s, binary, refused: dict) -> None:
+                        log_level, public_metrics, max_concurrency, write_timeout_s, binary, support_tickets,
+                        refused: dict) -> None:
     import uvicorn
 
     from slmkit.hub import resolve_model
@@ -539,9 +600,10 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
     ref = resolve_model(model)
     if ref.kind == "remote":
         raise ValueError(f"{model} is a remote endpoint: serve a local model with --backend llama-server")
+    tickets = open_tickets(support_tickets) if support_tickets is not None else None
     server = start_llama_server(ref.gguf_file(create=True), binary, parallel=max_batch, alias=model)
     try:
-        app = create_proxy_app(server.url, model, max_requests=max_batch + max_queue,
+        app = create_proxy_app(server.url, model, max_requests=max_batch + max_queue, tickets=tickets,
                                api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                                request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                                max_concurrency=max_concurrency, write_timeout_s=write_timeout_s,
@@ -550,6 +612,8 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
                     timeout_keep_alive=5)
     finally:
         server.close()
+        if tickets is not None:
+            tickets.close_store()
 
 
 def split_adapters(values: str | Path | list | None) -> tuple[str | None, dict[str, str]]:

@@ -122,9 +122,10 @@ async def chat(engine: Engine, escalation: Escalation, metrics, request: Request
     metrics.observe_answer(who)
     info = escalation.info(who, p)
     headers = {"X-Slmkit-Answered-By": who, "X-Slmkit-Confidence": f"{p:.6f}"}
+    choices.annotate = lambda text: info
     if body.stream:
-        return _stream(choices, info, headers)
-    return JSONResponse({**choices.response(), "slmkit": info}, headers=headers)
+        return stream.whole_reply(choices, headers)
+    return JSONResponse(choices.response(), headers=headers)
 
 
 async def _score_reply(engine: Engine, escalation: Escalation, feature: str, prompt_ids: list[int],
@@ -144,25 +145,3 @@ async def _score_reply(engine: Engine, escalation: Escalation, feature: str, pro
         n = len(answer_ids)
         return confidence(feature, lp.token_logprobs[-n:], lp.top_logprobs[-n:])
     return await asyncio.to_thread(rescore)
-
-
-def _stream(choices: protocol.Choices, info: dict, headers: dict) -> Response:
-    """The decided reply as OpenAI stream chunks: role (with the "slmkit" field), the content, the finish."""
-    from fastapi.responses import StreamingResponse
-    whole = choices.response()["choices"][0]
-    message = whole["message"]
-    delta = {"content": message["content"]}
-    if message.get("tool_calls"):  # OpenAI's streamed shape: each call with its index, whole in one delta
-        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-    chunks = [{**choices._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}]), "slmkit": info},
-              choices._chunk([{"index": 0, "delta": delta, "logprobs": whole["logprobs"], "finish_reason": None}]),
-              choices._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": whole["finish_reason"]}]),
-              *choices.stream_end()]
-
-    async def events():
-        for chunk in chunks:
-            yield stream.sse(chunk)
-        yield b"data: [DONE]\n\n"
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})

@@ -45,7 +45,7 @@ MAX_STOP_CHARS = 256  # per stop string: a stream holds back that much text
 MAX_PROMPTS = 64  # prompts per completions request (each takes a queue slot)
 MAX_CHOICES = 128  # n x prompts
 MAX_EMBED_INPUTS = 2048
-OPEN_ROUTES = ("/", "/health")  # answered without the key; everything else needs it
+OPEN_ROUTES = ("/", "/agent", "/health")  # answered without the key (the pages ask for it); else it is needed
 UNLIMITED_ROUTES = ("/health", "/metrics")  # answered even past max_concurrency (monitoring must see overload)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

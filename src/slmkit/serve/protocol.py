@@ -13,6 +13,7 @@ import base64
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from fastapi import FastAPI, Request
@@ -217,8 +218,12 @@ class Choices:
     """
 
     def __init__(self, tokenizer, model: str, chat: bool, n: int, n_choices: int, logprobs: bool,
-                 prompt_tokens: int, include_usage: bool, tools: bool = False):
+                 prompt_tokens: int, include_usage: bool, tools: bool = False,
+                 annotate: Callable[[str | None], dict] | None = None):
         self.tokenizer, self.model, self.chat, self.n = tokenizer, model, chat, n
+        # the "slmkit" field of a one-choice reply, from its text (None: before the text, in the first chunk):
+        # the cascade's decision (escalate.py), the knowledge base's sources and citations (kb.py)
+        self.annotate = annotate
         # with tools, a reply that opens with <tool_call> is held back and sent as tool_calls (serve/tools.py)
         self.tools = tools
         self.mode: list[str | None] = [None] * n_choices  # None: undecided, "content" or "call"
@@ -292,9 +297,12 @@ class Choices:
                 choice = {"index": c, "text": text,
                           "logprobs": self._completion_logprobs(self.tokens[c], 0) if self.logprobs else None}
             choices.append({**choice, "finish_reason": self.finish[c]})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "system_fingerprint": None, "choices": choices,
-                "usage": self.usage()}
+        response = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                    "created": self.created, "model": self.model, "system_fingerprint": None, "choices": choices,
+                    "usage": self.usage()}
+        if self.annotate is not None:
+            response["slmkit"] = self.annotate(self.texts[0])
+        return response
 
     # --- stream chunks ---
 
@@ -308,8 +316,17 @@ class Choices:
     def stream_start(self) -> list[dict]:
         if not self.chat:
             return []
-        return [self._chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for c in range(len(self.texts))]
+        chunks = [self._chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]) for c in range(len(self.texts))]
+        if self.annotate is not None:
+            chunks[0]["slmkit"] = self.annotate(None)
+        return chunks
+
+    def finish_chunk(self, c: int, finish_reason: str) -> dict:
+        chunk = self._chunk([{"index": c, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
+        if self.annotate is not None:
+            chunk["slmkit"] = self.annotate(self.texts[c])
+        return chunk
 
     def stream_event(self, i: int, ev: TokenEvent) -> list[dict]:
         start = self.offsets[i * self.n + ev.index]
@@ -327,8 +344,7 @@ class Choices:
                 chunks.append(self._chunk([{"index": c, "delta": {"content": ev.text}, "logprobs": logprobs,
                                             "finish_reason": None}]))
             if ev.finish_reason:
-                chunks.append(self._chunk([{"index": c, "delta": {}, "logprobs": None,
-                                            "finish_reason": ev.finish_reason}]))
+                chunks.append(self.finish_chunk(c, ev.finish_reason))
             return chunks
         logprobs = self._completion_logprobs([token], start) if token else None
         return [self._chunk([{"index": c, "text": ev.text, "logprobs": logprobs,
@@ -348,8 +364,7 @@ class Choices:
                 chunks = [self._chunk([{"index": c, "delta": {"content": self.texts[c]}, "logprobs": None,
                                         "finish_reason": None}])] if self.texts[c] else []
                 if ev.finish_reason:
-                    chunks.append(self._chunk([{"index": c, "delta": {}, "logprobs": None,
-                                                "finish_reason": ev.finish_reason}]))
+                    chunks.append(self.finish_chunk(c, ev.finish_reason))
                 return chunks
         if not ev.finish_reason:
             return []
@@ -366,7 +381,7 @@ class Choices:
             chunks.append(self._chunk([{"index": c, "delta": {"content": content}, "logprobs": None,
                                         "finish_reason": None}]))
         finish = "tool_calls" if calls and ev.finish_reason == "stop" else ev.finish_reason
-        chunks.append(self._chunk([{"index": c, "delta": {}, "logprobs": None, "finish_reason": finish}]))
+        chunks.append(self.finish_chunk(c, finish))
         return chunks
 
     def stream_end(self) -> list[dict]:

@@ -38,8 +38,9 @@ class UpstreamView:
 def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key: str | None = None,
                      max_body_bytes: int = 1_000_000, request_timeout_s: float = 300.0, public_metrics: bool = False,
                      max_concurrency: int = 256, write_timeout_s: float = 30.0,
-                     upstream_alive: Callable[[], bool] = lambda: True) -> FastAPI:
-    """The app described in the module docstring, forwarding to `upstream` (http://host:port)."""
+                     upstream_alive: Callable[[], bool] = lambda: True, tickets=None) -> FastAPI:
+    """The app described in the module docstring, forwarding to `upstream` (http://host:port); `tickets` (a
+    TicketStore) adds the agent page and the ticket routes (support.py)."""
     from slmkit.serve.app import CHAT_PAGE, App, check_limits
     check_limits(max_requests=max_requests, max_body_bytes=max_body_bytes, request_timeout=request_timeout_s,
                  max_concurrency=max_concurrency, write_timeout=write_timeout_s)
@@ -53,6 +54,9 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
                        public_metrics=public_metrics, max_concurrency=max_concurrency,
                        write_timeout_s=write_timeout_s)
     protocol.add_error_handlers(app)
+    if tickets is not None:
+        from slmkit.serve.support import add_routes
+        add_routes(app, tickets)
 
     def upstream_error(e: Exception) -> APIError:
         if isinstance(e, httpx.TimeoutException):

@@ -138,3 +138,23 @@ class EventStream(StreamingResponse):
         finally:
             await self.body_iterator.aclose()
             self.on_close()
+
+
+def whole_reply(choices: Choices, headers: dict | None = None) -> StreamingResponse:
+    """A reply decided before it is sent (choice 0 of `choices`, complete: the cascade's, the knowledge base's
+    abstention) as OpenAI stream chunks: the role, the content, the finish, then `data: [DONE]`."""
+    whole = choices.response()["choices"][0]
+    message = whole["message"]
+    delta = {"content": message["content"]}
+    if message.get("tool_calls"):  # OpenAI's streamed shape: each call with its index, whole in one delta
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+    chunks = [*choices.stream_start(),
+              choices._chunk([{"index": 0, "delta": delta, "logprobs": whole["logprobs"], "finish_reason": None}]),
+              choices.finish_chunk(0, whole["finish_reason"]), *choices.stream_end()]
+
+    async def events() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield sse(chunk)
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

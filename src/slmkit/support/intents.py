@@ -45,3 +45,16 @@ def read_descriptions(path: str | Path) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise ValueError(f"{path}: must be a JSON object mapping each intent to its description (strings)")
     return data
+
+
+def load_intents(spec: str | Path | None, embedder):
+    """The intent model `spec` names: a classifier directory (`slm classify train`), or a JSON file of intent
+    descriptions read zero-shot with `embedder`."""
+    if not spec:
+        raise ValueError("give the intents: a classifier directory (`slm classify train`) or a JSON file of intent "
+                         "descriptions (e.g. examples/support-intents.json)")
+    path = Path(spec)
+    if path.is_dir():
+        from slmkit.classify.head import Classifier
+        return Classifier.load(path)
+    return DescribedIntents(embedder, read_descriptions(path))

@@ -48,29 +48,45 @@ def save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, t
         atomic_write_json(tmp / "trainer_state.json", {**state, "optimizer_scalars": scalars})
 
 
-def load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) -> dict:
-    """Restore the model (or its LoRA matrices), the optimizer and the RNG in place; returns the trainer state."""
+def load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, sharded: bool = False) -> dict:
+    """Restore the model (or its LoRA matrices), the optimizer and the RNG in place; returns the trainer state.
+    `sharded`: the model is FSDP2's (train/distributed.py): every rank takes its shards of the saved state."""
     ckpt = run / "checkpoint"
     state = json.loads((ckpt / "trainer_state.json").read_text())
+    per_param = read_optimizer_state(ckpt, state)
+    if sharded:
+        from slmkit.train.distributed import load_full_state
+        load_full_state(model, opt, load_model_dir(ckpt).state_dict(), per_param)
+        return state
     if (ckpt / "adapter").exists():
         load_lora_weights(model, ckpt / "adapter")  # the frozen base is init_from, already loaded
     else:
         saved = load_encoder_dir(ckpt) if isinstance(model, Encoder) else load_model_dir(ckpt)
         model.load_state_dict(saved.state_dict())
+    restore_optimizer(opt, per_param)
+    return state
+
+
+def read_optimizer_state(ckpt: Path, state: dict) -> dict[int, dict]:
+    """optimizer.safetensors (and the scalars that `state` holds, popped) as {pid: {name: value}}; restores the
+    torch RNG saved beside them."""
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     per_param: dict[int, dict] = {}
     for key, v in [*tensors.items(), *state.pop("optimizer_scalars").items()]:
         pid, name = key.split(".", 1)
         per_param.setdefault(int(pid), {})[name] = v
+    return per_param
+
+
+def restore_optimizer(opt, per_param: dict[int, dict]) -> None:
     opt_state = opt.state_dict()
     opt_state["state"] = per_param
     opt.load_state_dict(opt_state)
-    return state
 
 
 def start_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, resume: bool, master: bool,
-                provenance: dict | None = None) -> dict:
+                provenance: dict | None = None, sharded: bool = False) -> dict:
     """Where training starts: the checkpoint's state (resume, after checking it matches `model` and the data in
     `provenance` and loading it) or step 0 of a new run, which must not overwrite an existing one."""
     ckpt = run / "checkpoint"
@@ -80,7 +96,7 @@ def start_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, resum
             raise FileNotFoundError(f"{ckpt}: nothing to resume from; drop --resume to start fresh")
         check_matches(ckpt, model, provenance)
         try:
-            return load_checkpoint(run, model, opt)
+            return load_checkpoint(run, model, opt, sharded)
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise ValueError(f"{ckpt}: damaged checkpoint ({type(e).__name__}: {e}); delete it to start afresh "
                              "or restore it from a copy") from e

@@ -1,7 +1,17 @@
-"""Data parallelism and stopping: which process this is, DDP set-up and teardown, and a Ctrl-C every rank obeys.
+"""Data parallelism and stopping: which process this is, DDP or FSDP set-up and teardown, and a Ctrl-C every rank
+obeys.
 
 Under `torchrun --nproc_per_node N` each process joins one process group (NCCL on GPUs, gloo on CPUs); alone, a
 process is rank 0 of 1 and none of this does anything.
+
+Two ways to split the work (`--parallel`):
+- ddp: every rank holds the whole model and optimizer; DistributedDataParallel averages the gradients.
+- fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`, each transformer block a unit, then the whole model): every
+  rank holds 1/N of the weights, gradients and AdamW state, and gathers a block's weights only while it computes
+  it, for models whose weights and optimizer state do not fit one device. Every rank then takes part in each
+  forward pass (validation too) and in gathering the whole model and optimizer state for a checkpoint
+  (`full_state`), which is saved in exactly the single-process format, so a sharded run resumes on one process
+  and the other way round (`load_full_state`).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import torch.distributed as dist
 
 from slmkit.train.perf import pick_device
 
+PARALLEL = ("ddp", "fsdp")
+
 
 @dataclass
 class World:
@@ -22,15 +34,26 @@ class World:
     size: int
     device: torch.device
     owns_group: bool  # we started the process group, so we end it
+    sharded: bool = False  # FSDP: the model's parameters are DTensor shards (`shard`)
 
     @property
     def master(self) -> bool:
         """Rank 0 writes files, logs and evaluates; the other ranks only train."""
         return self.rank == 0
 
+    def shard(self, model: torch.nn.Module) -> None:
+        """FSDP2 in place: each block of `model.layers` a unit, then the rest (embeddings, norm, head). Before the
+        optimizer is made: it must hold the shards."""
+        from torch.distributed.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        self.sharded = True
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the steps call: DDP averages gradients across ranks in backward."""
-        if self.size == 1:
+        """The module the steps call: DDP averages gradients across ranks in backward (FSDP's sharded module
+        reduce-scatters them itself)."""
+        if self.size == 1 or self.sharded:
             return model
         ids = [self.device] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -53,6 +76,37 @@ class World:
     def close(self) -> None:
         if self.owns_group:
             dist.destroy_process_group()
+
+
+def full_state(model: torch.nn.Module, opt) -> tuple[dict | None, dict | None]:
+    """A sharded model's whole state dict and its optimizer's, in a single process's format ({"state": {pid:
+    {...}}, "param_groups": [...]}, parameters numbered as the optimizer's groups list them), on rank 0's CPU (the
+    other ranks get None: it is not copied to them). Every rank must call it (it gathers)."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = dcp.get_model_state_dict(model, options=options)
+    named = dcp.get_optimizer_state_dict(model, opt, options=options)
+    if not named:
+        return None, None
+    fqns = [fqn for group in named["param_groups"] for fqn in group["params"]]
+    pid = {fqn: i for i, fqn in enumerate(fqns)}
+    groups, at = [], 0
+    for group in named["param_groups"]:
+        groups.append({**group, "params": list(range(at, at + len(group["params"])))})
+        at += len(group["params"])
+    return weights, {"state": {pid[fqn]: s for fqn, s in named["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: torch.nn.Module, opt, weights: dict, per_param: dict[int, dict]) -> None:
+    """The inverse of `full_state` on every rank: each takes its shards of the whole `weights` and of the
+    optimizer state `per_param` ({pid: {name: value}})."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True)
+    dcp.set_model_state_dict(model, weights, options=options)
+    template = dcp.get_optimizer_state_dict(model, opt, options=options)  # the groups, by parameter name
+    fqns = [fqn for group in template["param_groups"] for fqn in group["params"]]
+    dcp.set_optimizer_state_dict(model, opt, {"state": {fqns[pid]: s for pid, s in per_param.items()},
+                                          "param_groups": template["param_groups"]}, options=options)
 
 
 def join(device: str = "auto") -> World:

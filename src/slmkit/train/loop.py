@@ -32,6 +32,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -94,6 +95,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    parallel: str = "ddp"  # under torchrun: ddp (whole model per rank) | fsdp (sharded: train/distributed.py)
 
     def __post_init__(self):
         # train_config.json holds these two as plain dicts (and so does a run written before they were typed):
@@ -135,6 +137,16 @@ class TrainConfig:
             raise ValueError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.base_dtype != "float32" and self.lora is None:
             raise ValueError("base_dtype is the dtype of LoRA's frozen base; full fine-tuning trains in float32")
+        if self.parallel not in distributed.PARALLEL:
+            raise ValueError(f"unknown parallel {self.parallel!r}; choose one of {', '.join(distributed.PARALLEL)}")
+        if self.parallel == "fsdp":
+            # what sharding is tested with; Muon orthogonalises whole matrices, which a shard is not
+            unsupported = [f"--{name}" for name, on in (("objective " + self.objective, self.objective != "clm"),
+                                                        ("optimizer muon", self.optimizer == "muon"),
+                                                        ("lora-rank", self.lora), ("teacher", self.distill)) if on]
+            if unsupported:
+                raise ValueError(f"--parallel fsdp trains a causal decoder with adamw; {unsupported[0]} is not "
+                                 "sharded (use --parallel ddp)")
 
     def _check_numbers(self) -> None:
         """Reject what would divide by zero, never end (a budget that cannot be reached) or make no sense."""
@@ -283,11 +295,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}; "
                          f"use --seq-len {model.cfg.max_seq_len} or less")
     model.train()
+    if cfg.parallel == "fsdp" and world.size > 1:
+        world.shard(model)  # before the optimizer, which must hold the shards
     distiller = Distiller(cfg.distill, data, tokenizer, cfg.seq_len, device, seed=cfg.seed,
                           log=log if master else lambda *_: None) if cfg.distill else None
     opt = make_optimizer(model, cfg)
     provenance = _provenance(cfg, data, precision, world.size)
-    state = start_state(run, model, opt, resume, master, provenance)
+    state = start_state(run, model, opt, resume, master, provenance, sharded=world.sharded)
     if resume:
         log(f"resumed from {run}/checkpoint at step {state['step']} ({state['tokens']:,} tokens)")
 
@@ -312,11 +326,30 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             return mlm.evaluate(model, data, vocab, cfg.seq_len, cfg.batch_size, device, precision, max_tokens)
         return evaluate(model, data, cfg.seq_len, cfg.batch_size, device, precision, max_tokens)
 
-    def save_final(provenance: dict) -> None:
+    def whole() -> tuple:
+        """The model and optimizer as one process holds them (gathered from every rank when sharded: all ranks
+        call this; the others get None)."""
+        if not world.sharded:
+            return model, opt
+        weights, optimizer_state = distributed.full_state(model, opt)
+        if not master:
+            return None, None
+        plain = Transformer(model.cfg)
+        plain.load_state_dict(weights)
+        return plain, SimpleNamespace(state_dict=lambda: optimizer_state)
+
+    def checkpoint():
+        """Save the checkpoint; the model saved (None on ranks other than the master)."""
+        saved_model, saved_opt = whole()
+        if master:
+            save_checkpoint(run, saved_model, saved_opt, tokenizer, state, provenance, cfg.lora, cfg.init_from)
+        return saved_model
+
+    def save_final(provenance: dict, plain) -> None:
         if vocab is not None:
             save_encoder_dir(model, run / "model", tokenizer=tokenizer, provenance=provenance)
         else:
-            save_model_dir(merged_copy(model) if cfg.lora else model, run / "model", tokenizer=tokenizer,
+            save_model_dir(merged_copy(plain) if cfg.lora else plain, run / "model", tokenizer=tokenizer,
                            provenance=provenance,
                            sampling=sampling_defaults(cfg.init_from) if cfg.init_from else None)
 
@@ -350,8 +383,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                     append_metrics(metrics, rec)
                     progress.show(rec, spent, elapsed())
                 if cfg.eval_every and step % cfg.eval_every == 0 and not done:
+                    val = validate(cfg.eval_tokens) if master or world.sharded else None  # sharded: all compute
                     if master:
-                        val = validate(cfg.eval_tokens)
                         append_metrics(metrics, {"step": step, "tokens": state["tokens"], **val})
                         plot_losses(run)
                         progress.write(f"step {step}: val loss {val['val_loss']:.4f}, "
@@ -362,9 +395,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                         progress.write(f"interrupted at step {step}: saving a checkpoint; continue with --resume")
                     break
                 if cfg.save_every and step % cfg.save_every == 0 and not done:
-                    if master:
-                        state["elapsed"] = elapsed()
-                        save_checkpoint(run, model, opt, tokenizer, state, provenance, cfg.lora, cfg.init_from)
+                    state["elapsed"] = elapsed()
+                    checkpoint()
                     world.barrier()
         finally:
             progress.close()
@@ -377,14 +409,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "objective": cfg.objective, "world_size": world.size, "parameters": n_params,
                "trainable_parameters": trainable,
                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "interrupted": interrupted}
+    saved = checkpoint()
+    if not interrupted and world.sharded and not master:
+        validate()  # a sharded forward pass needs every rank
     if master:
-        save_checkpoint(run, model, opt, tokenizer, state, provenance, cfg.lora, cfg.init_from)
         if not interrupted:
             final = validate()
             append_metrics(metrics, {"step": state["step"], "tokens": state["tokens"], "final": True, **final})
             summary.update(final)
             provenance["metrics"] = {k: v for k, v in summary.items() if k != "run"}
-            save_final(provenance)
+            save_final(provenance, saved)
             summary["model_dir"] = str(run / "model")
             if cfg.lora:
                 summary["adapter_dir"] = str(save_adapter(model, cfg.lora, run / "adapter", cfg.init_from,
@@ -425,9 +459,11 @@ def _step(cfg: TrainConfig, step: int, lr: float, model: Transformer, step_fn, o
             x, y = data.train_batch(first, cfg.batch_size, cfg.seq_len, cfg.seed)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         tokens += x.numel() * world.size
-        # DDP averages gradients on the last micro-batch only
+        # DDP and FSDP average gradients on the last micro-batch only
         sync = world.size == 1 or micro == cfg.grad_accum - 1
-        ctx = step_fn.no_sync() if not sync else contextlib.nullcontext()
+        if world.sharded:
+            model.set_requires_gradient_sync(sync)
+        ctx = step_fn.no_sync() if not sync and not world.sharded else contextlib.nullcontext()
         with ctx, autocast(device, precision):
             if vocab is not None:
                 loss, n_right, n_masked = step_fn(x, y)

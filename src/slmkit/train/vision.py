@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from slmkit.files import atomic_dir, atomic_write_json, recover_dir
 from slmkit.model.llama import Transformer
 from slmkit.model.vit import VisionTower, splice
-from slmkit.train.checkpoint import _optimizer_tensors
+from slmkit.train.checkpoint import _optimizer_tensors, read_optimizer_state, restore_optimizer
 
 IGNORE = -100
 CAPTION_PROMPT = "Describe the image."
@@ -205,15 +205,7 @@ def load_weights(ckpt: Path, decoder: Transformer, tower: VisionTower, heads=Non
 def _load(ckpt: Path, decoder: Transformer, tower: VisionTower, opt, heads=None) -> dict:
     state = json.loads((ckpt / "state.json").read_text())
     load_weights(ckpt, decoder, tower, heads)
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    per_param: dict[int, dict] = {}
-    for key, v in [*tensors.items(), *state.pop("optimizer_scalars").items()]:
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = v
-    opt_state = opt.state_dict()
-    opt_state["state"] = per_param
-    opt.load_state_dict(opt_state)
+    restore_optimizer(opt, read_optimizer_state(ckpt, state))
     return state
 
 

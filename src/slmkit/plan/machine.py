@@ -1,0 +1,252 @@
+"""What this machine does, measured (`slm plan --calibrate`): the facts the planner's cost model (estimate.py) is
+fitted to, never constants copied from elsewhere.
+
+Two kinds of measurement, both on the machine itself, with the thread count slmkit's runs use:
+- peaks: a square matmul's FLOP/s in fp32 and bf16, and the memory bandwidth of a large copy;
+- slmkit's own model at a handful of small shapes: the seconds of a training step (forward, backward, AdamW) at
+  the precision `slm train` picks, the seconds of a batch-1 and a batch-8 decode step with the KV cache, the
+  bytes autograd saves for backward, and the resident memory of a process that has imported the trainer.
+Each cost the planner predicts is a small linear model in terms the shapes give (FLOPs, layers, weight bytes,
+tokens x width), fitted to those measurements by non-negative least squares, so it captures this machine's
+per-op overhead as well as its peak. The result is cached ($SLMKIT_CACHE/plan/, keyed by CPU, threads and torch
+version); `--calibrate` measures again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmkit.files import atomic_write_json
+from slmkit.model.config import ModelConfig
+
+VERSION = 1
+# (batch, seq, dim, layers, hidden, vocab): small enough to measure in seconds, spread so the fits separate
+# per-step, per-layer, per-element and per-FLOP costs
+TRAIN_SHAPES = [(8, 64, 64, 2, 192, 512), (8, 64, 64, 8, 192, 512), (8, 256, 128, 4, 384, 4096),
+                (16, 256, 256, 4, 688, 8192), (8, 256, 384, 6, 1024, 8192), (4, 256, 512, 8, 1376, 16384)]
+DECODE_SHAPES = [(64, 2, 192, 512), (128, 8, 384, 4096), (256, 6, 688, 8192), (512, 8, 1376, 16384),
+                 (768, 6, 2048, 32000)]
+
+
+@dataclass
+class Machine:
+    cpu: str
+    cores: int
+    threads: int
+    ram_gb: float
+    gpu: str | None
+    torch: str
+    precision: str  # what `slm train --precision auto` trains in here
+    matmul_fp32_gflops: float
+    matmul_bf16_gflops: float
+    bandwidth_gbs: float
+    baseline_rss_mb: float  # a process that has imported torch and slmkit's trainer
+    train_fit: list[float]  # seconds = c . [1, layers, tokens*dim*layers, train FLOPs]  (train_terms)
+    decode_fit: list[float]  # seconds per step = c . [1, layers, weight bytes, batch * forward FLOPs]
+    activation_fit: list[float]  # saved bytes = c . [tokens*dim*layers, tokens*hidden*layers,
+    #                              tokens*seq*heads*layers, tokens*vocab]
+    measured: dict = field(default_factory=dict)  # the raw measurements the fits came from
+    version: int = VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _cfg(dim: int, layers: int, hidden: int, vocab: int, seq: int) -> ModelConfig:
+    heads = max(1, dim // 64)
+    return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+                       hidden_dim=hidden, max_seq_len=max(seq, 64))
+
+
+def train_terms(cfg: ModelConfig, batch: int, seq: int) -> list[float]:
+    tokens = batch * seq
+    return [1.0, cfg.n_layers, tokens * cfg.dim * cfg.n_layers, tokens * cfg.flops_per_token(seq)]
+
+
+def decode_terms(cfg: ModelConfig, batch: int, weight_bytes: int = 4) -> list[float]:
+    forward = cfg.flops_per_token(1) / 3  # 2 FLOPs a weight per token: a third of training's 6
+    return [1.0, cfg.n_layers, cfg.num_params() * weight_bytes, batch * forward]
+
+
+def activation_terms(cfg: ModelConfig, batch: int, seq: int) -> list[float]:
+    tokens, layers = batch * seq, cfg.n_layers
+    return [tokens * cfg.dim * layers, tokens * cfg.hidden_dim * layers, tokens * seq * cfg.n_heads * layers,
+            tokens * cfg.vocab_size]
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bandwidth_gbs(mb: int = 256) -> float:
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), repeats=5)
+    return 2 * src.numel() * 4 / seconds / 1e9  # read + write
+
+
+def _train_step_seconds(cfg: ModelConfig, batch: int, seq: int, precision: str, repeats: int) -> tuple[float, int]:
+    from slmkit.model.llama import Transformer
+    from slmkit.train.perf import autocast
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    device = torch.device("cpu")
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    def step(count: bool = False):
+        with autocast(device, precision):
+            if count:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = model(x[:, :-1], targets=x[:, 1:])
+            else:
+                loss = model(x[:, :-1], targets=x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step(count=True)
+    return _median_seconds(step, repeats), saved[0]
+
+
+def _decode_step_seconds(cfg: ModelConfig, batch: int, repeats: int) -> float:
+    from slmkit.model.decode import KVCache, prepare_for_decoding
+    from slmkit.model.llama import Transformer
+    torch.manual_seed(0)
+    model = prepare_for_decoding(Transformer(cfg).eval())
+    steps = repeats + 2
+    cache = KVCache(cfg, batch, 16 + steps + 1)
+    x = torch.randint(0, cfg.vocab_size, (batch, 16))
+    with torch.inference_mode():
+        model(x, cache=cache)
+        one = x[:, :1]
+        return _median_seconds(lambda: model(one, cache=cache), repeats)
+
+
+def _baseline_rss_mb() -> float:
+    code = ("import resource, torch, slmkit.train.loop; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return 0.0
+
+
+def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Non-negative least squares on relative error (each row divided by its y), so small and large shapes
+    count alike."""
+    from scipy.optimize import nnls
+    a = np.array(rows, dtype=np.float64) / np.array(y)[:, None]
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls(a / scale, np.ones(len(y)))
+    return [float(c) for c in coef / scale]
+
+
+def calibrate(quick: bool = False, log=print) -> Machine:
+    """Measure this machine (tens of seconds; `quick`: the three smallest shapes of each kind, for tests)."""
+    from slmkit.train.perf import matmul_peak_flops, resolve_precision
+    threads = torch.get_num_threads()
+    precision = resolve_precision("auto", torch.device("cpu"))
+    train_shapes = TRAIN_SHAPES[:4] if quick else TRAIN_SHAPES
+    decode_shapes = DECODE_SHAPES[:3] if quick else DECODE_SHAPES
+    repeats = 2 if quick else 4
+    log(f"calibrating: matmul peaks, memory bandwidth, {len(train_shapes)} training and {len(decode_shapes)} "
+        f"decoding shapes ({threads} threads, training in {precision})")
+    fp32 = matmul_peak_flops("cpu", "fp32") / 1e9
+    bf16 = matmul_peak_flops("cpu", "bf16") / 1e9
+    bandwidth = _bandwidth_gbs(64 if quick else 256)
+    train_rows, train_y, act_rows, act_y = [], [], [], []
+    for batch, seq, dim, layers, hidden, vocab in train_shapes:
+        cfg = _cfg(dim, layers, hidden, vocab, seq)
+        seconds, saved = _train_step_seconds(cfg, batch, seq, precision, repeats)
+        train_rows.append(train_terms(cfg, batch, seq))
+        train_y.append(seconds)
+        act_rows.append(activation_terms(cfg, batch, seq))
+        act_y.append(float(saved))
+        log(f"  train {batch}x{seq} d{dim} L{layers}: {seconds * 1e3:.1f} ms/step, {saved / 2**20:.1f} MB saved")
+    decode_rows, decode_y = [], []
+    for dim, layers, hidden, vocab in decode_shapes:
+        cfg = _cfg(dim, layers, hidden, vocab, 64)
+        for batch in (1, 8):
+            seconds = _decode_step_seconds(cfg, batch, 4 if quick else 12)
+            decode_rows.append(decode_terms(cfg, batch))
+            decode_y.append(seconds)
+            log(f"  decode d{dim} L{layers} batch {batch}: {seconds * 1e3:.2f} ms/step")
+    machine = Machine(
+        cpu=_cpu_name(), cores=os.cpu_count() or 1, threads=threads, ram_gb=round(_ram_gb(), 1),
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch=torch.__version__,
+        precision=precision, matmul_fp32_gflops=round(fp32, 2), matmul_bf16_gflops=round(bf16, 2),
+        bandwidth_gbs=round(bandwidth, 2), baseline_rss_mb=round(_baseline_rss_mb(), 1),
+        train_fit=_nnls(train_rows, train_y), decode_fit=_nnls(decode_rows, decode_y),
+        activation_fit=_nnls(act_rows, act_y),
+        measured={"train": [[*s, y] for s, y in zip(train_shapes, train_y, strict=True)],
+                  "decode": decode_y, "activations": act_y, "quick": quick})
+    return machine
+
+
+def cache_path() -> Path:
+    from slmkit.hub import cache_dir
+    key = f"{_cpu_name()}|{torch.get_num_threads()}|{torch.__version__}|{VERSION}"
+    return cache_dir() / "plan" / f"machine-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
+def load_machine(recalibrate: bool = False, log=print) -> Machine:
+    """This machine's calibration: from the cache, or measured now (and cached) when missing or `recalibrate`."""
+    path = cache_path()
+    if path.exists() and not recalibrate:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") == VERSION:
+                return Machine(**data)
+        except (ValueError, TypeError):
+            pass  # a damaged or older cache: measure again
+    machine = calibrate(log=log)
+    atomic_write_json(path, machine.to_dict())
+    log(f"calibration cached in {path}")
+    return machine
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
