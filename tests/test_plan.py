@@ -14,14 +14,15 @@ from slmkit.model.config import model_config
 from slmkit.plan import machine as machine_mod
 from slmkit.plan.advise import TOKENS_PER_PARAM, _lora_params, plan
 from slmkit.plan.estimate import estimate_run
-from slmkit.plan.machine import Machine, activation_terms, decode_terms, train_terms
+from slmkit.plan.machine import Machine, activation_terms, decode_terms, serve_terms, train_terms
 
 
 def given(**kw) -> Machine:
     """A calibration with round numbers, so each estimate can be checked by hand."""
     base = dict(cpu="test CPU", cores=2, threads=2, ram_gb=16.0, gpu=None, torch="x", precision="fp32",
                 matmul_fp32_gflops=100.0, matmul_bf16_gflops=200.0, bandwidth_gbs=20.0, baseline_rss_mb=500.0,
-                train_fit=[0.01, 0.002, 1e-9, 1e-11], decode_fit=[1e-3, 1e-4, 5e-11, 2e-11],
+                train_fit=[0.01, 0.002, 1e-9, 1e-11], decode_fit=[1e-3, 1e-4, 5e-11],
+                serve_fit=[2e-3, 1e-4, 5e-11, 1e-4, 2e-11],
                 activation_fit=[40.0, 8.0, 4.0, 12.0])
     return Machine(**{**base, **kw})
 
@@ -35,8 +36,8 @@ def test_the_cost_model_is_its_formulas():
     p = cfg.num_params()
     act = sum(c * x for c, x in zip(m.activation_fit, activation_terms(cfg, 8, 128), strict=True))
     assert est.peak_rss_mb == pytest.approx(500 + (16 * p + act + 8 * 8 * 128 * cfg.vocab_size) / 2**20)
-    d1 = sum(c * x for c, x in zip(m.decode_fit, decode_terms(cfg, 1), strict=True))
-    d4 = sum(c * x for c, x in zip(m.decode_fit, decode_terms(cfg, 4), strict=True))
+    d1 = sum(c * x for c, x in zip(m.decode_fit, decode_terms(cfg), strict=True))
+    d4 = sum(c * x for c, x in zip(m.serve_fit, serve_terms(cfg, 4), strict=True))
     assert est.decode_tokens_per_s == pytest.approx(1 / d1) and est.serve_tokens_per_s == pytest.approx(4 / d4)
     assert est.ttft_s > d1
 
@@ -57,7 +58,7 @@ def test_calibration_fits_its_measurements_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path))
     m = machine_mod.calibrate(quick=True, log=lambda *_: None)
     assert m.matmul_fp32_gflops > 0 and m.bandwidth_gbs > 0 and m.baseline_rss_mb > 50 and m.threads >= 1
-    for fit in (m.train_fit, m.decode_fit, m.activation_fit):
+    for fit in (m.train_fit, m.decode_fit, m.serve_fit, m.activation_fit):
         assert all(c >= 0 for c in fit) and any(c > 0 for c in fit)
     # the fit reproduces what it was fitted to (within the noise of a shared machine), shape by shape
     for *shape, seconds in m.measured["train"]:

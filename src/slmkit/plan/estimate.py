@@ -2,7 +2,8 @@
 (machine.py). Every number is a fitted linear model evaluated at the run's shape:
 
     training step s   = train_fit . [1, layers, tokens*dim*layers, tokens*train FLOPs/token]
-    decode step s     = decode_fit . [1, layers, weight bytes, batch*forward FLOPs/token]
+    a token, batch 1  = decode_fit . [1, layers, weight bytes]                   (generate_ids: `slm generate`)
+    an engine step    = serve_fit . [1, layers, weight bytes, rows, rows*forward FLOPs/token]   (`slm serve`)
     saved activations = activation_fit . [tokens*dim*layers, tokens*hidden*layers, tokens*seq*heads*layers,
                                           tokens*vocab]
     peak memory       = the trainer process's baseline + fp32 weights + gradients + AdamW's two moments (of what
@@ -11,7 +12,7 @@
 LoRA trains no base gradients (backward through the frozen weights costs about 2 of training's 6 FLOPs per
 weight: 4/6 of the full step's FLOPs); distillation adds the teacher's forward pass (a third of its training
 step) and its weights. Time to first token is a batch-1 forward over the prompt (a third of a training step's
-cost at that length); serving N clients is a decode step of batch N.
+cost at that length); serving N clients is an engine step of N rows.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from slmkit.model.config import ModelConfig
-from slmkit.plan.machine import Machine, activation_terms, decode_terms, train_terms
+from slmkit.plan.machine import Machine, activation_terms, decode_terms, serve_terms, train_terms
 
 
 @dataclass
@@ -74,7 +75,10 @@ def train_peak_rss_mb(m: Machine, cfg: ModelConfig, batch: int, seq: int, lora_p
 
 
 def decode_step_seconds(m: Machine, cfg: ModelConfig, batch: int = 1) -> float:
-    return _dot(m.decode_fit, decode_terms(cfg, batch))
+    """Seconds per token at batch 1 (`slm generate`), or per step of the serving engine with `batch` rows."""
+    if batch == 1:
+        return _dot(m.decode_fit, decode_terms(cfg))
+    return _dot(m.serve_fit, serve_terms(cfg, batch))
 
 
 def estimate_run(m: Machine, cfg: ModelConfig, batch: int = 16, seq: int = 256, lora_params: int | None = None,

@@ -4,8 +4,9 @@ fitted to, never constants copied from elsewhere.
 Two kinds of measurement, both on the machine itself, with the thread count slmkit's runs use:
 - peaks: a square matmul's FLOP/s in fp32 and bf16, and the memory bandwidth of a large copy;
 - slmkit's own model at a handful of small shapes: the seconds of a training step (forward, backward, AdamW) at
-  the precision `slm train` picks, the seconds of a batch-1 and a batch-8 decode step with the KV cache, the
-  bytes autograd saves for backward, and the resident memory of a process that has imported the trainer.
+  the precision `slm train` picks, the seconds per generated token at batch 1 (`generate_ids`, what `slm
+  generate` runs) and at batch 4 and 16 (the serving engine, every row's sampling and events included), the bytes
+  autograd saves for backward, and the resident memory of a process that has imported the trainer.
 Each cost the planner predicts is a small linear model in terms the shapes give (FLOPs, layers, weight bytes,
 tokens x width), fitted to those measurements by non-negative least squares, so it captures this machine's
 per-op overhead as well as its peak. The result is cached ($SLMKIT_CACHE/plan/, keyed by CPU, threads and torch
@@ -33,7 +34,7 @@ import torch
 from slmkit.files import atomic_write_json
 from slmkit.model.config import ModelConfig
 
-VERSION = 1
+VERSION = 3
 # (batch, seq, dim, layers, hidden, vocab): small enough to measure in seconds, spread so the fits separate
 # per-step, per-layer, per-element and per-FLOP costs
 TRAIN_SHAPES = [(8, 64, 64, 2, 192, 512), (8, 64, 64, 8, 192, 512), (8, 256, 128, 4, 384, 4096),
@@ -56,7 +57,8 @@ class Machine:
     bandwidth_gbs: float
     baseline_rss_mb: float  # a process that has imported torch and slmkit's trainer
     train_fit: list[float]  # seconds = c . [1, layers, tokens*dim*layers, train FLOPs]  (train_terms)
-    decode_fit: list[float]  # seconds per step = c . [1, layers, weight bytes, batch * forward FLOPs]
+    decode_fit: list[float]  # seconds per token, batch 1 = c . [1, layers, weight bytes]  (decode_terms)
+    serve_fit: list[float]  # seconds per engine step = c . [1, layers, weight bytes, rows, rows * forward FLOPs]
     activation_fit: list[float]  # saved bytes = c . [tokens*dim*layers, tokens*hidden*layers,
     #                              tokens*seq*heads*layers, tokens*vocab]
     measured: dict = field(default_factory=dict)  # the raw measurements the fits came from
@@ -77,9 +79,13 @@ def train_terms(cfg: ModelConfig, batch: int, seq: int) -> list[float]:
     return [1.0, cfg.n_layers, tokens * cfg.dim * cfg.n_layers, tokens * cfg.flops_per_token(seq)]
 
 
-def decode_terms(cfg: ModelConfig, batch: int, weight_bytes: int = 4) -> list[float]:
+def decode_terms(cfg: ModelConfig, weight_bytes: int = 4) -> list[float]:
+    return [1.0, cfg.n_layers, cfg.num_params() * weight_bytes]
+
+
+def serve_terms(cfg: ModelConfig, rows: int, weight_bytes: int = 4) -> list[float]:
     forward = cfg.flops_per_token(1) / 3  # 2 FLOPs a weight per token: a third of training's 6
-    return [1.0, cfg.n_layers, cfg.num_params() * weight_bytes, batch * forward]
+    return [*decode_terms(cfg, weight_bytes), rows, rows * forward]
 
 
 def activation_terms(cfg: ModelConfig, batch: int, seq: int) -> list[float]:
@@ -135,24 +141,67 @@ def _train_step_seconds(cfg: ModelConfig, batch: int, seq: int, precision: str, 
 
 
 def _decode_step_seconds(cfg: ModelConfig, batch: int, repeats: int) -> float:
-    from slmkit.model.decode import KVCache, prepare_for_decoding
+    """Seconds per generated token as users get them: batch 1 through `generate_ids` (what `slm generate` and
+    the torch LM run: forward, sampling, the cache), batch N through the serving engine (every row's sampling,
+    text and events), the prompt's prefill excluded."""
+    from slmkit.lm.torch_lm import TorchLM, generate_ids
     from slmkit.model.llama import Transformer
+    from slmkit.sampling import SamplingParams
     torch.manual_seed(0)
-    model = prepare_for_decoding(Transformer(cfg).eval())
+    model = Transformer(cfg).eval()
     steps = repeats + 2
-    cache = KVCache(cfg, batch, 16 + steps + 1)
-    x = torch.randint(0, cfg.vocab_size, (batch, 16))
-    with torch.inference_mode():
-        model(x, cache=cache)
-        one = x[:, :1]
-        return _median_seconds(lambda: model(one, cache=cache), repeats)
+    params = SamplingParams(max_new_tokens=steps + 1, temperature=0.0, stop_at_eos=False)
+    prompt = list(range(1, 17))
+    if batch == 1:
+        tokens = generate_ids(model, prompt, params)
+        next(tokens)  # the prefill
+        t0 = time.perf_counter()
+        n = sum(1 for _ in tokens)
+        return (time.perf_counter() - t0) / n
+    import asyncio
+
+    from slmkit.serve.engine import Engine, GenerationRequest
+    engine = Engine(TorchLM(model, _Digits(cfg.vocab_size)), max_batch=batch, max_queue=batch)
+
+    async def run() -> float:
+        pendings = [engine.submit(GenerationRequest(prompt, params)) for _ in range(batch)]
+        times = []
+        while True:  # a step's time: between the events of one row (all rows step together)
+            ev = await pendings[0].events.get()
+            if ev is None or isinstance(ev, BaseException):
+                break
+            times.append(time.perf_counter())
+        for p in pendings[1:]:
+            while (ev := await p.events.get()) is not None and not isinstance(ev, BaseException):
+                pass
+        gaps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]  # skip the prefills' first gap
+        return statistics.median(gaps)
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.close()
+
+
+class _Digits:
+    """A stand-in tokenizer for the engine's text (ids as digits): calibration measures decoding, not text."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.bos_id, self.eos_id, self.pad_id = vocab_size, None, None, None
+        self.chat_template = None
+
+    def decode(self, ids) -> str:
+        return "".join(f" {i}" for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
 
 
 def _baseline_rss_mb() -> float:
-    code = ("import resource, torch, slmkit.train.loop; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's resident size when it forked
+    # (here, a process that has just trained six models), while VmHWM belongs to the new program alone
+    code = ("import torch, slmkit.train.loop, slmkit.plan.machine as m; print(m.peak_rss_mb())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _cpu_name() -> str:
@@ -205,13 +254,17 @@ def calibrate(quick: bool = False, log=print) -> Machine:
         act_rows.append(activation_terms(cfg, batch, seq))
         act_y.append(float(saved))
         log(f"  train {batch}x{seq} d{dim} L{layers}: {seconds * 1e3:.1f} ms/step, {saved / 2**20:.1f} MB saved")
-    decode_rows, decode_y = [], []
+    decode_rows, decode_y, serve_rows, serve_y = [], [], [], []
     for dim, layers, hidden, vocab in decode_shapes:
         cfg = _cfg(dim, layers, hidden, vocab, 64)
-        for batch in (1, 8):
-            seconds = _decode_step_seconds(cfg, batch, 4 if quick else 12)
-            decode_rows.append(decode_terms(cfg, batch))
-            decode_y.append(seconds)
+        for batch in (1, 4, 16):
+            seconds = _decode_step_seconds(cfg, batch, 4 if quick else 16)
+            if batch == 1:
+                decode_rows.append(decode_terms(cfg))
+                decode_y.append(seconds)
+            else:
+                serve_rows.append(serve_terms(cfg, batch))
+                serve_y.append(seconds)
             log(f"  decode d{dim} L{layers} batch {batch}: {seconds * 1e3:.2f} ms/step")
     machine = Machine(
         cpu=_cpu_name(), cores=os.cpu_count() or 1, threads=threads, ram_gb=round(_ram_gb(), 1),
@@ -219,9 +272,10 @@ def calibrate(quick: bool = False, log=print) -> Machine:
         precision=precision, matmul_fp32_gflops=round(fp32, 2), matmul_bf16_gflops=round(bf16, 2),
         bandwidth_gbs=round(bandwidth, 2), baseline_rss_mb=round(_baseline_rss_mb(), 1),
         train_fit=_nnls(train_rows, train_y), decode_fit=_nnls(decode_rows, decode_y),
+        serve_fit=_nnls(serve_rows, serve_y),
         activation_fit=_nnls(act_rows, act_y),
         measured={"train": [[*s, y] for s, y in zip(train_shapes, train_y, strict=True)],
-                  "decode": decode_y, "activations": act_y, "quick": quick})
+                  "decode": decode_y, "serve": serve_y, "activations": act_y, "quick": quick})
     return machine
 
 
@@ -248,5 +302,11 @@ def load_machine(recalibrate: bool = False, log=print) -> Machine:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MB)."""
+    """This process's peak resident memory so far (MB): VmHWM where /proc has it, else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
