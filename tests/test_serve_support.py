@@ -5,13 +5,13 @@ headless Chromium (the screenshot is agent_page.png in $SLMKIT_TEST_ARTIFACTS)."
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 
 import pytest
 import torch
 from browser import page_errors, save_screenshot
 from conftest import live_server, tiny_model_dir
+from test_chat_page import api
 
 from slmkit.lm.handoff import TicketStore
 from slmkit.serve.support import Support
@@ -49,14 +49,7 @@ def served(tmp_path):
 
 
 def call(base: str, path: str, body: dict | None = None, key: str | None = KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
-                                 headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+    return api(base, path, body, key)
 
 
 def test_ticket_routes(served):

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from slmkit.chat import stop_strings
 from slmkit.kb.ask import MIN_SIMILARITY, TOP_K
@@ -257,9 +257,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
-        if not CHAT_PAGE.exists():
-            raise APIError(404, "the chat page is not installed", code="not_found")
-        return FileResponse(CHAT_PAGE, media_type="text/html", headers={"Cache-Control": "no-store"})
+        return protocol.html_page(CHAT_PAGE, "chat page")
 
     @app.get("/health")
     async def health():

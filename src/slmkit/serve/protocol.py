@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,6 +46,13 @@ class APIError(Exception):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def html_page(path, what: str) -> FileResponse:
+    """One of the server's pages (chat.html, agent.html beside these files), never cached by the browser."""
+    if not path.exists():
+        raise APIError(404, f"the {what} is not installed", code="not_found")
+    return FileResponse(path, media_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 def error_response(e: APIError) -> JSONResponse:

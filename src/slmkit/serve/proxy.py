@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmkit.serve import guard, protocol
 from slmkit.serve.engine import EngineStats
@@ -127,7 +127,7 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
-        return FileResponse(CHAT_PAGE, media_type="text/html", headers={"Cache-Control": "no-store"})
+        return protocol.html_page(CHAT_PAGE, "chat page")
 
     @app.get("/health")
     async def health():

@@ -39,14 +39,14 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from slmkit.chat import with_chat_stops
 from slmkit.lm.handoff import TicketStore
 from slmkit.serve import guard, stream
 from slmkit.serve.engine import Engine, GenerationRequest
-from slmkit.serve.protocol import APIError, Choices, _Body
+from slmkit.serve.protocol import APIError, Choices, _Body, html_page
 
 AGENT_PAGE = Path(__file__).with_name("agent.html")
 
@@ -77,9 +77,7 @@ def add_routes(app: FastAPI, store: TicketStore) -> None:
 
     @app.get("/agent", include_in_schema=False)
     async def agent_page():
-        if not AGENT_PAGE.exists():
-            raise APIError(404, "the agent page is not installed", code="not_found")
-        return FileResponse(AGENT_PAGE, media_type="text/html", headers={"Cache-Control": "no-store"})
+        return html_page(AGENT_PAGE, "agent page")
 
     @app.get("/v1/support/tickets")
     async def list_tickets(status: Literal["open", "closed", "all"] = "open"):
