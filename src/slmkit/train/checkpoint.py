@@ -53,17 +53,19 @@ def load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, s
     `sharded`: the model is FSDP2's (train/distributed.py): every rank takes its shards of the saved state."""
     ckpt = run / "checkpoint"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    per_param = read_optimizer_state(ckpt, state)
+    # the saved weights first: building a model to read them into draws from the RNG, which the optimizer's file
+    # restores after (else a resumed run's dropout masks differ from the uninterrupted run's)
     if sharded:
         from slmkit.train.distributed import load_full_state
-        load_full_state(model, opt, load_model_dir(ckpt).state_dict(), per_param)
+        weights = load_model_dir(ckpt).state_dict()
+        load_full_state(model, opt, weights, read_optimizer_state(ckpt, state))
         return state
     if (ckpt / "adapter").exists():
         load_lora_weights(model, ckpt / "adapter")  # the frozen base is init_from, already loaded
     else:
         saved = load_encoder_dir(ckpt) if isinstance(model, Encoder) else load_model_dir(ckpt)
         model.load_state_dict(saved.state_dict())
-    restore_optimizer(opt, per_param)
+    restore_optimizer(opt, read_optimizer_state(ckpt, state))
     return state
 
 
