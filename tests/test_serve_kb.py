@@ -5,6 +5,7 @@ beside the answer in headless Chromium (the screenshot is kb_sources.png in $SLM
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_a_grounded_reply_is_the_model_answering_from_the_numbered_sources(serve
     text = body["choices"][0]["message"]["content"]
     assert text == direct["choices"][0]["message"]["content"] and "slmkit" not in direct
     assert "[1]" in text or "[2]" in text  # the fitted model cites, so the citations below are not vacuous
-    cited = sorted({int(n) for n in __import__("re").findall(r"\[(\d)\]", text) if 1 <= int(n) <= 2})
+    cited = sorted({int(n) for n in re.findall(r"\[(\d)\]", text) if 1 <= int(n) <= 2})
     assert [c["n"] for c in sorted(kb["citations"], key=lambda c: c["n"])] == cited
     assert all(c["path"] == kb["sources"][c["n"] - 1]["path"] for c in kb["citations"])
 

@@ -143,7 +143,7 @@ def test_the_support_assistant_answers_chat_completions_and_hands_off_to_the_age
     from slmkit.lm import load_lm
     from slmkit.serve.app import create_app
     from slmkit.serve.engine import Engine
-    from slmkit.serve.support import EngineChat, open_support
+    from slmkit.serve.support import EngineChat, open_support, open_tickets
     from slmkit.tokenizer import train_tokenizer
 
     index_kb([write_docs(tmp_path / "help", HELP)], tmp_path / "kb", embedder_model=WordEmbedder(), embedder="words")
@@ -154,7 +154,7 @@ def test_the_support_assistant_answers_chat_completions_and_hands_off_to_the_age
     tok = train_tokenizer(list(HELP.values()) * 10, vocab_size=300)
     lm = load_lm(str(tiny_model_dir(tmp_path / "m", tok, max_seq_len=1024)))
     engine = Engine(lm, max_batch=2, max_queue=4)
-    support = open_support(tmp_path / "tickets.sqlite", engine, kb, intents=tmp_path / "intents.json")
+    support = open_support(open_tickets(tmp_path / "tickets.sqlite"), engine, kb, intents=tmp_path / "intents.json")
     assert isinstance(support.assistant.lm, EngineChat)
     question = "How much is shipping to Norway?"
     try:

@@ -514,8 +514,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     opened_kb = open_kb(kb) if kb is not None else None
     grounding = (Grounding(opened_kb, k=kb_k, min_similarity=kb_min_similarity)
                  if opened_kb is not None and support_tickets is None else None)
-    if support_tickets is not None:
-        open_tickets(support_tickets).close_store()  # a bad path is refused before the model loads
+    tickets = open_tickets(support_tickets) if support_tickets is not None else None  # before the model loads
     lm = escalation = None
     if only_embeddings:
         log.info("serving %s: embeddings only (an encoder has no generator)", model)
@@ -525,8 +524,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         lm, escalation = _load_generator(model, backend, device, weights, adapter, adapters, draft, draft_k,
                                          escalate_to, calibration, target_error)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, embedder=encoder, prefix_cache_mb=prefix_cache_mb)
-    support = (open_support(support_tickets, engine, opened_kb, intents, catalogue, timeout_s=request_timeout_s)
-               if support_tickets is not None else None)
+    support = (open_support(tickets, engine, opened_kb, intents, catalogue, timeout_s=request_timeout_s)
+               if tickets is not None else None)
     app = create_app(engine, model, api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                      request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                      max_concurrency=max_concurrency, write_timeout_s=write_timeout_s, escalation=escalation,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from fastapi.responses import JSONResponse, Response
 
@@ -76,11 +76,10 @@ class Grounding:
     def prompt(messages: list[dict], hits: list[Hit]) -> list[dict]:
         """`messages` with kb/ask.py's instruction leading the system message and the numbered sources in the
         last user message (kb/ask.py's build_messages, for a whole conversation)."""
-        rest = list(messages)
-        system = SYSTEM
-        if rest and rest[0].get("role") == "system" and str(rest[0].get("content", "")).strip():
-            system += "\n\n" + rest[0]["content"]
+        system, rest = SYSTEM, list(messages)
         if rest and rest[0].get("role") == "system":
+            if str(rest[0].get("content", "")).strip():
+                system += "\n\n" + rest[0]["content"]
             rest = rest[1:]
         question = rest[-1]["content"]
         last = {**rest[-1], "content": f"Sources:\n\n{source_block(hits)}\n\nQuestion: {question}"}
@@ -96,9 +95,8 @@ class Grounding:
         kb = {"sources": sources}
         if text is not None:
             declined = abstained_by_retrieval or declines(text)
-            kb["citations"] = [] if declined else [
-                {"n": c.n, "path": c.path, "heading": c.heading, "lines": c.lines, "start_line": c.start_line,
-                 "end_line": c.end_line} for c in parse_citations(text, hits)]
+            kb["citations"] = [] if declined else [{**asdict(c), "lines": c.lines}
+                                                   for c in parse_citations(text, hits)]
             kb["abstained"] = declined
             kb["reason"] = "retrieval" if abstained_by_retrieval else "model" if declined else ""
         return {"kb": kb}

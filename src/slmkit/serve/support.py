@@ -157,13 +157,12 @@ class Support:
         return JSONResponse(choices.response(), headers=headers)
 
 
-def open_support(tickets: str | Path, engine: Engine, kb=None, intents: str | Path | None = None,
+def open_support(store: TicketStore, engine: Engine, kb=None, intents: str | Path | None = None,
                  catalogue: str | Path | None = None, timeout_s: float = 300.0) -> Support:
-    """The ticket store at `tickets`, and with `kb` (an open help-center KnowledgeBase) the assistant over it:
+    """The ticket `store` (`open_tickets`), and with `kb` (an open help-center KnowledgeBase) the assistant over it:
     `intents` a classifier directory or a descriptions JSON (support/intents.py), the served model writing the
     replies (none when `engine` has no generator: the article quoted alone)."""
     from slmkit.lm.handoff import HandoffQueue
-    store = open_tickets(tickets)
     if kb is None:
         return Support(store)
     from slmkit.kb.catalogue import load_catalogue
