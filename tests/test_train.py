@@ -99,6 +99,21 @@ def test_train_config_json_round_trips_and_old_dicts_become_the_typed_configs(to
     assert TrainConfig(**json.loads((tmp_path / "run" / "train_config.json").read_text())) == run_cfg
 
 
+def test_continued_training_extends_the_context_and_refuses_a_new_shape(token_data, tmp_path):
+    train(tiny_train_config(token_data, tmp_path / "base", max_steps=2))  # max_seq_len 64
+    base = str(tmp_path / "base" / "model")
+    with pytest.raises(ValueError, match="exceeds the model's context of 64.*--set max_seq_len"):
+        train(TrainConfig(data=str(token_data), out=str(tmp_path / "x"), init_from=base, seq_len=128, max_steps=1))
+    longer = TrainConfig(data=str(token_data), out=str(tmp_path / "long"), init_from=base, seq_len=128, batch_size=2,
+                         model_overrides={"max_seq_len": 128, "rope_theta": 20000.0}, max_steps=2, eval_every=0,
+                         progress=False)
+    assert train(longer)["steps"] == 2
+    cfg = load_model_dir(tmp_path / "long" / "model").cfg
+    assert (cfg.max_seq_len, cfg.rope_theta, cfg.dim) == (128, 20000.0, 32)
+    with pytest.raises(ValueError, match="--set dim: a model continued from .* keeps its shape"):
+        train(dataclasses.replace(longer, out=str(tmp_path / "y"), model_overrides={"dim": 64}))
+
+
 @pytest.mark.slow
 def test_kill_and_resume_continues_exactly_like_an_uninterrupted_run(token_data, tmp_path):
     steps = 150

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -151,13 +152,24 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# What a model trained further may change without new weights: RoPE has no position parameters, so the context
+# (max_seq_len) and RoPE's base (rope_theta) can be extended; every other field is the weights' shape or meaning.
+CONTINUED_OVERRIDES = ("max_seq_len", "rope_theta")
+
+
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the model described by `path/config.json` and load its safetensors weights."""
+                   dtype: torch.dtype = torch.float32, overrides: dict | None = None) -> Transformer:
+    """Build the model described by `path/config.json` and load its safetensors weights. `overrides` changes
+    config fields that leave the weights as they are (CONTINUED_OVERRIDES: context extension)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory (expected config.json + model.safetensors)")
     cfg = ModelConfig.from_hf(load_json(path / "config.json"))
+    if overrides:
+        if bad := [k for k in overrides if k not in CONTINUED_OVERRIDES]:
+            raise ValueError(f"--set {bad[0]}: a model continued from {path} keeps its shape; only "
+                             f"{' and '.join(CONTINUED_OVERRIDES)} can be set (context extension)")
+        cfg = replace(cfg, **overrides)
     return model_from_state_dict(cfg, load_state_dict(path), device, dtype, source=str(path))
 
 

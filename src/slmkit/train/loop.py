@@ -228,7 +228,7 @@ def evaluate(model: Transformer, data: TokenDataset, seq_len: int, batch_size: i
 
 def build_model(cfg: TrainConfig, data: TokenDataset, tokenizer) -> Transformer:
     if cfg.init_from:
-        return load_model_dir(cfg.init_from)
+        return load_model_dir(cfg.init_from, overrides=cfg.model_overrides)
     overrides = {"vocab_size": data.vocab_size, "max_seq_len": max(cfg.seq_len, 256), **cfg.model_overrides}
     if tokenizer is not None:
         overrides.setdefault("bos_token_id", tokenizer.bos_id)
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     denoise = None  # ul2: (the extended vocabulary, the mixture); the model grows by the sentinels (train/ul2.py)
     if cfg.objective == "ul2":
-        model, ul2_vocab = ul2.continued_decoder(cfg.init_from, tokenizer, data)
+        model, ul2_vocab = ul2.continued_decoder(cfg.init_from, tokenizer, data, cfg.model_overrides)
         denoise, tokenizer = (ul2_vocab, ul2.parse_mixture(cfg.ul2_mixture)), ul2_vocab.tokenizer
         model = model.to(device)
         n_params, flops_per_token = model.cfg.num_params(), model.cfg.flops_per_token(cfg.seq_len)
@@ -293,7 +293,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     trainable, total = count_parameters(model)
     if vocab is None and cfg.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.cfg.max_seq_len}; "
-                         f"use --seq-len {model.cfg.max_seq_len} or less")
+                         f"use --seq-len {model.cfg.max_seq_len} or less"
+                         + (", or extend it with --set max_seq_len=N" if cfg.init_from else ""))
     model.train()
     if cfg.parallel == "fsdp" and world.size > 1:
         world.shard(model)  # before the optimizer, which must hold the shards

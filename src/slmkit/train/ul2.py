@@ -120,7 +120,8 @@ def has_ul2_tokens(tokenizer: Tokenizer) -> bool:
     return all(tokenizer.hf.token_to_id(t) is not None for t in [*MODE_TOKENS.values(), sentinel(0), sentinel(1)])
 
 
-def continued_decoder(init_from: str, data_tokenizer: Tokenizer | None, data) -> tuple[Transformer, UL2Vocab]:
+def continued_decoder(init_from: str, data_tokenizer: Tokenizer | None, data,
+                      overrides: dict | None = None) -> tuple[Transformer, UL2Vocab]:
     """The decoder `init_from` and its tokenizer, both extended for UL2. The dataset must be tokenized with that
     tokenizer: every id of the dataset's tokenizer means the same token in the model's."""
     from slmkit.formats.encoder_dir import is_encoder_dir
@@ -136,7 +137,7 @@ def continued_decoder(init_from: str, data_tokenizer: Tokenizer | None, data) ->
     theirs = tok.hf.get_vocab()
     if any(theirs.get(t) != i for t, i in data_tokenizer.hf.get_vocab().items()):
         raise ValueError(f"{data.path} was tokenized with another tokenizer than {init_from}'s; {fix}")
-    model = load_model_dir(init_from)
+    model = load_model_dir(init_from, overrides=overrides)
     if model.cfg.vocab_size < data.vocab_size:
         raise ValueError(f"{init_from}: its {model.cfg.vocab_size} ids do not cover {data.path}'s "
                          f"{data.vocab_size}; {fix}")
