@@ -142,6 +142,36 @@ def test_llamacpp_sampling_is_seeded_bounded_and_leaves_scoring_intact(trained, 
     np.testing.assert_allclose(lm.logprobs(ids).token_logprobs, before, atol=1e-5)
 
 
+def test_a_generation_reuses_the_kv_of_the_prefix_it_shares_with_the_last_one(trained, tmp_path):
+    d, _ = trained
+    path = write_gguf(d, tmp_path / "m.gguf", quant="f32")
+    lm, fresh = LlamaCppLM(path), LlamaCppLM(path)
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False)
+    evaluated = []
+    decode = lm._decode
+    lm._decode = lambda tokens: (evaluated.append(len(tokens)), decode(tokens))[1]
+    first = lm.encode_prompt(CODE)
+    reply = list(lm.stream_ids(first, params, None))
+    # the next turn: the whole last prompt and reply, then more text
+    turn = first + reply + lm.tokenizer.encode("\n\ndef main(")
+    evaluated.clear()
+    assert list(lm.stream_ids(turn, params, None)) == list(fresh.stream_ids(turn, params, None))
+    assert evaluated[0] == len(turn) - len(first) - len(reply)  # (the reply's tokens were all decoded)
+    # a prompt that departs early evaluates from there; the same prompt again evaluates only its last token
+    other = first[:5] + lm.tokenizer.encode(" other")
+    evaluated.clear()
+    assert list(lm.stream_ids(other, params, None)) == list(fresh.stream_ids(other, params, None))
+    assert evaluated[0] == len(other) - 5
+    evaluated.clear()
+    assert list(lm.stream_ids(other, params, None)) == list(fresh.stream_ids(other, params, None))
+    assert evaluated[0] == 1
+    # scoring in between writes over the cells: the next generation starts from nothing and is still right
+    lm.logprobs(lm.encode_prompt("x = 1"))
+    evaluated.clear()
+    assert list(lm.stream_ids(other, params, None)) == list(fresh.stream_ids(other, params, None))
+    assert evaluated[0] == len(other)
+
+
 def test_q8_0_logprobs_within_tolerance(trained, tmp_path):
     d, _ = trained
     ours = TorchLM.load(d)

@@ -18,7 +18,8 @@ from slmkit.sampling import SamplingParams
 
 
 class LlamaCppLM(LM):
-    def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, logits_all: bool = True):
+    def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, logits_all: bool = True,
+                 reuse_prefix: bool = True):
         try:
             import llama_cpp
         except ImportError as e:
@@ -45,6 +46,10 @@ class LlamaCppLM(LM):
         self.eos_id = self.llm.token_eos()
         self.bos_id = self.llm.token_bos() if self.llm.token_bos() >= 0 else None
         self.logits_all = logits_all
+        # the tokens whose KV cells the last stream_ids left in llama.cpp's cache, in order: the next generation
+        # evaluates only what follows their shared prefix (a chat's next turn, one system prompt asked again)
+        self._streamed: list[int] = []
+        self.reuse_prefix = reuse_prefix  # False: every generation evaluates its whole prompt (a benchmark's anchor)
 
     def logprobs(self, ids: Sequence[int], top_k: int = 0) -> LogProbs:
         ids = list(ids)
@@ -63,11 +68,8 @@ class LlamaCppLM(LM):
         the context once. At least the last token is evaluated again so that its logits are fresh.
         """
         llm = self.llm
-        keep = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], ids[:-1], strict=False):
-            if a != b:
-                break
-            keep += 1
+        self._streamed = []  # llm.eval writes over the cells stream_ids kept
+        keep = _shared_prefix(llm.input_ids[: llm.n_tokens], ids[:-1])
         if keep and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
             llm.n_tokens = keep
         else:
@@ -82,16 +84,25 @@ class LlamaCppLM(LM):
 
         Sampling: slmkit's chain (see slmkit.sampling) built from llama.cpp's own samplers. `first_allowed`
         (token healing) becomes a logit bias on the first token only.
+
+        The KV cells of the previous generation's prompt and reply stay; only the tokens after the longest prefix
+        this prompt shares with them are evaluated (at least the last, whose logits the first sample reads).
         """
         import llama_cpp as L
         llm, ids = self.llm, list(prompt_ids)
         ctx = llm._ctx.ctx
         llm.n_tokens = 0  # the LM's prefix cache (logprobs) must not trust the KV cells this loop writes
-        L.llama_memory_seq_rm(L.llama_get_memory(ctx), -1, 0, -1)
+        memory = L.llama_get_memory(ctx)
+        keep = _shared_prefix(self._streamed, ids[:-1]) if self.reuse_prefix else 0
+        if not (keep and L.llama_memory_seq_rm(memory, -1, keep, -1)):
+            keep = 0
+            L.llama_memory_seq_rm(memory, -1, 0, -1)
+        self._streamed = ids[:keep]
         n_batch = L.llama_n_batch(ctx)
-        for start in range(0, len(ids), n_batch):
+        for start in range(keep, len(ids), n_batch):
             chunk = ids[start:start + n_batch]
             self._decode((L.llama_token * len(chunk))(*chunk))
+            self._streamed += chunk
         n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
         sampler = _sampler_chain(params, n_vocab, ids)
         first = None
@@ -112,7 +123,10 @@ class LlamaCppLM(LM):
                 if len(ids) + n + 1 >= self.max_length:
                     return
                 self._decode(token)
+                self._streamed.append(int(token[0]))
         finally:
+            if not self.reuse_prefix:
+                self._streamed = []
             L.llama_sampler_free(sampler)
             if first is not None:
                 L.llama_sampler_free(first)
@@ -125,6 +139,15 @@ class LlamaCppLM(LM):
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _sampler_chain(params: SamplingParams, n_vocab: int, prompt_ids: list[int], forbid: torch.Tensor | None = None):
