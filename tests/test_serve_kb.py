@@ -88,6 +88,7 @@ def test_a_grounded_reply_is_the_model_answering_from_the_numbered_sources(serve
     kb = body["slmkit"]["kb"]
     assert [(Path(s["path"]).name, s["heading"], s["lines"]) for s in kb["sources"]][0] == \
         ("kettle.md", "Kettle > Descaling", "7-8")
+    assert Path(kb["sources"][0]["path"]).is_absolute() and kb["sources"][0]["name"] == "docs/kettle.md"
     assert kb["abstained"] is False and kb["reason"] == ""
     # the same engine, asked directly with kb/ask.py's prompt over those chunks, answers the same
     hits = search(served["grounding"].kb, QUESTION, k=2)
@@ -150,9 +151,9 @@ def test_what_a_grounded_request_cannot_ask(served):
 
 def test_citations_and_model_abstention_from_the_text(served):
     hits = search(served["grounding"].kb, QUESTION, k=2)
-    info = Grounding.info(hits, "Monthly [2], with citric acid [1] [9].")["kb"]
+    info = served["grounding"].info(hits, "Monthly [2], with citric acid [1] [9].")["kb"]
     assert [c["n"] for c in info["citations"]] == [2, 1] and not info["abstained"]  # [9] names no source
-    declined = Grounding.info(hits, "That is not in the knowledge base.")["kb"]
+    declined = served["grounding"].info(hits, "That is not in the knowledge base.")["kb"]
     assert declined["abstained"] and declined["reason"] == "model" and declined["citations"] == []
 
 
@@ -200,7 +201,8 @@ def test_chat_page_shows_the_sources_beside_the_answer(browser, served, tmp_path
     shown = page.js(f"[...{reply}.querySelectorAll('.sources li[data-n]')].map(li => "
                     "[Number(li.dataset.n), li.querySelector('.where').textContent, li.classList.contains('cited')])")
     cited = {c["n"] for c in kb["citations"]}
-    assert shown == [[s["n"], f"{s['path']}:{s['lines']}", s["n"] in cited] for s in kb["sources"]]
+    assert shown == [[s["n"], f"{s['name']}:{s['lines']}", s["n"] in cited] for s in kb["sources"]]
+    assert shown[0][1] == "docs/kettle.md:7-8"  # from the indexed folder: the server's own path stays out
     assert cited and page.js(f"getComputedStyle({reply}).display") == "grid"  # beside the answer, not below
     save_screenshot(page, "kb_sources.png", tmp_path)
 

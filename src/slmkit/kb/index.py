@@ -44,6 +44,17 @@ class KnowledgeBase:
             return np.zeros((0, self.store.dim), dtype=np.float32)
         return self.embedder.embed(texts).numpy().astype(np.float32)
 
+    def display_path(self, path: str) -> str:
+        """`path` (stored resolved: the document's identity) as a reader wants to see it: from the indexed source
+        folder that holds it (`docs/guide.md` for `/srv/x/docs/guide.md` when `docs/` was indexed), else its
+        name. What a served page shows: the server's directory layout stays out of it."""
+        p = Path(path)
+        for root in self.store.get_meta().get("source_roots", []):
+            root = Path(root)
+            if p == root or root in p.parents:
+                return str(Path(root.name) / p.relative_to(root)) if p != root else root.name
+        return p.name
+
     def close(self) -> None:
         self.store.close()
 
@@ -83,7 +94,8 @@ def index_kb(sources: list[str | Path], out: str | Path, embedder: str | None = 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; a knowledge base is a folder (-o KB)")
     start = time.perf_counter()
-    files = find_files(_expand_sources([str(s) for s in sources], out))
+    roots = _expand_sources([str(s) for s in sources], out)
+    files = find_files(roots)
     db = out / DB_NAME
     old = SQLiteStore(db).get_meta() if db.exists() else {}
     settings = {"embedder": embedder or old.get("embedder", DEFAULT_EMBEDDER),
@@ -110,7 +122,8 @@ def index_kb(sources: list[str | Path], out: str | Path, embedder: str | None = 
             summary["chunks_written"] += len(chunks)
             if log:
                 log(f"{f}: {len(chunks)} chunks")
-        kb.store.set_meta({**settings, "sources": [str(s) for s in sources]})
+        kb.store.set_meta({**settings, "sources": [str(s) for s in sources],
+                           "source_roots": [str(r.resolve()) for r in roots]})
         seconds = time.perf_counter() - start
         stats = kb.store.stats()
         return {**summary, "documents": stats["documents"], "chunks": stats["chunks"], "bytes": stats["bytes"],

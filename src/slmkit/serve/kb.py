@@ -10,8 +10,9 @@ invent what the KB lacks.
 
 The response says what the answer rests on, in a field OpenAI's clients ignore:
 
-    "slmkit": {"kb": {"sources":   [{"n", "path", "heading", "lines", "start_line", "end_line", "text",
-                                     "similarity"}, ...],
+    "slmkit": {"kb": {"sources":   [{"n", "path", "name", "heading", "lines", "start_line", "end_line", "text",
+                                     "similarity"}, ...],      path: the document as indexed (absolute);
+                                                               name: from the indexed folder (what to show)
                       "citations": [{"n", "path", "heading", "lines", ...}, ...],  the [n] the answer uses
                       "abstained": false, "reason": "" | "retrieval" | "model"}}
 
@@ -85,11 +86,11 @@ class Grounding:
         last = {**rest[-1], "content": f"Sources:\n\n{source_block(hits)}\n\nQuestion: {question}"}
         return [{"role": "system", "content": system}, *rest[:-1], last]
 
-    @staticmethod
-    def info(hits: list[Hit], text: str | None, abstained_by_retrieval: bool = False) -> dict:
+    def info(self, hits: list[Hit], text: str | None, abstained_by_retrieval: bool = False) -> dict:
         """The "slmkit" field: the sources, and once the answer `text` is known, its citations and whether it
         abstained."""
-        sources = [{"n": n, "path": h.path, "heading": h.heading, "lines": h.lines, "start_line": h.start_line,
+        sources = [{"n": n, "path": h.path, "name": self.kb.display_path(h.path), "heading": h.heading,
+                    "lines": h.lines, "start_line": h.start_line,
                     "end_line": h.end_line, "text": h.text[:SOURCE_TEXT_CHARS], "similarity": round(h.similarity, 4)}
                    for n, h in enumerate(hits, 1)]
         kb = {"sources": sources}
