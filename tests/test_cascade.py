@@ -234,6 +234,10 @@ def test_classifier_cascade_threshold_and_routing():
     assert [(p.label, p.answered_by) for p in out] == [("a", "small"), ("b", "large"), ("a", "small"),
                                                        ("b", "large")]
     assert calls == [["z", "y"]] and cascade.counts == {"small": 2, "large": 2}
+    # a large LM whose reply names no label (None) leaves the small model's answer, counted as the small's
+    unsure = ClassifierCascade(small, lambda texts: [None] * len(texts), threshold=0.8)
+    assert [(p.label, p.answered_by) for p in unsure.predict(["x", "z"])] == [("a", "small"), ("a", "small")]
+    assert unsure.counts == {"small": 2, "large": 0}
     broken = ClassifierCascade(small, lambda texts: [], threshold=1.0)
     with pytest.raises(ValueError, match=r"returned 0 labels for 1 texts"):
         broken.predict(["x"])

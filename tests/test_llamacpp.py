@@ -156,7 +156,7 @@ def test_a_generation_reuses_the_kv_of_the_prefix_it_shares_with_the_last_one(tr
     turn = first + reply + lm.tokenizer.encode("\n\ndef main(")
     evaluated.clear()
     assert list(lm.stream_ids(turn, params, None)) == list(fresh.stream_ids(turn, params, None))
-    assert evaluated[0] == len(turn) - len(first) - len(reply)  # (the reply's tokens were all decoded)
+    assert evaluated[0] == len(turn) - len(first) - len(reply) + 1  # the reply's last token was never decoded
     # a prompt that departs early evaluates from there; the same prompt again evaluates only its last token
     other = first[:5] + lm.tokenizer.encode(" other")
     evaluated.clear()

@@ -57,10 +57,11 @@ BUDGET = ["--max-steps", "2", "--batch-size", "2", "--precision", "fp32"]
 # A tiny shape for models trained from scratch (the README's own --set values still have to parse).
 SHAPE = ["--set", "dim=32", "--set", "n_layers=2", "--set", "n_heads=4", "--set", "n_kv_heads=2",
          "--set", "hidden_dim=64"]
+# --no-compile: compiling takes minutes on 2 cores, and --no-compile still proves that the flag exists
+TRAIN = ["--seq-len", "32", "--eval-every", "0", "--no-compile"]
 # Appended to every command of a kind (its first words after `slm`): a later option wins over the README's.
 TINY = {
-    # --no-compile: compiling takes minutes on 2 cores, and --no-compile still proves that the flag exists
-    ("train",): [*BUDGET, *SHAPE, "--seq-len", "32", "--eval-every", "0", "--no-compile"],
+    ("train",): [*BUDGET, *SHAPE, *TRAIN],
     ("distill",): [*BUDGET, "--seq-len", "32", "--on-policy-tokens", "8"],
     ("finetune",): [*BUDGET, "--seq-len", "64"],
     ("teacher-cache",): ["--seq-len", "32"],
@@ -158,6 +159,8 @@ def tiny_argv(words: list[str]) -> list[str]:
         if word is not None:
             argv.append(word)
     kind = _match(TINY, list(_kind(words)))
+    if kind == ("train",) and {"--init", "--init-from"} & set(words):
+        return argv + [*BUDGET, *TRAIN]  # a continued model keeps its shape: no SHAPE
     return argv + (TINY[kind] if kind else [])
 
 

@@ -9,7 +9,6 @@ from conftest import tiny_model_dir, translation_tokenizer
 from test_kb import ScriptedLM, WordEmbedder, _tiny_bert, open_words, write_docs
 from test_support import HELP, Intents
 
-import slmkit.support.task  # noqa: F401  (registers the kind)
 from slmkit.eval import harness
 from slmkit.eval.harness import evaluate
 from slmkit.eval.report import report_card
@@ -73,7 +72,9 @@ def test_support_task_on_the_report_card(support_task):
     assert entry["kind"] == "support" and entry["main_metric"] == "wrong_reply_rate"
     assert {"intent_accuracy", "handoff_precision", "handoff_recall", "auto_resolved",
             "wrong_reply_rate"} <= set(entry["metrics"])
-    assert "wrong_reply_rate" in (support_task / "report" / "report.md").read_text()
+    report = (support_task / "report" / "report.md").read_text()
+    assert "wrong_reply_rate" in report
+    assert entry["settings"]["chat"] is True and "chat template" in report and "raw prompt" not in report
 
 
 def test_support_task_errors(tmp_path, monkeypatch):
@@ -90,8 +91,14 @@ def test_support_task_errors(tmp_path, monkeypatch):
                                                      "intents": "i.json"}))
     task = load_task(tmp_path / "t.yaml")
     assert task.min_similarity == MIN_SIMILARITY  # the kind's default is the assistant's
-    monkeypatch.delitem(harness._RUNNERS, "support")  # as before `import slmkit.support.task`
-    with pytest.raises(ValueError, match="import slmkit.support.task first"):
+    # the harness finds the kind through the "slmkit.task_kinds" entry point (the installed package's metadata)
+    from slmkit.support.task import run_support
+    monkeypatch.delitem(harness._RUNNERS, "support")
+    harness._load_plugged("support")
+    assert harness._RUNNERS["support"] is run_support
+    monkeypatch.delitem(harness._RUNNERS, "support")  # and a kind nothing registers is a clear error
+    monkeypatch.setattr(harness, "_load_plugged", lambda kind: None)
+    with pytest.raises(ValueError, match="no runner for kind 'support'.*slmkit.task_kinds"):
         evaluate(ScriptedLM("x"), task, progress=False)
 
 

@@ -821,7 +821,6 @@ def eval_(
 ):
     """Evaluate models side by side: results.json, report.md and report.html (quality with 95% intervals,
     efficiency, plots)."""
-    import slmkit.support.task  # noqa: F401  (registers the `support` task kind: support sits above eval)
     from slmkit.eval.report import report_card
     report_card(models, _globs(tasks), out, backend=backend, limit=limit, seed=seed, num_fewshot=num_fewshot,
                 chat=chat, resume=resume, efficiency=efficiency, verifier=verifier,

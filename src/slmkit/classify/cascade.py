@@ -1,9 +1,11 @@
 """A classifier cascade: the small classifier labels a text when its temperature-scaled probability clears the
 threshold, otherwise a large labeler does.
 
-The large labeler is any callable `texts -> labels` (a bigger classifier's `predict`, SuperICL, a person);
-`label_word_labeler` makes one from any `LM`, including a remote one, by scoring each label's verbaliser (PET's
-patterns and words, `classify.pet.PET`) after the text with `LM.score_many`. The small classifier's
+The large labeler is any callable `texts -> labels` (a bigger classifier's `predict`, SuperICL, a person; None
+for a text it cannot label keeps the small model's answer). From an `LM`: `escalation_labeler` (what `slm classify
+cascade --escalate-to` builds) labels in context with demonstrations through `supericl.label_with_lm`, the one
+few-shot LM labeler (a text-only remote endpoint included); `label_word_labeler` scores each label's verbaliser
+after a PET pattern (`classify.pet.PET`) with `LM.score_many`, for a pattern written by hand. The small classifier's
 probabilities are already calibrated (temperature scaling on dev, `classify.head`), so the calibration map is the
 identity and the threshold is chosen directly on them (`lm.calibration.select_threshold`).
 
@@ -23,7 +25,7 @@ import numpy as np
 from slmkit.classify.pet import PET
 from slmkit.lm.calibration import select_threshold
 
-Labeler = Callable[[list[str]], list[str]]
+Labeler = Callable[[list[str]], list[str | None]]
 
 
 @dataclass
@@ -60,9 +62,10 @@ class ClassifierCascade:
             if len(large) != len(escalate):
                 raise ValueError(f"the large labeler returned {len(large)} labels for {len(escalate)} texts")
             for i, label in zip(escalate, large, strict=True):
-                out[i] = Prediction(label, "large", out[i].confidence)
-        self.counts["large"] += len(escalate)
-        self.counts["small"] += len(texts) - len(escalate)
+                if label is not None:  # (an LM's reply that names no label leaves the small model's answer)
+                    out[i] = Prediction(label, "large", out[i].confidence)
+        for p in out:
+            self.counts[p.answered_by] += 1
         return out
 
 
@@ -91,10 +94,12 @@ def label_word_labeler(lm, pet: PET) -> Labeler:
     return label
 
 
-def escalation_labeler(target: str, labels: list[str], backend: str = "auto") -> Labeler:
+def escalation_labeler(target: str, labels: list[str], backend: str = "auto",
+                       demos: Sequence[tuple[str, str]] = (), k: int = 8, seed: int = 0) -> Labeler:
     """The large labeler `slm classify cascade --escalate-to` names: a classifier directory (its `predict`), or
-    any model `load_lm` opens, scoring each label written as words (underscores as spaces) after
-    "Text: ...\\nCategory (the labels):"."""
+    any model `load_lm` opens (a remote URL included) labelling in context: `k` of the labelled `demos` shown, then
+    the text (`supericl.label_with_lm`: each label scored where the LM has log-probs, else a greedy reply matched
+    to the labels). A reply that names no label leaves the text to the small classifier (None)."""
     from pathlib import Path
 
     from slmkit.classify.head import Classifier
@@ -103,10 +108,11 @@ def escalation_labeler(target: str, labels: list[str], backend: str = "auto") ->
         if sorted(large.info.labels) != sorted(labels):
             raise ValueError(f"{target}: its labels {large.info.labels} are not the small classifier's {labels}")
         return lambda texts: [y for y, _ in large.predict(texts)] if texts else []
+    from slmkit.classify.supericl import Demo, label_with_lm, select_demos
     from slmkit.lm import load_lm
-    words = {label: " " + label.replace("_", " ") for label in labels}
-    pattern = "Text: {text}\nCategory (" + ", ".join(w.strip() for w in words.values()) + "):"
-    return label_word_labeler(load_lm(target, backend=backend), PET([pattern], words))
+    lm = load_lm(target, backend=backend)
+    shown = [Demo(t, y) for t, y in select_demos(list(demos), k, seed)]
+    return lambda texts: [a.label for a in label_with_lm(lm, shown, texts, labels)] if texts else []
 
 
 def cascade_labels(small: str, escalate_to: str, dev: str, data: str, target_error: float = 0.05,
@@ -123,7 +129,8 @@ def cascade_labels(small: str, escalate_to: str, dev: str, data: str, target_err
     unknown = sorted(set(dev_labels) - set(clf.info.labels))
     if unknown:
         raise ValueError(f"{dev}: labels {unknown} are not the classifier's ({clf.info.labels})")
-    large = escalation_labeler(escalate_to, clf.info.labels, backend)
+    # the large LM sees labelled dev texts as its demonstrations (the threshold concerns the small classifier only)
+    large = escalation_labeler(escalate_to, clf.info.labels, backend, demos=list(zip(dev_texts, dev_labels)))
     cascade = ClassifierCascade.for_target(clf, large, dev_texts, dev_labels, target_error)
     texts, _ = read_labelled(data)
     records = [{"text": t, "label": p.label, "confidence": round(p.confidence, 6), "answered_by": p.answered_by}

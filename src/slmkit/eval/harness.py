@@ -92,8 +92,10 @@ def evaluate(lm, task: Task, *, limit: int | None = None, seed: int = 0, chat: b
     done = _read_records(records_file, key)
     todo = [it for it in items if it["id"] not in done]
     if task.kind not in _RUNNERS:
-        raise ValueError(f"task {task.name!r}: no runner for kind {task.kind!r} is registered; "
-                         f"{_PLUGGED.get(task.kind, 'register one with register_kind')}")
+        _load_plugged(task.kind)
+    if task.kind not in _RUNNERS:
+        raise ValueError(f"task {task.name!r}: no runner for kind {task.kind!r} is registered; register one with "
+                         "register_kind, or name its module under the entry points \"slmkit.task_kinds\"")
     run = _RUNNERS[task.kind]
     start = time.perf_counter()
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{task.name}", unit="item",
@@ -134,13 +136,16 @@ def _read_records(path, key: str) -> dict[str, dict]:
 
 
 def _use_chat(lm, task: Task, chat: bool | None) -> bool:
+    if task.kind == "support":
+        chat = True  # the assistant always talks to its model through the chat template (support/assistant.py)
     if chat is None:
         chat = task.chat
     if chat is None:
         chat = task.kind in ("generate", "code", "repair") and bool(getattr(lm, "instruction_tuned", False))
     if chat and task.kind == "perplexity":
         raise ValueError("a perplexity task scores raw text; it has no chat form")
-    if chat and lm.tokenizer is not None and not lm.tokenizer.chat_template:
+    tokenizer = getattr(lm, "tokenizer", None)
+    if chat and tokenizer is not None and not tokenizer.chat_template:
         raise ValueError(f"{lm!r} has no chat template; evaluate with chat off (--no-chat)")
     return chat
 
@@ -400,9 +405,13 @@ _SCORERS = {"choice": _score_choice, "classify": _score_classify, "generate": _s
             "code": _score_code, "perplexity": _score_perplexity, "kb": _score_kb, "repair": _score_repair}
 
 
-# Kinds whose runner lives above eval in the layers (it needs code that imports eval) register themselves here
-# when imported; the message says which import does it.
-_PLUGGED = {"support": "import slmkit.support.task first (`slm eval` does)"}
+def _load_plugged(kind: str) -> None:
+    """Call the function that registers `kind`, from the "slmkit.task_kinds" entry points (pyproject.toml): kinds
+    whose runner lives above eval in the layers (support) or in another installed package. A name, not an
+    import, so eval never depends on the layers above it."""
+    from importlib.metadata import entry_points
+    for point in entry_points(group="slmkit.task_kinds", name=kind):
+        point.load()()
 
 
 def register_kind(kind: str, run, score) -> None:

@@ -18,7 +18,8 @@ Five kinds cover the field:
                 support's format) over a help-center knowledge base (`kb:`) with `intents:` (and `catalogue:`): the
                 customer-service assistant with the model writing its replies, scored as `slm support eval` scores
                 it (intent_accuracy, handoff_precision, handoff_recall, auto_resolved, wrong_reply_rate). Its
-                runner lives in slmkit.support.task, which registers it with the harness (support sits above eval)
+                runner lives in slmkit.support.task (support sits above eval), loaded through the
+                "slmkit.task_kinds" entry point
 
 Built-in tasks: mmlu (letter answers, as in the MMLU paper), mmlu_cloze (the answer texts, as SmolLM2's authors
 report it), gsm8k, humaneval (registry packages, see benchmarks.py) and python (held-out standard-library test

@@ -120,8 +120,8 @@ class LlamaCppLM(LM):
                 if token[0] in ends:
                     return
                 yield int(token[0])
-                if len(ids) + n + 1 >= self.max_length:
-                    return
+                if n + 1 == params.max_new_tokens or len(ids) + n + 1 >= self.max_length:
+                    return  # (the last token is not decoded: nothing reads its logits)
                 self._decode(token)
                 self._streamed.append(int(token[0]))
         finally:

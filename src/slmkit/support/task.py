@@ -11,8 +11,8 @@ handoff_precision, handoff_recall, auto_resolved and wrong_reply_rate beside the
 The model under evaluation writes the replies (its answer first, the quoted articles after it, as in `slm support
 eval --model`); each message is its own conversation, and hand-offs go to an in-memory ticket list (an
 evaluation answers nobody). Support sits above eval in the layers (it uses eval's metrics), so eval cannot import
-it: importing this module registers the kind with the harness (`slm eval` does; from Python, `import
-slmkit.support.task` before `evaluate` or `report_card`).
+it: the harness calls `register` by name (the "slmkit.task_kinds" entry point in pyproject.toml) the first time a
+support task runs; importing the module registers the kind too.
 """
 
 from __future__ import annotations
@@ -65,4 +65,9 @@ def score_support(task, records, samples):
     return out, support_metrics(records)
 
 
-register_kind("support", run_support, score_support)
+def register() -> None:
+    """Plug the `support` kind into the harness (the "slmkit.task_kinds" entry point calls this)."""
+    register_kind("support", run_support, score_support)
+
+
+register()
