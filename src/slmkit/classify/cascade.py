@@ -130,7 +130,8 @@ def cascade_labels(small: str, escalate_to: str, dev: str, data: str, target_err
     if unknown:
         raise ValueError(f"{dev}: labels {unknown} are not the classifier's ({clf.info.labels})")
     # the large LM sees labelled dev texts as its demonstrations (the threshold concerns the small classifier only)
-    large = escalation_labeler(escalate_to, clf.info.labels, backend, demos=list(zip(dev_texts, dev_labels)))
+    demos = list(zip(dev_texts, dev_labels, strict=True))
+    large = escalation_labeler(escalate_to, clf.info.labels, backend, demos=demos)
     cascade = ClassifierCascade.for_target(clf, large, dev_texts, dev_labels, target_error)
     texts, _ = read_labelled(data)
     records = [{"text": t, "label": p.label, "confidence": round(p.confidence, 6), "answered_by": p.answered_by}
