@@ -64,7 +64,7 @@ def test_the_front_forwards_completions_and_chat_streamed_or_not(upstream):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).completions.create(**kw)
         with pytest.raises(openai.BadRequestError, match="greater than or equal to 1"):
             front.completions.create(**{**kw, "n": 0})
-        with pytest.raises(openai.BadRequestError, match="not served by the llama-server backend"):
+        with pytest.raises(openai.BadRequestError, match="not served by the llama-server backend without an encoder"):
             front.embeddings.create(model="tiny", input="x")
         # an upstream error keeps its status and OpenAI shape
         with pytest.raises(openai.BadRequestError, match="context"):
@@ -72,6 +72,29 @@ def test_the_front_forwards_completions_and_chat_streamed_or_not(upstream):
         metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         assert "slmkit_completion_tokens_total 14" in metrics  # 8 + 6: streams report usage only when asked
         assert 'slmkit_requests_total{route="/v1/completions",status="200"} 2' in metrics
+
+
+def test_the_front_embeds_with_an_encoder_beside_the_upstream(upstream, tmp_path):
+    from conftest import tiny_encoder_dir
+
+    from slmkit.lm.embedder import load_embedder
+    texts = ["the kettle boils water", "a grinder grinds beans", "returns within thirty days"]
+    encoder = load_embedder(str(tiny_encoder_dir(tmp_path / "enc", texts)))
+    embeddings = Engine(None, max_batch=2, max_queue=1, embedder=encoder)
+    try:
+        with live_server(create_proxy_app(upstream, "tiny", max_requests=8, api_key=KEY,
+                                          embeddings=embeddings)) as url:
+            front = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+            r = front.embeddings.create(model="tiny", input=texts)
+            got = [d.embedding for d in r.data]
+            want = encoder.embed(texts).tolist()
+            assert len(got) == 3 and all(abs(a - b) < 1e-5 for g, w in zip(got, want, strict=True)
+                                         for a, b in zip(g, w, strict=True))
+            assert r.usage.prompt_tokens == sum(len(encoder.token_ids(t)) for t in texts)
+            # generations still go to the upstream
+            assert front.completions.create(model="tiny", prompt="def area", max_tokens=4).choices[0].text
+    finally:
+        embeddings.close()
 
 
 def slow_upstream(seconds: float) -> FastAPI:

@@ -48,10 +48,11 @@ from slmkit.lm import generation_backend
 from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
 from slmkit.serve import escalate, guard, protocol, stream
-from slmkit.serve.engine import EmbeddingRequest, Engine, EngineStopped, GenerationRequest
+from slmkit.serve.embeddings import add_embeddings_route
+from slmkit.serve.engine import Engine, EngineStopped, GenerationRequest
 from slmkit.serve.kb import Grounding
 from slmkit.serve.metrics import CONTENT_TYPE, Metrics
-from slmkit.serve.protocol import APIError, ChatBody, CompletionBody, EmbeddingBody, SamplingBody
+from slmkit.serve.protocol import APIError, ChatBody, CompletionBody, SamplingBody
 from slmkit.serve.support import Support, open_support, open_tickets
 from slmkit.serve.support import add_routes as add_support_routes
 
@@ -365,43 +366,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages",
                               annotate=annotate)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingBody):
-        """The encoder's sentence embeddings when the server has one (`Embedder.embed`), else mean-pooled final
-        hidden states, L2-normalised (`TorchLM.embed`): only slmkit's own model exposes hidden states; other
-        backends answer 400. They run on the engine thread, admitted like a generation (a full queue is a 429),
-        and a request past its time stops there (504). Tokens are counted, and checked against the context,
-        with the tokenizer of whichever embeds."""
-        from slmkit.lm.torch_lm import TorchLM
-        guard.check_unicode(body.model_dump(by_alias=True))
-        if encoder is None and not isinstance(lm, TorchLM):
-            raise APIError(400, f"embeddings need slmkit's own model (backend torch), not {type(lm).__name__}, "
-                                "or an encoder (slm serve MODEL --embedder ENCODER)", param="model")
-        inputs = [body.input] if isinstance(body.input, str) else body.input
-        dim = encoder.dim if encoder is not None else lm.model.cfg.dim
-        if body.dimensions is not None and body.dimensions != dim:
-            raise APIError(400, f"this model's embeddings have {dim} dimensions", param="dimensions")
-        # to check them and count them; embed encodes its own
-        if encoder is not None:
-            ids, context = [encoder.token_ids(text) for text in inputs], encoder.max_length
-        else:
-            ids, context = [lm.encode_prompt(text) for text in inputs], engine.max_length
-        guard.check_embedding_inputs(ids, context)
-        (pending,) = guard.submit_all(engine, [EmbeddingRequest(inputs)], "input")
-        try:
-            async with asyncio.timeout(request_timeout_s):
-                vectors = await pending.events.get()
-        except TimeoutError:
-            raise guard.timeout_error(request_timeout_s) from None
-        finally:
-            pending.cancelled = True  # after a timeout (or a disconnect), the engine drops the rest
-        if isinstance(vectors, EngineStopped):
-            raise guard.engine_stopped(vectors)
-        if isinstance(vectors, BaseException):
-            raise APIError(500, f"embedding failed: {vectors}", type="server_error") from vectors
-        n_tokens = sum(len(x) for x in ids)
-        return JSONResponse(protocol.embeddings_response(vectors.numpy(), body.encoding_format, embedding_model,
-                                                         n_tokens))
+    add_embeddings_route(app, engine, embedding_model, request_timeout_s)
 
     return app
 
@@ -498,14 +463,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     sys.setswitchinterval(0.001)  # hand the GIL between engine and event loop sooner (5 ms by default)
     if backend == "auto":
         backend = auto_backend(model, device, weights, engine_only=bool(adapters) or any(
-            x is not None for x in (adapter, draft, escalate_to, embedder, kb)))
+            x is not None for x in (adapter, draft, escalate_to, kb)))  # (--embedder runs beside llama-server)
     if backend == "llama-server":
         return _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes,
                                    request_timeout_s, log_level, public_metrics, max_concurrency, write_timeout_s,
-                                   llama_server_bin, support_tickets, refused={"--adapter": adapter or adapters or None,
-                                                              "--draft": draft, "--escalate-to": escalate_to,
-                                                              "--embedder": embedder, "--kb": kb,
-                                                              "--weights": None if weights == "fp32" else weights})
+                                   llama_server_bin, support_tickets, embedder,
+                                   refused={"--adapter": adapter or adapters or None, "--draft": draft,
+                                            "--escalate-to": escalate_to, "--kb": kb,
+                                            "--weights": None if weights == "fp32" else weights})
     only_embeddings = _is_encoder(model)
     if only_embeddings and (embedder is not None or escalate_to is not None or draft is not None
                             or adapter is not None or adapters or kb is not None):
@@ -583,7 +548,7 @@ def auto_backend(model: str, device: str = "cpu", weights: str = "fp32", engine_
 
 def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes, request_timeout_s,
                         log_level, public_metrics, max_concurrency, write_timeout_s, binary, support_tickets,
-                        refused: dict) -> None:
+                        embedder, refused: dict) -> None:
     import uvicorn
 
     from slmkit.hub import resolve_model
@@ -598,9 +563,14 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
     if ref.kind == "remote":
         raise ValueError(f"{model} is a remote endpoint: serve a local model with --backend llama-server")
     tickets = open_tickets(support_tickets) if support_tickets is not None else None
+    # an --embedder encoder embeds in-process, in an engine of its own (llama-server serves a generator or, with
+    # --embeddings, embeddings only: not both from one process)
+    embeddings = (Engine(None, max_batch=max_batch, max_queue=max_queue,
+                         embedder=_load_encoder(embedder, "--embedder")) if embedder is not None else None)
     server = start_llama_server(ref.gguf_file(create=True), binary, parallel=max_batch, alias=model)
     try:
         app = create_proxy_app(server.url, model, max_requests=max_batch + max_queue, tickets=tickets,
+                               embeddings=embeddings,
                                api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                                request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                                max_concurrency=max_concurrency, write_timeout_s=write_timeout_s,
@@ -609,6 +579,8 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
                     timeout_keep_alive=5)
     finally:
         server.close()
+        if embeddings is not None:
+            embeddings.close()
         if tickets is not None:
             tickets.close_store()
 

@@ -22,7 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmkit.serve import guard, protocol
-from slmkit.serve.engine import EngineStats
+from slmkit.serve.embeddings import add_embeddings_route
+from slmkit.serve.engine import Engine, EngineStats
 from slmkit.serve.metrics import CONTENT_TYPE, Metrics
 from slmkit.serve.protocol import APIError, ChatBody, CompletionBody
 
@@ -38,9 +39,11 @@ class UpstreamView:
 def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key: str | None = None,
                      max_body_bytes: int = 1_000_000, request_timeout_s: float = 300.0, public_metrics: bool = False,
                      max_concurrency: int = 256, write_timeout_s: float = 30.0,
-                     upstream_alive: Callable[[], bool] = lambda: True, tickets=None) -> FastAPI:
+                     upstream_alive: Callable[[], bool] = lambda: True, tickets=None,
+                     embeddings: Engine | None = None) -> FastAPI:
     """The app described in the module docstring, forwarding to `upstream` (http://host:port); `tickets` (a
-    TicketStore) adds the agent page and the ticket routes (support.py)."""
+    TicketStore) adds the agent page and the ticket routes (support.py); `embeddings` (an engine over an encoder,
+    `slm serve --embedder`) answers /v1/embeddings here, behind the same admission as slmkit's own server."""
     from slmkit.serve.app import CHAT_PAGE, App, check_limits
     check_limits(max_requests=max_requests, max_body_bytes=max_body_bytes, request_timeout=request_timeout_s,
                  max_concurrency=max_concurrency, write_timeout=write_timeout_s)
@@ -168,10 +171,14 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
         guard.check_n(body.n)
         return await forward("/v1/chat/completions", await request.json())
 
-    @app.post("/v1/embeddings")
-    async def embeddings():
-        raise APIError(400, "embeddings are not served by the llama-server backend; serve with --backend torch, "
-                            "or an encoder (slm serve ENCODER)", param="model")
+    if embeddings is not None:
+        add_embeddings_route(app, embeddings, getattr(embeddings.embedder, "name", model_name), request_timeout_s)
+    else:
+        @app.post("/v1/embeddings")
+        async def no_embeddings():
+            raise APIError(400, "embeddings are not served by the llama-server backend without an encoder; add "
+                                "--embedder ENCODER (e.g. minilm-l6-v2), or serve with --backend torch",
+                           param="model")
 
     app.router.on_shutdown.append(client.aclose)
     return app
