@@ -113,6 +113,10 @@ def test_assistant_answers_from_the_help_center(help_kb):
     assert not turn.handoff and turn.ticket is None and turn.intent == "shipping"
     assert turn.articles[0] == "shipping.md" and "€19.95" in turn.reply and turn.reply.startswith(
         "From our help center (Shipping)")
+    assert len(turn.articles) == 3  # every article the retrieved chunks touch, up to max(quote_articles, sources)
+    narrow = SupportAssistant(help_kb, Intents(), queue=None, min_similarity=0.1, sources=1, quote_articles=1)
+    assert narrow.handle([{"role": "user", "content": "How much does shipping to Norway cost?"}]).articles == [
+        "shipping.md"]
     # with a model: its answer (and citations) come first, the quote after it
     lm = ScriptedLM("It costs €19.95 [1].")
     turn = SupportAssistant(help_kb, Intents(), lm=lm, min_similarity=0.1, sources=2).handle(

@@ -63,7 +63,7 @@ class SupportTurn:
     confidence: float  # that the automatic reply is right: mean of the best similarity and the retrievers' agreement
     ticket: str | None
     draft: str  # the grounded reply (sent when not handed off; a suggestion for the person otherwise)
-    articles: list[str] = field(default_factory=list)  # retrieved article paths, best first
+    articles: list[str] = field(default_factory=list)  # the best retrieved articles' names (quoted / shown), best first
     citations: list[dict] = field(default_factory=list)
     similarity: float = 0.0  # the best chunk's cosine similarity to the message
     agreement: bool | None = None  # BM25's and the embedder's best articles are both quoted (None: one retriever)
@@ -107,7 +107,9 @@ class SupportAssistant:
             reason, evidence = "low_confidence", (f"confidence {confidence:.2f} < {self.min_confidence} (similarity "
                                                   f"{similarity:.2f}, retrievers {'' if agreement else 'dis'}agree)")
         draft, citations = self._draft(text, hits, paths) if hits else ("", [])
-        articles = [Path(p).name for p in paths]
+        # what the person (and the client) is pointed to: the articles quoted and shown to the model, not every
+        # article the 20 retrieved chunks touch (about 10)
+        articles = [Path(p).name for p in paths[:max(self.quote_articles, self.sources)]]
         ticket = None
         if reason:
             if self.queue is None:
