@@ -1,13 +1,17 @@
 """Greedy decoding speed, plain vs speculative (lm/speculative.py), on prompts whose answer copies the prompt.
 
     python benchmarks/speculative.py --json docs/benchmark-logs/speculative.json
+    python benchmarks/speculative.py --backend llamacpp --drafts ngram \
+        --json docs/benchmark-logs/speculative_llamacpp.json
 
-Target: SmolLM2-135M-Instruct on slmkit's torch backend (fp32), each prompt through its chat template, greedy,
-up to 128 new tokens, ending at the end of the turn. Drafts: `ngram` (prompt lookup, no model), and a small model
-with the same tokenizer: SmolLM2 with every `--layer-step`-th block kept (`distill.student_from_teacher`, untrained:
-the only same-tokenizer draft at hand; `--draft DIR` takes another). Each configuration decodes every prompt once
-after a warm-up, in `--repeats` rounds over all configurations; tokens/s counts generated tokens over the median
-wall time of `stream_ids` for all prompts. The speculative outputs are compared with plain decoding token by token.
+Target: SmolLM2-135M-Instruct on slmkit's torch backend (fp32), or through llama.cpp (`--backend llamacpp`: the
+GGUF `slm pull` gives; plain decoding is then `LlamaCppLM.stream_ids`, llama.cpp's own loop), each prompt
+through its chat template, greedy, up to 128 new tokens, ending at the end of the turn. Drafts (`--drafts`):
+`ngram` (prompt lookup, no model), and a small model with the same tokenizer: SmolLM2 with every
+`--layer-step`-th block kept (`distill.student_from_teacher`, untrained: the only same-tokenizer draft at hand;
+`--draft DIR` takes another). Each configuration decodes every prompt once after a warm-up, in `--repeats`
+rounds over all configurations; tokens/s counts generated tokens over the median wall time of `stream_ids` for
+all prompts. The speculative outputs are compared with plain decoding token by token.
 """
 
 from __future__ import annotations
@@ -62,11 +66,13 @@ def main() -> None:
     ap.add_argument("--draft", help="a draft model directory (default: the target with every --layer-step-th block)")
     ap.add_argument("--layer-step", type=int, default=3)
     ap.add_argument("--draft-k", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--backend", default="torch", choices=["torch", "llamacpp"], help="the target's (and draft's)")
+    ap.add_argument("--drafts", nargs="+", default=["ngram", "model"], choices=["ngram", "model"])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    target = load_lm(args.model, backend="torch")
+    target = load_lm(args.model, backend=args.backend)
     tok = target.tokenizer
     prompts = [target.encode_prompt(tok.apply_chat_template([{"role": "user", "content": p}]))
                for p in PROMPTS]
@@ -74,14 +80,16 @@ def main() -> None:
     params.stop = []  # stream_ids ends at eos (SmolLM2's <|im_end|>); stop strings are a text-level matter
 
     with tempfile.TemporaryDirectory() as tmp:
-        draft_dir = args.draft
-        if draft_dir is None:
-            from slmkit.distill.student_init import student_from_teacher
-            draft_dir = str(student_from_teacher(args.model, f"{tmp}/draft", layer_step=args.layer_step))
-        draft = load_lm(draft_dir, backend="torch")
-        n_draft_layers = draft.model.cfg.n_layers
-        configs = [("plain", None, 0)] + [(f"ngram, k<={k}", "ngram", k) for k in args.draft_k]
-        configs += [(f"{n_draft_layers}-layer draft, k<={k}", draft, k) for k in args.draft_k]
+        configs = [("plain", None, 0)]
+        if "ngram" in args.drafts:
+            configs += [(f"ngram, k<={k}", "ngram", k) for k in args.draft_k]
+        if "model" in args.drafts:
+            draft_dir = args.draft
+            if draft_dir is None:
+                from slmkit.distill.student_init import student_from_teacher
+                draft_dir = str(student_from_teacher(args.model, f"{tmp}/draft", layer_step=args.layer_step))
+            draft = load_lm(draft_dir, backend=args.backend)
+            configs += [(f"draft {draft_dir}, k<={k}", draft, k) for k in args.draft_k]
         lms = {name: target if drafter is None else SpeculativeLM(target, drafter, max_draft=k)
                for name, drafter, k in configs}
         for lm in lms.values():
@@ -116,6 +124,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model,
+                       "backend": args.backend,
                        "rows": rows}, f, indent=2)
 
 

@@ -157,6 +157,32 @@ def test_sampled_output_has_the_targets_distribution(draft, chain):
         assert chi_square_p(own.ravel(), exact.ravel()) < 1e-6
 
 
+@pytest.mark.parametrize("draft", ["ngram", "llamacpp", "torch"])
+def test_a_llama_cpp_target_gives_its_own_greedy_output(world, draft):
+    pytest.importorskip("llama_cpp")
+    from slmkit.formats.gguf import write_gguf
+    from slmkit.lm.llamacpp_lm import LlamaCppLM
+    path = world["tmp"] / "target.gguf"
+    if not path.exists():
+        write_gguf(world["target"], path, quant="f32")
+    plain, target = LlamaCppLM(path, n_ctx=64), LlamaCppLM(path, n_ctx=64)  # the model's own context
+    drafter = {"ngram": lambda: "ngram", "torch": lambda: TorchLM.load(world["draft"]),
+               "llamacpp": lambda: LlamaCppLM(write_gguf(world["draft"], world["tmp"] / "d.gguf", quant="f32"),
+                                              n_ctx=64)}
+    spec = SpeculativeLM(target, drafter[draft](), max_draft=4)
+    prompts = [p for p in greedy_prompts(world["tok"], n=24, seed=1) if len(p) <= 30]
+    for i, prompt in enumerate(prompts):  # (64-token context: 30 + 30 fit)
+        params = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=i % 2 == 0)
+        assert list(spec.stream_ids(prompt, params, None)) == list(plain.stream_ids(prompt, params, None)), i
+    assert spec.stats.accepted > 0 and spec.stats.tokens_per_forward > 1.1, spec.stats
+    # at the context's end it stops where plain llama.cpp decoding stops
+    long = greedy_prompts(world["tok"], n=1)[0][:60]
+    params = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    assert list(spec.stream_ids(long, params, None)) == list(plain.stream_ids(long, params, None))
+    spec.close()
+    plain.close()
+
+
 # --- loading, refusals, the CLI ----------------------------------------------------------------------------------
 
 def test_a_draft_with_another_tokenizer_is_refused_in_one_line_naming_both(world):
@@ -201,7 +227,7 @@ def test_token_probs_is_the_distribution_sample_draws_from():
     assert token_probs(logits[None], SamplingParams(temperature=0))[0].tolist() == [1.0] + [0.0] * 7
 
 
-def test_draft_length_follows_the_acceptance_rate_and_only_torch_targets_are_taken():
+def test_draft_length_follows_the_acceptance_rate_and_only_windowed_targets_are_taken():
     from slmkit.lm.base import LM
     spec = SpeculativeLM(tiny_vocab_lm(0), "ngram", max_draft=8)
     assert spec.draft_length() == 4  # the prior: 0.8 per token
@@ -212,7 +238,7 @@ def test_draft_length_follows_the_acceptance_rate_and_only_torch_targets_are_tak
         k = spec.draft_length()
         spec._count(drafted=k, new=k + 1)  # every draft kept
     assert spec.draft_length() == 8
-    with pytest.raises(ValueError, match="torch backend for the target"):
+    with pytest.raises(ValueError, match="torch backend or llama.cpp for the target"):
         SpeculativeLM(LM(), "ngram")
 
 

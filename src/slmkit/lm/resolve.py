@@ -30,8 +30,9 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged (torch backend).
     `adapters`: {name: directory}, several adapters loaded side by side, one chosen per request or per batch row
     (`lm.adapters`, model/multi_lora.py; torch backend).
-    `draft`: decode speculatively (lm/speculative.py) with this model (same tokenizer, opened on the torch
-    backend with the same device and dtype) or "ngram" (prompt lookup), drafting up to `draft_k` tokens a step.
+    `draft`: decode speculatively (lm/speculative.py) with this model (same tokenizer; opened through llama.cpp
+    for a llama.cpp target, else on the torch backend with the same device and dtype) or "ngram" (prompt lookup),
+    drafting up to `draft_k` tokens a step.
     A `.json` file is an up-scaling spec (lm/upscale.py, `read_spec`): a large model steered by a small tuned/base
     pair, each opened here, `backend` being the default of those the file gives none.
     """
@@ -88,7 +89,11 @@ def _speculative(target: LM, draft: str, draft_k: int, device: str, dtype: torch
     from slmkit.lm.speculative import NGRAM, SpeculativeLM
     if draft == NGRAM:
         return SpeculativeLM(target, draft, max_draft=draft_k)
-    draft_lm = load_lm(draft, backend="torch", device=device, dtype=dtype)
+    from slmkit.lm.llamacpp_lm import LlamaCppLM
+    # the draft runs where the target runs: llama.cpp beside llama.cpp, else slmkit's torch backend
+    backend = "llamacpp" if isinstance(target, LlamaCppLM) else "torch"
+    options = {} if backend == "llamacpp" else {"device": device, "dtype": dtype}
+    draft_lm = load_lm(draft, backend=backend, **options)
     try:
         return SpeculativeLM(target, draft_lm, max_draft=draft_k)
     except BaseException:

@@ -16,10 +16,14 @@ context's last 3 (else 2, else 1) tokens and propose the tokens that followed it
 (q = 1 on the proposed token), which the same rule handles: keep with probability p(x), else draw from p with x
 removed. It costs no model, and pays off where the output copies the context (code edits, extraction, quoting).
 
-The target is slmkit's own model (`TorchLM`): it scores the k drafted tokens in one forward pass with its KV
-cache and rolls the cache back (`KVCache.length`) past the rejected ones. Other backends are refused: llama.cpp
-and transformers would need their own cache rollback, and scoring through `logprobs` would redo the whole
-context every step (slower than plain decoding).
+The target (and a model draft) is slmkit's own model (`TorchLM`), which scores the k drafted tokens in one
+forward pass with its KV cache and rolls the cache back (`KVCache.length`) past the rejected ones, or a GGUF
+through llama.cpp (`LlamaCppLM`), which evaluates them as one batch with every row's logits and drops the
+rejected ones from its KV cache by sequence removal (`LlamaCppLM._eval_reusing_prefix`); the two mix. On
+llama.cpp the probabilities come from slmkit's sampler chain over llama.cpp's logits (`sampling.token_probs`),
+so greedy output is llama.cpp's own greedy output and sampled output follows slmkit's chain. transformers is
+refused: it would need its own cache rollback, and scoring through `logprobs` would redo the whole context
+every step (slower than plain decoding).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from slmkit.lm.base import LM, end_ids
+from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.model.decode import KVCache
 from slmkit.sampling import SamplingParams, token_probs
@@ -77,23 +83,20 @@ class SpeculativeLM(LM):
     """
 
     def __init__(self, target: LM, draft: LM | str, max_draft: int = 4):
-        if not isinstance(target, TorchLM):
-            raise ValueError(f"speculative decoding needs slmkit's torch backend for the target (it rolls back the "
-                             f"KV cache), got {type(target).__name__} for {target.name}: use --backend torch")
-        if not target.use_cache:
-            raise ValueError("speculative decoding needs the target's KV cache: drop --no-cache")
+        check_windowed(target, "target")
         if isinstance(draft, str):
             if draft != NGRAM:
                 raise ValueError(f"unknown draft {draft!r}: give a model (same tokenizer as the target) or 'ngram'")
-        elif not isinstance(draft, TorchLM):
-            raise ValueError(f"the draft must run on slmkit's torch backend, got {type(draft).__name__} for "
-                             f"{draft.name}")
-        elif (target.tokenizer is None) != (draft.tokenizer is None):
-            raise ValueError(f"target {target.name} and draft {draft.name}: only one has a tokenizer to compare")
-        elif target.tokenizer is not None:
-            check_same_tokenizer(target.tokenizer, draft.tokenizer, f"target {target.name}", f"draft {draft.name}",
-                                 "A draft must read the target's token ids: use a model of the same family, or "
-                                 "--draft ngram.")
+        else:
+            check_windowed(draft, "draft")
+            if draft is target:
+                raise ValueError("the draft must be another model than the target (each keeps its own KV cache)")
+            if (target.tokenizer is None) != (draft.tokenizer is None):
+                raise ValueError(f"target {target.name} and draft {draft.name}: only one has a tokenizer to compare")
+            if target.tokenizer is not None:
+                check_same_tokenizer(target.tokenizer, draft.tokenizer, f"target {target.name}",
+                                     f"draft {draft.name}", "A draft must read the target's token ids: use a model "
+                                     "of the same family, or --draft ngram.")
         if max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {max_draft}")
         self.target, self.draft, self.max_draft = target, draft, max_draft
@@ -124,18 +127,23 @@ class SpeculativeLM(LM):
         return max(1, min(self.max_draft, int(math.log(MIN_REACH) / math.log(alpha))))
 
     def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
-        model = self.target.model
-        ids = list(prompt_ids)[-model.cfg.max_seq_len:] or [model.cfg.bos_token_id or 0]  # as generate_ids
+        if isinstance(self.target, TorchLM):
+            cfg = self.target.model.cfg
+            ids = list(prompt_ids)[-cfg.max_seq_len:] or [cfg.bos_token_id or 0]  # as generate_ids
+        else:
+            ids = list(prompt_ids)
         ends = end_ids(params, self.eos_id, self.bos_id)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         cache_len = len(ids) + params.max_new_tokens
-        target = CachedWindow(model, cache_len)
-        draft = CachedWindow(self.draft.model, cache_len) if isinstance(self.draft, TorchLM) else None
-        vocab = model.cfg.vocab_size
+        target = window(self.target, cache_len)
+        draft = window(self.draft, cache_len) if isinstance(self.draft, LM) else None
+        vocab = target.vocab_size
         allowed = first_allowed
         emitted = 0
         while emitted < params.max_new_tokens:
             room = target.room(len(ids))  # never draft past a window slide: the target decodes as plain decode does
+            if room < 1:
+                return  # llama.cpp's context is full (LlamaCppLM.stream_ids stops there too)
             k = min(self.draft_length(), params.max_new_tokens - emitted - 1, room - 1)
             if draft is not None:
                 drafted, q = propose_with_model(draft, ids, k, params, generator, allowed, vocab)
@@ -239,6 +247,46 @@ def prompt_lookup(ids: list[int], k: int, max_n: int = NGRAM_MAX) -> list[int]:
     return []
 
 
+def check_windowed(lm, role: str) -> None:
+    """`lm` can score drafted tokens in one pass and roll its KV cache back (a one-line error otherwise)."""
+    if isinstance(lm, TorchLM):
+        if not lm.use_cache:
+            raise ValueError(f"speculative decoding needs the {role}'s KV cache: drop --no-cache")
+    elif isinstance(lm, LlamaCppLM):
+        if not lm.logits_all:
+            raise ValueError(f"the {role} {lm.name} was opened with logits_all=False; speculative decoding reads "
+                             "the logits of every drafted row")
+    else:
+        raise ValueError(f"speculative decoding needs slmkit's torch backend or llama.cpp for the {role} (it rolls "
+                         f"back the KV cache), got {type(lm).__name__} for {lm.name}: use --backend torch or "
+                         "llamacpp")
+
+
+def window(lm: LM, max_tokens: int):
+    return LlamaCppWindow(lm) if isinstance(lm, LlamaCppLM) else CachedWindow(lm.model, max_tokens)
+
+
+class LlamaCppWindow:
+    """CachedWindow's interface over a `LlamaCppLM`: llama.cpp keeps the KV of the longest prefix the new list
+    shares with what it evaluated last (sequence removal past it: the rejected drafts) and evaluates the rest as
+    one batch, every row's logits kept. No window slides: generation ends at the context (n_ctx), as
+    `LlamaCppLM.stream_ids` ends."""
+
+    def __init__(self, lm: LlamaCppLM):
+        self.lm, self.vocab_size = lm, lm.llm.n_vocab()
+
+    def room(self, length: int) -> int:
+        # rows after length .. n_ctx - 1 tokens: as LlamaCppLM.stream_ids, whose last token is read from the
+        # logits after n_ctx - 1 tokens
+        return self.lm.max_length - length
+
+    def logits(self, ids: list[int], n: int) -> torch.Tensor:
+        if n > self.room(len(ids) - n + 1):
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.lm.max_length} (n_ctx)")
+        self.lm._eval_reusing_prefix(ids)
+        return torch.from_numpy(np.array(self.lm.llm.scores[len(ids) - n:len(ids)], dtype=np.float32))
+
+
 class CachedWindow:
     """Next-token logits for one growing token list, through a KV cache that follows whatever list it is given.
 
@@ -252,7 +300,7 @@ class CachedWindow:
         weight = next(model.parameters())
         self.model, self.max_len = model.eval(), model.cfg.max_seq_len
         self.cache = KVCache(model.cfg, 1, min(self.max_len, max_tokens), device=weight.device, dtype=weight.dtype)
-        self.device = weight.device
+        self.device, self.vocab_size = weight.device, model.cfg.vocab_size
         self.start = 0  # where the window begins in the token list
         self.fed: list[int] = []  # the window's tokens the cache holds
 
