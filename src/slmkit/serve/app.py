@@ -19,6 +19,7 @@ holds the routes and start-up; the pieces they wire together:
     stream.py     events to a client as they come; a client that disconnects cancels its generation
     metrics.py    the Prometheus metrics
     engine.py     continuous batching (batch_torch.py, batch_llamacpp.py: the backends' batched decoders)
+    embeddings.py /v1/embeddings over an engine (this app's, and the llama-server front's for --embedder)
 
 The request's `model` field is not checked (the one model answers), except that with LoRA adapters loaded side by
 side (`slm serve MODEL --adapter NAME=DIR ...`) "MODEL:NAME" (or "NAME") selects adapter NAME for that request;
