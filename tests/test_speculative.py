@@ -181,6 +181,12 @@ def test_a_llama_cpp_target_gives_its_own_greedy_output(world, draft):
     assert list(spec.stream_ids(long, params, None)) == list(plain.stream_ids(long, params, None))
     spec.close()
     plain.close()
+    if draft == "ngram":  # `slm serve --backend llamacpp --draft ngram` opens its llama.cpp target to verify drafts
+        from slmkit.serve.app import _load_generator
+        served, _ = _load_generator(str(path), "llamacpp", "cpu", "fp32", None, {}, "ngram", 4, None, None, 0.05)
+        assert isinstance(served, SpeculativeLM) and isinstance(served.target, LlamaCppLM)
+        assert served.target.logits_all
+        served.close()
 
 
 # --- loading, refusals, the CLI ----------------------------------------------------------------------------------

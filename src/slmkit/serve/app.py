@@ -614,6 +614,8 @@ def _load_generator(model, backend, device, weights, adapter, adapters, draft, d
     if (adapter is not None or adapters or draft is not None) and backend == "auto":
         backend = "torch"  # the only backend that applies an adapter unmerged and rolls back a speculative cache
     backend, model_arg, options = generation_backend(model, backend, device, weights)
+    if draft is not None and "logits_all" in options:
+        options["logits_all"] = True  # llama.cpp verifying drafted tokens reads every row's logits
     log.info("serving %s with the %s backend (%s weights)%s%s", model, backend, weights,
              f" and adapter {adapter}" if adapter else f" and adapters {', '.join(adapters)}" if adapters else "",
              f", draft {draft}" if draft else "")
