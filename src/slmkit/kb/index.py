@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,17 @@ class KnowledgeBase:
         folder that holds it (`docs/guide.md` for `/srv/x/docs/guide.md` when `docs/` was indexed), else its
         name. What a served page shows: the server's directory layout stays out of it."""
         p = Path(path)
-        for root in self.store.get_meta().get("source_roots", []):
-            root = Path(root)
-            if p == root or root in p.parents:
-                return str(Path(root.name) / p.relative_to(root)) if p != root else root.name
+        for root in self.source_roots:
+            if p == root:
+                return root.name
+            if root in p.parents:
+                return str(Path(root.name) / p.relative_to(root))
         return p.name
+
+    @cached_property
+    def source_roots(self) -> list[Path]:
+        """The indexed folders and files, resolved (read once: a served answer asks for every source)."""
+        return [Path(r) for r in self.store.get_meta().get("source_roots", [])]
 
     def close(self) -> None:
         self.store.close()
