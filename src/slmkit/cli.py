@@ -493,8 +493,9 @@ def generate(
     heal: Annotated[bool | None, typer.Option("--heal/--no-heal", help="token healing: let the first new token "
                                               "complete the prompt's last token (default: on, off with --chat "
                                               "and for remote models)")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="apply this LoRA adapter (PEFT format) to MODEL, unmerged "
-                                                      "(MODEL is the base it was trained on)")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="apply this LoRA adapter (PEFT format, or a LoRA GGUF for "
+                                                      "llamacpp) to MODEL, unmerged (MODEL is the base it was "
+                                                      "trained on; torch and llamacpp backends)")] = None,
     weights: Weights = "fp32",
     draft: Draft = None,
     draft_k: DraftK = 4,
@@ -726,10 +727,11 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="sequences decoded together (torch, llamacpp; llama-server's "
                                                 "--parallel slots)")] = 16,
     max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch before 429 answers")] = 64,
-    adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter (PEFT format), unmerged, torch backend: "
-                                                           "DIR serves MODEL with it; NAME=DIR (repeatable) loads "
-                                                           "each, and a request's model MODEL:NAME picks one (all "
-                                                           "share one batch)")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter (PEFT format), unmerged: DIR serves MODEL "
+                                                           "with it; NAME=DIR (repeatable) loads each, and a "
+                                                           "request's model MODEL:NAME picks one (the torch engine "
+                                                           "batches them together; llama-server takes NAME=DIR too, "
+                                                           "llamacpp one DIR)")] = None,
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP + "; not fp32 picks torch under auto")] = "fp32",
     draft: Annotated[str | None, typer.Option(help="speculative decoding (as in `slm generate --draft`): a draft "
                                                    "model or 'ngram'; torch backend, one request at a time")]
@@ -1189,10 +1191,13 @@ def export(
     format: Annotated[str, typer.Option("--format", help="gguf | hf | onnx")] = "gguf",
     quant: Annotated[str, typer.Option(help="GGUF weights: f32 | f16 | bf16 | q8_0 | q5_1/q5_0/q4_1/q4_0")] = "f32",
     dtype: Annotated[str, typer.Option(help="HF weights: float32 | bfloat16 | float16")] = "float32",
+    base: Annotated[str | None, typer.Option(help="for a LoRA adapter: the base model it adapts (default: the one "
+                                                  "its adapter_config.json records)")] = None,
 ):
-    """Write a model for llama.cpp (GGUF), transformers/vLLM (HF directory) or onnxruntime (ONNX)."""
+    """Write a model for llama.cpp (GGUF), transformers/vLLM (HF directory) or onnxruntime (ONNX); a LoRA
+    adapter directory as llama.cpp's LoRA GGUF (llama-server --lora, llama-cpp-python lora_path)."""
     from slmkit.recipes.convert import export_model
-    typer.echo(f"wrote {export_model(model, out, fmt=format, quant=quant, dtype=dtype)}")
+    typer.echo(f"wrote {export_model(model, out, fmt=format, quant=quant, dtype=dtype, base=base)}")
 
 
 HelpKb = Annotated[Path, typer.Argument(help="the help center: a knowledge base (`slm kb index`), or for eval a "

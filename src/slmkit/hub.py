@@ -250,6 +250,31 @@ class ModelRef:
                                 f"`slm export {self.location} --format gguf -o {self.location}/model.gguf`")
 
 
+def lora_gguf(adapter: str | Path, base_gguf: str | Path,
+              log=lambda message: print(message, file=sys.stderr)) -> Path:
+    """The LoRA GGUF llama.cpp applies for `adapter` on `base_gguf`: the file itself when `adapter` is one
+    already, else one written once into $SLMKIT_CACHE/gguf (formats/gguf.py: write_lora_gguf), keyed by the
+    adapter's weights (path, size, mtime) and the base file."""
+    import hashlib
+
+    from slmkit.formats.gguf import is_lora_gguf, write_lora_gguf
+    from slmkit.model.lora import find_adapter_dir
+    if is_lora_gguf(adapter):
+        return Path(adapter)
+    if Path(adapter).suffix.lower() == ".gguf":
+        raise ValueError(f"{adapter}: a model GGUF, not a LoRA adapter (general.type is not 'adapter')")
+    adapter_dir = find_adapter_dir(adapter)
+    weights = adapter_dir / "adapter_model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    key = hashlib.sha256(f"{weights.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}|"
+                         f"{Path(base_gguf).resolve()}".encode())
+    path = cache_dir() / "gguf" / f"lora-{key.hexdigest()[:20]}.gguf"
+    if not path.exists():
+        log(f"writing {adapter_dir} as a LoRA GGUF for llama.cpp: {path}")
+        write_lora_gguf(adapter_dir, base_gguf, path)
+    return path
+
+
 def cached_gguf(model_dir: Path, log=lambda message: print(message, file=sys.stderr)) -> Path:
     """An f32 GGUF of `model_dir` in $SLMKIT_CACHE/gguf, keyed by the weights' identity (path, size, mtime)."""
     import hashlib

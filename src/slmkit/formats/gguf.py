@@ -343,3 +343,102 @@ def write_model_gguf(model, tokenizer, out: str | Path, quant: str = "f32", name
         w.close()
     return out
 
+
+
+# --- LoRA adapters ----------------------------------------------------------------------------------------
+
+def _base_config(base: str | Path) -> ModelConfig:
+    """The shape of the base model a LoRA GGUF is written for: a model/run directory or a GGUF file."""
+    from slmkit.formats.hf_dir import find_model_dir
+    from slmkit.model.config import load_json
+    base = Path(base)
+    if base.suffix.lower() != ".gguf":
+        return ModelConfig.from_hf(load_json(find_model_dir(base) / "config.json"))
+    if not base.is_file():
+        raise FileNotFoundError(f"{base}: no such GGUF file")
+    reader = _gguf().GGUFReader(str(base))
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    vocab = next((int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight"), 0)
+    return ModelConfig(vocab_size=vocab, dim=int(_field(reader, "llama.embedding_length")),
+                       n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,
+                       n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+                       hidden_dim=int(_field(reader, "llama.feed_forward_length")))
+
+
+def _projection_shape(cfg: ModelConfig, projection: str) -> tuple[int, int]:
+    """(out, in) of one of a layer's projections (q_proj, ..., down_proj) in a model of shape `cfg`."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q_proj": (q, cfg.dim), "k_proj": (kv, cfg.dim), "v_proj": (kv, cfg.dim), "o_proj": (cfg.dim, q),
+            "gate_proj": (cfg.hidden_dim, cfg.dim), "up_proj": (cfg.hidden_dim, cfg.dim),
+            "down_proj": (cfg.dim, cfg.hidden_dim)}[projection]
+
+
+def write_lora_gguf(adapter: str | Path, base: str | Path, out: str | Path, name: str | None = None) -> Path:
+    """Write a LoRA adapter (PEFT format, or a LoRA run) as llama.cpp's LoRA GGUF for the base model `base`
+    (a model/run directory or a GGUF: its head counts order the rows, its shapes are checked), atomically.
+
+    llama.cpp applies it unmerged, on any base precision: `llama-server --lora FILE`, llama-cpp-python's
+    `Llama(lora_path=FILE)`. The file holds, per adapted weight W (`blk.N.attn_q.weight`), W.lora_a = A (r × in)
+    and W.lora_b = B (out × r) in f32, and `adapter.lora.alpha`; llama.cpp scales B A x by alpha / r as PEFT does.
+    B's rows of q_proj and k_proj are reordered per head like the base weights' (`_to_pairs`), so that
+    B A adds to the weight llama.cpp holds, not to HF's row order.
+    """
+    from slmkit.files import atomic_path
+    from slmkit.model.lora import find_adapter_dir, read_adapter_config, read_adapter_weights
+
+    gguf = _gguf()
+    adapter = find_adapter_dir(adapter)
+    lora_cfg = read_adapter_config(adapter)
+    cfg = _base_config(base)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, t in read_adapter_weights(adapter).items():  # layers.N.self_attn.q_proj.lora_A.weight
+        module, _, part = key.rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{adapter}: unexpected tensor {key!r} in the adapter (LoRA A/B matrices only)")
+        pairs.setdefault(module, {})[part[0]] = t.detach().float().cpu().numpy()
+    if not pairs:
+        raise ValueError(f"{adapter}: the adapter has no LoRA matrices")
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_type("adapter")
+        w.add_name(name or adapter.resolve().name)
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", float(lora_cfg.alpha))
+        for module in sorted(pairs, key=_layer_order):
+            ab = pairs[module]
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"{adapter}: {module} has lora_{''.join(ab)} without its pair")
+            parts = module.split(".")  # layers, N, self_attn|mlp, q_proj
+            if len(parts) != 4 or parts[0] != "layers" or int(parts[1]) >= cfg.n_layers:
+                raise ValueError(f"{adapter}: {module} is not a layer of the base ({cfg.n_layers} layers); was the "
+                                 f"adapter made for {base}?")
+            a, b = ab["A"], ab["B"]
+            want = _projection_shape(cfg, parts[3])
+            if (b.shape[0], a.shape[1]) != want or a.shape[0] != b.shape[1]:
+                raise ValueError(f"{adapter}: {module} adapts a {b.shape[0]} x {a.shape[1]} weight, the base {base} "
+                                 f"has {want[0]} x {want[1]}: the adapter was made for another base model")
+            if parts[3] in ("q_proj", "k_proj"):
+                b = _to_pairs(b, cfg.n_heads if parts[3] == "q_proj" else cfg.n_kv_heads)
+            target = gguf_name(f"{module}.weight")
+            w.add_tensor(f"{target}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
+            w.add_tensor(f"{target}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+def _layer_order(module: str) -> tuple:
+    parts = module.split(".")
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, module)
+
+
+def is_lora_gguf(path: str | Path) -> bool:
+    """True for a GGUF that holds a LoRA adapter (general.type "adapter") rather than a model."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return False
+    return _field(_gguf().GGUFReader(str(path)), "general.type") == "adapter"

@@ -19,7 +19,7 @@ from slmkit.sampling import SamplingParams
 
 class LlamaCppLM(LM):
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, logits_all: bool = True,
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, lora_path: str | Path | None = None):
         try:
             import llama_cpp
         except ImportError as e:
@@ -41,8 +41,10 @@ class LlamaCppLM(LM):
         # from run to run (log-probs moved by up to 0.16 nats on a near-tie).
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.max_length,
                                    n_threads=n_threads or os.cpu_count(), n_batch=min(512, self.max_length),
-                                   logits_all=logits_all, no_perf=True, verbose=False)
+                                   logits_all=logits_all, no_perf=True, verbose=False,
+                                   lora_path=str(lora_path) if lora_path is not None else None)
         self.name = str(path)
+        self.lora_path = lora_path  # a LoRA GGUF llama.cpp applies unmerged to every token (hub.lora_gguf)
         self.eos_id = self.llm.token_eos()
         self.bos_id = self.llm.token_bos() if self.llm.token_bos() >= 0 else None
         self.logits_all = logits_all

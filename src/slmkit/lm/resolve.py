@@ -27,7 +27,9 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
     model keeps, or an f32 GGUF of a model directory written once into the cache). Extra `options` go to the
     backend's constructor (e.g. n_ctx for llamacpp, chat for remote). `weights` bf16 or int8 (per-channel,
     quantize.py) is for slmkit's torch backend; llama.cpp's counterpart is a q8_0 GGUF (`slm export --quant`).
-    `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged (torch backend).
+    `adapter`: a LoRA adapter directory (PEFT format, or a LoRA run) applied unmerged: by slmkit's model on the
+    torch backend, by llama.cpp on "llamacpp" (written once as a LoRA GGUF for the base, hub.lora_gguf; a LoRA
+    GGUF file is taken as it is).
     `adapters`: {name: directory}, several adapters loaded side by side, one chosen per request or per batch row
     (`lm.adapters`, model/multi_lora.py; torch backend).
     `draft`: decode speculatively (lm/speculative.py) with this model (same tokenizer; opened through llama.cpp
@@ -59,10 +61,20 @@ def load_lm(spec: str, backend: str = "auto", device: str = "cpu", dtype: torch.
             dtype = torch.bfloat16
         else:
             options["weights"] = "int8"
+    if adapters and backend == "llamacpp":
+        raise ValueError("adapters chosen per request (NAME=DIR) run on slmkit's torch engine (--backend torch) or "
+                         "on llama-server (`slm serve --backend llama-server`), not in-process llama.cpp")
+    if adapter is not None and backend == "llamacpp":
+        from slmkit.hub import lora_gguf
+        if ref.kind == "remote":
+            raise ValueError(f"{spec}: a remote endpoint's model takes no --adapter")
+        options["lora_path"] = lora_gguf(adapter, ref.gguf_file(create=True))
     lm = _open(ref, spec, backend, device, dtype, options)
     lm.instruction_tuned = _instruction_tuned(ref)
     lm.generation_defaults = _generation_defaults(ref)
-    if adapter is not None:
+    if adapter is not None and "lora_path" in options:
+        lm.instruction_tuned = lm.instruction_tuned or _adapter_instruction_tuned(adapter)
+    elif adapter is not None:
         from slmkit.lm.torch_lm import apply_adapter
         try:
             apply_adapter(lm, adapter)
@@ -99,6 +111,14 @@ def _speculative(target: LM, draft: str, draft_k: int, device: str, dtype: torch
     except BaseException:
         draft_lm.close()
         raise
+
+
+def _adapter_instruction_tuned(adapter) -> bool:
+    from slmkit.formats.hf_dir import read_provenance
+    from slmkit.model.lora import find_adapter_dir
+    if Path(adapter).suffix.lower() == ".gguf":
+        return False  # a LoRA GGUF carries no slmkit provenance
+    return bool(read_provenance(find_adapter_dir(adapter)).get("instruction_tuned", False))
 
 
 def _generation_defaults(ref) -> dict:

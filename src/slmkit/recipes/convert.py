@@ -47,14 +47,20 @@ def import_model(src: str | Path, out: str | Path, dtype: str = "float32",
 
 
 def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f32",
-                 dtype: str = "float32") -> Path:
+                 dtype: str = "float32", base: str | Path | None = None) -> Path:
     """Write `model` (a model or run directory, a .gguf file, a pulled name) to `out` in format `fmt`.
 
     fmt is gguf | hf | onnx; `quant` applies to GGUF (f32, f16, bf16, q8_0), `dtype` to the HF directory
-    (float32, bfloat16, float16).
+    (float32, bfloat16, float16). A LoRA adapter directory (one holding adapter_config.json, e.g. a LoRA run's
+    `adapter/`) becomes llama.cpp's LoRA GGUF (formats/gguf.py: write_lora_gguf) for `base` (a model directory,
+    GGUF or pulled name; default: the base the adapter records).
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if (Path(model) / "adapter_config.json").is_file():
+        return _export_adapter(Path(model), out, fmt, base)
+    if base is not None:
+        raise ValueError(f"--base is for exporting a LoRA adapter; {model} has no adapter_config.json")
     ref = resolve_model(str(model))
     if ref.kind == "remote":
         raise ValueError(f"{model}: a remote endpoint's weights cannot be exported")
@@ -74,3 +80,21 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "gguf", quant: s
                               sampling=sampling or None)
     from slmkit.formats.onnx import export_onnx
     return export_onnx(src, out)
+
+
+def _export_adapter(adapter: Path, out: str | Path, fmt: str, base: str | Path | None) -> Path:
+    from slmkit.formats.gguf import write_lora_gguf
+    from slmkit.model.config import load_json
+    if fmt != "gguf":
+        raise ValueError(f"{adapter} is a LoRA adapter: it exports to gguf (llama.cpp's LoRA GGUF); for {fmt} "
+                         "merge it into its base first (`slm merge`)")
+    spec = base or load_json(adapter / "adapter_config.json").get("base_model_name_or_path")
+    if not spec:
+        raise ValueError(f"{adapter}: the adapter records no base model; give it with --base MODEL")
+    ref = resolve_model(str(spec))
+    if ref.kind == "remote":
+        raise ValueError(f"--base {spec}: a remote endpoint; give the base model's directory or GGUF")
+    location = Path(ref.location)
+    if ref.kind == "dir" and not (location / "config.json").is_file():
+        location = ref.gguf_file()  # a pulled model kept as a GGUF only
+    return write_lora_gguf(adapter, location, out)

@@ -191,19 +191,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     adapter_names = list(lm.adapters.names) if getattr(lm, "adapters", None) is not None else []
     names += [f"{model_name}:{a}" for a in adapter_names]
 
-    def adapter_for(requested: str | None) -> str | None:
-        """The adapter a request's `model` selects: MODEL:NAME or NAME; None (the base) for anything else."""
-        if not adapter_names or requested is None:
-            return None
-        name = requested.removeprefix(f"{model_name}:")
-        if name in adapter_names:
-            return name
-        if requested.startswith(f"{model_name}:"):
-            raise APIError(404, f"the model {requested!r} does not exist; the adapters served are "
-                                f"{', '.join(f'{model_name}:{a}' for a in adapter_names)}",
-                           param="model", code="model_not_found")
-        return None
-
     def check_generator(route: str) -> None:
         if lm is None:
             raise APIError(404, f"{model_name} is an embedding model: this server has no generator for {route} "
@@ -223,7 +210,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                        annotate=None) -> Response:
         """Submit one generation per prompt, n choices each; answer with all of them, or stream them."""
         t0 = time.perf_counter()
-        adapter = adapter_for(body.model)
+        adapter = protocol.requested_adapter(body.model, model_name, adapter_names)
         grammar = await compile_structured_output(engine.tokenizer, body)
         requests = [GenerationRequest(ids, params, n=n, logprobs=logprobs, grammar=grammar, adapter=adapter,
                                       images=images or None)
@@ -468,8 +455,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if backend == "llama-server":
         return _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes,
                                    request_timeout_s, log_level, public_metrics, max_concurrency, write_timeout_s,
-                                   llama_server_bin, support_tickets, embedder,
-                                   refused={"--adapter": adapter or adapters or None, "--draft": draft,
+                                   llama_server_bin, support_tickets, embedder, adapter, adapters,
+                                   refused={"--draft": draft,
                                             "--escalate-to": escalate_to, "--kb": kb,
                                             "--weights": None if weights == "fp32" else weights})
     only_embeddings = _is_encoder(model)
@@ -549,10 +536,10 @@ def auto_backend(model: str, device: str = "cpu", weights: str = "fp32", engine_
 
 def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_body_bytes, request_timeout_s,
                         log_level, public_metrics, max_concurrency, write_timeout_s, binary, support_tickets,
-                        embedder, refused: dict) -> None:
+                        embedder, adapter, adapters: dict, refused: dict) -> None:
     import uvicorn
 
-    from slmkit.hub import resolve_model
+    from slmkit.hub import lora_gguf, resolve_model
     from slmkit.serve.llama_server import find_llama_server, start_llama_server
     from slmkit.serve.proxy import create_proxy_app
     given = [name for name, value in refused.items() if value is not None]
@@ -568,10 +555,17 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
     # --embeddings, embeddings only: not both from one process)
     embeddings = (Engine(None, max_batch=max_batch, max_queue=max_queue,
                          embedder=_load_encoder(embedder, "--embedder")) if embedder is not None else None)
-    server = start_llama_server(ref.gguf_file(create=True), binary, parallel=max_batch, alias=model)
+    base = ref.gguf_file(create=True)
+    # LoRA adapters as llama.cpp's LoRA GGUFs, applied unmerged by llama-server: a single --adapter DIR to every
+    # request; NAME=DIR adapters loaded at scale 0, each request's `model` choosing one (proxy.py)
+    loras = [lora_gguf(a, base) for a in ([adapter] if adapter is not None else adapters.values())]
+    if bad := next((f for f in loras if "," in str(f)), None):  # llama-server splits --lora at commas
+        raise ValueError(f"{bad}: llama-server cannot load a LoRA file whose path has a comma; move or rename it")
+    lora_args = [arg for f in loras for arg in ("--lora", str(f))] + (["--lora-init-without-apply"] if adapters else [])
+    server = start_llama_server(base, binary, parallel=max_batch, alias=model, extra_args=lora_args)
     try:
         app = create_proxy_app(server.url, model, max_requests=max_batch + max_queue, tickets=tickets,
-                               embeddings=embeddings,
+                               embeddings=embeddings, adapters=list(adapters),
                                api_key=guard.resolve_api_key(api_key, host), max_body_bytes=max_body_bytes,
                                request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                                max_concurrency=max_concurrency, write_timeout_s=write_timeout_s,
@@ -612,7 +606,9 @@ def _load_generator(model, backend, device, weights, adapter, adapters, draft, d
     """The served LM (and the escalation target, with `escalate_to`), as `serve` describes."""
     from slmkit.lm import load_lm
     if (adapter is not None or adapters or draft is not None) and backend == "auto":
-        backend = "torch"  # the only backend that applies an adapter unmerged and rolls back a speculative cache
+        # the torch engine batches rows of different adapters together (llama-server batches only requests with
+        # the same adapters), and a draft is verified in slmkit's own slot cache
+        backend = "torch"
     backend, model_arg, options = generation_backend(model, backend, device, weights)
     if draft is not None and "logits_all" in options:
         options["logits_all"] = True  # llama.cpp verifying drafted tokens reads every row's logits

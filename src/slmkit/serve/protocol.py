@@ -207,6 +207,21 @@ def model_card(model: str, created: int) -> dict:
     return {"id": model, "object": "model", "created": created, "owned_by": "slmkit"}
 
 
+def requested_adapter(requested: str | None, model_name: str, adapter_names: list[str]) -> str | None:
+    """The LoRA adapter a request's `model` selects (`slm serve --adapter NAME=DIR`): MODEL:NAME or NAME; None
+    (the base) for anything else; a 404 for MODEL:NAME with no such adapter."""
+    if not adapter_names or requested is None:
+        return None
+    name = requested.removeprefix(f"{model_name}:")
+    if name in adapter_names:
+        return name
+    if requested.startswith(f"{model_name}:"):
+        raise APIError(404, f"the model {requested!r} does not exist; the adapters served are "
+                            f"{', '.join(f'{model_name}:{a}' for a in adapter_names)}",
+                       param="model", code="model_not_found")
+    return None
+
+
 def embeddings_response(vectors, encoding_format: str | None, model: str, prompt_tokens: int) -> dict:
     """`vectors`: (n, dim) float32 numpy; base64 is their little-endian float32 bytes, as OpenAI's are."""
     data = []

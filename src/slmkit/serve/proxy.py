@@ -40,10 +40,13 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
                      max_body_bytes: int = 1_000_000, request_timeout_s: float = 300.0, public_metrics: bool = False,
                      max_concurrency: int = 256, write_timeout_s: float = 30.0,
                      upstream_alive: Callable[[], bool] = lambda: True, tickets=None,
-                     embeddings: Engine | None = None) -> FastAPI:
+                     embeddings: Engine | None = None, adapters: list[str] = ()) -> FastAPI:
     """The app described in the module docstring, forwarding to `upstream` (http://host:port); `tickets` (a
     TicketStore) adds the agent page and the ticket routes (support.py); `embeddings` (an engine over an encoder,
-    `slm serve --embedder`) answers /v1/embeddings here, behind the same admission as slmkit's own server."""
+    `slm serve --embedder`) answers /v1/embeddings here, behind the same admission as slmkit's own server.
+    `adapters`: the names of the LoRA adapters the upstream loaded (`--lora`, in this order: llama-server's ids
+    0, 1, ...); a request's `model` MODEL:NAME selects one, sent upstream as llama-server's per-request `lora`
+    field (every adapter listed, the chosen one at scale 1), anything else the base (all at 0)."""
     from slmkit.serve.app import CHAT_PAGE, App, check_limits
     check_limits(max_requests=max_requests, max_body_bytes=max_body_bytes, request_timeout=request_timeout_s,
                  max_concurrency=max_concurrency, write_timeout=write_timeout_s)
@@ -72,11 +75,16 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
         view.stats.prompt_tokens_total += int(usage.get("prompt_tokens") or 0)
         view.stats.completion_tokens_total += int(usage.get("completion_tokens") or 0)
 
+    adapter_names = list(adapters)
+
     async def forward(path: str, body: dict) -> Response:
+        chosen = protocol.requested_adapter(body.get("model"), model_name, adapter_names)
         if running[0] >= max_requests:
             raise APIError(429, "the server is busy; retry after 1 s", type="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         body = {**body, "model": model_name}
+        if adapter_names:  # (an empty list would leave a slot with the adapters its last request had)
+            body["lora"] = [{"id": i, "scale": 1.0 if name == chosen else 0.0} for i, name in enumerate(adapter_names)]
         view.stats.requests_total += 1
         running[0] += 1
         t0 = time.perf_counter()
@@ -148,13 +156,15 @@ def create_proxy_app(upstream: str, model_name: str, max_requests: int, api_key:
     async def prometheus():
         return Response(metrics.render(view), media_type=CONTENT_TYPE)
 
+    served = [model_name] + [f"{model_name}:{a}" for a in adapter_names]
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [protocol.model_card(model_name, created)]}
+        return {"object": "list", "data": [protocol.model_card(m, created) for m in served]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        if model != model_name:
+        if model not in served:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name}",
                            param="model", code="model_not_found")
         return protocol.model_card(model, created)

@@ -1,0 +1,174 @@
+"""LoRA adapters on llama.cpp: PEFT adapters written as llama.cpp's LoRA GGUF (formats/gguf.py: write_lora_gguf),
+applied unmerged by llama-cpp-python (`load_lm(..., backend="llamacpp", adapter=DIR)`), `slm export ADAPTER`,
+and chosen per request through llama-server (`slm serve --backend llama-server --adapter NAME=DIR`)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import PAIRS, live_server, tiny_model_dir, translation_tokenizer
+from typer.testing import CliRunner
+
+from slmkit.cli import app as cli
+from slmkit.formats.gguf import is_lora_gguf, write_gguf, write_lora_gguf
+from slmkit.formats.hf_dir import load_model_dir, save_model_dir
+from slmkit.model.lora import LoRAConfig, LoRALinear, add_lora, merge_lora, save_adapter
+from slmkit.sampling import SamplingParams
+
+pytest.importorskip("llama_cpp")
+from slmkit.lm import load_lm  # noqa: E402
+from slmkit.lm.llamacpp_lm import LlamaCppLM  # noqa: E402
+
+# (rank, targets): all-linear puts B on q_proj and k_proj, whose rows llama.cpp orders per head differently;
+# the tiny model has 4 heads and 2 KV heads, so both reorderings are exercised
+ADAPTERS = {"alpha": (4, "all-linear"), "beta": (2, "q_proj,v_proj")}
+PROMPT = "Translate red:"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The base (a directory and its f32 GGUF), two adapters with nonzero B, and each merged model's f32 GGUF."""
+    tmp = tmp_path_factory.mktemp("lora_gguf")
+    tok = translation_tokenizer()
+    base = tiny_model_dir(tmp / "base", tok, train_on=" ".join(f"Translate {a}: {b}." for a, b in PAIRS),
+                          n_heads=4, n_kv_heads=2)
+    dirs, merged = {}, {}
+    for seed, (name, (r, targets)) in enumerate(ADAPTERS.items()):
+        cfg = LoRAConfig(r=r, alpha=2 * r + 1 + seed, target_modules=targets)  # alpha / r not 2: the scale matters
+        model = add_lora(load_model_dir(base), cfg)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_B.weight.normal_(0, 0.3)
+        dirs[name] = save_adapter(model, cfg, tmp / name, base, provenance={"instruction_tuned": True})
+        merged_dir = save_model_dir(merge_lora(model.eval()), tmp / f"{name}-merged", tok)
+        merged[name] = write_gguf(merged_dir, tmp / f"{name}-merged.gguf")
+    return base, write_gguf(base, tmp / "base.gguf"), dirs, merged
+
+
+def test_llama_cpp_with_a_lora_gguf_scores_like_the_merged_model(models, tmp_path):
+    base, base_gguf, dirs, merged = models
+    ids = LlamaCppLM(base_gguf).tokenizer.encode("Translate red: rouge. Translate blue: bleu.")
+    plain = LlamaCppLM(base_gguf).logprobs(ids, top_k=0).token_logprobs
+    for name, adapter in dirs.items():
+        lora = write_lora_gguf(adapter, base_gguf, tmp_path / f"{name}.gguf")
+        assert is_lora_gguf(lora) and not is_lora_gguf(base_gguf)
+        want = LlamaCppLM(merged[name]).logprobs(ids, top_k=0).token_logprobs
+        got = LlamaCppLM(base_gguf, lora_path=lora).logprobs(ids, top_k=0).token_logprobs
+        assert np.abs(np.array(want[1:]) - np.array(plain[1:])).max() > 0.1, "the adapter should change the model"
+        np.testing.assert_allclose(got[1:], want[1:], atol=2e-3)
+        # the base given as the model directory writes the same file
+        again = write_lora_gguf(adapter, base, tmp_path / f"{name}-from-dir.gguf")
+        assert again.read_bytes() == lora.read_bytes()
+
+
+def test_load_lm_applies_an_adapter_through_llama_cpp(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    base, base_gguf, dirs, merged = models
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    lm = load_lm(str(base_gguf), backend="llamacpp", adapter=str(dirs["alpha"]))
+    assert lm.lora_path is not None and is_lora_gguf(lm.lora_path)
+    assert lm.instruction_tuned  # the adapter's provenance, as on the torch backend
+    want = LlamaCppLM(merged["alpha"]).generate(PROMPT, params)[0]
+    assert lm.generate(PROMPT, params)[0] == want
+    assert load_lm(str(base_gguf), backend="llamacpp").generate(PROMPT, params)[0] != want
+    # the model directory as base (its f32 GGUF written into the cache), and a LoRA GGUF file taken as it is
+    assert load_lm(str(base), backend="llamacpp", adapter=str(dirs["alpha"])).generate(PROMPT, params)[0] == want
+    assert load_lm(str(base_gguf), backend="llamacpp", adapter=str(lm.lora_path)).generate(PROMPT, params)[0] == want
+    with pytest.raises(ValueError, match="not in-process llama.cpp"):
+        load_lm(str(base_gguf), backend="llamacpp", adapters={"a": str(dirs["alpha"])})
+    with pytest.raises(ValueError, match="a model GGUF, not a LoRA adapter"):
+        load_lm(str(base_gguf), backend="llamacpp", adapter=str(base_gguf))
+
+
+def test_slm_export_writes_an_adapter_as_a_lora_gguf(models, tmp_path):
+    base, base_gguf, dirs, merged = models
+    runner = CliRunner()
+    out = tmp_path / "alpha.gguf"
+    r = runner.invoke(cli, ["export", str(dirs["alpha"]), "-o", str(out)])  # the base the adapter records
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == write_lora_gguf(dirs["alpha"], base, tmp_path / "ref.gguf").read_bytes()
+    other = tiny_model_dir(tmp_path / "other", translation_tokenizer(), dim=96, n_heads=4, steps=1)
+    cases = [
+        (["--base", str(other)], "was made for another base model"),
+        (["--format", "hf"], "merge it into its base first"),
+    ]
+    for extra, message in cases:
+        r = runner.invoke(cli, ["export", str(dirs["alpha"]), "-o", str(tmp_path / "x.gguf"), *extra])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (extra, r.output)
+        assert not (tmp_path / "x.gguf").exists()
+    r = runner.invoke(cli, ["export", str(base), "-o", str(tmp_path / "y.gguf"), "--base", str(base)])
+    assert r.exit_code == 2 and "--base is for exporting a LoRA adapter" in r.output
+
+
+def _recording_upstream(seen: list):
+    """An OpenAI-shaped upstream that records each body it is sent (what the front adds)."""
+    from fastapi import FastAPI, Request
+
+    upstream = FastAPI()
+
+    @upstream.post("/v1/completions")
+    async def completions(request: Request):
+        seen.append(await request.json())
+        return {"id": "c", "object": "text_completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "text": "ok", "finish_reason": "length", "logprobs": None}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return upstream
+
+
+def test_the_front_selects_an_adapter_with_llama_servers_lora_field():
+    openai = pytest.importorskip("openai")
+    from slmkit.serve.proxy import create_proxy_app
+    seen = []
+    with live_server(_recording_upstream(seen)) as upstream:
+        with live_server(create_proxy_app(upstream, "tiny", max_requests=4, adapters=["alpha", "beta"])) as url:
+            front = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            for model in ("tiny:beta", "beta", "tiny", "something-else"):
+                front.completions.create(model=model, prompt="x", max_tokens=1)
+            assert [b["lora"] for b in seen] == [
+                [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]] * 2 + [
+                [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]] * 2
+            assert {b["model"] for b in seen} == {"tiny"}
+            with pytest.raises(openai.NotFoundError, match="the adapters served are tiny:alpha, tiny:beta"):
+                front.completions.create(model="tiny:gamma", prompt="x", max_tokens=1)
+            assert len(seen) == 4
+            assert [m.id for m in front.models.list()] == ["tiny", "tiny:alpha", "tiny:beta"]
+            assert front.models.retrieve("tiny:alpha").id == "tiny:alpha"
+
+
+def _binary():
+    from slmkit.serve.llama_server import find_llama_server
+    try:
+        return find_llama_server()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(_binary() is None, reason="no llama-server binary (slm build-llama-server)")
+def test_llama_server_serves_each_adapter_like_its_merged_model(models, tmp_path):
+    import asyncio
+
+    openai = pytest.importorskip("openai")
+    from slmkit.serve.llama_server import start_llama_server
+    from slmkit.serve.proxy import create_proxy_app
+    base, base_gguf, dirs, merged = models
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    want = {f"tiny:{n}": LlamaCppLM(merged[n]).generate(PROMPT, params)[0] for n in dirs}
+    want["tiny"] = LlamaCppLM(base_gguf).generate(PROMPT, params)[0]
+    assert len(set(want.values())) == 3
+    loras = [write_lora_gguf(d, base_gguf, tmp_path / f"{n}.gguf") for n, d in dirs.items()]
+    args = [a for f in loras for a in ("--lora", str(f))] + ["--lora-init-without-apply"]
+    server = start_llama_server(base_gguf, parallel=3, threads=1, alias="tiny", extra_args=args)
+    try:
+        with live_server(create_proxy_app(server.url, "tiny", max_requests=8, adapters=list(dirs))) as url:
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+            async def all_at_once():  # the three models interleaved, twice each, at once
+                models_asked = list(want) * 2
+                replies = await asyncio.gather(*[client.completions.create(
+                    model=m, prompt=PROMPT, max_tokens=8, temperature=0) for m in models_asked])
+                return models_asked, [r.choices[0].text for r in replies]
+            asked, texts = asyncio.run(all_at_once())
+            assert texts == [want[m] for m in asked]
+    finally:
+        server.close()
