@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -192,3 +193,17 @@ def tiny_encoder_dir(path, texts, flavour: str = "bert", std: float = 0.02, **ov
                 p.normal_(std=std)
     save_encoder_dir(model, path, tokenizer=load_tokenizer(path / "tokenizer.json"))
     return path
+
+
+def _llama_server_binary():
+    from slmkit.serve.llama_server import find_llama_server
+    try:
+        return find_llama_server()
+    except FileNotFoundError:
+        return None
+
+
+# Tests that run llama.cpp's C++ llama-server (`slm build-llama-server`): skipped without the binary, except under
+# CI=true, where .ci/run builds it and a missing binary must fail.
+needs_llama_server = pytest.mark.skipif(_llama_server_binary() is None and not os.environ.get("CI"),
+                                        reason="no llama-server binary (slm build-llama-server)")

@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from conftest import live_server, tiny_model_dir
+from conftest import live_server, needs_llama_server, tiny_model_dir
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -149,15 +149,8 @@ def test_serve_refuses_what_the_llama_server_backend_cannot_do(model_dir, tmp_pa
     assert r.exit_code == 2 and "--draft need slmkit's own engine" in r.output
 
 
-def _binary():
-    from slmkit.serve.llama_server import find_llama_server
-    try:
-        return find_llama_server()
-    except FileNotFoundError:
-        return None
 
-
-@pytest.mark.skipif(_binary() is None, reason="no llama-server binary (slm build-llama-server)")
+@needs_llama_server
 def test_a_managed_llama_server_answers_like_llama_cpp(model_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     from slmkit.formats.gguf import write_gguf
@@ -182,7 +175,7 @@ def test_a_managed_llama_server_answers_like_llama_cpp(model_dir, tmp_path):
     assert not server.alive() and os.path.exists(server.log_file)
 
 
-@pytest.mark.skipif(_binary() is None, reason="no llama-server binary (slm build-llama-server)")
+@needs_llama_server
 def test_llama_server_dies_with_a_killed_slm_serve(model_dir, tmp_path):
     import signal
     import subprocess

@@ -5,7 +5,7 @@ and chosen per request through llama-server (`slm serve --backend llama-server -
 import numpy as np
 import pytest
 import torch
-from conftest import PAIRS, live_server, tiny_model_dir, translation_tokenizer
+from conftest import PAIRS, live_server, needs_llama_server, tiny_model_dir, translation_tokenizer
 from typer.testing import CliRunner
 
 from slmkit.cli import app as cli
@@ -136,15 +136,8 @@ def test_the_front_selects_an_adapter_with_llama_servers_lora_field():
             assert front.models.retrieve("tiny:alpha").id == "tiny:alpha"
 
 
-def _binary():
-    from slmkit.serve.llama_server import find_llama_server
-    try:
-        return find_llama_server()
-    except FileNotFoundError:
-        return None
 
-
-@pytest.mark.skipif(_binary() is None, reason="no llama-server binary (slm build-llama-server)")
+@needs_llama_server
 def test_llama_server_serves_each_adapter_like_its_merged_model(models, tmp_path):
     import asyncio
 
