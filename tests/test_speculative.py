@@ -189,6 +189,27 @@ def test_a_llama_cpp_target_gives_its_own_greedy_output(world, draft):
         served.close()
 
 
+@pytest.mark.parametrize("draft", ["ngram", "hf", "torch"])
+def test_a_transformers_target_gives_its_own_greedy_output(world, draft):
+    pytest.importorskip("transformers")
+    from slmkit.lm.hf_lm import HFLM
+    plain, target = HFLM(world["target"]), HFLM(world["target"])
+    drafter = {"ngram": lambda: "ngram", "torch": lambda: TorchLM.load(world["draft"]),
+               "hf": lambda: HFLM(world["draft"])}[draft]()
+    spec = SpeculativeLM(target, drafter, max_draft=4)
+    # prompts past the 64-token context too: the window slides where HFLM's own decoding slides it
+    for i, prompt in enumerate(greedy_prompts(world["tok"], n=16, seed=2)):
+        params = SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=i % 2 == 0)
+        assert list(spec.stream_ids(prompt, params, None)) == list(plain.stream_ids(prompt, params, None)), i
+    assert spec.stats.accepted > 0 and spec.stats.tokens_per_forward > 1.1, spec.stats
+    if draft == "hf":  # load_lm opens a model draft on the target's backend
+        lm = load_lm(str(world["target"]), backend="hf", draft=str(world["draft"]))
+        assert isinstance(lm, SpeculativeLM) and isinstance(lm.target, HFLM) and isinstance(lm.draft, HFLM)
+        prompt = greedy_prompts(world["tok"], n=1)[0]
+        params = SamplingParams(max_new_tokens=20, temperature=0)
+        assert list(lm.stream_ids(prompt, params, None)) == list(plain.stream_ids(prompt, params, None))
+
+
 # --- loading, refusals, the CLI ----------------------------------------------------------------------------------
 
 def test_a_draft_with_another_tokenizer_is_refused_in_one_line_naming_both(world):
@@ -244,7 +265,7 @@ def test_draft_length_follows_the_acceptance_rate_and_only_windowed_targets_are_
         k = spec.draft_length()
         spec._count(drafted=k, new=k + 1)  # every draft kept
     assert spec.draft_length() == 8
-    with pytest.raises(ValueError, match="torch backend or llama.cpp for the target"):
+    with pytest.raises(ValueError, match="torch backend, llama.cpp or transformers for the target"):
         SpeculativeLM(LM(), "ngram")
 
 

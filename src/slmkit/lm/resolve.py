@@ -101,9 +101,11 @@ def _speculative(target: LM, draft: str, draft_k: int, device: str, dtype: torch
     from slmkit.lm.speculative import NGRAM, SpeculativeLM
     if draft == NGRAM:
         return SpeculativeLM(target, draft, max_draft=draft_k)
+    from slmkit.lm.hf_lm import HFLM
     from slmkit.lm.llamacpp_lm import LlamaCppLM
-    # the draft runs where the target runs: llama.cpp beside llama.cpp, else slmkit's torch backend
-    backend = "llamacpp" if isinstance(target, LlamaCppLM) else "torch"
+    # the draft runs where the target runs: llama.cpp beside llama.cpp, transformers beside transformers (a
+    # model slmkit's own code may not load), else slmkit's torch backend
+    backend = "llamacpp" if isinstance(target, LlamaCppLM) else "hf" if isinstance(target, HFLM) else "torch"
     options = {} if backend == "llamacpp" else {"device": device, "dtype": dtype}
     draft_lm = load_lm(draft, backend=backend, **options)
     try:

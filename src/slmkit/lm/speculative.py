@@ -19,11 +19,10 @@ removed. It costs no model, and pays off where the output copies the context (co
 The target (and a model draft) is slmkit's own model (`TorchLM`), which scores the k drafted tokens in one
 forward pass with its KV cache and rolls the cache back (`KVCache.length`) past the rejected ones, or a GGUF
 through llama.cpp (`LlamaCppLM`), which evaluates them as one batch with every row's logits and drops the
-rejected ones from its KV cache by sequence removal (`LlamaCppLM._eval_reusing_prefix`); the two mix. On
-llama.cpp the probabilities come from slmkit's sampler chain over llama.cpp's logits (`sampling.token_probs`),
-so greedy output is llama.cpp's own greedy output and sampled output follows slmkit's chain. transformers is
-refused: it would need its own cache rollback, and scoring through `logprobs` would redo the whole context
-every step (slower than plain decoding).
+rejected ones from its KV cache by sequence removal (`LlamaCppLM._eval_reusing_prefix`), or any transformers
+causal LM (`HFLM`), whose DynamicCache is cropped back past the rejected ones (`HFWindow`); they mix. On
+llama.cpp and transformers the probabilities come from slmkit's sampler chain over the backend's logits
+(`sampling.token_probs`), so greedy output is the backend's own greedy output.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from slmkit.lm.base import LM, end_ids
+from slmkit.lm.hf_lm import HFLM
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.model.decode import KVCache
@@ -130,6 +130,8 @@ class SpeculativeLM(LM):
         if isinstance(self.target, TorchLM):
             cfg = self.target.model.cfg
             ids = list(prompt_ids)[-cfg.max_seq_len:] or [cfg.bos_token_id or 0]  # as generate_ids
+        elif isinstance(self.target, HFLM):
+            ids = list(prompt_ids)[-self.target.max_length:]  # as torch_lm.decode crops it
         else:
             ids = list(prompt_ids)
         ends = end_ids(params, self.eos_id, self.bos_id)
@@ -256,14 +258,18 @@ def check_windowed(lm, role: str) -> None:
         if not lm.logits_all:
             raise ValueError(f"the {role} {lm.name} was opened with logits_all=False; speculative decoding reads "
                              "the logits of every drafted row")
-    else:
-        raise ValueError(f"speculative decoding needs slmkit's torch backend or llama.cpp for the {role} (it rolls "
-                         f"back the KV cache), got {type(lm).__name__} for {lm.name}: use --backend torch or "
-                         "llamacpp")
+    elif not isinstance(lm, HFLM):
+        raise ValueError(f"speculative decoding needs slmkit's torch backend, llama.cpp or transformers for the "
+                         f"{role} (it rolls back the KV cache), got {type(lm).__name__} for {lm.name}: use --backend "
+                         "torch, llamacpp or hf")
 
 
 def window(lm: LM, max_tokens: int):
-    return LlamaCppWindow(lm) if isinstance(lm, LlamaCppLM) else CachedWindow(lm.model, max_tokens)
+    if isinstance(lm, LlamaCppLM):
+        return LlamaCppWindow(lm)
+    if isinstance(lm, HFLM):
+        return HFWindow(lm)
+    return CachedWindow(lm.model, max_tokens)
 
 
 class LlamaCppWindow:
@@ -321,9 +327,32 @@ class CachedWindow:
         reuse = min(len(self.fed), first - 1 - self.start)  # at least the token before the first row is fed
         if self.fed[:reuse] != window[:reuse]:
             reuse = next(i for i, (a, b) in enumerate(zip(self.fed, window, strict=False)) if a != b)
-        self.cache.length = reuse
-        x = torch.tensor([window[reuse:]], device=self.device)
-        # the output head on the n rows wanted only (a prefill would otherwise project the whole prompt)
-        out = self.model.lm_head(self.model.hidden_states(x, cache=self.cache)[0, -n:]).float().cpu()
+        out = self._forward(window[reuse:], reuse, n)
         self.fed = window
         return out
+
+    def _forward(self, new: list[int], reuse: int, n: int) -> torch.Tensor:
+        """The last n rows' logits after feeding `new` on top of the cache's first `reuse` tokens."""
+        self.cache.length = reuse
+        x = torch.tensor([new], device=self.device)
+        # the output head on the n rows wanted only (a prefill would otherwise project the whole prompt)
+        return self.model.lm_head(self.model.hidden_states(x, cache=self.cache)[0, -n:]).float().cpu()
+
+
+class HFWindow(CachedWindow):
+    """CachedWindow over a transformers model (`HFLM`): its DynamicCache cropped back to the reused prefix; the
+    window slides at the model's max_position_embeddings, as HFLM.stream_ids (torch_lm.decode) slides it."""
+
+    def __init__(self, lm: HFLM):
+        self.model, self.max_len, self.device = lm.model, lm.max_length, lm.device
+        self.vocab_size = lm.model.config.vocab_size
+        self.cache = None  # transformers makes the DynamicCache on the first forward
+        self.start, self.fed = 0, []
+
+    def _forward(self, new: list[int], reuse: int, n: int) -> torch.Tensor:
+        if reuse and self.cache is not None:
+            self.cache.crop(reuse - self.cache.get_seq_length())  # (transformers 5: minus the tokens to drop)
+        out = self.model(input_ids=torch.tensor([new], device=self.device),
+                         past_key_values=self.cache if reuse else None, use_cache=True, logits_to_keep=n)
+        self.cache = out.past_key_values
+        return out.logits[0, -n:].float().cpu()
