@@ -13,7 +13,8 @@ sdist vendors (`slm build-llama-server`, cached) and runs with `--parallel` = th
 pool, continuous batching. This script's clients use the official `openai` async client, each sending
 `--requests-per-client` completions in turn. Reported per concurrency level: aggregate completion tokens/s (the
 usage the servers report / wall time), the ratio to the same server's 1-client figure, and the median and p99
-time to first token of one streamed request per client sent all at once. Greedy, `ignore_eos`. Results are
+time to first token of one streamed request per client sent all at once, after a warm-up per server (2 clients
+x 2 requests, not counted). Greedy, `ignore_eos`. Results are
 written after every level (`--json`), so a run cut short keeps what it measured.
 """
 
@@ -140,6 +141,9 @@ def main() -> None:
                        "--n_threads", str(args.threads), "--n_ctx", "1024"]
             proc = start(cmd, port, env)
             try:
+                # warm-up, not counted: a server's first requests pay one-time costs (connections to an upstream,
+                # first-call paths), which 3 timed requests at one client would otherwise carry
+                asyncio.run(run_clients(port, 2, 2, 8, prompt))
                 for clients in args.clients:
                     try:
                         r = asyncio.run(asyncio.wait_for(run_clients(port, clients, args.requests_per_client,
