@@ -23,7 +23,7 @@ def given(**kw) -> Machine:
                 matmul_fp32_gflops=100.0, matmul_bf16_gflops=200.0, bandwidth_gbs=20.0, baseline_rss_mb=500.0,
                 train_fit=[0.01, 0.002, 1e-9, 1e-11], decode_fit=[1e-3, 1e-4, 5e-11],
                 serve_fit=[2e-3, 1e-4, 5e-11, 1e-4, 2e-11],
-                activation_fit=[40.0, 8.0, 4.0, 12.0])
+                activation_fit=[40.0, 8.0, 4.0, 12.0], kd_fit=[2e-9, 16.0])
     return Machine(**{**base, **kw})
 
 
@@ -47,8 +47,13 @@ def test_the_cost_model_is_its_formulas():
     lora = estimate_run(m, cfg, 8, 128, lora_params=1000)
     assert lora.trainable_params == 1000 and lora.peak_rss_mb < est.peak_rss_mb
     assert lora.train_step_s == pytest.approx(0.01 + 0.002 * t[1] + 1e-9 * t[2] + 1e-11 * t[3] * 4 / 6)
-    distil = estimate_run(m, cfg, 8, 128, teacher=model_config("micro"))
-    assert distil.train_step_s > est.train_step_s and distil.peak_rss_mb > est.peak_rss_mb
+    teacher = model_config("micro")
+    distil = estimate_run(m, cfg, 8, 128, teacher=teacher)
+    tt = train_terms(teacher, 8, 128)
+    teacher_forward = 0.002 * tt[1] + 1e-9 * tt[2] / 3 + 1e-11 * tt[3] / 3
+    kd_elements = 8 * 128 * teacher.vocab_size
+    assert distil.train_step_s == pytest.approx(step + teacher_forward + 2e-9 * kd_elements)
+    assert distil.peak_rss_mb == pytest.approx(est.peak_rss_mb + (4 * teacher.num_params() + 16 * kd_elements) / 2**20)
     # more layers, more tokens, more clients: never cheaper
     bigger = estimate_run(m, model_config("nano", n_layers=8), batch=8, seq=128, clients=4)
     assert bigger.train_step_s > est.train_step_s and bigger.decode_tokens_per_s < est.decode_tokens_per_s
@@ -58,8 +63,11 @@ def test_calibration_fits_its_measurements_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path))
     m = machine_mod.calibrate(quick=True, log=lambda *_: None)
     assert m.matmul_fp32_gflops > 0 and m.bandwidth_gbs > 0 and m.baseline_rss_mb > 50 and m.threads >= 1
-    for fit in (m.train_fit, m.decode_fit, m.serve_fit, m.activation_fit):
+    for fit in (m.train_fit, m.decode_fit, m.serve_fit, m.activation_fit, m.kd_fit):
         assert all(c >= 0 for c in fit) and any(c > 0 for c in fit)
+    # distillation's loss holds several fp32 tensors of the logits' size at its peak: 4 bytes each
+    (batch, seq, vocab, extra_s, extra_bytes), = m.measured["kd"]
+    assert extra_s > 0 and extra_bytes >= 4 * batch * seq * vocab, m.measured["kd"]
     # the fit reproduces what it was fitted to (within the noise of a shared machine), shape by shape
     for *shape, seconds in m.measured["train"]:
         batch, seq, dim, layers, hidden, vocab = shape

@@ -11,7 +11,8 @@
 
 LoRA trains no base gradients (backward through the frozen weights costs about 2 of training's 6 FLOPs per
 weight: 4/6 of the full step's FLOPs); distillation adds the teacher's forward pass (a third of its training
-step) and its weights. Time to first token is a batch-1 forward over the prompt (a third of a training step's
+step), its weights, and the loss's own work over the vocabulary (kd_fit: the teacher's and the student's
+log-softmax, the divergence and its gradient, in time and peak bytes per token x vocabulary entry). Time to first token is a batch-1 forward over the prompt (a third of a training step's
 cost at that length); serving N clients is an engine step of N rows.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from slmkit.model.config import ModelConfig
-from slmkit.plan.machine import Machine, activation_terms, decode_terms, serve_terms, train_terms
+from slmkit.plan.machine import Machine, activation_terms, decode_terms, kd_terms, serve_terms, train_terms
 
 
 @dataclass
@@ -54,6 +55,7 @@ def train_step_seconds(m: Machine, cfg: ModelConfig, batch: int, seq: int, lora:
     if teacher is not None:
         t = train_terms(teacher, batch, seq)
         seconds += _dot(m.train_fit, [0.0, t[1], t[2] / 3, t[3] / 3])
+        seconds += m.kd_fit[0] * kd_terms(batch, seq, teacher.vocab_size)
     return seconds
 
 
@@ -70,7 +72,7 @@ def train_peak_rss_mb(m: Machine, cfg: ModelConfig, batch: int, seq: int, lora_p
         bytes_ += 2 * params  # autocast's bf16 copies of the weights, kept for backward
     bytes_ += activation_bytes(m, cfg, batch, seq) + 2 * 4 * batch * seq * cfg.vocab_size
     if teacher is not None:
-        bytes_ += 4 * teacher.num_params() + 4 * batch * seq * teacher.vocab_size
+        bytes_ += 4 * teacher.num_params() + m.kd_fit[1] * kd_terms(batch, seq, teacher.vocab_size)
     return m.baseline_rss_mb + bytes_ / 2**20
 
 

@@ -6,7 +6,9 @@ Two kinds of measurement, both on the machine itself, with the thread count slmk
 - slmkit's own model at a handful of small shapes: the seconds of a training step (forward, backward, AdamW) at
   the precision `slm train` picks, the seconds per generated token at batch 1 (`generate_ids`, what `slm
   generate` runs) and at batch 4 and 16 (the serving engine, every row's sampling and events included), the bytes
-  autograd saves for backward, and the resident memory of a process that has imported the trainer.
+  autograd saves for backward, the resident memory of a process that has imported the trainer, and what a
+  distillation loss adds over a plain cross-entropy (time and peak memory per token x vocabulary entry, each in a
+  child process of its own).
 Each cost the planner predicts is a small linear model in terms the shapes give (FLOPs, layers, weight bytes,
 tokens x width), fitted to those measurements by non-negative least squares, so it captures this machine's
 per-op overhead as well as its peak. The result is cached ($SLMKIT_CACHE/plan/, keyed by CPU, threads and torch
@@ -34,11 +36,13 @@ import torch
 from slmkit.files import atomic_write_json
 from slmkit.model.config import ModelConfig
 
-VERSION = 3
+VERSION = 4
 # (batch, seq, dim, layers, hidden, vocab): small enough to measure in seconds, spread so the fits separate
 # per-step, per-layer, per-element and per-FLOP costs
 TRAIN_SHAPES = [(8, 64, 64, 2, 192, 512), (8, 64, 64, 8, 192, 512), (8, 256, 128, 4, 384, 4096),
                 (16, 256, 256, 4, 688, 8192), (8, 256, 384, 6, 1024, 8192), (4, 256, 512, 8, 1376, 16384)]
+# (batch, seq, vocab) of the distillation-loss measurements (kd_terms): two vocabularies, the fit is per element
+KD_SHAPES = [(8, 128, 4096), (4, 128, 16384)]
 DECODE_SHAPES = [(64, 2, 192, 512), (128, 8, 384, 4096), (256, 6, 688, 8192), (512, 8, 1376, 16384),
                  (768, 6, 2048, 32000)]
 
@@ -61,6 +65,9 @@ class Machine:
     serve_fit: list[float]  # seconds per engine step = c . [1, layers, weight bytes, rows, rows * forward FLOPs]
     activation_fit: list[float]  # saved bytes = c . [tokens*dim*layers, tokens*hidden*layers,
     #                              tokens*seq*heads*layers, tokens*vocab]
+    # distillation's own work per token x vocabulary entry, over a plain step's cross-entropy (kd_terms): the
+    # teacher's log-softmax, the student's fp32 log-softmax kept for backward, the divergence and its gradient
+    kd_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [seconds, peak bytes] per token*vocab
     measured: dict = field(default_factory=dict)  # the raw measurements the fits came from
     version: int = VERSION
 
@@ -138,6 +145,70 @@ def _train_step_seconds(cfg: ModelConfig, batch: int, seq: int, precision: str, 
         opt.zero_grad(set_to_none=True)
     step(count=True)
     return _median_seconds(step, repeats), saved[0]
+
+
+def kd_terms(batch: int, seq: int, vocab: int) -> float:
+    return float(batch * seq * vocab)
+
+
+# What one distillation loss costs beyond a plain cross-entropy, run in a child process so that its peak memory
+# (VmHWM, transient tensors included) is its own: the default online recipe (slm distill: the teacher's full
+# distribution, forward KL, alpha 0.5), from the logits on (the models' own forward passes are the train fit's).
+_KD_PROBE = """
+import sys, time, statistics, torch, torch.nn.functional as F
+from slmkit.distill.kd import kd_loss_from_logp
+from slmkit.distill.teacher import TeacherTargets
+from slmkit.plan.machine import peak_rss_mb
+torch.set_num_threads(int(sys.argv[5]))
+B, T, V, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+y = torch.randint(0, V, (B, T))
+mask = torch.ones(B, T)
+def step():
+    logits = torch.randn(B, T, V, requires_grad=True)
+    if kind == "ce":
+        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+    else:
+        teacher = torch.log_softmax(torch.randn(B, T, V), dim=-1)
+        s_logp = torch.log_softmax(logits, dim=-1)
+        kd = kd_loss_from_logp(s_logp, TeacherTargets(logp=teacher), mask, "fkl", 0.5, 1.0)
+        loss = 0.5 * kd + 0.5 * F.nll_loss(s_logp.reshape(-1, V), y.reshape(-1))
+    loss.backward()
+def rss_mb():
+    try:
+        return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS:")).split()[1]) / 1024
+    except OSError:  # no /proc: the peak so far stands in for the resident size
+        return peak_rss_mb()
+before = rss_mb()
+step()  # the first step's high-water mark over the resident size before it: what a training step adds at peak
+peak = (peak_rss_mb() - before) * 2**20
+times = []
+for _ in range(int(sys.argv[6])):
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+print(statistics.median(times), peak)
+"""
+
+
+def _kd_probe(batch: int, seq: int, vocab: int, kind: str, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak bytes over the process before it) of one loss + backward of `kind` (ce | kd)."""
+    out = subprocess.run([sys.executable, "-c", _KD_PROBE, str(batch), str(seq), str(vocab), kind,
+                          str(torch.get_num_threads()), str(repeats)], capture_output=True, text=True, check=True,
+                         timeout=600)
+    seconds, peak = out.stdout.split()[-2:]
+    return float(seconds), float(peak)
+
+
+def _kd_fit(shapes, repeats: int) -> tuple[list[float], list]:
+    """[seconds, bytes] per token*vocab of distillation over cross-entropy, fitted through the origin."""
+    rows, extra_s, extra_b = [], [], []
+    for batch, seq, vocab in shapes:
+        ce_s, ce_b = _kd_probe(batch, seq, vocab, "ce", repeats)
+        kd_s, kd_b = _kd_probe(batch, seq, vocab, "kd", repeats)
+        rows.append(kd_terms(batch, seq, vocab))
+        extra_s.append(max(0.0, kd_s - ce_s))
+        extra_b.append(max(0.0, kd_b - ce_b))
+    fit = [_nnls([[r] for r in rows], extra_s)[0], _nnls([[r] for r in rows], extra_b)[0]]
+    return fit, [[*shape, s, b] for shape, s, b in zip(shapes, extra_s, extra_b, strict=True)]
 
 
 def _decode_step_seconds(cfg: ModelConfig, batch: int, repeats: int) -> float:
@@ -254,6 +325,8 @@ def calibrate(quick: bool = False, log=print) -> Machine:
         act_rows.append(activation_terms(cfg, batch, seq))
         act_y.append(float(saved))
         log(f"  train {batch}x{seq} d{dim} L{layers}: {seconds * 1e3:.1f} ms/step, {saved / 2**20:.1f} MB saved")
+    kd_fit, kd_measured = _kd_fit(KD_SHAPES[:1] if quick else KD_SHAPES, repeats)
+    log(f"  distillation over cross-entropy: {kd_fit[0] * 1e9:.2f} ns and {kd_fit[1]:.1f} bytes per token x vocab")
     decode_rows, decode_y, serve_rows, serve_y = [], [], [], []
     for dim, layers, hidden, vocab in decode_shapes:
         cfg = _cfg(dim, layers, hidden, vocab, 64)
@@ -273,8 +346,8 @@ def calibrate(quick: bool = False, log=print) -> Machine:
         bandwidth_gbs=round(bandwidth, 2), baseline_rss_mb=round(_baseline_rss_mb(), 1),
         train_fit=_nnls(train_rows, train_y), decode_fit=_nnls(decode_rows, decode_y),
         serve_fit=_nnls(serve_rows, serve_y),
-        activation_fit=_nnls(act_rows, act_y),
-        measured={"train": [[*s, y] for s, y in zip(train_shapes, train_y, strict=True)],
+        activation_fit=_nnls(act_rows, act_y), kd_fit=kd_fit,
+        measured={"train": [[*s, y] for s, y in zip(train_shapes, train_y, strict=True)], "kd": kd_measured,
                   "decode": decode_y, "serve": serve_y, "activations": act_y, "quick": quick})
     return machine
 
