@@ -228,6 +228,12 @@ def _bad_inputs(tmp):
         (["kb", "synth", missing, "-o", str(tmp / "synth.jsonl"), "--teacher", missing, "--n", "0"],
          "--n must be > 0"),
         (["kb", "ask", missing, "q", "--model", missing], "no knowledge base here"),
+        (["kb", "ask", missing, "q", "--answer", "quote"], "no knowledge base here"),
+        (["kb", "ask", missing, "q"], "no knowledge base here"),  # no --model: it quotes
+        (["kb", "ask", missing, "q", "--answer", "model"], "--answer model needs a model (--model)"),
+        (["kb", "ask", missing, "q", "--answer", "cite"], "unknown answer mode 'cite'"),
+        (["kb", "eval", missing, "--questions", str(huge), *out, "--answer", "model+quote"], "needs a model"),
+        (["serve", missing, "--kb", missing, "--kb-answer", "cite"], "unknown answer mode 'cite' (--kb-answer)"),
         (["kb", "eval", missing, "--questions", str(huge), *out], "huge.jsonl:1"),
         (["write", missing, "--model", missing, "--sku", "KB-1"], "no such catalogue file"),
         (["recommend", missing, "--history", "KB-1"], "no such catalogue file"),

@@ -20,10 +20,10 @@ from browser import page_errors, save_screenshot  # noqa: E402
 from conftest import live_server, tiny_model_dir  # noqa: E402
 from test_kb import DOCS, WordEmbedder, write_docs  # noqa: E402
 
-from slmkit.kb.ask import ABSTAIN_TEXT, SYSTEM  # noqa: E402
+from slmkit.kb.ask import ABSTAIN_TEXT, SOURCES_SAY, SYSTEM, quote_sources  # noqa: E402
 from slmkit.kb.index import index_kb, open_kb  # noqa: E402
 from slmkit.kb.retrieve import search  # noqa: E402
-from slmkit.serve.kb import Grounding  # noqa: E402
+from slmkit.serve.kb import Grounding, Quote  # noqa: E402
 
 MODEL = "tiny-kb"
 KEY = "kb-key"
@@ -50,11 +50,16 @@ def served(tmp_path_factory):
     conversation = tok.apply_chat_template([*prompt, {"role": "assistant", "content": ANSWER}])
     lm = load_lm(str(tiny_model_dir(root / "m", tok, train_on=conversation, steps=60, max_seq_len=384)))
     grounding = Grounding(kb, k=2, min_similarity=0.2)
+    quoting = Grounding(kb, k=2, min_similarity=0.2, answer="quote", lock=grounding.lock)
+    both = Grounding(kb, k=2, min_similarity=0.2, answer="model+quote", lock=grounding.lock)
     engine = Engine(lm, max_batch=4, max_queue=8)
     try:
         with live_server(create_app(engine, MODEL, api_key=KEY, grounding=grounding)) as grounded, \
-                live_server(create_app(engine, MODEL, api_key=KEY)) as plain:
-            yield {"grounded": grounded, "plain": plain, "grounding": grounding}
+                live_server(create_app(engine, MODEL, api_key=KEY)) as plain, \
+                live_server(create_app(engine, MODEL, api_key=KEY, grounding=quoting)) as quoted, \
+                live_server(create_app(engine, MODEL, api_key=KEY, grounding=both)) as model_quote:
+            yield {"grounded": grounded, "plain": plain, "grounding": grounding, "quote": quoted,
+                   "model+quote": model_quote}
     finally:
         engine.close()
         kb.close()
@@ -166,6 +171,47 @@ def test_the_openai_client_reads_the_reply_and_the_sources(served):
     assert Path(reply.model_extra["slmkit"]["kb"]["sources"][0]["path"]).name == "kettle.md"
 
 
+def test_kb_answer_quote_replies_with_the_sources_words_without_the_model(served):
+    status, body = post(served["quote"], ask_body())
+    assert status == 200, body
+    text, kb = body["choices"][0]["message"]["content"], body["slmkit"]["kb"]
+    assert "Descale the kettle monthly with citric acid." in text and body["usage"]["completion_tokens"] == 0
+    hits = search(served["grounding"].kb, QUESTION, k=2)
+    assert text == quote_sources(QUESTION, hits, served["grounding"].kb)[0]  # what `slm kb ask --answer quote` says
+    assert [c["n"] for c in kb["citations"]] == [int(n) for n in re.findall(r"\[(\d)\]", text)]
+    assert kb["abstained"] is False and kb["reason"] == ""
+    status, raw = post(served["quote"], ask_body(stream=True))
+    parts = chunks(raw)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in parts if c["choices"]) == text
+    assert parts[-1]["slmkit"] == body["slmkit"]
+    status, off = post(served["quote"], ask_body(OFF_TOPIC))
+    assert off["choices"][0]["message"]["content"] == ABSTAIN_TEXT and off["slmkit"]["kb"]["reason"] == "retrieval"
+
+
+def test_kb_answer_model_quote_appends_the_quote_to_the_models_answer(served):
+    status, plain = post(served["grounded"], ask_body())
+    status, body = post(served["model+quote"], ask_body())
+    assert status == 200, body
+    model_text = plain["choices"][0]["message"]["content"]
+    text, kb = body["choices"][0]["message"]["content"], body["slmkit"]["kb"]
+    hits = search(served["grounding"].kb, QUESTION, k=2)
+    quoted, quote_citations = quote_sources(QUESTION, hits, served["grounding"].kb)
+    assert text == f"{model_text}\n\n{SOURCES_SAY}\n{quoted}"
+    model_cited = [c["n"] for c in plain["slmkit"]["kb"]["citations"]]
+    assert [c["n"] for c in kb["citations"]] == model_cited + [c.n for c in quote_citations if c.n not in model_cited]
+    status, raw = post(served["model+quote"], ask_body(stream=True))
+    parts = chunks(raw)
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in parts if c["choices"]]
+    assert "".join(deltas) == text and deltas[-1] == "" and deltas[-2] == f"\n\n{SOURCES_SAY}\n{quoted}"
+    assert parts[-1]["slmkit"] == body["slmkit"]
+    # a declining model gets no quote, and abstains
+    both = Grounding(served["grounding"].kb, answer="model+quote")
+    assert both.appender(Quote("\n\nq [1]", []))("That is not in the knowledge base.") == ""
+    assert both.info(hits, "That is not in the knowledge base.", quote=Quote("\n\nq [1]", []))["kb"]["abstained"]
+    with pytest.raises(ValueError, match="unknown answer mode 'cite' \\(--kb-answer\\)"):
+        Grounding(served["grounding"].kb, answer="cite")
+
+
 def test_serve_refuses_bad_kb_options_before_loading_the_model(tmp_path):
     from typer.testing import CliRunner
 
@@ -173,7 +219,11 @@ def test_serve_refuses_bad_kb_options_before_loading_the_model(tmp_path):
     runner = CliRunner()
     for args, message in [(["--kb", str(tmp_path / "nowhere")], "no knowledge base here"),
                           (["--kb", str(tmp_path), "--escalate-to", "x", "--calibration", "c.json"], "--escalate-to"),
-                          (["--kb", str(tmp_path), "--kb-k", "0"], "--kb-k")]:
+                          (["--kb", str(tmp_path), "--kb-k", "0"], "--kb-k"),
+                          (["--kb", str(tmp_path), "--kb-answer", "cite"], "--kb-answer"),
+                          (["--kb-answer", "quote"], "give --kb"),
+                          (["--kb", str(tmp_path), "--kb-answer", "quote", "--kb-quote-sentences", "0"],
+                           "at least 1")]:
         result = runner.invoke(app, ["serve", "no-such-model", *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

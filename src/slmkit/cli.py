@@ -766,6 +766,11 @@ def serve(
     kb_k: Annotated[int, typer.Option(help="with --kb: sources shown to the model")] = 3,
     kb_min_similarity: Annotated[float, typer.Option(help="with --kb: abstain when no source is this similar to "
                                                           "the question (cosine)")] = 0.45,
+    kb_answer: Annotated[str, typer.Option(help="with --kb: model | quote (the sources' best passages verbatim, "
+                                                "no model call) | model+quote (the quote after the model's answer)")]
+    = "model",
+    kb_quote_sentences: Annotated[int, typer.Option(help="with --kb-answer quote or model+quote: the quote's best "
+                                                         "sentences")] = 3,
     support: Annotated[Path | None, typer.Option(help="serve the agent page (/agent) over this ticket store "
                                                       "(.sqlite, as `slm support` and --escalate-to "
                                                       "queue:FILE.sqlite write): people answer and close hand-offs; "
@@ -787,7 +792,8 @@ def serve(
                public_metrics=public_metrics, max_concurrency=max_concurrency, write_timeout_s=write_timeout,
                escalate_to=escalate_to, calibration=calibration, target_error=target_error, embedder=embedder,
                llama_server_bin=llama_server_bin, kb=kb, kb_k=kb_k, kb_min_similarity=kb_min_similarity,
-               support_tickets=support, intents=intents, catalogue=catalogue)
+               support_tickets=support, intents=intents, catalogue=catalogue, kb_answer=kb_answer,
+               kb_quote_sentences=kb_quote_sentences)
 
 
 @command(name="build-llama-server")
@@ -942,6 +948,10 @@ KbK = Annotated[int, typer.Option("-k", help="sources shown to the model")]
 KbReranker = Annotated[Path | None, typer.Option(help="a cross-encoder (`slm rerank-train`) that reorders the best "
                                                       "--rerank-pool retrieved chunks")]
 KbRerankPool = Annotated[int, typer.Option(help="with --reranker: fused candidates it reads")]
+KB_ANSWER = ("model (the model's answer) | quote (the sources' best passages verbatim with [n], no model) | "
+             "model+quote (the model's, then the quote)")
+KbAnswer = Annotated[str, typer.Option(help=KB_ANSWER)]
+KbQuoteSentences = Annotated[int, typer.Option(help="the quote's best sentences (each with its neighbours)")]
 
 
 @command(kb_app, "index")
@@ -1029,7 +1039,7 @@ def kb_search(
 def kb_ask(
     kb: KbDir,
     question: Annotated[str, typer.Argument(help="the question")],
-    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP + " (not needed with --answer quote)")] = None,
     backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed) | torch | llamacpp | hf | "
                                               "remote")] = "auto",
     k: KbK = 3,
@@ -1039,20 +1049,24 @@ def kb_ask(
     as_json: Annotated[bool, typer.Option("--json", help="print the answer, citations and sources as JSON")] = False,
     reranker: KbReranker = None,
     rerank_pool: KbRerankPool = 20,
+    answer: Annotated[str | None, typer.Option(help=KB_ANSWER + "; default: model with --model, quote without")]
+    = None,
+    quote_sentences: KbQuoteSentences = 3,
 ):
     """Answer from the knowledge base with [n] citations (path and lines), or say it is not in it."""
     from slmkit.recipes.kb import kb_ask as ask
-    answer = ask(kb, question, model, backend=backend, k=k, mode=mode, min_similarity=min_similarity,
-                 max_new_tokens=max_new_tokens, reranker=reranker, rerank_pool=rerank_pool)
+    reply = ask(kb, question, model, backend=backend, k=k, mode=mode, min_similarity=min_similarity,
+                max_new_tokens=max_new_tokens, reranker=reranker, rerank_pool=rerank_pool, answer=answer,
+                quote_sentences=quote_sentences)
     if as_json:
-        typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(reply.to_dict(), indent=2, ensure_ascii=False))
         return
-    typer.echo(answer.text)
-    for c in answer.citations:
+    typer.echo(reply.text)
+    for c in reply.citations:
         typer.echo(f"[{c.n}] {c.path}:{c.lines}  {c.heading}")
-    ttft = "-" if answer.ttft_s is None else f"{answer.ttft_s:.2f}s"
-    _log(f"time to first token {ttft}, total {answer.total_s:.2f}s"
-         + (f"; abstained ({answer.reason})" if answer.abstained else ""))
+    ttft = "-" if reply.ttft_s is None else f"{reply.ttft_s:.2f}s"
+    _log(f"time to first token {ttft}, total {reply.total_s:.2f}s"
+         + (f"; abstained ({reply.reason})" if reply.abstained else ""))
 
 
 @command(kb_app, "eval")
@@ -1060,7 +1074,8 @@ def kb_eval(
     kb: Annotated[Path | None, typer.Argument(help="knowledge base folder (not needed with --mode none)")] = None,
     questions: Annotated[Path, typer.Option(help="JSONL questions in kb-python's format")] = ...,
     out: Annotated[Path, _out("folder for results.json and answers.jsonl")] = ...,
-    model: Annotated[str | None, typer.Option(help=MODEL_HELP + "; omit to evaluate retrieval only")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP + "; omit to evaluate retrieval only (or, with "
+                                                      "--answer quote, the quotes)")] = None,
     backend: Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when installed) | torch | llamacpp | hf | "
                                               "remote")] = "auto",
     mode: Annotated[str, typer.Option(help="hybrid | bm25 | dense, or none: the model answers without retrieval")]
@@ -1071,12 +1086,14 @@ def kb_eval(
     max_new_tokens: int = 160,
     reranker: KbReranker = None,
     rerank_pool: KbRerankPool = 20,
+    answer: KbAnswer = "model",
+    quote_sentences: KbQuoteSentences = 3,
 ):
     """hit_at_5, mrr, answer_correct, citation_precision, abstain_recall, false_abstain_rate -> OUT/results.json."""
     from slmkit.recipes.kb import kb_eval as evaluate
     results = evaluate(kb, questions, out, model=model, backend=backend, mode=mode, k=k,
                        min_similarity=min_similarity, limit=limit, max_new_tokens=max_new_tokens, log=_log,
-                       reranker=reranker, rerank_pool=rerank_pool)
+                       reranker=reranker, rerank_pool=rerank_pool, answer=answer, quote_sentences=quote_sentences)
     typer.echo(json.dumps(results, indent=2))
 
 

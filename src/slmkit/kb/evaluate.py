@@ -10,8 +10,11 @@ whole name both count, so support's `answer_articles: ["shipping.md"]` works too
 - `citation_precision`: share of all citations (every question's) whose chunk is gold; null when none was made;
 - `abstain_recall`: share of unanswerable questions the system declined;
 - `false_abstain_rate`: share of answerable questions it declined.
-Without a model only retrieval runs: the answer metrics are null, and abstention is the retrieval threshold's.
+Without a model only retrieval runs (the answer metrics are null, and abstention is the retrieval threshold's),
+unless `answer="quote"`, which answers by quoting the sources and needs no model (kb/ask.py's answer modes).
 `mode="none"` with a model is the closed-book baseline (no retrieval: hit_at_5 and mrr are null).
+results.json also gives `median_answer_chars`: the median length of the answers given (abstentions left out),
+since answer_correct rewards a longer answer (more of it can hold the keywords).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import time
 from pathlib import Path
 
 from slmkit.files import atomic_write_json, atomic_write_text, iter_jsonl
-from slmkit.kb.ask import MIN_SIMILARITY, TOP_K, ask, ask_closed_book
+from slmkit.kb.ask import ANSWER, MIN_SIMILARITY, QUOTE_SENTENCES, TOP_K, ask, ask_closed_book, check_answer
 from slmkit.kb.index import KnowledgeBase
+from slmkit.kb.quote import check_sentences
 from slmkit.kb.retrieve import MODES, RERANK_POOL, Reranker, search
 
 METRICS = ("hit_at_5", "mrr", "answer_correct", "citation_precision", "abstain_recall", "false_abstain_rate")
@@ -86,19 +90,28 @@ def score(records: list[dict]) -> dict:
 def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: str = "hybrid", k: int = TOP_K,
                 min_similarity: float = MIN_SIMILARITY, out: str | Path | None = None,
                 rerank: Reranker | None = None, max_new_tokens: int = 160, log=None,
-                rerank_pool: int = RERANK_POOL) -> dict:
-    """Run every question through retrieval (and `ask` when `lm` is given) and score it; with `out`, write
-    OUT/results.json (the six numbers on top, then counts, settings and latency) and OUT/answers.jsonl."""
+                rerank_pool: int = RERANK_POOL, answer: str = ANSWER,
+                quote_sentences: int = QUOTE_SENTENCES) -> dict:
+    """Run every question through retrieval (and `ask` when `lm` is given or `answer` is "quote") and score it;
+    with `out`, write OUT/results.json (the six numbers on top, then counts, settings, latency and answer length)
+    and OUT/answers.jsonl."""
     if mode not in (*MODES, "none"):
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}, or none (closed book)")
+    answering = lm is not None or answer != "model"  # `model` without a model: retrieval only
+    if answering:
+        check_answer(answer, lm)
+    check_sentences(quote_sentences)
     if mode == "none" and lm is None:
         raise ValueError("mode none (no retrieval) needs a model to answer (--model)")
+    if mode == "none" and answer != "model":
+        raise ValueError(f"mode none retrieves nothing to quote: --answer {answer} needs retrieval")
     if mode != "none" and kb is None:
         raise ValueError(f"mode {mode} retrieves: give a knowledge base")
     records, latency = [], []
     for i, q in enumerate(questions, 1):
         record, timing = question_record(kb, q, lm, mode=mode, k=k, min_similarity=min_similarity, rerank=rerank,
-                                         rerank_pool=rerank_pool, max_new_tokens=max_new_tokens)
+                                         rerank_pool=rerank_pool, max_new_tokens=max_new_tokens, answer=answer,
+                                         quote_sentences=quote_sentences)
         records.append(record)
         latency.append(timing)
         if log:
@@ -107,10 +120,14 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
                "counts": {"questions": len(records), "answerable": sum(r["answerable"] for r in records),
                           "citations": sum(len(r["citations_gold"]) for r in records)},
                "settings": {"mode": mode, "k": k, "min_similarity": min_similarity, "model": getattr(lm, "name", None),
+                            "answer": answer if answering else None,
+                            "quote_sentences": quote_sentences if answering and answer != "model" else None,
                             "embedder": kb.embedder_spec if kb else None,
                             "reranker": getattr(rerank, "name", None) if rerank else None,
                             "rerank_pool": rerank_pool if rerank else None},
-               "latency": _latency(latency)}
+               "latency": _latency(latency),
+               "median_answer_chars": _median([len(r["answer"]) for r in records
+                                               if r["answer"] is not None and not r["abstained"]])}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -121,25 +138,27 @@ def evaluate_kb(kb: KnowledgeBase | None, questions: list[dict], lm=None, mode: 
 
 def question_record(kb: KnowledgeBase | None, q: dict, lm=None, mode: str = "hybrid", k: int = TOP_K,
                     min_similarity: float = MIN_SIMILARITY, rerank: Reranker | None = None,
-                    rerank_pool: int = RERANK_POOL, max_new_tokens: int = 160) -> tuple[dict, dict]:
-    """One question through retrieval (and `ask` with an `lm`): its record for `score`, and its timings."""
+                    rerank_pool: int = RERANK_POOL, max_new_tokens: int = 160, answer: str = ANSWER,
+                    quote_sentences: int = QUOTE_SENTENCES) -> tuple[dict, dict]:
+    """One question through retrieval (and `ask` with an `lm`, or with `answer="quote"`): its record for `score`,
+    and its timings."""
     start = time.perf_counter()
     hits = search(kb, q["question"], k=max(MRR_DEPTH, k), mode=mode, rerank=rerank,
                   rerank_pool=rerank_pool) if mode != "none" else None
     search_s = time.perf_counter() - start
-    if lm is None:
-        answer = None
+    reply = None
+    if lm is None and answer != "quote":
         abstained = not hits or max(h.similarity for h in hits[:k]) < min_similarity
     elif mode == "none":
-        answer = ask_closed_book(q["question"], lm, max_new_tokens=max_new_tokens)
+        reply = ask_closed_book(q["question"], lm, max_new_tokens=max_new_tokens)
     else:
-        answer = ask(kb, q["question"], lm, k=k, min_similarity=min_similarity, hits=hits[:k],
-                     max_new_tokens=max_new_tokens)
-    if answer is not None:
-        abstained = answer.abstained
+        reply = ask(kb, q["question"], lm, k=k, min_similarity=min_similarity, hits=hits[:k],
+                    max_new_tokens=max_new_tokens, answer=answer, quote_sentences=quote_sentences)
+    if reply is not None:
+        abstained = reply.abstained
     timing = {"search_s": search_s if hits is not None else None,
-              "ttft_s": None if answer is None else answer.ttft_s,
-              "total_s": None if answer is None else answer.total_s + search_s}
+              "ttft_s": None if reply is None else reply.ttft_s,
+              "total_s": None if reply is None else reply.total_s + search_s}
     record = {
         "id": q["id"], "question": q["question"], "answerable": q["answerable"], "topics": q["topics"],
         "gold_ranks": None if hits is None else [r for r, h in enumerate(hits, 1) if is_gold(h.path, q["topics"])],
@@ -147,11 +166,11 @@ def question_record(kb: KnowledgeBase | None, q: dict, lm=None, mode: str = "hyb
         # what the abstention threshold is compared with, kept so a threshold can be tuned from this file
         "similarity": None if not hits else round(max(h.similarity for h in hits[:k]), 4),
         "abstained": abstained,
-        "answer": None if answer is None else answer.text,
-        "correct": None if answer is None or not q["answerable"] else
-        (not abstained and keywords_present(answer.text, q["answer_keywords"])),
-        "citations": [] if answer is None else [f"[{c.n}] {Path(c.path).name}:{c.lines}" for c in answer.citations],
-        "citations_gold": [] if answer is None else [is_gold(c.path, q["topics"]) for c in answer.citations],
+        "answer": None if reply is None else reply.text,
+        "correct": None if reply is None or not q["answerable"] else
+        (not abstained and keywords_present(reply.text, q["answer_keywords"])),
+        "citations": [] if reply is None else [f"[{c.n}] {Path(c.path).name}:{c.lines}" for c in reply.citations],
+        "citations_gold": [] if reply is None else [is_gold(c.path, q["topics"]) for c in reply.citations],
     }
     return record, timing
 
@@ -176,11 +195,12 @@ def _json_line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def _median(values):
+    values = sorted(v for v in values if v is not None)
+    return round(values[len(values) // 2], 3) if values else None
+
+
 def _latency(rows: list[dict]) -> dict | None:
     if not rows:
         return None
-
-    def median(values):
-        values = sorted(v for v in values if v is not None)
-        return round(values[len(values) // 2], 3) if values else None
-    return {f"median_{key}": median(r[key] for r in rows) for key in ("search_s", "ttft_s", "total_s")}
+    return {f"median_{key}": _median(r[key] for r in rows) for key in ("search_s", "ttft_s", "total_s")}

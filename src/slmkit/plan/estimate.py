@@ -12,8 +12,9 @@
 LoRA trains no base gradients (backward through the frozen weights costs about 2 of training's 6 FLOPs per
 weight: 4/6 of the full step's FLOPs); distillation adds the teacher's forward pass (a third of its training
 step), its weights, and the loss's own work over the vocabulary (kd_fit: the teacher's and the student's
-log-softmax, the divergence and its gradient, in time and peak bytes per token x vocabulary entry). Time to first token is a batch-1 forward over the prompt (a third of a training step's
-cost at that length); serving N clients is an engine step of N rows.
+log-softmax, the divergence and its gradient, in time and peak bytes per token x vocabulary entry). Time to
+first token is a batch-1 forward over the prompt (a third of a training step's cost at that length); serving N
+clients is an engine step of N rows.
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from slmkit.chat import stop_strings
-from slmkit.kb.ask import MIN_SIMILARITY, TOP_K
+from slmkit.kb.ask import ANSWERS, MIN_SIMILARITY, QUOTE_SENTENCES, TOP_K
 from slmkit.kb.index import open_kb
+from slmkit.kb.quote import check_sentences
 from slmkit.lm import generation_backend
 from slmkit.lm.constraints import compile_grammar
 from slmkit.sampling import SamplingParams
@@ -207,7 +208,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     async def generate(request: Request, body: SamplingBody, prompts: list[list[int]], params: SamplingParams,
                        n: int, logprobs: int | None, chat: bool, what: str, images: list | None = None,
-                       annotate=None) -> Response:
+                       annotate=None, append=None) -> Response:
         """Submit one generation per prompt, n choices each; answer with all of them, or stream them."""
         t0 = time.perf_counter()
         adapter = protocol.requested_adapter(body.model, model_name, adapter_names)
@@ -221,7 +222,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         tools = bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) != "none"
         answered_by = model_name if adapter is None else f"{model_name}:{adapter}"
         choices = protocol.Choices(engine.tokenizer, answered_by, chat, n, n * len(prompts), logprobs is not None,
-                                   sum(len(p) for p in prompts), include_usage, tools=tools, annotate=annotate)
+                                   sum(len(p) for p in prompts), include_usage, tools=tools, annotate=annotate,
+                                   append=append)
 
         def record_ttft() -> None:
             if choices.first_token_at is not None:
@@ -307,7 +309,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             if images:
                 raise APIError(400, "image questions are not answered by the support assistant", param="messages")
             return await support.reply(tok, model_name, body, messages)
-        annotate = None
+        annotate = append = None
         if grounding is not None:
             if images:
                 raise APIError(400, "image questions are not answered with --kb", param="messages")
@@ -315,10 +317,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             hits = await grounding.retrieve(messages)
             if not grounding.answerable(hits):
                 return grounding.abstention(tok, model_name, body, hits)
+            quote = await grounding.quote(messages, hits)
+            if grounding.answer == "quote":
+                return grounding.quoted(tok, model_name, body, hits, quote)
             messages = grounding.prompt(messages, hits)
+            append = grounding.appender(quote)
 
             def annotate(text):
-                return grounding.info(hits, text)
+                return grounding.info(hits, text, quote=quote)
         extra = {}
         if body.tools:
             from slmkit.serve.tools import check_tools, render_messages
@@ -352,7 +358,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             return await escalate.chat(engine, escalation, metrics, request, body, messages, ids, params, n, logprobs,
                                        model_name, request_timeout_s, grammar=tool_grammar)
         return await generate(request, body, [ids], params, n, logprobs, chat=True, what="messages",
-                              annotate=annotate)
+                              annotate=annotate, append=append)
 
     add_embeddings_route(app, engine, embedding_model, request_timeout_s)
 
@@ -389,7 +395,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           calibration: str | Path | None = None, target_error: float = 0.05, embedder: str | None = None,
           prefix_cache_mb: float = 512, llama_server_bin: str | Path | None = None, kb: str | Path | None = None,
           kb_k: int = TOP_K, kb_min_similarity: float = MIN_SIMILARITY, support_tickets: str | Path | None = None,
-          intents: str | Path | None = None, catalogue: str | Path | None = None) -> None:
+          intents: str | Path | None = None, catalogue: str | Path | None = None, kb_answer: str = "model",
+          kb_quote_sentences: int = QUOTE_SENTENCES) -> None:
     """Load `model` (anything `load_lm` opens), start the engine and serve the API with uvicorn until stopped.
     `prefix_cache_mb`: memory for recent prompts' keys and values, reused by prompts that begin the same way
     (torch backend; 0: off).
@@ -411,7 +418,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     `max_batch` slots (`llama_server_bin`, else found as llama_server.find_llama_server says) behind slmkit's
     front (proxy.py); stopped when this returns.
     `kb` (a folder from `slm kb index`) grounds chat completions in it: the `kb_k` best chunks as numbered
-    sources, an abstention below `kb_min_similarity`, the citations in the response (kb.py).
+    sources, an abstention below `kb_min_similarity`, the citations in the response (kb.py); `kb_answer`: model,
+    quote (the sources' best `kb_quote_sentences` passages, no model call) or model+quote (kb.py).
     `support_tickets` (a .sqlite ticket store) serves the agent page at /agent, where people answer and close
     the hand-offs (support.py), with any backend; with `kb` (then the help center) and `intents` (a classifier
     directory or a descriptions JSON; `catalogue`: the product CSV), chat completions are the customer-service
@@ -442,6 +450,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                          "or a JSON file of intent descriptions, e.g. examples/support-intents.json)")
     if kb is not None and not 1 <= kb_k <= 20:
         raise ValueError(f"--kb-k is {kb_k}; show the model 1 to 20 sources")
+    if kb_answer not in ANSWERS:
+        raise ValueError(f"unknown answer mode {kb_answer!r} (--kb-answer); choose one of {', '.join(ANSWERS)}")
+    if kb_answer != "model" and (kb is None or support_tickets is not None):
+        raise ValueError(f"--kb-answer {kb_answer} answers from a knowledge base: give --kb (and not --support, "
+                         "whose assistant quotes its articles itself)")
+    check_sentences(kb_quote_sentences)
     if escalate_to is not None and draft is not None:
         raise ValueError("--escalate-to needs the batched engine's log-probs, which --draft turns off; use one")
     if device == "cpu":
@@ -465,7 +479,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise ValueError(f"{model} is an encoder: it serves embeddings only, without --embedder, --draft, --adapter, "
                          "--kb or --escalate-to")
     opened_kb = open_kb(kb) if kb is not None else None
-    grounding = (Grounding(opened_kb, k=kb_k, min_similarity=kb_min_similarity)
+    grounding = (Grounding(opened_kb, k=kb_k, min_similarity=kb_min_similarity, answer=kb_answer,
+                           quote_sentences=kb_quote_sentences)
                  if opened_kb is not None and support_tickets is None else None)
     tickets = open_tickets(support_tickets) if support_tickets is not None else None  # before the model loads
     lm = escalation = None

@@ -241,11 +241,15 @@ class Choices:
 
     def __init__(self, tokenizer, model: str, chat: bool, n: int, n_choices: int, logprobs: bool,
                  prompt_tokens: int, include_usage: bool, tools: bool = False,
-                 annotate: Callable[[str | None], dict] | None = None):
+                 annotate: Callable[[str | None], dict] | None = None,
+                 append: Callable[[str], str] | None = None):
         self.tokenizer, self.model, self.chat, self.n = tokenizer, model, chat, n
         # the "slmkit" field of a one-choice reply, from its text (None: before the text, in the first chunk):
         # the cascade's decision (escalate.py), the knowledge base's sources and citations (kb.py)
         self.annotate = annotate
+        # text added to a choice when it finishes, from what it generated (kb.py: the sources' quote after the
+        # model's answer); streamed as one more content delta before the finish
+        self.append = append
         # with tools, a reply that opens with <tool_call> is held back and sent as tool_calls (serve/tools.py)
         self.tools = tools
         self.mode: list[str | None] = [None] * n_choices  # None: undecided, "content" or "call"
@@ -253,6 +257,7 @@ class Choices:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.texts = [""] * n_choices
+        self.appended = [""] * n_choices
         self.finish: list[str | None] = [None] * n_choices
         self.tokens: list[list[tuple[str, float, dict]]] = [[] for _ in range(n_choices)]
         self.offsets = [0] * n_choices  # text_offset of the next token (completions' logprobs)
@@ -264,6 +269,9 @@ class Choices:
         self.texts[c] += ev.text
         if ev.finish_reason:
             self.finish[c] = ev.finish_reason
+            if self.append is not None:
+                self.appended[c] = self.append(self.texts[c])
+                self.texts[c] += self.appended[c]
         token = None
         if ev.token_id is not None:
             self.completion_tokens += 1
@@ -364,6 +372,9 @@ class Choices:
             chunks = []
             if ev.text or token:
                 chunks.append(self._chunk([{"index": c, "delta": {"content": ev.text}, "logprobs": logprobs,
+                                            "finish_reason": None}]))
+            if ev.finish_reason and self.appended[c]:
+                chunks.append(self._chunk([{"index": c, "delta": {"content": self.appended[c]}, "logprobs": None,
                                             "finish_reason": None}]))
             if ev.finish_reason:
                 chunks.append(self.finish_chunk(c, ev.finish_reason))

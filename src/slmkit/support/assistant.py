@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slmkit.kb.ask import build_messages, parse_citations
+from slmkit.kb.quote import passages, score, untable
 from slmkit.kb.retrieve import Hit, search
 from slmkit.support.rules import handoff_reasons
 
@@ -46,9 +47,7 @@ HOLDING = {
     "default": "Thank you for your message. A person from our team will take this over and answer you shortly "
                "(ticket {ticket}).",
 }
-_WORD = re.compile(r"[a-z0-9€]+")
-_STOP = set("a an and are at be but by can do does for from have how i if in is it its me my of on or our so that "
-            "the this to was we what when where which who why will with you your".split())
+
 
 
 @dataclass
@@ -177,42 +176,18 @@ def article_text(chunks: list[str]) -> str:
     share (their overlap) once."""
     paragraphs = []
     for chunk in chunks:
-        body = _untable("\n".join(line for line in chunk.splitlines() if not line.lstrip().startswith("#")))
+        body = untable("\n".join(line for line in chunk.splitlines() if not line.lstrip().startswith("#")))
         paragraphs += [" ".join(p.split()) for p in re.split(r"\n\s*\n", body) if p.strip()]
     return " ".join(dict.fromkeys(paragraphs))
 
 
-def _untable(text: str) -> str:
-    """Markdown tables as sentences, each row with its header ("| Code | Meaning |" then "| E3 | Overheating |"
-    -> "Code E3, Meaning Overheating."), so a row can be quoted on its own."""
-    out, header = [], None
-    for line in text.splitlines():
-        if not line.lstrip().startswith("|"):
-            out.append(line)
-            header = None
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if all(set(c) <= set("-: ") for c in cells):
-            continue
-        if header is None:
-            header = cells
-            continue
-        out.append("\n\n" + ", ".join(f"{h} {c}".strip() for h, c in zip(header, cells, strict=False) if c)
-                   .rstrip(".") + ".\n\n")
-    return "\n".join(out)
-
-
 def quote(passage: str, question: str, n: int = 3, embedder=None) -> str:
-    """The `n` sentences of `passage` nearest `question`, in passage order: by the embedder's cosine similarity
-    plus the content words they share (the words alone without an embedder)."""
-    body = _untable("\n".join(line for line in passage.splitlines() if not line.lstrip().startswith("#")))
-    sentences = list(dict.fromkeys(" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+|\n{2,}", body) if s.strip()))
-    if len(sentences) <= n:
-        return " ".join(sentences)
-    wanted = {w for w in _WORD.findall(question.lower()) if w not in _STOP}
-    score = [len(wanted & set(_WORD.findall(s.lower()))) / max(len(wanted), 1) for s in sentences]
-    if embedder is not None:
-        vectors = embedder.embed([question, *sentences])
-        score = [w + float(vectors[0] @ v) for w, v in zip(score, vectors[1:], strict=True)]
-    best = sorted(range(len(sentences)), key=lambda i: -score[i])[:n]
-    return " ".join(sentences[i] for i in sorted(best))
+    """The `n` passages of `passage` nearest `question`, in passage order: kb/quote.py's passages (sentences,
+    tables as one sentence per row) and scores (the content words they share, IDF-weighted, plus the embedder's
+    cosine similarity when given)."""
+    candidates = passages(passage)
+    if len(candidates) <= n:
+        return " ".join(p.text for p in candidates)
+    scores = score(question, candidates, embedder)
+    best = sorted(range(len(candidates)), key=lambda i: -scores[i])[:n]
+    return " ".join(candidates[i].text for i in sorted(best))
