@@ -202,7 +202,9 @@ class Engine:
     what `speculative.verify` keeps (exact: greedy output is the target's own, sampled output has its
     distribution) and its cache rolls back past the rest. Rows that must not speculate (a grammar, log-probs) or
     find nothing to draft, or have one token left, draft nothing: their block is padded and they sample their one
-    token as plain decoding does; a step where no row drafts anything is a plain (n, 1) step.
+    token as plain decoding does, from their block's first position (the same logits up to float rounding: a
+    (n, T) forward's matmuls and attention kernel are not the (n, 1) step's); a step where no row drafts anything
+    is a plain (n, 1) step, bit for bit.
     """
 
     def __init__(self, lm: LM | None, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
