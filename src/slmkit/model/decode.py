@@ -93,7 +93,7 @@ class SlotKVCache:
 
     def attention_mask(self, T: int, device) -> tuple[torch.Tensor | None, bool]:
         """(B, 1, T, end): query t of row i sees that row's positions up to lengths[i] + t (its own prefix, causal
-        inside the block), never another row's lengths past its own."""
+        inside the block), nothing after them (end is the longest row's: the rest of a shorter row is dead)."""
         if self._mask is None:
             pos = self.positions(T)  # (B, T)
             self._end = int(pos[:, -1].max()) + 1
