@@ -112,13 +112,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--servers", nargs="+", default=["llama-server", "slmkit-llama-server", "slmkit-llamacpp",
-                                                      "slmkit-torch", "slmkit-torch-int8", "llama-cpp-python"])
+                                                      "slmkit-torch", "slmkit-torch-int8", "llama-cpp-python"],
+                    help="slmkit-torch-ngram: slmkit-torch with --draft ngram (speculative decoding in the batch)")
     ap.add_argument("--gguf", default="f32", choices=["f32", "q8_0"], help="the GGUF the llama.cpp servers load")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per concurrency level")
+    ap.add_argument("--prompt", default="import os\nimport sys\n\ndef main(argv):\n    ",
+                    help="every request's prompt (\\n: a newline)")
     ap.add_argument("--json")
     args = ap.parse_args()
     env = _threads_env(args.threads)
-    prompt = "import os\nimport sys\n\ndef main(argv):\n    "
+    prompt = args.prompt.replace("\\n", "\n")
     results = []
     with tempfile.TemporaryDirectory(prefix="slm-serve-bench-") as tmp:
         paths = make_models(args.preset, Path(tmp))
@@ -131,11 +134,11 @@ def main() -> None:
             elif server == "slmkit-llama-server":
                 cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths[args.gguf], "--port", str(port),
                        "--backend", "llama-server", "--max-batch", most]
-            elif server.startswith("slmkit"):  # slmkit-torch[-int8]: the model directory; slmkit-llamacpp: the GGUF
+            elif server.startswith("slmkit"):  # slmkit-torch[-int8|-ngram]: the model directory; slmkit-llamacpp: GGUF
                 backend, _, weights = server.removeprefix("slmkit-").partition("-")
                 cmd = [sys.executable, "-m", "slmkit.cli", "serve", paths["dir" if backend == "torch" else args.gguf],
                        "--port", str(port), "--backend", backend, "--max-batch", most,
-                       *(["--weights", weights] if weights else [])]
+                       *(["--draft", "ngram"] if weights == "ngram" else ["--weights", weights] if weights else [])]
             else:
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", paths[args.gguf], "--port", str(port),
                        "--n_threads", str(args.threads), "--n_ctx", "1024"]

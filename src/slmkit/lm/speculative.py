@@ -75,6 +75,29 @@ class SpeculativeStats:
                 f"{self.tokens_per_forward:.2f} tokens per target forward")
 
 
+@dataclass
+class Acceptance:
+    """The running per-token acceptance rate alpha that sets how many tokens to draft (see MIN_REACH)."""
+
+    kept: float = PRIOR  # numerator and denominator, each decayed by DECAY per step
+    checked: float = 1.0
+
+    def draft_length(self, max_draft: int) -> int:
+        """Tokens to draft next: the most whose chance of being reached and kept, alpha^i, is >= MIN_REACH."""
+        alpha = self.kept / self.checked
+        if alpha >= 1:
+            return max_draft
+        if alpha <= 0:
+            return 1
+        return max(1, min(max_draft, int(math.log(MIN_REACH) / math.log(alpha))))
+
+    def observe(self, drafted: int, kept: int) -> None:
+        if drafted:
+            # the drafted tokens the target looked at: the kept ones and the first rejected (none after it)
+            self.kept = DECAY * self.kept + kept
+            self.checked = DECAY * self.checked + min(drafted, kept + 1)
+
+
 class SpeculativeLM(LM):
     """`target` decoded speculatively with `draft` (a `TorchLM` sharing its tokenizer, or "ngram").
 
@@ -104,7 +127,7 @@ class SpeculativeLM(LM):
         for attr in ("tokenizer", "max_length", "eos_id", "bos_id", "instruction_tuned", "generation_defaults"):
             setattr(self, attr, getattr(target, attr))
         self.stats = SpeculativeStats()
-        self._kept, self._checked = PRIOR, 1.0  # the running acceptance rate's numerator and denominator
+        self.acceptance = Acceptance()
 
     def logprobs(self, ids, top_k: int = 0):
         return self.target.logprobs(ids, top_k)
@@ -118,13 +141,7 @@ class SpeculativeLM(LM):
             self.draft.close()
 
     def draft_length(self) -> int:
-        """Tokens to draft next: the most whose chance of being reached and kept, alpha^i, is >= MIN_REACH."""
-        alpha = self._kept / self._checked
-        if alpha >= 1:
-            return self.max_draft
-        if alpha <= 0:
-            return 1
-        return max(1, min(self.max_draft, int(math.log(MIN_REACH) / math.log(alpha))))
+        return self.acceptance.draft_length(self.max_draft)
 
     def stream_ids(self, prompt_ids, params: SamplingParams, first_allowed) -> Iterator[int]:
         if isinstance(self.target, TorchLM):
@@ -171,10 +188,7 @@ class SpeculativeLM(LM):
         s = self.stats
         s.drafted, s.accepted, s.emitted, s.target_forwards = (s.drafted + drafted, s.accepted + kept,
                                                                s.emitted + new, s.target_forwards + 1)
-        if drafted:
-            # the drafted tokens the target looked at: the kept ones and the first rejected (none after it)
-            self._kept = DECAY * self._kept + kept
-            self._checked = DECAY * self._checked + min(drafted, kept + 1)
+        self.acceptance.observe(drafted, kept)
 
 
 def verify(drafted: list[int], q: torch.Tensor | None, p: torch.Tensor, greedy: bool,

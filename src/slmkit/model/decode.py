@@ -55,8 +55,11 @@ class KVCache:
 class SlotKVCache:
     """KV cache for continuous batching: row i is its own sequence, `lengths[i]` positions long.
 
-    The first `n_active` rows are decoding; a forward pass feeds them one new token each (B = n_active, T = 1),
-    at their own positions. A sequence enters with `load_row` (copying a prefilled single-sequence KVCache)
+    The first `n_active` rows are decoding; a forward pass feeds them T new tokens each (B = n_active), row i's
+    at positions lengths[i] .. lengths[i] + T - 1: T = 1 is plain decoding, T > 1 a block of drafted tokens to
+    verify (speculative decoding, serve/engine.py), after which `rollback` sets each row's length back past the
+    drafts it rejected (the keys and values past a row's length are dead: the mask hides them, and the next
+    forward overwrites them). A sequence enters with `load_row` (copying a prefilled single-sequence KVCache)
     and leaves with `move_row` (the last active row takes its place, so the active rows stay contiguous and
     attention reads plain slices, never gathers).
     """
@@ -70,32 +73,43 @@ class SlotKVCache:
         self.n_active = 0
         self._mask = None
 
-    def positions(self) -> torch.Tensor:
-        return self.lengths[: self.n_active]
+    def positions(self, T: int = 1) -> torch.Tensor:
+        """(B, T): each active row's positions for its T new tokens."""
+        pos = self.lengths[: self.n_active, None]
+        return pos if T == 1 else pos + torch.arange(T, device=pos.device)
 
     def update(self, layer: int, k, v):
-        n = self.n_active
+        n, T = self.n_active, k.shape[2]
         rows, pos = torch.arange(n, device=k.device), self.lengths[:n]
-        self.k[layer][rows, :, pos] = k[:, :, 0]
-        self.v[layer][rows, :, pos] = v[:, :, 0]
+        if T == 1:
+            self.k[layer][rows, :, pos] = k[:, :, 0]
+            self.v[layer][rows, :, pos] = v[:, :, 0]
+        else:  # (B, T) indices around the head slice: the indexed view is (B, T, KV, D)
+            pos = self.positions(T)
+            self.k[layer][rows[:, None], :, pos] = k.transpose(1, 2)
+            self.v[layer][rows[:, None], :, pos] = v.transpose(1, 2)
         end = self._end
         return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
 
     def attention_mask(self, T: int, device) -> tuple[torch.Tensor | None, bool]:
-        if T != 1:
-            raise ValueError("SlotKVCache decodes one token per row; prefill with a KVCache and load_row")
+        """(B, 1, T, end): query t of row i sees that row's positions up to lengths[i] + t (its own prefix, causal
+        inside the block), nothing after them (end is the longest row's: the rest of a shorter row is dead)."""
         if self._mask is None:
-            pos = self.lengths[: self.n_active]
-            self._end = int(pos.max()) + 1
+            pos = self.positions(T)  # (B, T)
+            self._end = int(pos[:, -1].max()) + 1
             if self._end > self.max_len:
                 raise ValueError(f"KV cache full: {self._end} positions > max_len {self.max_len}")
             keys = torch.arange(self._end, device=device)
-            self._mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+            self._mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, end)
         return self._mask, False
 
     def advance(self, T: int) -> None:
         self.lengths[: self.n_active] += T
         self._mask = None
+
+    def rollback(self, drop: list[int]) -> None:
+        """Set each active row's length back by drop[i] positions (the drafted tokens it rejected)."""
+        self.lengths[: self.n_active] -= torch.tensor(drop, dtype=torch.long, device=self.lengths.device)
 
     def load_row(self, row: int, cache: KVCache) -> None:
         n = cache.length

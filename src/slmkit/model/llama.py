@@ -159,10 +159,10 @@ class Transformer(nn.Module):
         given instead of the ids' own (a vision model's image tokens spliced in: model/vit.py)."""
         T = idx.shape[1] if embeds is None else embeds.shape[1]
         if isinstance(cache, SlotKVCache):
-            pos = cache.positions()  # every row at its own position: (B, 1, 1, head_dim) RoPE tables
+            pos = cache.positions(T)  # every row at its own positions: (B, T, 1, head_dim) RoPE tables
             if int(pos.max()) >= self.cfg.max_seq_len:
                 raise ValueError(f"a sequence exceeds max_seq_len {self.cfg.max_seq_len}")
-            cos, sin = self.rope_cos[pos][:, None, None, :], self.rope_sin[pos][:, None, None, :]  # T is 1
+            cos, sin = self.rope_cos[pos][:, :, None, :], self.rope_sin[pos][:, :, None, :]
         else:
             start = cache.length if cache is not None else 0
             if start + T > self.cfg.max_seq_len:

@@ -403,9 +403,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     `adapter`: a LoRA adapter applied unmerged (slmkit's torch backend; "auto" picks it), or a list of "NAME=DIR"
     adapters loaded side by side, one chosen per request by its model "MODEL:NAME" (split_adapters).
     `weights`: fp32, bf16 or int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively
-    (lm/speculative.py) with this draft model or "ngram"; the target runs on the torch backend ("auto" picks it)
-    and the engine then serves one request at a time (speculation trades batching for latency: a batch of 1 per
-    step, see BENCHMARKS.md).
+    (lm/speculative.py) with this draft model or "ngram"; the target runs on the torch backend ("auto" picks it).
+    "ngram" speculates inside continuous batching (engine.py: every row drafts by prompt lookup); a draft model
+    is served one request at a time (speculation traded for batching: a batch of 1 per step, see BENCHMARKS.md).
 
     The API key is `api_key`, else $SLM_API_KEY; without one the routes are open (a warning is logged
     when the address is not loopback). Nonsense limits (`max_batch` 0, a negative timeout) are refused before
@@ -457,7 +457,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                          "whose assistant quotes its articles itself)")
     check_sentences(kb_quote_sentences)
     if escalate_to is not None and draft is not None:
-        raise ValueError("--escalate-to needs the batched engine's log-probs, which --draft turns off; use one")
+        raise ValueError("--escalate-to reads every token's log-probs: with --draft ngram its requests would not "
+                         "speculate, and a draft model's one-request-at-a-time engine gives none; use one")
     if device == "cpu":
         # Leave a core to the HTTP event loop: with every core in the model's thread pool, the pool's spinning
         # workers and the event loop fight (measured on 2 cores, stories15m, 16 clients: 267 -> 364 tokens/s).

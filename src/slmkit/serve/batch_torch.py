@@ -2,6 +2,7 @@
 
 Every running row keeps its keys and values in one row of a SlotKVCache (each row at its own position), so a
 decoding step is one (n, 1) forward pass for all n rows: the weights are read once per step for all of them.
+Speculative decoding feeds each row a block of drafted tokens instead, (n, T), and rolls rejected ones back.
 A prompt that shares its beginning with a recent one starts from that one's keys and values (PrefixCache).
 With LoRA adapters loaded side by side (`lm.adapters`, model/multi_lora.py), each row runs its own: the adapter
 bank gets the running rows' adapters before every forward pass.
@@ -58,6 +59,25 @@ class TorchBatch:
         x = torch.tensor([[t] for t in tokens], device=self.device)
         rows = torch.tensor(self.row_adapter[:len(tokens)], device=self.device) if self.adapters is not None else 0
         return self._forward(x, self.cache, rows)[:, -1].float().cpu()
+
+    def decode_many(self, blocks: list[list[int]]) -> torch.Tensor:
+        """Row i's tokens blocks[i] (its last token, then the tokens drafted after it) in one (n, T) forward pass,
+        T the longest block; (n, T, vocab) logits, row i's first len(blocks[i]) of them its own. A shorter block
+        is padded with its last token: the padding's keys sit after the row's real tokens, which never attend to
+        them, and `rollback` drops them with the rejected drafts."""
+        T = max(len(b) for b in blocks)
+        self.cache.n_active = len(blocks)
+        x = torch.tensor([b + b[-1:] * (T - len(b)) for b in blocks], device=self.device)
+        rows = torch.tensor(self.row_adapter[:len(blocks)], device=self.device) if self.adapters is not None else 0
+        return self._forward(x, self.cache, rows).float().cpu()
+
+    def room(self) -> int:
+        """The longest block every active row can take: positions left in the fullest row."""
+        return self.cache.max_len - int(self.cache.lengths[:self.cache.n_active].max())
+
+    def rollback(self, drop: list[int]) -> None:
+        """Forget the last drop[i] positions of row i (drafted tokens its target rejected, the padding)."""
+        self.cache.rollback(drop)
 
     def _forward(self, x: torch.Tensor, cache, adapter_rows) -> torch.Tensor:
         if self.adapters is None:

@@ -36,8 +36,9 @@ import torch
 from slmkit.lm.base import LM, end_ids
 from slmkit.lm.constraints import Matcher
 from slmkit.lm.llamacpp_lm import LlamaCppLM
+from slmkit.lm.speculative import NGRAM, Acceptance, SpeculativeLM, prompt_lookup, recent_ids, verify
 from slmkit.lm.torch_lm import TorchLM
-from slmkit.sampling import SamplingParams, TextStream, sample_next
+from slmkit.sampling import SamplingParams, TextStream, sample_next, token_probs
 from slmkit.serve.batch_torch import TorchBatch
 
 log = logging.getLogger("slmkit.serve")
@@ -117,8 +118,9 @@ class _Choice:
     last_token: int = 0
     n_generated: int = 0
     finished: bool = False
-    generated: list[int] = field(default_factory=list)  # kept only for the repetition penalty
+    generated: list[int] = field(default_factory=list)  # for the repetition penalty and prompt lookup
     matcher: Matcher | None = None  # the request's grammar, this choice's place in it
+    acceptance: Acceptance = field(default_factory=Acceptance)  # its drafts' running acceptance rate
 
 
 class _Pending:
@@ -169,13 +171,22 @@ def batch_decoder(lm: LM, max_batch: int, prefix_cache_mb: float = 0):
     `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`; optionally `close()` and
     `prefixes` (its `hits` and `tokens_reused`: torch keeps `prefix_cache_mb` of recent prompts' keys and values,
     llama.cpp keeps finished sequences' cells for the next prompt that begins the same way).
+    A speculative decoder also gives `decode_many(blocks)` -> (n, T, vocab) and `rollback(drop)` (see Engine).
     """
     if isinstance(lm, TorchLM):
         return TorchBatch(lm, max_batch, prefix_cache_mb)
+    if speculates(lm):
+        return TorchBatch(lm.target, max_batch, prefix_cache_mb)
     if isinstance(lm, LlamaCppLM):
         from slmkit.serve.batch_llamacpp import LlamaCppBatch  # imports llama_cpp, as the LM itself does
         return LlamaCppBatch(lm, max_batch, reuse_prefixes=prefix_cache_mb > 0)
     return None
+
+
+def speculates(lm: LM | None) -> bool:
+    """Whether the engine decodes `lm` speculatively in its batch: prompt lookup over slmkit's own model. (A model
+    draft, which keeps a KV cache of its own per sequence, runs one request at a time through `lm.stream_ids`.)"""
+    return isinstance(lm, SpeculativeLM) and lm.draft == NGRAM and isinstance(lm.target, TorchLM)
 
 
 class Engine:
@@ -184,6 +195,16 @@ class Engine:
     With a batched decoder (see batch_decoder), up to `max_batch` sequences decode together: each step feeds every
     running sequence its last token in one batch, so weights are read once per step for all of them.
     New requests are prefilled and join between steps; finished or cancelled ones leave between steps.
+
+    Given a `SpeculativeLM` with an "ngram" draft over a TorchLM (`slm serve MODEL --draft ngram`), every step is
+    speculative: each row drafts up to k tokens by prompt lookup over its own prompt and output (k adapted to that
+    row's acceptance rate, at most `lm.max_draft`), one (n, k + 1) forward scores every row's drafts, each row keeps
+    what `speculative.verify` keeps (exact: greedy output is the target's own, sampled output has its
+    distribution) and its cache rolls back past the rest. Rows that must not speculate (a grammar, log-probs) or
+    find nothing to draft, or have one token left, draft nothing: their block is padded and they sample their one
+    token as plain decoding does, from their block's first position (the same logits up to float rounding: a
+    (n, T) forward's matmuls and attention kernel are not the (n, 1) step's); a step where no row drafts anything
+    is a plain (n, 1) step, bit for bit.
     """
 
     def __init__(self, lm: LM | None, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
@@ -204,6 +225,9 @@ class Engine:
         self.max_events = max_events  # events one request may have waiting unread (see SlowReader)
         self.max_length = lm.max_length if lm is not None else embedder.max_length
         self.stats = EngineStats()
+        self.speculative = speculates(lm)
+        if self.speculative:
+            self.stats.extra.update(drafted_tokens=0, accepted_tokens=0)
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._closed = False
         self.error: BaseException | None = None  # why the engine thread died, if it did
@@ -415,16 +439,17 @@ class Engine:
             if not rows:
                 self.stats.busy_seconds += time.perf_counter() - start
                 continue
-            # Decode: one token for every running row, in one batch.
+            # Decode: one token for every running row (or a block of drafted tokens), in one batch.
             try:
-                logits = batch.decode([c.last_token for c in rows])
+                if self.speculative:
+                    self._speculate(rows, batch)
+                else:
+                    logits = batch.decode([c.last_token for c in rows])
+                    for c, row_logits in zip(rows, logits, strict=True):
+                        self._step_safely(c, row_logits)
             except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
                 for c in rows:
                     c.request.fail(e)
-                rows = self._drop_finished(rows, batch)
-                continue
-            for c, row_logits in zip(rows, logits, strict=True):
-                self._step_safely(c, row_logits)
             rows = self._drop_finished(rows, batch)
             self.stats.busy_seconds += time.perf_counter() - start
             self.stats.requests_active = len({id(c.request) for c in rows + waiting})  # idle next: not stale
@@ -477,10 +502,15 @@ class Engine:
         n = params.repeat_last_n
         recent = [*pending.request.prompt_ids[-n:], *c.generated[-n:]] if penalised and n else ()
         tok = sample_next(logits, params, c.generator, recent)
+        self._emit(c, tok, raw)
+
+    def _emit(self, c: _Choice, tok: int, raw: torch.Tensor | None) -> None:
+        """Report the choice's next token `tok` (its log-probs from `raw`, the logits it was drawn from, when the
+        request asks for them); marks the choice finished when it is."""
+        pending, params = c.request, c.request.request.params
         if c.matcher is not None:
             c.matcher.advance(tok)
-        if penalised:
-            c.generated.append(tok)
+        c.generated.append(tok)
         c.last_token = tok
         c.n_generated += 1
         self.stats.completion_tokens_total += 1
@@ -509,6 +539,59 @@ class Engine:
             pending.remaining -= 1
             if pending.remaining == 0:
                 pending.finish()
+
+    def _speculate(self, rows: list[_Choice], batch) -> None:
+        """One speculative step for every running row (see the class docstring)."""
+        drafts = [self._draft(c) for c in rows]
+        if not any(drafts):
+            for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
+                self._step_safely(c, row_logits)
+            return
+        # every row's block must fit its cache row, padding included: a row near the context's end bounds them all
+        drafts = [d[:batch.room() - 1] for d in drafts]
+        blocks = [[c.last_token, *d] for c, d in zip(rows, drafts, strict=True)]
+        T = max(len(b) for b in blocks)
+        logits = batch.decode_many(blocks)
+        kept = []  # per row: the fed tokens whose keys and values stay (its last token and the accepted drafts)
+        for c, drafted, row_logits in zip(rows, drafts, logits, strict=True):
+            if not drafted:
+                self._step_safely(c, row_logits[0])
+                kept.append(1)
+                continue
+            n = self._verify_safely(c, drafted, row_logits[:len(drafted) + 1])
+            kept.append(n)
+        batch.rollback([T - n for n in kept])
+
+    def _draft(self, c: _Choice) -> list[int]:
+        """The tokens row `c` drafts this step by prompt lookup: none under a grammar (the mask decides each token)
+        or with log-probs asked (each token's own forward reports them), none when one token is left."""
+        req = c.request.request
+        if c.matcher is not None or req.logprobs is not None or c.request.cancelled:
+            return []
+        k = min(c.acceptance.draft_length(self.lm.max_draft), req.params.max_new_tokens - c.n_generated - 1)
+        return prompt_lookup(req.prompt_ids + c.generated, k) if k > 0 else []
+
+    def _verify_safely(self, c: _Choice, drafted: list[int], logits: torch.Tensor) -> int:
+        """Verify row `c`'s drafts against the target's (len(drafted) + 1, vocab) `logits` and emit what it keeps,
+        up to the choice's end; how many of the fed tokens' keys and values stay (1 + the accepted drafts)."""
+        params = c.request.request.params
+        try:
+            ids = c.request.request.prompt_ids + c.generated
+            p = torch.cat([token_probs(row[None], params, recent_ids(ids + drafted[:j], params))
+                           for j, row in enumerate(logits)])
+            new = verify(drafted, None, p, params.temperature == 0, c.generator)
+            accepted = len(new) - 1
+            c.acceptance.observe(len(drafted), accepted)
+            self.stats.extra["drafted_tokens"] += len(drafted)
+            self.stats.extra["accepted_tokens"] += accepted
+            for tok in new:  # each its own event; eos, a stop string or max_tokens end it where plain decoding would
+                self._emit(c, tok, None)
+                if c.finished:
+                    break
+        except Exception as e:
+            c.request.fail(e)
+            return 1
+        return 1 + accepted
 
     def _drop_finished(self, rows: list[_Choice], batch) -> list[_Choice]:
         """Remove finished and cancelled rows, keeping the running ones contiguous at the top of the cache."""
