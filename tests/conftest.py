@@ -207,3 +207,17 @@ def _llama_server_binary():
 # CI=true, where .ci/run builds it and a missing binary must fail.
 needs_llama_server = pytest.mark.skipif(_llama_server_binary() is None and not os.environ.get("CI"),
                                         reason="no llama-server binary (slm build-llama-server)")
+
+
+def adapter_with_random_b(base, cfg, seed: int):
+    """`base` (a model directory) with LoRA layers of `cfg` whose B is random (a fresh adapter's is zero and
+    changes nothing), so tests can tell an adapter applied from one ignored."""
+    from slmkit.formats.hf_dir import load_model_dir
+    from slmkit.model.lora import LoRALinear, add_lora
+    model = add_lora(load_model_dir(base), cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.3)
+    return model

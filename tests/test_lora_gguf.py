@@ -4,14 +4,20 @@ and chosen per request through llama-server (`slm serve --backend llama-server -
 
 import numpy as np
 import pytest
-import torch
-from conftest import PAIRS, live_server, needs_llama_server, tiny_model_dir, translation_tokenizer
+from conftest import (
+    PAIRS,
+    adapter_with_random_b,
+    live_server,
+    needs_llama_server,
+    tiny_model_dir,
+    translation_tokenizer,
+)
 from typer.testing import CliRunner
 
 from slmkit.cli import app as cli
 from slmkit.formats.gguf import is_lora_gguf, write_gguf, write_lora_gguf
-from slmkit.formats.hf_dir import load_model_dir, save_model_dir
-from slmkit.model.lora import LoRAConfig, LoRALinear, add_lora, merge_lora, save_adapter
+from slmkit.formats.hf_dir import save_model_dir
+from slmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from slmkit.sampling import SamplingParams
 
 pytest.importorskip("llama_cpp")
@@ -34,12 +40,7 @@ def models(tmp_path_factory):
     dirs, merged = {}, {}
     for seed, (name, (r, targets)) in enumerate(ADAPTERS.items()):
         cfg = LoRAConfig(r=r, alpha=2 * r + 1 + seed, target_modules=targets)  # alpha / r not 2: the scale matters
-        model = add_lora(load_model_dir(base), cfg)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, LoRALinear):
-                    m.lora_B.weight.normal_(0, 0.3)
+        model = adapter_with_random_b(base, cfg, seed)
         dirs[name] = save_adapter(model, cfg, tmp / name, base, provenance={"instruction_tuned": True})
         merged_dir = save_model_dir(merge_lora(model.eval()), tmp / f"{name}-merged", tok)
         merged[name] = write_gguf(merged_dir, tmp / f"{name}-merged.gguf")
@@ -146,9 +147,13 @@ def test_llama_server_serves_each_adapter_like_its_merged_model(models, tmp_path
     from slmkit.serve.proxy import create_proxy_app
     base, base_gguf, dirs, merged = models
     params = SamplingParams(max_new_tokens=8, temperature=0)
-    want = {f"tiny:{n}": LlamaCppLM(merged[n]).generate(PROMPT, params)[0] for n in dirs}
-    want["tiny"] = LlamaCppLM(base_gguf).generate(PROMPT, params)[0]
-    assert len(set(want.values())) == 3
+    # several prompts: on one, an adapter may happen to keep the base's greedy text (the base is trained afresh)
+    prompts = [f"Translate {a}:" for a, _ in PAIRS[:4]]
+    lms = {**{f"tiny:{n}": LlamaCppLM(merged[n]) for n in dirs}, "tiny": LlamaCppLM(base_gguf)}
+    texts = {m: [lm.generate(p, params)[0] for p in prompts] for m, lm in lms.items()}
+    prompt = next((p for i, p in enumerate(prompts) if len({t[i] for t in texts.values()}) == 3), None)
+    assert prompt is not None, texts  # a prompt on which the three models' greedy texts all differ
+    want = {m: t[prompts.index(prompt)] for m, t in texts.items()}
     loras = [write_lora_gguf(d, base_gguf, tmp_path / f"{n}.gguf") for n, d in dirs.items()]
     args = [a for f in loras for a in ("--lora", str(f))] + ["--lora-init-without-apply"]
     server = start_llama_server(base_gguf, parallel=3, threads=1, alias="tiny", extra_args=args)
@@ -159,9 +164,9 @@ def test_llama_server_serves_each_adapter_like_its_merged_model(models, tmp_path
             async def all_at_once():  # the three models interleaved, twice each, at once
                 models_asked = list(want) * 2
                 replies = await asyncio.gather(*[client.completions.create(
-                    model=m, prompt=PROMPT, max_tokens=8, temperature=0) for m in models_asked])
+                    model=m, prompt=prompt, max_tokens=8, temperature=0) for m in models_asked])
                 return models_asked, [r.choices[0].text for r in replies]
-            asked, texts = asyncio.run(all_at_once())
-            assert texts == [want[m] for m in asked]
+            asked, got = asyncio.run(all_at_once())
+            assert got == [want[m] for m in asked]
     finally:
         server.close()

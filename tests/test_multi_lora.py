@@ -4,11 +4,11 @@ import asyncio
 
 import pytest
 import torch
-from conftest import PAIRS, live_server, tiny_model_dir, translation_tokenizer
+from conftest import PAIRS, adapter_with_random_b, live_server, tiny_model_dir, translation_tokenizer
 
 from slmkit.formats.hf_dir import load_model_dir, save_model_dir
 from slmkit.lm import load_lm
-from slmkit.model.lora import LoRAConfig, LoRALinear, add_lora, merge_lora, save_adapter
+from slmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from slmkit.model.multi_lora import add_adapters
 from slmkit.sampling import SamplingParams
 
@@ -28,12 +28,7 @@ def models(tmp_path_factory):
     dirs, merged = {}, {}
     for seed, (name, (r, targets)) in enumerate(ADAPTERS.items()):
         cfg = LoRAConfig(r=r, alpha=2 * r + seed, target_modules=targets)
-        model = add_lora(load_model_dir(base), cfg)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, LoRALinear):
-                    m.lora_B.weight.normal_(0, 0.3)
+        model = adapter_with_random_b(base, cfg, seed)
         dirs[name] = save_adapter(model, cfg, tmp / name, base)
         merged[name] = save_model_dir(merge_lora(model.eval()), tmp / f"{name}-merged", tok)
     return base, dirs, merged
