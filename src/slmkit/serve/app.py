@@ -556,7 +556,7 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
     import uvicorn
 
     from slmkit.hub import lora_gguf, resolve_model
-    from slmkit.serve.llama_server import find_llama_server, start_llama_server
+    from slmkit.serve.llama_server import find_llama_server, llama_server_lora_args, start_llama_server
     from slmkit.serve.proxy import create_proxy_app
     given = [name for name, value in refused.items() if value is not None]
     if given:
@@ -575,9 +575,7 @@ def _serve_llama_server(model, host, port, api_key, max_batch, max_queue, max_bo
     # LoRA adapters as llama.cpp's LoRA GGUFs, applied unmerged by llama-server: a single --adapter DIR to every
     # request; NAME=DIR adapters loaded at scale 0, each request's `model` choosing one (proxy.py)
     loras = [lora_gguf(a, base) for a in ([adapter] if adapter is not None else adapters.values())]
-    if bad := next((f for f in loras if "," in str(f)), None):  # llama-server splits --lora at commas
-        raise ValueError(f"{bad}: llama-server cannot load a LoRA file whose path has a comma; move or rename it")
-    lora_args = [arg for f in loras for arg in ("--lora", str(f))] + (["--lora-init-without-apply"] if adapters else [])
+    lora_args = llama_server_lora_args(loras, per_request=bool(adapters))
     server = start_llama_server(base, binary, parallel=max_batch, alias=model, extra_args=lora_args)
     try:
         app = create_proxy_app(server.url, model, max_requests=max_batch + max_queue, tickets=tickets,

@@ -156,6 +156,20 @@ def llama_server_args(binary: str | Path, gguf: str | Path, port: int, parallel:
             "--no-webui", "--metrics", "-lv", "2"]  # warnings and errors: a log line per request fills the disk
 
 
+def llama_server_lora_args(loras: list[str | Path], per_request: bool) -> list[str]:
+    """llama-server's flags for LoRA GGUFs: applied to every request, or (`per_request`) loaded at scale 0 for each
+    request's `lora` field to choose one (serve/proxy.py)."""
+    if bad := next((f for f in loras if "," in str(f)), None):  # llama-server splits --lora at commas
+        raise ValueError(f"{bad}: llama-server cannot load a LoRA file whose path has a comma; move or rename it")
+    args = [arg for f in loras for arg in ("--lora", str(f))]
+    if per_request:
+        # --cache-ram 0: llama-server's host-memory prompt cache keys a saved prompt by its tokens only, so a slot
+        # could load KV that was computed under another adapter (tests/test_lora_gguf.py reproduces it). A slot's
+        # own cache is cleared when its adapter changes, so prefix reuse within a slot stays on.
+        args += ["--lora-init-without-apply", "--cache-ram", "0"]
+    return args
+
+
 def start_llama_server(gguf: str | Path, binary: str | Path | None = None, parallel: int = 16,
                        threads: int | None = None, ctx: int | None = None, alias: str = "model",
                        timeout_s: float = 300, extra_args: list[str] = ()) -> LlamaServer:
