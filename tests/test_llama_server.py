@@ -176,6 +176,25 @@ def test_a_managed_llama_server_answers_like_llama_cpp(model_dir, tmp_path):
 
 
 @needs_llama_server
+def test_slm_llama_server_args_reach_llama_servers_command_line(model_dir, tmp_path, monkeypatch):
+    from slmkit.formats.gguf import write_gguf
+    from slmkit.serve.llama_server import start_llama_server
+    gguf = write_gguf(model_dir, tmp_path / "m.gguf", quant="f32")
+    monkeypatch.setenv("SLM_LLAMA_SERVER_ARGS", "--no-such-flag 1")
+    with pytest.raises(RuntimeError, match="llama-server exited with code"):
+        start_llama_server(gguf, parallel=1, threads=1)
+    monkeypatch.setenv("SLM_LLAMA_SERVER_ARGS", "--poll '0")
+    with pytest.raises(ValueError, match=r"\$SLM_LLAMA_SERVER_ARGS: No closing quotation"):
+        start_llama_server(gguf, parallel=1, threads=1)
+    monkeypatch.setenv("SLM_LLAMA_SERVER_ARGS", "--poll 0 --alias 'from the env'")
+    server = start_llama_server(gguf, parallel=1, threads=1, alias="tiny")
+    try:  # the last --alias wins: the variable's flags come after slmkit's
+        assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == "from the env"
+    finally:
+        server.close()
+
+
+@needs_llama_server
 def test_llama_server_dies_with_a_killed_slm_serve(model_dir, tmp_path):
     import signal
     import subprocess

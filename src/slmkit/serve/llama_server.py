@@ -10,12 +10,16 @@ The binary: `--llama-server-bin PATH`, else $SLM_LLAMA_SERVER, else `llama-serve
 `build_llama_server()` (`slm build-llama-server`) compiled into $SLMKIT_CACHE/llama-server/ from the
 llama.cpp sources that llama-cpp-python's source distribution vendors (pip download from PyPI + cmake: no
 model hub, no git).
+
+More llama-server flags (a KV cache type, --flash-attn, --poll): $SLM_LLAMA_SERVER_ARGS, split like a shell line
+and appended to the command line slmkit builds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -181,7 +185,11 @@ def start_llama_server(gguf: str | Path, binary: str | Path | None = None, paral
     if not Path(gguf).is_file():
         raise FileNotFoundError(f"{gguf}: no such GGUF file")
     port = _free_port()
-    args = [*llama_server_args(binary, gguf, port, parallel, threads, ctx, alias), *extra_args]
+    try:
+        user_args = shlex.split(os.environ.get("SLM_LLAMA_SERVER_ARGS", ""))
+    except ValueError as e:
+        raise ValueError(f"$SLM_LLAMA_SERVER_ARGS: {e}; quote it as a shell line") from None
+    args = [*llama_server_args(binary, gguf, port, parallel, threads, ctx, alias), *extra_args, *user_args]
     log_file = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
