@@ -78,6 +78,22 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert budget_progress(TrainConfig(data="d", out="o", max_steps=10, max_minutes=1), 5, 0, 45.0) == 0.75
 
 
+@pytest.mark.parametrize("native,bf16_gflops,fp32_gflops,want", [
+    (False, 0, 0, "fp32"),      # emulated bf16 (AVX2): never timed
+    (True, 836, 189, "bf16"),   # an AMD EPYC with AVX512-BF16
+    (True, 155, 243, "fp32"),   # an Intel Xeon with AVX512-BF16 and no AMX: native but slower
+    (True, 200, 180, "fp32"),   # not clearly faster: autocast's casts would eat the gain
+])
+def test_auto_precision_on_a_cpu_takes_bf16_only_where_it_multiplies_faster(monkeypatch, native, bf16_gflops,
+                                                                            fp32_gflops, want):
+    from slmkit.train import perf
+    monkeypatch.setattr(perf, "bf16_supported", lambda device: native)
+    monkeypatch.setattr(perf, "matmul_peak_flops", lambda dev, precision: 1e9 * (
+        bf16_gflops if precision == "bf16" else fp32_gflops))
+    assert perf.resolve_precision("auto", torch.device("cpu")) == want
+    assert perf.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: given
+
+
 def test_train_config_json_round_trips_and_old_dicts_become_the_typed_configs(token_data, tmp_path):
     from slmkit.distill.kd import DistillConfig
     from slmkit.model.lora import LoRAConfig

@@ -265,6 +265,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto" and world.any(precision == "fp32"):  # each rank measured its own: one choice for all
+        precision = "fp32"
     run = Path(cfg.out)
     data, tokenizer = open_training_data(cfg)
     # masked LM: the dataset's tokenizer + <mask>, saved with the encoder (train/mlm.py)

@@ -26,10 +26,23 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+# bf16 autocast pays a cast per op, so on a CPU it must win the matmul clearly to win a training step
+BF16_MIN_SPEEDUP = 1.2
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where the hardware does bf16 natively, else 'fp32'."""
+    """'auto' -> 'bf16' where the hardware does bf16 natively (and, on a CPU, measurably faster), else 'fp32'.
+
+    Native is not enough on a CPU: an AMD EPYC with AVX512-BF16 multiplies bf16 at 4.4x its fp32 rate, an Intel
+    Xeon with AVX512-BF16 but no AMX at 0.64x, where bf16 training ran at 0.55x fp32's tokens/s (BENCHMARKS.md,
+    "slm plan"). So 'auto' on a CPU times one square matmul in each (~1 s each, once a process)."""
     if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
+        if not bf16_supported(device):
+            return "fp32"
+        if device.type == "cpu" and (matmul_peak_flops("cpu", "bf16")
+                                     < BF16_MIN_SPEEDUP * matmul_peak_flops("cpu", "fp32")):
+            return "fp32"
+        return "bf16"
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     return precision
