@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -31,6 +32,17 @@ def chat(a, b, system=None):
     """A chat record asking to translate `a`, answered `b`."""
     messages = [{"role": "system", "content": system}] if system else []
     return {"messages": messages + [{"role": "user", "content": f"Translate {a}"}, {"role": "assistant", "content": b}]}
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_settings():
+    """`slm serve` run in-process (CliRunner) sets torch's thread count to cores - 1 and a 1 ms GIL switch
+    interval for the process; without this a later test ran single-threaded (the llama.cpp parity tests then
+    measured a torch vs llama.cpp gap 14x larger, over their tolerance)."""
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    yield
+    torch.set_num_threads(threads)
+    sys.setswitchinterval(interval)
 
 
 @pytest.fixture

@@ -69,9 +69,8 @@ def assert_same_tokenization(tok, gguf_path, extra_special_texts=()):
 def trained(tmp_path_factory):
     """A tiny model fitted to CODE (confident predictions), its tokenizer trained on code and unicode text."""
     tok = train_tokenizer([CODE, *TEST_TEXTS] * 20, vocab_size=400)
-    # a fixed initialisation: from whatever state the suite left the global generator in, the largest torch vs
-    # llama.cpp log-prob gap over CODE ranged 4e-5 to 1.3e-2 in f32 and 0.007 to 0.12 in q8_0 (4 seeds and one CI
-    # run on an Intel Xeon), across the tolerances below; seed 0 there: 9e-4 and 0.055
+    # a fixed initialisation, not whatever state the suite left the global generator in: over 4 seeds on an
+    # Intel Xeon the largest torch vs llama.cpp log-prob gap over CODE was 4e-5..9e-4 in f32, 0.007..0.055 in q8_0
     with torch.random.fork_rng():
         torch.manual_seed(0)
         d = tiny_model_dir(tmp_path_factory.mktemp("llamacpp") / "m", tok, tie=False, train_on=CODE, steps=200,
