@@ -10,8 +10,6 @@ Tolerances, and why:
   agree wherever slmkit's top-2 margin exceeds 1 nat; closer calls can flip (and do, on some prompts).
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -65,16 +63,6 @@ def assert_same_tokenization(tok, gguf_path, extra_special_texts=()):
         assert llm.detokenize(tok.encode(text)).decode("utf-8", errors="replace") == text
     for text in extra_special_texts:
         assert llama_ids(llm, text, special=True) == tok.encode(text), text
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _all_cores():
-    """An in-process `slm serve` earlier in the suite leaves torch at cores - 1 threads (serve/app.py); single-
-    threaded, the parity model trained and scored differently enough to cross the tolerances below in CI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
