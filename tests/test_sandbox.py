@@ -333,13 +333,30 @@ def test_refuses_to_run_without_the_network_namespace_unless_allowed(monkeypatch
     assert run_python("print(1)").passed
 
 
+@pytest.mark.skipif(not sandbox.isolation().tmpfs, reason="needs unprivileged user + mount namespaces")
 def test_a_failed_namespace_entry_stops_the_run_instead_of_running_unisolated(monkeypatch):
-    # the probe said yes, but the child cannot enter it (e.g. the limit on user namespaces was reached)
-    def fail(*args):
-        raise OSError(28, "unshare: No space left on device")
-    monkeypatch.setattr(sandbox, "isolation", lambda: Isolation(network=True, tmpfs=False))
-    monkeypatch.setattr(sandbox, "_enter_namespaces", fail)
+    # The probe said yes, but the child cannot enter the namespaces. A real failure inside the child's first stage:
+    # a uid map for a uid this process is not (only one's own uid may be mapped without CAP_SETUID outside).
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 424242)
     monkeypatch.delenv("SLMKIT_ALLOW_UNSANDBOXED", raising=False)
-    with pytest.raises(ValueError, match="could not enter its network namespace"):
-        run_python("print(1)")
+    with pytest.raises(ValueError, match=r"could not enter its namespaces \(.*uid_map.*\).*--allow-unsandboxed"):
+        run_python("open('ran', 'w').close()\nprint(1)")
+    with pytest.raises(ValueError, match="could not enter its namespaces"):
+        run_many(["print(1)", "print(2)"])
     assert run_python("print(1)", allow_unsandboxed=True).passed
+
+
+@pytest.mark.skipif(not network_namespace_available(), reason="no unprivileged network namespace on this machine")
+def test_the_sandbox_works_after_torch_started_its_thread_pool():
+    # torch.set_num_threads installs a fork handler that starts a thread in every forked child, and
+    # unshare(CLONE_NEWUSER) fails with EINVAL in a multithreaded process: the namespaces are entered after exec.
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(torch.get_num_threads())
+    sandbox.isolation.cache_clear()
+    try:
+        assert sandbox.isolation().network  # the probe, run again now
+        program = "import socket; print([n for _, n in socket.if_nameindex()])"
+        for result in [run_python(program)] + run_many([program] * 3, workers=3):
+            assert result.passed and result.stdout.strip() == "['lo']", result
+    finally:
+        sandbox.isolation.cache_clear()

@@ -3,14 +3,16 @@
 Each program runs in its own `python -I -B` process, in a fresh temporary directory that is deleted afterwards,
 with layered defences:
 
-1. Limits. `resource` rlimits set between fork and exec: address space (`memory_mb`), CPU seconds (a little above
-   the wall-clock timeout), file size (10 MB), process count, no core dumps. The child starts its own session;
+1. Limits. `resource` rlimits, set by a small first-stage interpreter (`_SETUP`) that then execs the guarded one:
+   address space (`memory_mb`), CPU seconds (a little above the wall-clock timeout), file size (10 MB), process
+   count, no core dumps. The child starts its own session;
    on timeout, and after every run, the whole process group is SIGKILLed so stray grandchildren die too. The work
    directory as a whole holds at most WORK_DIR_LIMIT bytes and WORK_FILES_LIMIT files: it is a private tmpfs of
    that size in the child's own mount namespace where the kernel allows it, otherwise this process watches it and
    kills the program when it grows past them (then a fast writer can overshoot by what it writes in 50 ms).
 2. No network. The child moves into a fresh user + network namespace that has only a loopback device, which is
-   down: nothing, not even 127.0.0.1 of the host, is reachable. This namespace is the real barrier: where the
+   down (the first stage enters it, single-threaded, before it execs the program's interpreter): nothing, not even
+   127.0.0.1 of the host, is reachable. This namespace is the real barrier: where the
    kernel does not allow it (probed once, see `isolation`), `run_python` refuses to run unless the caller passes
    `allow_unsandboxed=True` (`slm eval/synth --allow-unsandboxed`). Independently, a bootstrap that runs before the
    program replaces socket creation and name lookup with functions that raise PermissionError; that guard only
@@ -41,7 +43,6 @@ user. Linux is the target platform; on others the namespace layer is skipped (an
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
@@ -68,10 +69,73 @@ WORK_FILES_LIMIT = 1000  # files and directories in the work directory
 WATCH_EVERY_S = 0.05  # without the tmpfs: how often the work directory's limits are checked from outside
 SANDBOX_UID = 65534  # the program's uid inside its user namespace ("nobody")
 
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWNS = 0x00020000
-_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+# The first stage of every sandboxed child: a fresh `python -I -S` that enters the namespaces, sets the rlimits and
+# then execs the next stage (the guarded interpreter, or the probe's check). It runs after exec, not in a
+# preexec_fn between fork and exec, because unshare(CLONE_NEWUSER) fails with EINVAL in a multithreaded process and
+# a child forked from this one need not be single-threaded: after torch.set_num_threads, torch's fork handler
+# starts a thread in every forked child. A fresh interpreter has one thread. The exec that follows also drops the
+# capabilities the new user namespace gave this stage (the program is user SANDBOX_UID there, not 0), so the
+# program cannot unmount its tmpfs. argv: namespaces ("none" | "net" | "net+tmpfs"), the uid and gid maps,
+# whether to go on without the namespaces when they fail ("0" | "1"), the status fd ("-": exit 1 instead), the
+# rlimits ("AS=soft:hard,..."), then the next stage's argv. On the status fd it writes "ok" just before the exec,
+# or "error: <why>" when the namespaces failed.
+_SETUP = r"""
+import ctypes, os, resource, sys
+
+mode, uid_map, gid_map, allow_unsandboxed, status_fd, limits = sys.argv[1:7]
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def check(rc, what):
+    if rc != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def enter_namespaces(tmpfs):
+    flags = 0x10000000 | 0x40000000 | (0x00020000 if tmpfs else 0)  # CLONE_NEWUSER | CLONE_NEWNET [| CLONE_NEWNS]
+    check(libc.unshare(flags), "unshare")
+    if not tmpfs:
+        return
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", uid_map),
+                       ("/proc/self/gid_map", gid_map)):
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise OSError(e.errno, f"write {path}: {e.strerror}") from None
+    work = os.getcwd()
+    check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")  # MS_REC | MS_PRIVATE
+    options = f"size={WORK_DIR_LIMIT},nr_inodes={WORK_FILES_LIMIT},mode=0700".encode()
+    check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", 0x2 | 0x4, options), "mount tmpfs")  # MS_NOSUID | MS_NODEV
+    os.chdir(work)  # the cwd is still the directory underneath the mount
+
+
+def report(text):
+    if status_fd != "-":
+        os.write(int(status_fd), text.encode())
+        os.close(int(status_fd))
+
+
+if mode != "none":  # before the rlimits: the new namespace inherits the NPROC limit of its creator
+    try:
+        enter_namespaces(mode == "net+tmpfs")
+    except OSError as e:
+        if allow_unsandboxed != "1":  # never run without the barrier the probe promised
+            if status_fd == "-":
+                sys.exit(f"[slmkit sandbox] {e}")
+            report(f"error: {e}")
+            sys.exit(1)
+for item in filter(None, limits.split(",")):
+    name, values = item.split("=")
+    try:
+        resource.setrlimit(getattr(resource, "RLIMIT_" + name), tuple(map(int, values.split(":"))))
+    except (AttributeError, ValueError, OSError):
+        pass  # a limit this platform does not support (e.g. RLIMIT_AS on macOS)
+report("ok")
+os.execv(sys.argv[7], sys.argv[7:])
+""".replace("WORK_DIR_LIMIT", str(WORK_DIR_LIMIT)).replace("WORK_FILES_LIMIT", str(WORK_FILES_LIMIT))
+
 
 # Runs inside the child before the program: installs the guards, then executes the program file (not as __main__).
 # It compiles the program from its file so tracebacks show the program's real file name and line numbers.
@@ -230,6 +294,7 @@ def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, std
         marker_r, marker_w = os.pipe()
         os.write(marker_w, marker)
         os.close(marker_w)
+        status_r, status_w = os.pipe()  # the first stage's "ok" or "error: <why>" (see _SETUP)
         verdict_fd = os.open(verdict_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         over = None
         try:
@@ -238,16 +303,13 @@ def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, std
                 start = time.monotonic()
                 try:
                     proc = subprocess.Popen(
-                        [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, program_path, str(marker_r),
-                         str(verdict_fd), "__main__" if as_main else "__program__"],
+                        _setup_argv(iso, timeout_s, memory_mb, allow_unsandboxed, status_w,
+                                    [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, program_path, str(marker_r),
+                                     str(verdict_fd), "__main__" if as_main else "__program__"]),
                         stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env, close_fds=True,
-                        pass_fds=(marker_r, verdict_fd), start_new_session=True,
-                        preexec_fn=_preexec(timeout_s, memory_mb, iso, work, allow_unsandboxed),
-                    )
-                except subprocess.SubprocessError as e:  # only our preexec raises this one
-                    raise ValueError("the sandboxed child could not enter its network namespace (the probe "
-                                     "said it could: too many user namespaces?); retry, or pass "
-                                     "--allow-unsandboxed (Python: allow_unsandboxed=True)") from e
+                        pass_fds=(marker_r, verdict_fd, status_w), start_new_session=True)
+                finally:
+                    os.close(status_w)  # the child's copy is then the only writer
                 # Without the tmpfs the work directory's limits are watched from here (and checked at the end).
                 watch = None if iso.tmpfs else (lambda: _work_over_limit(work))
                 try:
@@ -257,9 +319,15 @@ def run_python(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, std
                     _kill_group(proc.pid)
                     proc.wait()
                 seconds = time.monotonic() - start
+            setup = os.read(status_r, 4096).decode(errors="replace")  # the child is gone: this cannot block
         finally:
             os.close(marker_r)
             os.close(verdict_fd)
+            os.close(status_r)
+        if setup.startswith("error: "):
+            raise ValueError(f"the sandboxed child could not enter its namespaces ({setup[7:]}), though the probe "
+                             "said it could (too many user namespaces?); retry, or pass --allow-unsandboxed "
+                             "(Python: allow_unsandboxed=True)")
         if over is None and not iso.tmpfs:
             over = _work_over_limit(work)
         stdout, stderr = _read_head(out_path), _read_tail(err_path)
@@ -313,18 +381,19 @@ def network_namespace_available() -> bool:
 
 @functools.cache
 def isolation() -> Isolation:
-    """Probe, once, which namespaces work here: each probe child must come up and see only the loopback
-    interface (and, for the tmpfs, a work directory with the sandbox's inode limit), so True means it works."""
-    if not sys.platform.startswith("linux") or _libc() is None:
+    """Probe, once, which namespaces work here: each probe child must come up through the same first stage as
+    the programs (`_SETUP`) and see only the loopback interface (and, for the tmpfs, a work directory with the
+    sandbox's inode limit), so True means it works."""
+    if not sys.platform.startswith("linux"):
         return Isolation(False, False)
     check = ("import os, socket, sys; sys.exit([n for _, n in socket.if_nameindex()] != ['lo'] or "
              f"(len(sys.argv) > 1 and os.statvfs('.').f_files > {WORK_FILES_LIMIT}))")
     for tmpfs in (True, False):
         work = tempfile.mkdtemp(prefix="slm-sandbox-probe-")
         try:
-            subprocess.run([sys.executable, "-I", "-c", check] + (["tmpfs"] if tmpfs else []), cwd=work,
-                           preexec_fn=functools.partial(_enter_namespaces, work if tmpfs else None, *_ids()),
-                           check=True, timeout=30, capture_output=True)
+            argv = _setup_argv(Isolation(True, tmpfs), None, None, False, None,
+                               [sys.executable, "-I", "-c", check] + (["tmpfs"] if tmpfs else []))
+            subprocess.run(argv, cwd=work, check=True, timeout=30, capture_output=True)
             return Isolation(True, tmpfs)
         except (OSError, subprocess.SubprocessError):
             continue
@@ -333,78 +402,27 @@ def isolation() -> Isolation:
     return Isolation(False, False)
 
 
-@functools.cache
-def _libc():
-    # Loaded in the parent: dlopen in a child forked from a threaded parent could deadlock on the loader lock.
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+def _setup_argv(iso: Isolation, timeout_s: float | None, memory_mb: int | None, allow_unsandboxed: bool,
+                status_fd: int | None, then: list[str]) -> list[str]:
+    """The command line of a sandboxed child: the first stage (`_SETUP`), which execs `then`.
 
-
-def _ids() -> tuple[bytes, bytes]:
-    # Built in the parent, so the child between fork and exec only makes system calls. The program is user
-    # SANDBOX_UID inside its namespace: not 0, so exec drops the capabilities the new namespace gave it (it
-    # cannot unmount its tmpfs), even when the evaluator runs as root.
-    return f"{SANDBOX_UID} {os.geteuid()} 1".encode(), f"{SANDBOX_UID} {os.getegid()} 1".encode()
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def _enter_namespaces(work: str | None, uid_map: bytes, gid_map: bytes) -> None:
-    """In the child: a fresh user + network namespace; with `work`, also a mount namespace in which `work` is a
-    size- and inode-limited tmpfs, and the child's cwd."""
-    libc = _libc()
-    if work is None:
-        _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET), "unshare")
-        return
-    _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS), "unshare")
-    for path, text in (("/proc/self/setgroups", b"deny"), ("/proc/self/uid_map", uid_map),
-                       ("/proc/self/gid_map", gid_map)):
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, text)
-        finally:
-            os.close(fd)
-    _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
-    options = f"size={WORK_DIR_LIMIT},nr_inodes={WORK_FILES_LIMIT},mode=0700".encode()
-    _check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options), "mount tmpfs")
-    os.chdir(work)  # Popen changed into the directory underneath before the mount
-
-
-def _preexec(timeout_s: float, memory_mb: int, iso: Isolation, work: str, allow_unsandboxed: bool):
-    """The function run in the child between fork and exec; kept to plain system calls (the parent may have threads)."""
-    cpu_s = math.ceil(timeout_s) + 1
-    limits = [
-        (resource.RLIMIT_AS, (memory_mb * 1024 * 1024,) * 2),
-        (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),  # SIGXCPU at the soft limit, SIGKILL at the hard one
-        (resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT,) * 2),
-        (resource.RLIMIT_CORE, (0, 0)),
-        # Inside the new user namespace this counts only the sandbox's own processes and threads; without it,
-        # all of this user's. Exec is not a fork, so an already-exceeded limit never stops the child itself.
-        # The kernel does not apply it to root: there the guards and the process-group kill remain.
-        (resource.RLIMIT_NPROC, (MAX_PROCESSES,) * 2),
-    ]
-    ids = _ids()
-
-    def preexec() -> None:
-        if iso.network:  # before the rlimits: the new namespace inherits the NPROC limit of its creator
-            try:
-                _enter_namespaces(work if iso.tmpfs else None, *ids)
-            except OSError:
-                if not allow_unsandboxed:
-                    raise  # Popen raises in the parent: never run without the barrier the probe promised
-        for limit, values in limits:
-            try:
-                resource.setrlimit(limit, values)
-            except (ValueError, OSError):
-                pass  # a limit this platform does not support (e.g. RLIMIT_AS on macOS)
-
-    return preexec
+    Inside its namespace the program is user SANDBOX_UID: not 0, so the exec drops the capabilities the new
+    namespace gave the first stage (it cannot unmount its tmpfs), even when the evaluator runs as root."""
+    namespaces = "none" if not iso.network else "net+tmpfs" if iso.tmpfs else "net"
+    limits = ""
+    if timeout_s is not None:
+        cpu_s = math.ceil(timeout_s) + 1
+        limits = ",".join([
+            f"AS={memory_mb * 1024 * 1024}:{memory_mb * 1024 * 1024}",
+            f"CPU={cpu_s}:{cpu_s + 1}",  # SIGXCPU at the soft limit, SIGKILL at the hard one
+            f"FSIZE={FILE_SIZE_LIMIT}:{FILE_SIZE_LIMIT}", "CORE=0:0",
+            # Inside the new user namespace this counts only the sandbox's own processes and threads; without
+            # it, all of this user's. Exec is not a fork, so an already-exceeded limit never stops the child
+            # itself. The kernel does not apply it to root: there the guards and the process-group kill remain.
+            f"NPROC={MAX_PROCESSES}:{MAX_PROCESSES}"])
+    return [sys.executable, "-I", "-B", "-S", "-c", _SETUP, namespaces,
+            f"{SANDBOX_UID} {os.geteuid()} 1", f"{SANDBOX_UID} {os.getegid()} 1",
+            "1" if allow_unsandboxed else "0", "-" if status_fd is None else str(status_fd), limits, *then]
 
 
 def _work_over_limit(work: str) -> str | None:
