@@ -46,7 +46,11 @@ def test_the_cost_model_is_its_formulas():
         est.peak_rss_mb + 2 * p / 2**20)
     lora = estimate_run(m, cfg, 8, 128, lora_params=1000)
     assert lora.trainable_params == 1000 and lora.peak_rss_mb < est.peak_rss_mb
+    # without LoRA steps in the calibration: the full step's fit with 4/6 of its FLOPs; with them, their own fit
     assert lora.train_step_s == pytest.approx(0.01 + 0.002 * t[1] + 1e-9 * t[2] + 1e-11 * t[3] * 4 / 6)
+    fitted = estimate_run(given(lora_fit=[0.02, 0.003, 2e-9, 8e-12]), cfg, 8, 128, lora_params=1000)
+    assert fitted.train_step_s == pytest.approx(0.02 + 0.003 * t[1] + 2e-9 * t[2] + 8e-12 * t[3])
+    assert estimate_run(given(lora_fit=[0.02, 0.003, 2e-9, 8e-12]), cfg, 8, 128).train_step_s == pytest.approx(step)
     teacher = model_config("micro")
     distil = estimate_run(m, cfg, 8, 128, teacher=teacher)
     tt = train_terms(teacher, 8, 128)
@@ -63,7 +67,7 @@ def test_calibration_fits_its_measurements_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path))
     m = machine_mod.calibrate(quick=True, log=lambda *_: None)
     assert m.matmul_fp32_gflops > 0 and m.bandwidth_gbs > 0 and m.baseline_rss_mb > 50 and m.threads >= 1
-    for fit in (m.train_fit, m.decode_fit, m.serve_fit, m.activation_fit, m.kd_fit):
+    for fit in (m.train_fit, m.lora_fit, m.decode_fit, m.serve_fit, m.activation_fit, m.kd_fit):
         assert all(c >= 0 for c in fit) and any(c > 0 for c in fit)
     # distillation's loss holds several fp32 tensors of the logits' size at its peak: 4 bytes each
     (batch, seq, vocab, extra_s, extra_bytes), = m.measured["kd"]
@@ -73,6 +77,12 @@ def test_calibration_fits_its_measurements_and_is_cached(tmp_path, monkeypatch):
         batch, seq, dim, layers, hidden, vocab = shape
         cfg = machine_mod._cfg(dim, layers, hidden, vocab, seq)
         predicted = sum(c * x for c, x in zip(m.train_fit, train_terms(cfg, batch, seq), strict=True))
+        assert seconds / 3 < predicted < seconds * 3, (shape, seconds, predicted)
+    assert len(m.measured["lora"]) == 2  # LoRA steps (adapters on a frozen base), fitted on their own
+    for *shape, seconds in m.measured["lora"]:
+        batch, seq, dim, layers, hidden, vocab = shape
+        cfg = machine_mod._cfg(dim, layers, hidden, vocab, seq)
+        predicted = sum(c * x for c, x in zip(m.lora_fit, train_terms(cfg, batch, seq), strict=True))
         assert seconds / 3 < predicted < seconds * 3, (shape, seconds, predicted)
 
     path = machine_mod.cache_path()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from slmkit.model.config import PRESETS, ModelConfig, model_config
 from slmkit.plan.estimate import RunEstimate, estimate_run
-from slmkit.plan.machine import Machine
+from slmkit.plan.machine import LORA_RANK, Machine
 
 TASKS = ("generation", "classification", "qa", "chat")
 TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio (Hoffmann et al. 2022)
@@ -33,7 +33,6 @@ BYTES_PER_TOKEN = 3.5  # for a data folder not yet tokenized: code and English t
 # on the quickstart corpus: BENCHMARKS.md) - only used before `slm data prepare` gives the real count
 PRETRAINED = "smollm2-135m-instruct"
 PLANNED_PRESETS = ("nano", "micro", "stories15m", "stories42m", "stories110m", "smollm2-135m", "tinyllama-1.1b")
-LORA_RANK = 16
 
 
 @dataclass

@@ -2,6 +2,7 @@
 (machine.py). Every number is a fitted linear model evaluated at the run's shape:
 
     training step s   = train_fit . [1, layers, tokens*dim*layers, tokens*train FLOPs/token]
+    a LoRA step s     = lora_fit  . (the same terms)
     a token, batch 1  = decode_fit . [1, layers, weight bytes]                   (generate_ids: `slm generate`)
     an engine step    = serve_fit . [1, layers, weight bytes, rows, rows*forward FLOPs/token]   (`slm serve`)
     saved activations = activation_fit . [tokens*dim*layers, tokens*hidden*layers, tokens*seq*heads*layers,
@@ -9,12 +10,13 @@
     peak memory       = the trainer process's baseline + fp32 weights + gradients + AdamW's two moments (of what
                         trains) + bf16 weight copies under autocast + saved activations + the fp32 logits twice
 
-LoRA trains no base gradients (backward through the frozen weights costs about 2 of training's 6 FLOPs per
-weight: 4/6 of the full step's FLOPs); distillation adds the teacher's forward pass (a third of its training
-step), its weights, and the loss's own work over the vocabulary (kd_fit: the teacher's and the student's
-log-softmax, the divergence and its gradient, in time and peak bytes per token x vocabulary entry). Time to
-first token is a batch-1 forward over the prompt (a third of a training step's cost at that length); serving N
-clients is an engine step of N rows.
+A LoRA step is its own fit on the same terms (lora_fit, measured on LoRA steps: no base gradients, but the
+adapters' small matmuls, dropout and casts per projection); a calibration without it takes train_fit with 4/6 of
+the FLOPs (backward through frozen weights costs about 2 of training's 6 FLOPs per weight). Distillation adds the
+teacher's forward pass (a third of its training step), its weights, and the loss's own work over the vocabulary
+(kd_fit: the teacher's and the student's log-softmax, the divergence and its gradient, in time and peak bytes per
+token x vocabulary entry). Time to first token is a batch-1 forward over the prompt (a third of a training step's
+cost at that length); serving N clients is an engine step of N rows.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def _dot(coef: list[float], terms: list[float]) -> float:
 def train_step_seconds(m: Machine, cfg: ModelConfig, batch: int, seq: int, lora: bool = False,
                        teacher: ModelConfig | None = None) -> float:
     terms = train_terms(cfg, batch, seq)
-    if lora:
-        terms[3] *= 4 / 6
-    seconds = _dot(m.train_fit, terms)
+    if lora and m.lora_fit:
+        seconds = _dot(m.lora_fit, terms)
+    elif lora:  # a calibration without LoRA steps: no base gradients, 4 of training's 6 FLOPs per weight
+        seconds = _dot(m.train_fit, [*terms[:3], terms[3] * 4 / 6])
+    else:
+        seconds = _dot(m.train_fit, terms)
     if teacher is not None:
         t = train_terms(teacher, batch, seq)
         seconds += _dot(m.train_fit, [0.0, t[1], t[2] / 3, t[3] / 3])

@@ -3,10 +3,11 @@ fitted to, never constants copied from elsewhere.
 
 Two kinds of measurement, both on the machine itself, with the thread count slmkit's runs use:
 - peaks: a square matmul's FLOP/s in fp32 and bf16, and the memory bandwidth of a large copy;
-- slmkit's own model at a handful of small shapes: the seconds of a training step (forward, backward, AdamW) at
-  the precision `slm train` picks, the seconds per generated token at batch 1 (`generate_ids`, what `slm
-  generate` runs) and at batch 4 and 16 (the serving engine, every row's sampling and events included), the bytes
-  autograd saves for backward, the resident memory of a process that has imported the trainer, and what a
+- slmkit's own model at a handful of small shapes: the seconds of a training step (forward, backward, AdamW) at the
+  precision `slm train` picks, and of a LoRA step (rank LORA_RANK adapters on the attention projections of a frozen
+  base: what `slm finetune --lora-rank` trains), the seconds per generated token at batch 1 (`generate_ids`, what
+  `slm generate` runs) and at batch 4 and 16 (the serving engine, every row's sampling and events included), the
+  bytes autograd saves for backward, the resident memory of a process that has imported the trainer, and what a
   distillation loss adds over a plain cross-entropy (time and peak memory per token x vocabulary entry, each in a
   child process of its own).
 Each cost the planner predicts is a small linear model in terms the shapes give (FLOPs, layers, weight bytes,
@@ -36,11 +37,16 @@ import torch
 from slmkit.files import atomic_write_json
 from slmkit.model.config import ModelConfig
 
-VERSION = 4
+VERSION = 5
+LORA_RANK = 16  # the rank `slm plan` recommends, and the one its LoRA steps are measured at
 # (batch, seq, dim, layers, hidden, vocab): small enough to measure in seconds, spread so the fits separate
 # per-step, per-layer, per-element and per-FLOP costs
 TRAIN_SHAPES = [(8, 64, 64, 2, 192, 512), (8, 64, 64, 8, 192, 512), (8, 256, 128, 4, 384, 4096),
                 (16, 256, 256, 4, 688, 8192), (8, 256, 384, 6, 1024, 8192), (4, 256, 512, 8, 1376, 16384)]
+# LoRA steps: a frozen base has no weight gradients and adds the adapters' small matmuls, dropout and casts per
+# projection, a mix no full-training shape shows; the last is SmolLM2-135M's width, hidden size and vocabulary
+LORA_SHAPES = [(8, 128, 128, 4, 384, 4096), (8, 256, 256, 4, 688, 8192), (8, 256, 384, 8, 1024, 16384),
+               (4, 256, 576, 6, 1536, 49152)]
 # (batch, seq, vocab) of the distillation-loss measurements (kd_terms): two vocabularies, the fit is per element
 KD_SHAPES = [(8, 128, 4096), (4, 128, 16384)]
 DECODE_SHAPES = [(64, 2, 192, 512), (128, 8, 384, 4096), (256, 6, 688, 8192), (512, 8, 1376, 16384),
@@ -68,6 +74,9 @@ class Machine:
     # distillation's own work per token x vocabulary entry, over a plain step's cross-entropy (kd_terms): the
     # teacher's log-softmax, the student's fp32 log-softmax kept for backward, the divergence and its gradient
     kd_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [seconds, peak bytes] per token*vocab
+    # a LoRA step's seconds on the training terms, fitted to LoRA steps (LORA_SHAPES); empty: not measured, and
+    # the estimate scales train_fit's FLOPs by 4/6 instead
+    lora_fit: list[float] = field(default_factory=list)
     measured: dict = field(default_factory=dict)  # the raw measurements the fits came from
     version: int = VERSION
 
@@ -119,12 +128,18 @@ def _bandwidth_gbs(mb: int = 256) -> float:
     return 2 * src.numel() * 4 / seconds / 1e9  # read + write
 
 
-def _train_step_seconds(cfg: ModelConfig, batch: int, seq: int, precision: str, repeats: int) -> tuple[float, int]:
+def _train_step_seconds(cfg: ModelConfig, batch: int, seq: int, precision: str, repeats: int,
+                        lora: bool = False) -> tuple[float, int]:
+    """(median seconds, bytes autograd saves) of one training step; with `lora`, of a LoRA step on the frozen
+    model (as `slm finetune --lora-rank LORA_RANK`: the default attention targets, dropout 0.05)."""
     from slmkit.model.llama import Transformer
+    from slmkit.model.lora import LoRAConfig, add_lora
     from slmkit.train.perf import autocast
     torch.manual_seed(0)
     model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if lora:
+        add_lora(model, LoRAConfig(r=LORA_RANK))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     device = torch.device("cpu")
     saved = [0]
@@ -311,8 +326,9 @@ def calibrate(quick: bool = False, log=print) -> Machine:
     train_shapes = TRAIN_SHAPES[:4] if quick else TRAIN_SHAPES
     decode_shapes = DECODE_SHAPES[:3] if quick else DECODE_SHAPES
     repeats = 2 if quick else 4
-    log(f"calibrating: matmul peaks, memory bandwidth, {len(train_shapes)} training and {len(decode_shapes)} "
-        f"decoding shapes ({threads} threads, training in {precision})")
+    lora_shapes = LORA_SHAPES[:2] if quick else LORA_SHAPES
+    log(f"calibrating: matmul peaks, memory bandwidth, {len(train_shapes)} training, {len(lora_shapes)} LoRA and "
+        f"{len(decode_shapes)} decoding shapes ({threads} threads, training in {precision})")
     fp32 = matmul_peak_flops("cpu", "fp32") / 1e9
     bf16 = matmul_peak_flops("cpu", "bf16") / 1e9
     bandwidth = _bandwidth_gbs(64 if quick else 256)
@@ -325,6 +341,13 @@ def calibrate(quick: bool = False, log=print) -> Machine:
         act_rows.append(activation_terms(cfg, batch, seq))
         act_y.append(float(saved))
         log(f"  train {batch}x{seq} d{dim} L{layers}: {seconds * 1e3:.1f} ms/step, {saved / 2**20:.1f} MB saved")
+    lora_rows, lora_y = [], []
+    for batch, seq, dim, layers, hidden, vocab in lora_shapes:
+        cfg = _cfg(dim, layers, hidden, vocab, seq)
+        seconds, _ = _train_step_seconds(cfg, batch, seq, precision, repeats, lora=True)
+        lora_rows.append(train_terms(cfg, batch, seq))
+        lora_y.append(seconds)
+        log(f"  LoRA r{LORA_RANK} {batch}x{seq} d{dim} L{layers} V{vocab}: {seconds * 1e3:.1f} ms/step")
     kd_fit, kd_measured = _kd_fit(KD_SHAPES[:1] if quick else KD_SHAPES, repeats)
     log(f"  distillation over cross-entropy: {kd_fit[0] * 1e9:.2f} ns and {kd_fit[1]:.1f} bytes per token x vocab")
     decode_rows, decode_y, serve_rows, serve_y = [], [], [], []
@@ -346,8 +369,9 @@ def calibrate(quick: bool = False, log=print) -> Machine:
         bandwidth_gbs=round(bandwidth, 2), baseline_rss_mb=round(_baseline_rss_mb(), 1),
         train_fit=_nnls(train_rows, train_y), decode_fit=_nnls(decode_rows, decode_y),
         serve_fit=_nnls(serve_rows, serve_y),
-        activation_fit=_nnls(act_rows, act_y), kd_fit=kd_fit,
+        activation_fit=_nnls(act_rows, act_y), kd_fit=kd_fit, lora_fit=_nnls(lora_rows, lora_y),
         measured={"train": [[*s, y] for s, y in zip(train_shapes, train_y, strict=True)], "kd": kd_measured,
+                  "lora": [[*s, y] for s, y in zip(lora_shapes, lora_y, strict=True)],
                   "decode": decode_y, "serve": serve_y, "activations": act_y, "quick": quick})
     return machine
 
