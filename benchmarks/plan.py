@@ -140,12 +140,27 @@ def measure_serving(cfg, tokenizer, clients: int = 16, tokens: int = 64) -> floa
         engine.close()
 
 
+def decode_and_serve(machine, data: Path, micro, row) -> None:
+    """4, 5. decoding and serving the micro shape."""
+    from slmkit.data.tokens import dataset_tokenizer
+    from slmkit.plan.estimate import estimate_run
+    tokenizer = dataset_tokenizer(data)
+    est = estimate_run(machine, micro, clients=16)
+    row("batch-1 decode: micro, torch fp32", est.decode_tokens_per_s, measure_decode(micro, tokenizer),
+        "decode tokens/s")
+    row("serving: micro, 16 clients (engine)", est.serve_tokens_per_s, measure_serving(micro, tokenizer), "tokens/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--steps", type=int, default=20, help="per training run (distill and finetune log every 10)")
     ap.add_argument("--skip-training", action="store_true", help="only the decoding and serving configurations")
+    ap.add_argument("--lora-only", action="store_true", help="only the LoRA configuration, also against the "
+                    "estimate without the calibration's LoRA steps (train_fit with 4/6 of the FLOPs)")
     args = ap.parse_args()
+
+    import dataclasses
 
     import torch
 
@@ -157,8 +172,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     machine = load_machine(recalibrate=True)
     root = Path(tempfile.mkdtemp(prefix="plan-bench-"))
-    data = prepare_data(root)
-    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    data = None if args.lora_only else prepare_data(root)
+    vocab = 4096 if data is None else json.loads((data / "meta.json").read_text())["vocab_size"]
     common = ["--max-steps", str(args.steps), "--eval-every", "0", "--save-every", "1000", "--warmup-steps", "2"]
     rows = []
 
@@ -169,7 +184,7 @@ def main() -> None:
               flush=True)
 
     micro = model_config("micro", vocab_size=vocab)
-    if not args.skip_training:
+    if not args.skip_training and not args.lora_only:
         # 1. pretraining
         run = root / "pretrain"
         got = run_child([*SLM, "train", "--data", str(data), "--out", str(run), "--preset", "micro", "--set",
@@ -190,6 +205,7 @@ def main() -> None:
             "train tokens/s")
         row("distillation: nano from micro, 16 x 256", est.peak_rss_mb, got["peak_rss_mb"], "peak RSS MB")
 
+    if not args.skip_training:
         # 3. LoRA on SmolLM2-135M
         smol_dir = pull("smollm2-135m-instruct", log=lambda m: None)
         smol = ModelConfig.from_hf(load_json(Path(smol_dir) / "config.json"))
@@ -200,14 +216,14 @@ def main() -> None:
         est = estimate_run(machine, smol, batch=8, seq=256, lora_params=_lora_params(smol))
         row("LoRA r16: SmolLM2-135M, 8 x 256", est.train_tokens_per_s, logged_tokens_per_s(run), "train tokens/s")
         row("LoRA r16: SmolLM2-135M, 8 x 256", est.peak_rss_mb, got["peak_rss_mb"], "peak RSS MB")
+        if args.lora_only:  # the estimate before the calibration measured LoRA steps
+            old = estimate_run(dataclasses.replace(machine, lora_fit=[]), smol, batch=8, seq=256,
+                               lora_params=_lora_params(smol))
+            row("LoRA r16, without lora_fit (4/6 FLOPs)", old.train_tokens_per_s, logged_tokens_per_s(run),
+                "train tokens/s")
 
-    # 4, 5. decoding and serving the micro shape
-    from slmkit.data.tokens import dataset_tokenizer
-    tokenizer = dataset_tokenizer(data)
-    est = estimate_run(machine, micro, clients=16)
-    row("batch-1 decode: micro, torch fp32", est.decode_tokens_per_s, measure_decode(micro, tokenizer),
-        "decode tokens/s")
-    row("serving: micro, 16 clients (engine)", est.serve_tokens_per_s, measure_serving(micro, tokenizer), "tokens/s")
+    if not args.lora_only:
+        decode_and_serve(machine, data, model_config("micro", vocab_size=vocab), row)
 
     result = {"date": datetime.date.today().isoformat(), "cpu": machine.cpu, "threads": threads,
               "python": platform.python_version(), "torch": torch.__version__, "machine": machine.to_dict(),
