@@ -71,7 +71,10 @@ def test_calibration_fits_its_measurements_and_is_cached(tmp_path, monkeypatch):
         assert all(c >= 0 for c in fit) and any(c > 0 for c in fit)
     # distillation's loss holds several fp32 tensors of the logits' size at its peak: 4 bytes each
     (batch, seq, vocab, extra_s, extra_bytes), = m.measured["kd"]
-    assert extra_s > 0 and extra_bytes >= 4 * batch * seq * vocab, m.measured["kd"]
+    # (its time over CE is noise-prone on a shared machine, 0 when clamped: timing is the benchmark's job)
+    assert extra_s >= 0 and extra_bytes >= 4 * batch * seq * vocab, m.measured["kd"]
+    assert machine_mod._nnls([[1.0], [2.0]], [0.0, 4.0]) == pytest.approx([2.0])  # a zero measurement is left out
+    assert machine_mod._nnls([[1.0, 1.0]], [0.0]) == [0.0, 0.0]
     # the fit reproduces what it was fitted to (within the noise of a shared machine), shape by shape
     for *shape, seconds in m.measured["train"]:
         batch, seq, dim, layers, hidden, vocab = shape

@@ -311,6 +311,12 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
     """Non-negative least squares on relative error (each row divided by its y), so small and large shapes
     count alike."""
     from scipy.optimize import nnls
+    # A measurement of nothing (a difference that noise took to 0, as _kd_fit clamps it) has no relative error:
+    # it is left out, and with nothing left the fit is zero.
+    keep = [i for i, v in enumerate(y) if v > 0]
+    if not keep:
+        return [0.0] * len(rows[0])
+    rows, y = [rows[i] for i in keep], [y[i] for i in keep]
     a = np.array(rows, dtype=np.float64) / np.array(y)[:, None]
     scale = np.abs(a).max(axis=0)
     scale[scale == 0] = 1.0
