@@ -223,7 +223,7 @@ def main() -> None:
                 "train tokens/s")
 
     if not args.lora_only:
-        decode_and_serve(machine, data, model_config("micro", vocab_size=vocab), row)
+        decode_and_serve(machine, data, micro, row)
 
     result = {"date": datetime.date.today().isoformat(), "cpu": machine.cpu, "threads": threads,
               "python": platform.python_version(), "torch": torch.__version__, "machine": machine.to_dict(),

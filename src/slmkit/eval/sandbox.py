@@ -75,14 +75,14 @@ SANDBOX_UID = 65534  # the program's uid inside its user namespace ("nobody")
 # a child forked from this one need not be single-threaded: after torch.set_num_threads, torch's fork handler
 # starts a thread in every forked child. A fresh interpreter has one thread. The exec that follows also drops the
 # capabilities the new user namespace gave this stage (the program is user SANDBOX_UID there, not 0), so the
-# program cannot unmount its tmpfs. argv: namespaces ("none" | "net" | "net+tmpfs"), the uid and gid maps,
-# whether to go on without the namespaces when they fail ("0" | "1"), the status fd ("-": exit 1 instead), the
-# rlimits ("AS=soft:hard,..."), then the next stage's argv. On the status fd it writes "ok" just before the exec,
-# or "error: <why>" when the namespaces failed.
+# program cannot unmount its tmpfs. argv: namespaces ("none" | "net" | "net+tmpfs"), the uid and gid maps, the
+# tmpfs mount options, whether to go on without the namespaces when they fail ("0" | "1"), the status fd ("-":
+# exit 1 instead), the rlimits ("AS=soft:hard,..."), then the next stage's argv. On the status fd it writes "ok"
+# just before the exec, or "error: <why>" when the namespaces failed.
 _SETUP = r"""
 import ctypes, os, resource, sys
 
-mode, uid_map, gid_map, allow_unsandboxed, status_fd, limits = sys.argv[1:7]
+mode, uid_map, gid_map, tmpfs_options, allow_unsandboxed, status_fd, limits = sys.argv[1:8]
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -106,8 +106,8 @@ def enter_namespaces(tmpfs):
             raise OSError(e.errno, f"write {path}: {e.strerror}") from None
     work = os.getcwd()
     check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")  # MS_REC | MS_PRIVATE
-    options = f"size={WORK_DIR_LIMIT},nr_inodes={WORK_FILES_LIMIT},mode=0700".encode()
-    check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", 0x2 | 0x4, options), "mount tmpfs")  # MS_NOSUID | MS_NODEV
+    nosuid_nodev = 0x2 | 0x4
+    check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", nosuid_nodev, tmpfs_options.encode()), "mount tmpfs")
     os.chdir(work)  # the cwd is still the directory underneath the mount
 
 
@@ -133,8 +133,8 @@ for item in filter(None, limits.split(",")):
     except (AttributeError, ValueError, OSError):
         pass  # a limit this platform does not support (e.g. RLIMIT_AS on macOS)
 report("ok")
-os.execv(sys.argv[7], sys.argv[7:])
-""".replace("WORK_DIR_LIMIT", str(WORK_DIR_LIMIT)).replace("WORK_FILES_LIMIT", str(WORK_FILES_LIMIT))
+os.execv(sys.argv[8], sys.argv[8:])
+"""
 
 
 # Runs inside the child before the program: installs the guards, then executes the program file (not as __main__).
@@ -404,10 +404,7 @@ def isolation() -> Isolation:
 
 def _setup_argv(iso: Isolation, timeout_s: float | None, memory_mb: int | None, allow_unsandboxed: bool,
                 status_fd: int | None, then: list[str]) -> list[str]:
-    """The command line of a sandboxed child: the first stage (`_SETUP`), which execs `then`.
-
-    Inside its namespace the program is user SANDBOX_UID: not 0, so the exec drops the capabilities the new
-    namespace gave the first stage (it cannot unmount its tmpfs), even when the evaluator runs as root."""
+    """The command line of a sandboxed child: the first stage (`_SETUP`), which execs `then`."""
     namespaces = "none" if not iso.network else "net+tmpfs" if iso.tmpfs else "net"
     limits = ""
     if timeout_s is not None:
@@ -422,7 +419,8 @@ def _setup_argv(iso: Isolation, timeout_s: float | None, memory_mb: int | None, 
             f"NPROC={MAX_PROCESSES}:{MAX_PROCESSES}"])
     return [sys.executable, "-I", "-B", "-S", "-c", _SETUP, namespaces,
             f"{SANDBOX_UID} {os.geteuid()} 1", f"{SANDBOX_UID} {os.getegid()} 1",
-            "1" if allow_unsandboxed else "0", "-" if status_fd is None else str(status_fd), limits, *then]
+            f"size={WORK_DIR_LIMIT},nr_inodes={WORK_FILES_LIMIT},mode=0700", "1" if allow_unsandboxed else "0",
+            "-" if status_fd is None else str(status_fd), limits, *then]
 
 
 def _work_over_limit(work: str) -> str | None:
