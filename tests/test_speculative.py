@@ -286,16 +286,17 @@ def test_slm_serve_with_a_draft_answers_the_openai_client_with_the_targets_greed
             answers.extend([out.choices[0].text, "".join(ch.choices[0].text for ch in streamed)])
 
     monkeypatch.setattr(uvicorn, "run", serve_and_ask)
-    drafted = []
-    real_stream_ids = SpeculativeLM.stream_ids
+    from slmkit.serve.engine import Engine
+    drafted = set()
+    real_step = Engine._speculate_with_model
 
-    def counting(self, *args):
-        drafted.append(self.max_draft)
-        yield from real_stream_ids(self, *args)
+    def counting(self, rows, batch):
+        drafted.add(self.lm.max_draft)
+        return real_step(self, rows, batch)
 
-    monkeypatch.setattr(SpeculativeLM, "stream_ids", counting)
+    monkeypatch.setattr(Engine, "_speculate_with_model", counting)
     result = CliRunner().invoke(app, ["serve", str(world["target"]), "--draft", str(world["draft"]),
                                       "--draft-k", "3"])
     assert result.exit_code == 0, result.output
     assert answers == [want, want] and want
-    assert drafted == [3, 3]  # both requests were decoded speculatively
+    assert drafted == {3}  # decoded speculatively in the batched engine, with --draft-k

@@ -734,8 +734,8 @@ def serve(
                                                            "llamacpp one DIR)")] = None,
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP + "; not fp32 picks torch under auto")] = "fp32",
     draft: Annotated[str | None, typer.Option(help="speculative decoding (as in `slm generate --draft`): a draft "
-                                                   "model or 'ngram'; torch backend; 'ngram' batched, a model one "
-                                                   "request at a time")]
+                                                   "model or 'ngram'; torch backend; both batched (a draft model "
+                                                   "with a shorter context: one request at a time)")]
     = None,
     draft_k: DraftK = 4,
     public_metrics: Annotated[bool, typer.Option(help="answer /metrics without the API key (for a scraper)")]

@@ -404,8 +404,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     adapters loaded side by side, one chosen per request by its model "MODEL:NAME" (split_adapters).
     `weights`: fp32, bf16 or int8 (torch backend; "auto" picks it when not fp32). `draft`: decode speculatively
     (lm/speculative.py) with this draft model or "ngram"; the target runs on the torch backend ("auto" picks it).
-    "ngram" speculates inside continuous batching (engine.py: every row drafts by prompt lookup); a draft model
-    is served one request at a time (speculation traded for batching: a batch of 1 per step, see BENCHMARKS.md).
+    Both speculate inside continuous batching (engine.py: every row drafts by prompt lookup, or the draft model's
+    rows beside the target's draft for all rows at once); a draft model with a shorter context than the target's
+    is served one request at a time.
 
     The API key is `api_key`, else $SLM_API_KEY; without one the routes are open (a warning is logged
     when the address is not loopback). Nonsense limits (`max_batch` 0, a negative timeout) are refused before

@@ -3,6 +3,7 @@
 Every running row keeps its keys and values in one row of a SlotKVCache (each row at its own position), so a
 decoding step is one (n, 1) forward pass for all n rows: the weights are read once per step for all of them.
 Speculative decoding feeds each row a block of drafted tokens instead, (n, T), and rolls rejected ones back.
+With a draft model (`DraftedBatch`), the draft's rows sit beside the target's, in a SlotKVCache of their own.
 A prompt that shares its beginning with a recent one starts from that one's keys and values (PrefixCache).
 With LoRA adapters loaded side by side (`lm.adapters`, model/multi_lora.py), each row runs its own: the adapter
 bank gets the running rows' adapters before every forward pass.
@@ -91,3 +92,28 @@ class TorchBatch:
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
         self.row_adapter[dst] = self.row_adapter[src]
+
+
+class DraftedBatch(TorchBatch):
+    """The target's TorchBatch with a draft model's alongside, row for row (the engine's batched decoder for a
+    `SpeculativeLM` whose draft is another slmkit model): prefill, move_row and n_active act on both; the rest is
+    the target's, and `draft` is the draft's own TorchBatch, which the engine feeds and rolls back itself. The
+    draft keeps no prefix cache: its prompts are cheap to recompute, and `prefix_cache_mb` stays the target's."""
+
+    def __init__(self, target: TorchLM, draft: TorchLM, max_batch: int, prefix_cache_mb: float = 0):
+        super().__init__(target, max_batch, prefix_cache_mb)
+        self.draft = TorchBatch(draft, max_batch)
+
+    @TorchBatch.n_active.setter  # the target's getter
+    def n_active(self, n: int) -> None:
+        self.cache.n_active = n
+        self.draft.n_active = n
+
+    def prefill(self, row: int, ids: list[int], adapter: int = 0) -> torch.Tensor:
+        logits = super().prefill(row, ids, adapter)
+        self.draft.prefill(row, ids)  # the draft has no adapters: a row's drafts come from the base draft
+        return logits
+
+    def move_row(self, src: int, dst: int) -> None:
+        super().move_row(src, dst)
+        self.draft.move_row(src, dst)

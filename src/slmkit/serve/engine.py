@@ -39,7 +39,7 @@ from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.speculative import NGRAM, Acceptance, SpeculativeLM, prompt_lookup, recent_ids, verify
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.sampling import SamplingParams, TextStream, sample_next, token_probs
-from slmkit.serve.batch_torch import TorchBatch
+from slmkit.serve.batch_torch import DraftedBatch, TorchBatch
 
 log = logging.getLogger("slmkit.serve")
 
@@ -121,6 +121,7 @@ class _Choice:
     generated: list[int] = field(default_factory=list)  # for the repetition penalty and prompt lookup
     matcher: Matcher | None = None  # the request's grammar, this choice's place in it
     acceptance: Acceptance = field(default_factory=Acceptance)  # its drafts' running acceptance rate
+    draft_behind: list[int] = field(default_factory=list)  # tokens before last_token its draft model has not seen
 
 
 class _Pending:
@@ -171,12 +172,15 @@ def batch_decoder(lm: LM, max_batch: int, prefix_cache_mb: float = 0):
     `move_row(src, dst)` (a row leaving: the last one takes its place); `n_active`; optionally `close()` and
     `prefixes` (its `hits` and `tokens_reused`: torch keeps `prefix_cache_mb` of recent prompts' keys and values,
     llama.cpp keeps finished sequences' cells for the next prompt that begins the same way).
-    A speculative decoder also gives `decode_many(blocks)` -> (n, T, vocab) and `rollback(drop)` (see Engine).
+    A speculative decoder also gives `decode_many(blocks)` -> (n, T, vocab), `room()` and `rollback(drop)`, and with
+    a draft model `draft`, the draft's own decoder for the same rows (see Engine).
     """
     if isinstance(lm, TorchLM):
         return TorchBatch(lm, max_batch, prefix_cache_mb)
     if speculates(lm):
-        return TorchBatch(lm.target, max_batch, prefix_cache_mb)
+        if lm.draft == NGRAM:
+            return TorchBatch(lm.target, max_batch, prefix_cache_mb)
+        return DraftedBatch(lm.target, lm.draft, max_batch, prefix_cache_mb)
     if isinstance(lm, LlamaCppLM):
         from slmkit.serve.batch_llamacpp import LlamaCppBatch  # imports llama_cpp, as the LM itself does
         return LlamaCppBatch(lm, max_batch, reuse_prefixes=prefix_cache_mb > 0)
@@ -184,9 +188,14 @@ def batch_decoder(lm: LM, max_batch: int, prefix_cache_mb: float = 0):
 
 
 def speculates(lm: LM | None) -> bool:
-    """Whether the engine decodes `lm` speculatively in its batch: prompt lookup over slmkit's own model. (A model
-    draft, which keeps a KV cache of its own per sequence, runs one request at a time through `lm.stream_ids`.)"""
-    return isinstance(lm, SpeculativeLM) and lm.draft == NGRAM and isinstance(lm.target, TorchLM)
+    """Whether the engine decodes `lm` speculatively in its batch: slmkit's own model drafted for by prompt lookup
+    or by another slmkit model whose context is at least the target's (its rows must hold every target row). Any
+    other pair (llama.cpp, transformers, a shorter draft) runs one request at a time through `lm.stream_ids`."""
+    if not isinstance(lm, SpeculativeLM) or not isinstance(lm.target, TorchLM):
+        return False
+    if lm.draft == NGRAM:
+        return True
+    return isinstance(lm.draft, TorchLM) and lm.draft.model.cfg.max_seq_len >= lm.target.model.cfg.max_seq_len
 
 
 class Engine:
@@ -205,6 +214,14 @@ class Engine:
     token as plain decoding does, from their block's first position (the same logits up to float rounding: a
     (n, T) forward's matmuls and attention kernel are not the (n, 1) step's); a step where no row drafts anything
     is a plain (n, 1) step, bit for bit.
+
+    With a draft model (`--draft MODEL`, a TorchLM), the draft's rows mirror the target's in a cache of their own
+    (DraftedBatch) and the drafting is batched too: each step first feeds every row's draft what it has not seen
+    (its last token, and the last draft it had kept without feeding it) in one block, then up to k - 1 more
+    (n, 1) draft steps, each row sampling its next draft from its own draft distribution q (after the same
+    sampler chain as the target's; its argmax when greedy) with its own generator; one (n, k + 1) target forward
+    verifies them all with q (exact as above), and both caches roll back past what each row rejected. Rows that
+    never draft (a grammar, log-probs) keep only their prompt in the draft's cache.
     """
 
     def __init__(self, lm: LM | None, max_batch: int = 16, max_queue: int = 64, device: str | None = None,
@@ -441,7 +458,9 @@ class Engine:
                 continue
             # Decode: one token for every running row (or a block of drafted tokens), in one batch.
             try:
-                if self.speculative:
+                if self.speculative and isinstance(batch, DraftedBatch):
+                    self._speculate_with_model(rows, batch)
+                elif self.speculative:
                     self._speculate(rows, batch)
                 else:
                     logits = batch.decode([c.last_token for c in rows])
@@ -541,8 +560,9 @@ class Engine:
                 pending.finish()
 
     def _speculate(self, rows: list[_Choice], batch) -> None:
-        """One speculative step for every running row (see the class docstring)."""
-        drafts = [self._draft(c) for c in rows]
+        """One speculative step for every running row, drafted by prompt lookup (see the class docstring)."""
+        drafts = [prompt_lookup(c.request.request.prompt_ids + c.generated, k) if k > 0 else []
+                  for c, k in zip(rows, map(self._draft_length, rows), strict=True)]
         if not any(drafts):
             for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
                 self._step_safely(c, row_logits)
@@ -558,28 +578,105 @@ class Engine:
                 self._step_safely(c, row_logits[0])
                 kept.append(1)
                 continue
-            n = self._verify_safely(c, drafted, row_logits[:len(drafted) + 1])
+            n = self._verify_safely(c, drafted, None, row_logits[:len(drafted) + 1])
             kept.append(n)
         batch.rollback([T - n for n in kept])
 
-    def _draft(self, c: _Choice) -> list[int]:
-        """The tokens row `c` drafts this step by prompt lookup: none under a grammar (the mask decides each token)
-        or with log-probs asked (each token's own forward reports them), none when one token is left."""
-        req = c.request.request
-        if c.matcher is not None or req.logprobs is not None or c.request.cancelled:
-            return []
-        k = min(c.acceptance.draft_length(self.lm.max_draft), req.params.max_new_tokens - c.n_generated - 1)
-        return prompt_lookup(req.prompt_ids + c.generated, k) if k > 0 else []
+    def _speculate_with_model(self, rows: list[_Choice], batch: DraftedBatch) -> None:
+        """One speculative step for every running row, drafted by the draft model (see the class docstring)."""
+        draft = batch.draft
+        unseen = [c.draft_behind + [c.last_token] for c in rows]  # each row's first draft block
+        B = max(len(b) for b in unseen)
+        # the target's block (k + 1) and the draft's (B, then k - 1 single tokens) must fit every cache row
+        limit = min(batch.room() - 1, draft.room() - B + 1)
+        ks = [min(self._draft_length(c), limit) for c in rows]
+        if max(ks) <= 0:  # a plain step; the draft catches up on these tokens when its rows next draft
+            for c in rows:
+                if self._drafts(c):
+                    c.draft_behind.append(c.last_token)
+            for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
+                self._step_safely(c, row_logits)
+            return
+        vocab = batch.model.cfg.vocab_size
+        drafted: list[list[int]] = [[] for _ in rows]
+        qs: list[list[torch.Tensor]] = [[] for _ in rows]
+        logits = draft.decode_many(unseen)
+        draft.rollback([B - len(b) for b in unseen])  # the padding, before anything is fed after it
+        nexts = [row_logits[len(b) - 1] for row_logits, b in zip(logits, unseen, strict=True)]
+        fed = 0  # single draft steps after the first block: row i's drafted[i][:fed] are in its draft row
+        for j in range(max(ks)):
+            if j > 0:
+                if not any(len(d) == j < k for d, k in zip(drafted, ks, strict=True)):
+                    break
+                nexts = draft.decode([d[j - 1] if len(d) >= j else (d or [c.last_token])[-1]  # else: padding
+                                      for c, d in zip(rows, drafted, strict=True)])
+                fed += 1
+            for i, c in enumerate(rows):
+                if len(drafted[i]) == j < ks[i]:
+                    q = self._draft_probs(c, nexts[i], drafted[i], vocab)
+                    if q is None:  # all the draft's mass on ids the target does not have
+                        ks[i] = j
+                        continue
+                    greedy = c.request.request.params.temperature == 0
+                    tok = q.argmax() if greedy else torch.multinomial(q, 1, generator=c.generator)
+                    drafted[i].append(int(tok))
+                    qs[i].append(q)
+        blocks = [[c.last_token, *d] for c, d in zip(rows, drafted, strict=True)]
+        T = max(len(b) for b in blocks)
+        logits = batch.decode_many(blocks)
+        kept = []
+        for c, d, q, row_logits in zip(rows, drafted, qs, logits, strict=True):
+            if not d:
+                self._step_safely(c, row_logits[0])
+                kept.append(1)
+            else:
+                kept.append(self._verify_safely(c, d, torch.stack(q), row_logits[:len(d) + 1]))
+        batch.rollback([T - n for n in kept])
+        drop = []
+        for c, b, d, n in zip(rows, unseen, drafted, kept, strict=True):
+            if not self._drafts(c):  # its draft row keeps its prompt only
+                drop.append(len(b) + fed)
+                continue
+            accepted = n - 1
+            drop.append(fed - min(accepted, fed))
+            c.draft_behind = d[fed:accepted]  # kept, but not fed to the draft (at most its last draft)
+        draft.rollback(drop)
 
-    def _verify_safely(self, c: _Choice, drafted: list[int], logits: torch.Tensor) -> int:
-        """Verify row `c`'s drafts against the target's (len(drafted) + 1, vocab) `logits` and emit what it keeps,
-        up to the choice's end; how many of the fed tokens' keys and values stay (1 + the accepted drafts)."""
+    def _draft_probs(self, c: _Choice, logits: torch.Tensor, drafted: list[int], vocab: int) -> torch.Tensor | None:
+        """Row `c`'s draft distribution q over the target's `vocab` after its context and `drafted`, from the draft
+        model's `logits` (a model with the same tokenizer may pad its vocabulary); None when it has no mass there."""
+        params = c.request.request.params
+        ids = c.request.request.prompt_ids + c.generated + drafted
+        probs = token_probs(logits[None], params, recent_ids(ids, params))[0]
+        q = torch.zeros(vocab)
+        n = min(vocab, probs.shape[0])
+        q[:n] = probs[:n]
+        return q if float(q.sum()) > 0 else None
+
+    @staticmethod
+    def _drafts(c: _Choice) -> bool:
+        """Whether row `c` may draft at all: not under a grammar (the mask decides each token) nor with log-probs
+        asked (each token's own forward reports them)."""
+        return c.matcher is None and c.request.request.logprobs is None
+
+    def _draft_length(self, c: _Choice) -> int:
+        """How many tokens row `c` drafts this step: none when it may not (`_drafts`) or one token is left,
+        else what its acceptance rate sets (at most `lm.max_draft`)."""
+        params = c.request.request.params
+        if not self._drafts(c) or c.request.cancelled:
+            return 0
+        return min(c.acceptance.draft_length(self.lm.max_draft), params.max_new_tokens - c.n_generated - 1)
+
+    def _verify_safely(self, c: _Choice, drafted: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> int:
+        """Verify row `c`'s drafts (drawn from `q`, None for prompt lookup's point masses) against the target's
+        (len(drafted) + 1, vocab) `logits` and emit what it keeps, up to the choice's end; how many of the fed
+        tokens' keys and values stay (1 + the accepted drafts)."""
         params = c.request.request.params
         try:
             ids = c.request.request.prompt_ids + c.generated
             p = torch.cat([token_probs(row[None], params, recent_ids(ids + drafted[:j], params))
                            for j, row in enumerate(logits)])
-            new = verify(drafted, None, p, params.temperature == 0, c.generator)
+            new = verify(drafted, q, p, params.temperature == 0, c.generator)
             accepted = len(new) - 1
             c.acceptance.observe(len(drafted), accepted)
             self.stats.extra["drafted_tokens"] += len(drafted)
