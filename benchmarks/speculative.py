@@ -3,6 +3,7 @@
     python benchmarks/speculative.py --json docs/benchmark-logs/speculative.json
     python benchmarks/speculative.py --backend llamacpp --drafts ngram \
         --json docs/benchmark-logs/speculative_llamacpp.json
+    python benchmarks/speculative.py --engine --draft-k 4 --json docs/benchmark-logs/speculative_engine.json
 
 Target: SmolLM2-135M-Instruct on slmkit's torch backend (fp32), or through llama.cpp (`--backend llamacpp`: the
 GGUF `slm pull` gives; plain decoding is then `LlamaCppLM.stream_ids`, llama.cpp's own loop), each prompt
@@ -12,11 +13,17 @@ through its chat template, greedy, up to 128 new tokens, ending at the end of th
 `--draft DIR` takes another). Each configuration decodes every prompt once after a warm-up, in `--repeats`
 rounds over all configurations; tokens/s counts generated tokens over the median wall time of `stream_ids` for
 all prompts. The speculative outputs are compared with plain decoding token by token.
+
+`--engine`: all prompts at once through the serving engine (serve/engine.py, `slm serve`'s continuous batching,
+the draft model's rows beside the target's), plus "one at a time", the draft model through `stream_ids` prompt
+after prompt (how `slm serve --draft MODEL` served before the engine batched draft models); tokens/s is then
+all generated tokens over the wall time of the whole batch (no per-prompt rates).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import statistics
@@ -57,6 +64,33 @@ def run(lm, prompts: list[list[int]], params) -> tuple[list[list[int]], list[flo
     return outputs, seconds
 
 
+def run_engine(lm, prompts: list[list[int]], params) -> tuple[list[list[int]], list[float]]:
+    """The outputs of all prompts decoded together by the serving engine, and the wall time split evenly."""
+    from slmkit.lm.base import end_ids
+    from slmkit.serve.engine import Engine, GenerationRequest
+    engine = Engine(lm, max_batch=len(prompts), max_queue=len(prompts))
+
+    ends = end_ids(params, lm.eos_id, lm.bos_id)  # the engine reports the end token, stream_ids does not
+
+    async def one(ids):
+        return [ev.token_id async for ev in engine.generate(GenerationRequest(ids, params))
+                if ev.token_id is not None and ev.token_id not in ends]
+
+    async def together():
+        return await asyncio.gather(*map(one, prompts))
+
+    try:
+        start = time.perf_counter()
+        outputs = asyncio.run(together())
+        wall = time.perf_counter() - start
+    finally:
+        engine.close()
+    if "drafted_tokens" in engine.stats.extra:  # the engine counts per step, not per target forward
+        lm.stats.drafted += engine.stats.extra["drafted_tokens"]
+        lm.stats.accepted += engine.stats.extra["accepted_tokens"]
+    return outputs, [wall / len(prompts)] * len(prompts)
+
+
 def main() -> None:
     from slmkit.lm import load_lm
     from slmkit.lm.speculative import SpeculativeLM, SpeculativeStats
@@ -70,6 +104,7 @@ def main() -> None:
     ap.add_argument("--drafts", nargs="+", default=["ngram", "model"], choices=["ngram", "model"])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
+    ap.add_argument("--engine", action="store_true", help="all prompts at once through the serving engine")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     target = load_lm(args.model, backend=args.backend)
@@ -90,10 +125,17 @@ def main() -> None:
                 draft_dir = str(student_from_teacher(args.model, f"{tmp}/draft", layer_step=args.layer_step))
             draft = load_lm(draft_dir, backend=args.backend)
             configs += [(f"draft {draft_dir}, k<={k}", draft, k) for k in args.draft_k]
+            if args.engine:
+                configs += [(f"draft {draft_dir}, k<={k}, one at a time", draft, k) for k in args.draft_k]
         lms = {name: target if drafter is None else SpeculativeLM(target, drafter, max_draft=k)
                for name, drafter, k in configs}
-        for lm in lms.values():
-            run(lm, prompts[:1], params)  # warm-up
+
+        def decode(name, lm, ids):
+            batched = args.engine and not name.endswith("one at a time")
+            return (run_engine if batched else run)(lm, ids, params)
+
+        for name, lm in lms.items():
+            decode(name, lm, prompts[:1])  # warm-up
         # rounds over every configuration, so a busy moment of a shared machine slows all of them alike
         seconds = {name: [] for name in lms}
         outputs = {}
@@ -101,13 +143,14 @@ def main() -> None:
             for name, lm in lms.items():
                 if isinstance(lm, SpeculativeLM):
                     lm.stats = SpeculativeStats()
-                outputs[name], took = run(lm, prompts, params)
+                outputs[name], took = decode(name, lm, prompts)
                 seconds[name].append(took)
         rows = []
         for name, lm in lms.items():
             n, took = sum(map(len, outputs[name])), statistics.median(map(sum, seconds[name]))
             by_prompt = zip(*seconds[name], strict=True)  # each prompt's seconds over the rounds
-            per_prompt = [len(out) / statistics.median(s) for out, s in zip(outputs[name], by_prompt, strict=True)]
+            per_prompt = [] if args.engine else [len(out) / statistics.median(s)
+                                                 for out, s in zip(outputs[name], by_prompt, strict=True)]
             row = {"config": name, "tokens": n, "median_seconds": took, "seconds": seconds[name],
                    "tokens_per_s": n / took, "tokens_per_s_per_prompt": per_prompt}
             line = f"{name:<28} {n / took:6.1f} tokens/s (per prompt {', '.join(f'{x:.1f}' for x in per_prompt)})"
@@ -124,7 +167,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model,
-                       "backend": args.backend,
+                       "backend": args.backend, "engine": args.engine,
                        "rows": rows}, f, indent=2)
 
 
