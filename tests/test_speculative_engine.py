@@ -265,7 +265,7 @@ def test_a_draft_model_in_the_batch_gives_the_engines_own_greedy_output(lm, draf
     (its cache row holds exactly that context, whatever was rolled back, padded or fed late)."""
     plain = run_together(Engine(lm, max_batch=4), greedy_requests(lm))
     checked = []
-    real = Engine._draft_probs
+    real = Engine._draw_draft
 
     def check_context(self, c, logits, drafted, vocab):
         ids = c.request.request.prompt_ids + c.generated + drafted
@@ -275,7 +275,7 @@ def test_a_draft_model_in_the_batch_gives_the_engines_own_greedy_output(lm, draf
         checked.append(len(drafted))
         return real(self, c, logits, drafted, vocab)
 
-    monkeypatch.setattr(Engine, "_draft_probs", check_context)
+    monkeypatch.setattr(Engine, "_draw_draft", check_context)
     engine = Engine(SpeculativeLM(lm, draft_lm, max_draft=4), max_batch=4)
     assert isinstance(engine._batch, DraftedBatch) and engine.max_batch == 4
     assert run_together(engine, greedy_requests(lm)) == plain

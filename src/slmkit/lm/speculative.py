@@ -235,19 +235,32 @@ def propose_with_model(draft: CachedWindow, ids: list[int], k: int, params: Samp
     """k tokens sampled from the draft model (its argmax when greedy), with the distributions q (k, vocab) they
     were drawn from, over the target's vocabulary (a model with the same tokenizer may pad its own)."""
     drafted: list[int] = []
-    q = torch.zeros(k, vocab)
+    qs = []
     for i in range(k):
         logits = draft.logits(ids + drafted, 1)
         if allowed is not None and i == 0 and allowed.shape[-1] == logits.shape[-1]:
             logits = logits.masked_fill(~allowed, float("-inf"))
-        qi = token_probs(logits, params, recent_ids(ids + drafted, params))[0]
-        n = min(vocab, qi.shape[0])
-        q[i, :n] = qi[:n]
-        if q[i].sum() <= 0:  # all the draft's mass on ids the target does not have
+        drawn = draw_draft(logits, params, ids + drafted, vocab, generator)
+        if drawn is None:
             break
-        drafted.append(int(q[i].argmax()) if params.temperature == 0
-                       else int(torch.multinomial(q[i], 1, generator=generator)))
-    return drafted, q[:len(drafted)]
+        drafted.append(drawn[0])
+        qs.append(drawn[1])
+    return drafted, torch.stack(qs) if qs else torch.zeros(0, vocab)
+
+
+def draw_draft(logits: torch.Tensor, params: SamplingParams, ids: list[int], vocab: int,
+               generator: torch.Generator | None) -> tuple[int, torch.Tensor] | None:
+    """One drafted token after `ids` from the draft's (1, V) `logits` (its argmax when greedy), and the
+    distribution q (vocab,) it was drawn from over the target's `vocab`; None when all the draft's mass is on
+    ids the target does not have."""
+    probs = token_probs(logits, params, recent_ids(ids, params))[0]
+    q = torch.zeros(vocab)
+    n = min(vocab, probs.shape[0])
+    q[:n] = probs[:n]
+    if float(q.sum()) <= 0:
+        return None
+    tok = q.argmax() if params.temperature == 0 else torch.multinomial(q, 1, generator=generator)
+    return int(tok), q
 
 
 def prompt_lookup(ids: list[int], k: int, max_n: int = NGRAM_MAX) -> list[int]:

@@ -36,7 +36,7 @@ import torch
 from slmkit.lm.base import LM, end_ids
 from slmkit.lm.constraints import Matcher
 from slmkit.lm.llamacpp_lm import LlamaCppLM
-from slmkit.lm.speculative import NGRAM, Acceptance, SpeculativeLM, prompt_lookup, recent_ids, verify
+from slmkit.lm.speculative import NGRAM, Acceptance, SpeculativeLM, draw_draft, prompt_lookup, recent_ids, verify
 from slmkit.lm.torch_lm import TorchLM
 from slmkit.sampling import SamplingParams, TextStream, sample_next, token_probs
 from slmkit.serve.batch_torch import DraftedBatch, TorchBatch
@@ -463,9 +463,7 @@ class Engine:
                 elif self.speculative:
                     self._speculate(rows, batch)
                 else:
-                    logits = batch.decode([c.last_token for c in rows])
-                    for c, row_logits in zip(rows, logits, strict=True):
-                        self._step_safely(c, row_logits)
+                    self._plain_step(rows, batch)
             except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
                 for c in rows:
                     c.request.fail(e)
@@ -564,23 +562,34 @@ class Engine:
         drafts = [prompt_lookup(c.request.request.prompt_ids + c.generated, k) if k > 0 else []
                   for c, k in zip(rows, map(self._draft_length, rows), strict=True)]
         if not any(drafts):
-            for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
-                self._step_safely(c, row_logits)
+            self._plain_step(rows, batch)
             return
         # every row's block must fit its cache row, padding included: a row near the context's end bounds them all
-        drafts = [d[:batch.room() - 1] for d in drafts]
+        self._verify_drafts(rows, batch, [d[:batch.room() - 1] for d in drafts], [None] * len(rows))
+
+    def _plain_step(self, rows: list[_Choice], batch) -> None:
+        """One token for every running row: one (n, 1) forward."""
+        for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
+            self._step_safely(c, row_logits)
+
+    def _verify_drafts(self, rows: list[_Choice], batch, drafts: list[list[int]],
+                       qs: list[torch.Tensor | None]) -> list[int]:
+        """Feed every row its last token and its drafts (drawn from qs[i], None for point masses) in one (n, T)
+        target forward, emit what each row keeps and roll its cache back past the rest; per row, the fed tokens
+        whose keys and values stay (its last token and the accepted drafts). A row without drafts samples its one
+        token from its block's first position."""
         blocks = [[c.last_token, *d] for c, d in zip(rows, drafts, strict=True)]
         T = max(len(b) for b in blocks)
         logits = batch.decode_many(blocks)
-        kept = []  # per row: the fed tokens whose keys and values stay (its last token and the accepted drafts)
-        for c, drafted, row_logits in zip(rows, drafts, logits, strict=True):
+        kept = []
+        for c, drafted, q, row_logits in zip(rows, drafts, qs, logits, strict=True):
             if not drafted:
                 self._step_safely(c, row_logits[0])
                 kept.append(1)
-                continue
-            n = self._verify_safely(c, drafted, None, row_logits[:len(drafted) + 1])
-            kept.append(n)
+            else:
+                kept.append(self._verify_safely(c, drafted, q, row_logits[:len(drafted) + 1]))
         batch.rollback([T - n for n in kept])
+        return kept
 
     def _speculate_with_model(self, rows: list[_Choice], batch: DraftedBatch) -> None:
         """One speculative step for every running row, drafted by the draft model (see the class docstring)."""
@@ -594,8 +603,7 @@ class Engine:
             for c in rows:
                 if self._drafts(c):
                     c.draft_behind.append(c.last_token)
-            for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
-                self._step_safely(c, row_logits)
+            self._plain_step(rows, batch)
             return
         vocab = batch.model.cfg.vocab_size
         drafted: list[list[int]] = [[] for _ in rows]
@@ -613,25 +621,13 @@ class Engine:
                 fed += 1
             for i, c in enumerate(rows):
                 if len(drafted[i]) == j < ks[i]:
-                    q = self._draft_probs(c, nexts[i], drafted[i], vocab)
-                    if q is None:  # all the draft's mass on ids the target does not have
+                    drawn = self._draw_draft(c, nexts[i], drafted[i], vocab)
+                    if drawn is None:  # all the draft's mass on ids the target does not have
                         ks[i] = j
                         continue
-                    greedy = c.request.request.params.temperature == 0
-                    tok = q.argmax() if greedy else torch.multinomial(q, 1, generator=c.generator)
-                    drafted[i].append(int(tok))
-                    qs[i].append(q)
-        blocks = [[c.last_token, *d] for c, d in zip(rows, drafted, strict=True)]
-        T = max(len(b) for b in blocks)
-        logits = batch.decode_many(blocks)
-        kept = []
-        for c, d, q, row_logits in zip(rows, drafted, qs, logits, strict=True):
-            if not d:
-                self._step_safely(c, row_logits[0])
-                kept.append(1)
-            else:
-                kept.append(self._verify_safely(c, d, torch.stack(q), row_logits[:len(d) + 1]))
-        batch.rollback([T - n for n in kept])
+                    drafted[i].append(drawn[0])
+                    qs[i].append(drawn[1])
+        kept = self._verify_drafts(rows, batch, drafted, [torch.stack(q) if q else None for q in qs])
         drop = []
         for c, b, d, n in zip(rows, unseen, drafted, kept, strict=True):
             if not self._drafts(c):  # its draft row keeps its prompt only
@@ -642,16 +638,12 @@ class Engine:
             c.draft_behind = d[fed:accepted]  # kept, but not fed to the draft (at most its last draft)
         draft.rollback(drop)
 
-    def _draft_probs(self, c: _Choice, logits: torch.Tensor, drafted: list[int], vocab: int) -> torch.Tensor | None:
-        """Row `c`'s draft distribution q over the target's `vocab` after its context and `drafted`, from the draft
-        model's `logits` (a model with the same tokenizer may pad its vocabulary); None when it has no mass there."""
-        params = c.request.request.params
+    def _draw_draft(self, c: _Choice, logits: torch.Tensor, drafted: list[int],
+                    vocab: int) -> tuple[int, torch.Tensor] | None:
+        """Row `c`'s next draft after its context and `drafted`, from the draft model's (vocab,) `logits`, with its
+        q (`speculative.draw_draft`, the row's own generator)."""
         ids = c.request.request.prompt_ids + c.generated + drafted
-        probs = token_probs(logits[None], params, recent_ids(ids, params))[0]
-        q = torch.zeros(vocab)
-        n = min(vocab, probs.shape[0])
-        q[:n] = probs[:n]
-        return q if float(q.sum()) > 0 else None
+        return draw_draft(logits[None], c.request.request.params, ids, vocab, c.generator)
 
     @staticmethod
     def _drafts(c: _Choice) -> bool:
