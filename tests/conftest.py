@@ -106,7 +106,9 @@ def tiny_model_dir(path, tokenizer, tie=True, train_on: str | None = None, steps
     cfg = dataclasses.replace(model_config("nano", **TINY), vocab_size=tokenizer.vocab_size, tie_embeddings=tie,
                               bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                               pad_token_id=tokenizer.pad_id, **overrides)
-    model = Transformer(cfg)
+    with torch.random.fork_rng():  # the same weights whatever ran before (the global generator's state)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
     if train_on:
         ids = torch.tensor(tokenizer.encode(train_on * 20, add_bos=tokenizer.add_bos))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

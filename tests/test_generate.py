@@ -3,7 +3,7 @@ import torch
 
 from slmkit.lm.torch_lm import TorchLM, generate_batch, generate_ids
 from slmkit.model.llama import Transformer
-from slmkit.sampling import DEFAULTS, SamplingParams, sample_next
+from slmkit.sampling import DEFAULTS, SamplingParams, argmax, sample_next
 from slmkit.tokenizer import train_tokenizer
 
 
@@ -34,6 +34,19 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
     assert all(sample_next(logits, SamplingParams(temperature=1.0, top_p=0.01), g) == 1 for _ in range(20))
     seen = {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(200)}
     assert seen <= {1, 2} and seen == {1, 2}
+
+
+def test_argmax_is_torchs_including_ties_and_other_dtypes():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 3000, generator=g)
+    logits[3, [7, 1500, 2999]] = 50.0  # a tie: the first one wins, as in torch
+    logits[5] = 0.0
+    best = argmax(logits)
+    assert torch.equal(best, logits.argmax(-1)) and int(best[3]) == 7 and int(best[5]) == 0
+    assert argmax(logits).dtype == torch.long
+    half = logits.bfloat16()  # not the numpy path
+    assert torch.equal(argmax(half), half.argmax(-1))
+    assert torch.equal(argmax(logits[2:3, ::2]), logits[2:3, ::2].argmax(-1))  # a strided view
 
 
 def test_bad_sampling_params_are_refused():

@@ -34,10 +34,12 @@ def ids(cfg, n=24):
 def lora_model(path, cfg: LoRAConfig):
     """The model in `path` with LoRA added and B made non-zero, so the adapter changes the logits."""
     model = add_lora(load_model_dir(path), cfg)
+    g = torch.Generator().manual_seed(0)  # the same adapter whatever ran before
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.lora_B.weight.normal_(0, 0.1)
+                m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * 0.3)
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
     return model.eval()
 
 

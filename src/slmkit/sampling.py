@@ -58,8 +58,17 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     looks at (the caller passes the last `p.repeat_last_n`)."""
     logits = _penalize(logits.float(), p, recent)
     if p.temperature == 0:
-        return logits.argmax(-1)
+        return argmax(logits)
     return torch.multinomial(_truncated_probs(logits, p), 1, generator=generator)[:, 0]
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) the index of each row's largest logit (the first, on ties), as `logits.argmax(-1)`. On the CPU through
+    numpy: torch's CPU argmax is not vectorised (measured, 16 x 32,000 float32 logits on one AVX-512 core: 300 us,
+    numpy's 25 us; at 16 rows that was 5% of a stories15m serving step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    return logits.argmax(-1)
 
 
 def token_probs(logits: torch.Tensor, p: SamplingParams, recent: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,7 +76,7 @@ def token_probs(logits: torch.Tensor, p: SamplingParams, recent: torch.Tensor | 
     mass on the argmax at temperature 0. Speculative decoding compares a target's and a draft's with it."""
     logits = _penalize(logits.float(), p, recent)
     if p.temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.nn.functional.one_hot(argmax(logits), logits.shape[-1]).float()
     probs = _truncated_probs(logits, p)
     return probs / probs.sum(-1, keepdim=True)
 
