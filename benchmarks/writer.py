@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--notes", default="spring offer: 10% off everything with code SPRING10")
     ap.add_argument("--limit", type=int, default=None, help="only the first N products")
+    ap.add_argument("--seed", type=int, default=0, help="product n's variants are seeded from seed + 100 n")
     ap.add_argument("--json", default=None)
     ap.add_argument("--texts", default=None, help="write every output (JSONL) here for auditing")
     args = ap.parse_args()
@@ -51,7 +52,7 @@ def main() -> None:
     for n, product in enumerate(list(catalogue)[:args.limit]):
         start = time.perf_counter()
         batch = write_texts(lm, catalogue, [product], brief, kind="email", n=args.variants, retries=args.retries,
-                            seed=n * 100, temperature=args.temperature)
+                            seed=args.seed + n * 100, temperature=args.temperature)
         took = time.perf_counter() - start
         seconds.append(took / sum(t.attempts for t in batch))
         texts += batch
@@ -65,7 +66,7 @@ def main() -> None:
     for t in texts:
         first_kinds.update(v["kind"] for v in t.violations)
     summary = {**summarize(texts), "model": args.model, "retries": args.retries, "temperature": args.temperature,
-               "words": args.words, "flagged_kinds": dict(first_kinds),
+               "words": args.words, "seed": args.seed, "flagged_kinds": dict(first_kinds),
                "median_s_per_attempt": round(statistics.median(seconds), 2),
                "unflagged": sum(not t.flagged for t in texts), "cpu": platform.processor() or platform.machine()}
     print(json.dumps(summary, indent=2))

@@ -124,14 +124,16 @@ def test_writer_regenerates_until_the_facts_hold_and_flags_what_never_does(catal
     seeds = [p["seed"] for p in [lm.sampling_params(seed=s) for s in (0, 1)]]
     assert seeds == [0, 1]
     # every attempt invents a figure: the last one comes back flagged, with what is wrong
-    bad = write_texts(RepliesLM(["Dear [Name], a 3-year warranty."]), catalogue, [pro], Brief(), n=2, retries=1)
+    bad = write_texts(RepliesLM(["Subject: Hi\n\nDear [Name], a 3-year warranty."]), catalogue, [pro], Brief(), n=2,
+                      retries=1)
     assert [t.attempts for t in bad] == [2, 2] and all(t.flagged for t in bad)
     assert {v["kind"] for v in bad[0].violations} == {"warranty", "placeholder"}
     # unusable without a false fact: a loop, or the prompt copied out
-    [loop] = write_texts(RepliesLM(["The Pro 2 is great. The Pro 2 is great. The Pro 2 is great."]), catalogue,
-                         [pro], Brief(), n=1, retries=0)
+    [loop] = write_texts(RepliesLM(["Subject: Hi\n\nThe Pro 2 is great. The Pro 2 is great. The Pro 2 is great."]),
+                         catalogue, [pro], Brief(), n=1, retries=0)
     assert [v["kind"] for v in loop.violations] == ["repetition"]
-    [echo] = write_texts(RepliesLM(["Product facts:\n- Pro 2"]), catalogue, [pro], Brief(), n=1, retries=0)
+    [echo] = write_texts(RepliesLM(["Subject: Hi\n\nThe product facts:\n- Pro 2"]), catalogue, [pro], Brief(),
+                         n=1, retries=0)
     assert [v["kind"] for v in echo.violations] == ["echo"]
     summary = summarize([text, *bad])
     assert summary == {"outputs": 3, "flagged": 2, "attempts": 6, "first_draft_violations_per_100": 166.7,
@@ -140,6 +142,59 @@ def test_writer_regenerates_until_the_facts_hold_and_flags_what_never_does(catal
         build_messages("poem", [pro], Brief())
     with pytest.raises(ValueError, match="at least one product"):
         write_texts(lm, catalogue, [], Brief())
+
+
+CLEAN_EMAILS = [  # in the styles a person writes them: Title Case subjects, greetings, sign-offs, a P.S.
+    "Subject: Spring Into Better Espresso\n\nDear coffee lovers,\n\nMeet the Kettleby Pro 2 espresso machine: a 58 mm "
+    "portafilter, PID temperature control from 88 to 96 °C and a 2.0 L removable water tank. Steam milk with its "
+    "steam wand, and let auto-off switch it off after 15, 30 or 60 minutes.\n\nThis spring, take 10% off everything "
+    "with code SPRING10.\n\nHappy brewing,\nThe Kettleby Team",
+    "Subject: Your Mornings, Upgraded\n\nHi there!\n\nSavour every cup. The Pro 2 is in stock now for €649.00, with a "
+    "two-year warranty. Baristas at home love its PID temperature control.\n\nCheers,\nKettleby",
+    "Subject: Chocolate Notes For Home Coffee Lovers\n\nHello,\n\nOur House Espresso blend 1 kg: whole beans, a "
+    "medium-dark roast with notes of chocolate, €27.90. Grind it fresh on the Burr grinder G40.\n\nWarm regards,\n"
+    "The Kettleby team\nP.S. 10% off with SPRING10 this spring.",
+]
+
+
+@pytest.mark.parametrize("text", CLEAN_EMAILS)
+def test_faithful_emails_in_every_style_pass_the_whole_check(catalogue, text):
+    products = [catalogue["KB-PRO2"] if "Pro 2" in text else catalogue["KB-BN"]]
+    [written] = write_texts(RepliesLM([text]), catalogue, products, Brief(notes="spring: 10% off everything with "
+                                                                                "code SPRING10"), n=1, retries=0)
+    assert written.violations == []
+
+
+@pytest.mark.parametrize("body,kind,claim", [  # each from what SmolLM2-135M wrote (docs/benchmark-logs/writer-*.jsonl)
+    ("A single origin Japanese roast, brewed on the Pro 2.", "name", "Japanese"),  # an origin no fact gives
+    ("Try our Daily Essentials lineup with the Pro 2.", "name", "Daily Essentials"),  # an invented product line
+    ("Spremer's Kitchen loves the Pro 2.", "name", "Spremer's Kitchen"),  # no English word, first in its sentence
+    ("Sterne, please try the Pro 2.", "name", "Sterne"),
+    ("The Pro 2 is sold on Amazon.", "name", "Amazon"),
+    ("His name is Emma, and she loves the Pro 2.", "name", "Emma"),
+    ("CALL TO HOME COFFERLOADERS\nThe Pro 2.", "name", "COFFERLOADERS"),  # capitals: only a non-word is a name
+    ("The Pro 2. #BestCoffee", "hashtag", "#BestCoffee"),
+    ("The Pro 2, from @kettleby_shop.", "hashtag", "@kettleby_shop"),
+    ("", "empty", "Hi"),  # a subject and nothing after it
+])
+def test_names_the_facts_do_not_give_are_flagged(catalogue, body, kind, claim):
+    [written] = write_texts(RepliesLM([f"Subject: Hi\n\n{body}"]), catalogue, [catalogue["KB-PRO2"]], Brief(), n=1,
+                            retries=0)
+    assert {"kind": kind, "claim": claim} in [{k: v[k] for k in ("kind", "claim")} for v in written.violations], \
+        written.violations
+
+
+def test_an_email_needs_its_subject_line_and_sources_cover_demonyms_and_british_spelling(catalogue):
+    [no_subject] = write_texts(RepliesLM(["The Pro 2 is great."]), catalogue, [catalogue["KB-PRO2"]], Brief(), n=1,
+                               retries=0)
+    assert [v["kind"] for v in no_subject.violations] == ["format"]
+    [description] = write_texts(RepliesLM(["The Pro 2 is great."]), catalogue, [catalogue["KB-PRO2"]], Brief(),
+                                kind="description", n=1, retries=0)
+    assert description.violations == []
+    from slmkit.kb.grounding import unsupported_names
+    assert unsupported_names("Subject: Colourful Flavour\nA fine Ethiopian coffee, Kenyan too.",
+                             "Ethiopia Yirgacheffe; Kenya AA", title_lines=1) == []
+    assert [v.claim for v in unsupported_names("An Ethiopian coffee.", "Kenya AA")] == ["Ethiopian"]
 
 
 def test_prompt_lists_only_the_products_facts_and_the_brief(catalogue):

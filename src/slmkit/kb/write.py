@@ -18,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from slmkit.kb.catalogue import Catalogue, Product, Violation, check_facts
+from slmkit.kb.grounding import unsupported_names
 
 KINDS = ("email", "description")
 
@@ -97,7 +98,7 @@ def write_texts(lm, catalogue: Catalogue, products: list[Product], brief: Brief,
             params = lm.sampling_params(temperature=temperature, top_p=0.95, max_new_tokens=budget,
                                         repetition_penalty=1.1, seed=seed + 1000 * variant + attempt)
             text = "".join(lm.stream_chat(messages, params)).strip()
-            violations = _check(text, catalogue, products, brief)
+            violations = _check(text, catalogue, products, brief, kind)
             first = len(violations) if first is None else first
             if not violations:
                 break
@@ -112,16 +113,27 @@ def write_texts(lm, catalogue: Catalogue, products: list[Product], brief: Brief,
 
 
 _PLACEHOLDER = re.compile(r"\[[^\]\n]{1,40}\]|\{[^}\n]{1,40}\}|<[^>\n]{1,40}>")
-_ECHO = re.compile(r"^\s*(?:product facts|campaign notes)\s*:", re.I | re.M)
+_ECHO = re.compile(r"\b(?:product facts|campaign notes)\b", re.I)
 
 
-def _check(text: str, catalogue: Catalogue, products: list[Product], brief: Brief) -> list[Violation]:
-    """The catalogue's fact check, plus what makes a text unusable as it stands: nothing written, a
-    placeholder left for someone to fill in ("[Your Name]"), the prompt's own headings copied out, or a sentence
-    repeated three times (a small model's loop)."""
+def _check(text: str, catalogue: Catalogue, products: list[Product], brief: Brief,
+           kind: str = "email") -> list[Violation]:
+    """The catalogue's fact check and the names check (grounding.py), plus what makes a text unusable as it
+    stands: nothing written (for an e-mail: no subject line, or nothing after it), a placeholder left for someone
+    to fill in ("[Your Name]"), the prompt's own headings copied out, or a sentence repeated three times (a small
+    model's loop)."""
     if not text.strip():
         return [Violation("empty", "", "the model wrote nothing")]
+    subject, body = split_subject(text) if kind == "email" else (None, text)
+    if kind == "email" and subject is None:
+        return [Violation("format", text.strip().splitlines()[0][:60], "no 'Subject:' line first")]
+    if not body:
+        return [Violation("empty", subject or "", "nothing after the subject line")]
     found = check_facts(text, catalogue, about=products, brief=brief.text(), brand=brief.company)
+    sources = " ".join([brief.text(), brief.company, *(f"{p.sku} {p.name} {p.category} {' '.join(p.features)}"
+                                                       for p in catalogue)])
+    named = _PLACEHOLDER.sub(" ", f"{subject}\n{body}" if subject else body)  # "[Name]" is a placeholder (below)
+    found += unsupported_names(named, sources, title_lines=int(bool(subject)))
     found += [Violation("placeholder", m.group(0), "a placeholder, not text") for m in _PLACEHOLDER.finditer(text)]
     found += [Violation("echo", m.group(0).strip(), "the prompt copied out") for m in _ECHO.finditer(text)][:1]
     sentences = collections.Counter(s.strip().lower() for s in re.split(r"[.!?\n]+", text) if len(s.strip()) > 8)
