@@ -6,6 +6,7 @@ server, on the same weights.
     python benchmarks/serve.py                                 # stories15m-shaped random model, every server
     python benchmarks/serve.py --preset smollm2-135m-instruct --gguf q8_0 --clients 1 4 16 32
     python benchmarks/serve.py --servers llama-server slmkit-llama-server slmkit-torch-int8
+    python benchmarks/serve.py --servers slmkit-torch-int8 slmkit-torch-int8@before --before /tmp/old/src --rounds 5
 
 Each server runs in its own process on 127.0.0.1 (slmkit's with its default threads: all cores but one for the
 model; llama.cpp's with `--threads`); llama-server is built once from the llama.cpp sources llama-cpp-python's
@@ -118,6 +119,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300, help="seconds per concurrency level")
     ap.add_argument("--prompt", default="import os\nimport sys\n\ndef main(argv):\n    ",
                     help="every request's prompt (\\n: a newline)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every server this many times, the order reversed "
+                    "each round; the table gives each figure's median over the rounds")
+    ap.add_argument("--before", help="the src/ of another slmkit checkout (e.g. a `git worktree` of the last "
+                    "commit): a server named NAME@before runs from it, for an A/B of a change")
     ap.add_argument("--json")
     args = ap.parse_args()
     env = _threads_env(args.threads)
@@ -125,7 +130,13 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="slm-serve-bench-") as tmp:
         paths = make_models(args.preset, Path(tmp))
-        for server in args.servers:
+        order = [(n, name) for n in range(args.rounds) for name in (args.servers if n % 2 == 0
+                                                                     else args.servers[::-1])]
+        for round_, name in order:
+            server, before = name.removesuffix("@before"), name.endswith("@before")
+            if before and not args.before:
+                raise SystemExit(f"{name} needs --before (the src/ of the checkout to run it from)")
+            server_env = {**env, "PYTHONPATH": str(Path(args.before).resolve())} if before else env
             port = free_port()
             most = str(max(args.clients))
             if server == "llama-server":  # the same arguments slm serve --backend llama-server gives it
@@ -142,7 +153,7 @@ def main() -> None:
             else:
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", paths[args.gguf], "--port", str(port),
                        "--n_threads", str(args.threads), "--n_ctx", "1024"]
-            proc = start(cmd, port, env)
+            proc = start(cmd, port, server_env)
             try:
                 # warm-up, not counted: a server's first requests pay one-time costs (connections to an upstream,
                 # first-call paths), which 3 timed requests at one client would otherwise carry
@@ -152,12 +163,13 @@ def main() -> None:
                         r = asyncio.run(asyncio.wait_for(run_clients(port, clients, args.requests_per_client,
                                                                      args.max_tokens, prompt), args.timeout))
                     except Exception as e:  # a server that stalls or fails under load is a result too
-                        print(f"{server:<18}{clients:>3} clients failed: {type(e).__name__} {e}", file=sys.stderr)
-                        results.append({"server": server, "clients": clients, "error": f"{type(e).__name__}"})
+                        print(f"{name:<18}{clients:>3} clients failed: {type(e).__name__} {e}", file=sys.stderr)
+                        results.append({"server": name, "clients": clients, "round": round_,
+                                        "error": f"{type(e).__name__}"})
                         break
-                    r["server"] = server
+                    r.update(server=name, round=round_)
                     results.append(r)
-                    print(f"{server:<20}{clients:>3} clients {r['tok_s']:>8.1f} tok/s  ttft {r['ttft_median_s']:.3f}s",
+                    print(f"{name:<20}{clients:>3} clients {r['tok_s']:>8.1f} tok/s  ttft {r['ttft_median_s']:.3f}s",
                           file=sys.stderr)
                     if args.json:  # after every level: a run cut short keeps what it measured
                         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results},
@@ -172,16 +184,21 @@ def main() -> None:
     print(f"\n| server ({args.preset}, {args.gguf} GGUF, {args.threads} threads) | clients | aggregate tok/s | "
           "vs 1 client | vs llama-server | TTFT p50 / p99 |")
     print("|---|---:|---:|---:|---:|---:|")
+    runs = {}  # (server, clients) -> its results, one a round
     for r in results:
-        if "error" in r:
-            print(f"| {r['server']} | {r['clients']} | did not finish in {args.timeout:.0f} s ({r['error']}) | | |")
+        runs.setdefault((r["server"], r["clients"]), []).append(r)
+    medians = {key: {k: statistics.median(r[k] for r in done) for k in ("tok_s", "ttft_median_s", "ttft_p99_s")}
+               for key, rs in runs.items() if (done := [r for r in rs if "error" not in r])}
+    for (server, clients), rs in runs.items():
+        m = medians.get((server, clients))
+        if m is None:
+            print(f"| {server} | {clients} | did not finish in {args.timeout:.0f} s ({rs[0]['error']}) | | |")
             continue
-        base = next(x["tok_s"] for x in results if x["server"] == r["server"] and x["clients"] == min(args.clients))
-        anchor = next((x["tok_s"] for x in results if x["server"] == "llama-server" and x["clients"] == r["clients"]
-                       and "tok_s" in x), None)
-        versus = f"{r['tok_s'] / anchor:.2f}x" if anchor else ""
-        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {versus} | "
-              f"{r['ttft_median_s'] * 1000:.0f} / {r['ttft_p99_s'] * 1000:.0f} ms |")
+        base = medians.get((server, min(args.clients)), m)
+        anchor = medians.get(("llama-server", clients))
+        versus = f"{m['tok_s'] / anchor['tok_s']:.2f}x" if anchor else ""
+        print(f"| {server} | {clients} | {m['tok_s']:.1f} | {m['tok_s'] / base['tok_s']:.2f}x | {versus} | "
+              f"{m['ttft_median_s'] * 1000:.0f} / {m['ttft_p99_s'] * 1000:.0f} ms |")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
 

@@ -3,6 +3,10 @@ every one fact-checked against the catalogue, resampled while it breaks a fact, 
 
     nice python benchmarks/writer.py --model smollm2-135m-instruct --variants 5 --retries 3 \
         --json docs/benchmark-logs/writer.json --texts docs/benchmark-logs/writer-emails.jsonl
+    nice python benchmarks/writer.py --model runs/brand/model --seed 1000 --skus KB-PRO2D KB-G40 ...  # held out
+
+`--seed` moves every variant's seeds (product n's from seed + 100 n, n its place in the catalogue, so `--skus`,
+a subset, keeps each product's seeds: a brand-voice model tuned on the other products is compared like for like).
 
 Reports, over all outputs: violations per 100 first drafts (what the check caught), by kind; the share that went
 out flagged after the retries; attempts per output; seconds per attempt. The texts are kept (--texts) so a person
@@ -40,6 +44,7 @@ def main() -> None:
     ap.add_argument("--notes", default="spring offer: 10% off everything with code SPRING10")
     ap.add_argument("--limit", type=int, default=None, help="only the first N products")
     ap.add_argument("--seed", type=int, default=0, help="product n's variants are seeded from seed + 100 n")
+    ap.add_argument("--skus", nargs="+", default=None, help="only these products (seeded by their catalogue place)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--texts", default=None, help="write every output (JSONL) here for auditing")
     args = ap.parse_args()
@@ -50,6 +55,8 @@ def main() -> None:
     texts, seconds = [], []
     first_kinds = collections.Counter()
     for n, product in enumerate(list(catalogue)[:args.limit]):
+        if args.skus and product.sku not in args.skus:
+            continue
         start = time.perf_counter()
         batch = write_texts(lm, catalogue, [product], brief, kind="email", n=args.variants, retries=args.retries,
                             seed=args.seed + n * 100, temperature=args.temperature)
@@ -66,7 +73,7 @@ def main() -> None:
     for t in texts:
         first_kinds.update(v["kind"] for v in t.violations)
     summary = {**summarize(texts), "model": args.model, "retries": args.retries, "temperature": args.temperature,
-               "words": args.words, "seed": args.seed, "flagged_kinds": dict(first_kinds),
+               "words": args.words, "seed": args.seed, "skus": args.skus, "flagged_kinds": dict(first_kinds),
                "median_s_per_attempt": round(statistics.median(seconds), 2),
                "unflagged": sum(not t.flagged for t in texts), "cpu": platform.processor() or platform.machine()}
     print(json.dumps(summary, indent=2))

@@ -237,6 +237,7 @@ def _bad_inputs(tmp):
         (["kb", "eval", missing, "--questions", str(huge), *out], "huge.jsonl:1"),
         (["write", missing, "--model", missing, "--sku", "KB-1"], "no such catalogue file"),
         (["recommend", missing, "--history", "KB-1"], "no such catalogue file"),
+        (["brand-records", missing, missing, *out], "no such catalogue file"),
         (["support", "reply", missing, "hi", "--intents", missing], "no knowledge base here"),
         (["support", "chat", missing, "--intents", missing], "no knowledge base here"),
         (["support", "chat", missing, "--quote-articles", "0"], "--quote-articles) is 0; it must be at least 1"),

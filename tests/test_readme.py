@@ -238,6 +238,9 @@ WORLD_FILES = {  # what the README's commands read, by the names they use
         "KB-BN-HOUSE,House Espresso blend 1 kg,coffee,27.90,whole beans; medium-dark roast,0,true\n"
         "KB-TMP58,Calibrated tamper 58 mm,accessory,39.00,58 mm flat base; fits Pro 2,2,true\n"
         "KB-KNK,Knock box,accessory,29.00,removable rubber knock bar,1,true\n"),
+    "brand-emails.jsonl": lambda: [  # the brand's own copy, for `slm brand-records` (its catalogue above)
+        {"sku": "KB-PRO2", "subject": "Meet the Pro 2", "body": "Dear coffee lovers,\n\nThe Kettleby Pro 2 espresso "
+         "machine has a 58 mm portafilter and a steam wand. This spring, 10% off everything with code SPRING10."}],
     "new.jsonl": lambda: [{"text": "Play something relaxing"}, {"text": "Do I need an umbrella"}],
     "problems.jsonl": lambda: [{"text": "Tom has 3 apples and buys 2 more. How many apples does he have?",
                                 "answer": "5"}, {"text": "A box holds 4 pens. How many pens are in 2 boxes?",

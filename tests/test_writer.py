@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from slmkit.cli import app
 from slmkit.kb.catalogue import check_facts, load_catalogue
 from slmkit.kb.recommend import recommend
-from slmkit.kb.write import Brief, build_messages, split_subject, summarize, write_texts
+from slmkit.kb.write import Brief, brand_records, build_messages, split_subject, summarize, write_texts
 
 CSV = (
     "sku,name,category,price_eur,key_features,warranty_years,in_stock\n"
@@ -187,7 +187,7 @@ def test_names_the_facts_do_not_give_are_flagged(catalogue, body, kind, claim):
 def test_an_email_needs_its_subject_line_and_sources_cover_demonyms_and_british_spelling(catalogue):
     [no_subject] = write_texts(RepliesLM(["The Pro 2 is great."]), catalogue, [catalogue["KB-PRO2"]], Brief(), n=1,
                                retries=0)
-    assert [v["kind"] for v in no_subject.violations] == ["format"]
+    assert [v["kind"] for v in no_subject.violations] == ["format"]  # and the rest is checked too
     [description] = write_texts(RepliesLM(["The Pro 2 is great."]), catalogue, [catalogue["KB-PRO2"]], Brief(),
                                 kind="description", n=1, retries=0)
     assert description.violations == []
@@ -195,6 +195,28 @@ def test_an_email_needs_its_subject_line_and_sources_cover_demonyms_and_british_
     assert unsupported_names("Subject: Colourful Flavour\nA fine Ethiopian coffee, Kenyan too.",
                              "Ethiopia Yirgacheffe; Kenya AA", title_lines=1) == []
     assert [v.claim for v in unsupported_names("An Ethiopian coffee.", "Kenya AA")] == ["Ethiopian"]
+
+
+def test_brand_records_teach_the_writers_prompt_and_refuse_copy_that_breaks_a_fact(tmp_path, catalogue):
+    examples = tmp_path / "brand.jsonl"
+    good = {"sku": "KB-G40", "subject": "Grind Fresh", "body": "Dear coffee lovers,\n\nThe Burr grinder G40 has "
+            "40 mm conical steel burrs and 40 grind settings.\n\nHappy grinding,\nThe Kettleby Team"}
+    examples.write_text(json.dumps(good) + "\n" + json.dumps({"kind": "description", "skus": ["KB-KNK"],
+                                                              "body": "A removable rubber knock bar."}) + "\n")
+    brief = Brief(words=40)
+    records = brand_records(catalogue, examples, brief)
+    assert [r["messages"][:2] for r in records] == [build_messages("email", [catalogue["KB-G40"]], brief),
+                                                    build_messages("description", [catalogue["KB-KNK"]], brief)]
+    assert records[0]["messages"][2] == {"role": "assistant", "content": "Subject: Grind Fresh\n\n" + good["body"]}
+    for bad, message in [({**good, "body": "The G40 has 60 settings."}, "brand.jsonl:1: the text breaks the "
+                                                                        "writer's check: figure: '60'"),
+                         ({**good, "body": "Loved in Milan."}, "brand.jsonl:1: .*name: 'Milan'"),
+                         ({**good, "subject": ""}, "brand.jsonl:1: an e-mail example needs its \"subject\""),
+                         ({**good, "sku": "KB-NONE"}, "brand.jsonl:1: .*catalogue.csv: no product with SKU 'KB-NONE'"),
+                         ({"body": "x"}, "brand.jsonl:1: an example needs \"sku\"")]:
+        examples.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=message):
+            brand_records(catalogue, examples, brief)
 
 
 def test_prompt_lists_only_the_products_facts_and_the_brief(catalogue):
@@ -219,6 +241,8 @@ def test_recommendations_follow_the_rules(catalogue):
     assert good[0].reason_by == "model" and good[0].reason == "It fits your 58 mm portafilter."
     bad = recommend(catalogue, ["KB-PRO2"], WordEmbedder(), lm=ScriptedLM("Only €5, fits perfectly."), k=1)
     assert bad[0].reason_by == "rule" and bad[0].violations[0]["kind"] == "price"
+    named = recommend(catalogue, ["KB-PRO2"], WordEmbedder(), lm=ScriptedLM("Baristas in Milan love it."), k=1)
+    assert named[0].reason_by == "rule" and named[0].violations[0]["claim"] == "Milan"
     with pytest.raises(ValueError, match="no product with SKU 'KB-NONE'"):
         recommend(catalogue, ["KB-NONE"], WordEmbedder())
 
@@ -236,6 +260,12 @@ def test_cli_write_and_recommend(tmp_path, catalogue):
         assert rec["flagged"] == bool(rec["violations"]) and 1 <= rec["attempts"] <= 2
     summary = json.loads(r.stderr.strip().splitlines()[-1])
     assert summary["outputs"] == 2 and summary["flagged"] == sum(rec["flagged"] for rec in records)
+    examples = tmp_path / "brand.jsonl"
+    examples.write_text(json.dumps({"sku": "KB-KNK", "subject": "Knock", "body": "The Knock box."}) + "\n")
+    r = CliRunner().invoke(app, ["brand-records", catalogue.path, str(examples), "-o", str(tmp_path / "train.jsonl")])
+    assert r.exit_code == 0, r.output
+    [record] = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert record["messages"][-1]["content"] == "Subject: Knock\n\nThe Knock box."
     bert = _tiny_bert(tmp_path / "bert", [p.text() for p in catalogue])
     r = CliRunner().invoke(app, ["recommend", catalogue.path, "--history", "KB-PRO2", "--embedder", str(bert),
                                  "-k", "2"])

@@ -1354,18 +1354,24 @@ AppBackend = Annotated[str, typer.Option(help="auto (llama.cpp on a CPU when ins
                                               "remote")]
 
 
+Audience = Annotated[str, typer.Option(help="who the text is for")]
+Tone = Annotated[str, typer.Option(help="the voice, e.g. friendly, expert, playful")]
+Words = Annotated[int, typer.Option(help="length asked for, in words")]
+Notes = Annotated[str, typer.Option(help="campaign notes (an offer, a season): figures here may appear in the text")]
+Company = Annotated[str, typer.Option(help="the brand the copy is written for")]
+
+
 @command()
 def write(
     catalogue: Catalogue,
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
     sku: Annotated[list[str], typer.Option(help="a product to write about (repeatable)")],
     kind: Annotated[str, typer.Option(help="email (a campaign e-mail with a subject line) | description")] = "email",
-    audience: Annotated[str, typer.Option(help="who the text is for")] = "home coffee lovers",
-    tone: Annotated[str, typer.Option(help="the voice, e.g. friendly, expert, playful")] = "friendly",
-    words: Annotated[int, typer.Option(help="length asked for, in words")] = 120,
-    notes: Annotated[str, typer.Option(help="campaign notes (an offer, a season): figures here may appear in "
-                                            "the text")] = "",
-    company: Annotated[str, typer.Option(help="the brand the copy is written for")] = "Kettleby",
+    audience: Audience = "home coffee lovers",
+    tone: Tone = "friendly",
+    words: Words = 120,
+    notes: Notes = "",
+    company: Company = "Kettleby",
     n: Annotated[int, typer.Option("-n", help="variants to write")] = 3,
     retries: Annotated[int, typer.Option(help="resample a variant this many times while it breaks a catalogue "
                                               "fact; after that it is returned flagged")] = 3,
@@ -1393,6 +1399,28 @@ def write(
             typer.echo(f"Subject: {r['subject']}")
         typer.echo(r["text"])
     _log(json.dumps(summary))
+
+
+@command()
+def brand_records(
+    catalogue: Catalogue,
+    examples: Annotated[Path, typer.Argument(help="the brand's own texts, JSONL: {\"sku\" (or \"skus\"), "
+                                                  "\"subject\", \"body\"} e-mails or {\"kind\": \"description\", "
+                                                  "...}")],
+    out: Annotated[Path, _out("the chat records for `slm finetune --data` (JSONL)")],
+    audience: Audience = "home coffee lovers",
+    tone: Tone = "friendly",
+    words: Words = 120,
+    notes: Notes = "",
+    company: Company = "Kettleby",
+):
+    """Brand voice: the writer's prompt for each of the brand's own texts, that text as the answer, ready for
+    `slm finetune MODEL --data OUT --lora-rank 16`; every text must pass the writer's fact and names check."""
+    from slmkit.kb.write import Brief
+    from slmkit.recipes.write import write_brand_records
+    n = write_brand_records(catalogue, examples, out, Brief(audience=audience, tone=tone, words=words, notes=notes,
+                                                            company=company))
+    _log(f"{n} records -> {out}")
 
 
 @command()

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slmkit.kb.catalogue import Catalogue, Product, check_facts
+from slmkit.kb.grounding import unsupported_names
 
 REPEATABLE = {"accessory", "consumable", "coffee"}
 
@@ -64,7 +65,9 @@ def recommend(catalogue: Catalogue, history: list[str], embedder, lm=None, k: in
         reason, by, violations = rule, "rule", []
         if lm is not None:
             text = _model_reason(lm, product, anchor, seed)
-            found = check_facts(text, catalogue, about=[product, anchor]) if text else []
+            sources = " ".join(p.facts() + " " + p.text() for p in catalogue)
+            found = check_facts(text, catalogue, about=[product, anchor]) + unsupported_names(text, sources) \
+                if text else []
             if text and not found:
                 reason, by = text, "model"
             else:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import collections
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from slmkit.files import iter_jsonl
 from slmkit.kb.catalogue import Catalogue, Product, Violation, check_facts
 from slmkit.kb.grounding import unsupported_names
 
@@ -73,6 +75,38 @@ def build_messages(kind: str, products: list[Product], brief: Brief) -> list[dic
             {"role": "user", "content": f"{task}\n\nProduct facts:\n{facts}{notes}"}]
 
 
+def brand_records(catalogue: Catalogue, examples: str | Path, brief: Brief) -> list[dict]:
+    """Chat records for `slm finetune --lora` that teach a model the brand's voice: the writer's own prompt
+    (build_messages) for each of the brand's texts in `examples`, that text as the answer. A JSONL file of
+    {"sku": "KB-PRO2" (or "skus": [...]), "subject": "...", "body": "..."} e-mails, or {"kind": "description",
+    "sku": ..., "body": ...}. Every text must pass the writer's check itself: a model tuned on copy that breaks a
+    fact learns to break it, so one that does is refused, naming its line and what it breaks."""
+    records = []
+    for line, example in iter_jsonl(examples):
+        where = f"{examples}:{line}"
+        kind, body = example.get("kind", "email"), example.get("body")
+        skus = example.get("skus") or ([example["sku"]] if example.get("sku") else [])
+        if kind not in KINDS or not isinstance(body, str) or not body.strip() or not skus:
+            raise ValueError(f"{where}: an example needs \"sku\" (or \"skus\"), a non-empty \"body\" and a kind of "
+                             f"{' or '.join(KINDS)}")
+        if kind == "email" and not example.get("subject"):
+            raise ValueError(f"{where}: an e-mail example needs its \"subject\"")
+        try:
+            products = [catalogue[sku] for sku in skus]
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        text = f"Subject: {example['subject']}\n\n{body.strip()}" if kind == "email" else body.strip()
+        broken = _check(text, catalogue, products, brief, kind)
+        if broken:
+            raise ValueError(f"{where}: the text breaks the writer's check: {'; '.join(map(str, broken))} "
+                             "(correct it, or put what it rightly says in the catalogue or the brief)")
+        records.append({"messages": [*build_messages(kind, products, brief),
+                                     {"role": "assistant", "content": text}]})
+    if not records:
+        raise ValueError(f"{examples}: no examples")
+    return records
+
+
 def split_subject(text: str) -> tuple[str | None, str]:
     """An e-mail's 'Subject: ...' line and the body after it."""
     m = re.match(r"\s*\**subject\**\s*:\s*(.+?)\s*(?:\n|$)", text, re.I)
@@ -125,13 +159,13 @@ def _check(text: str, catalogue: Catalogue, products: list[Product], brief: Brie
     if not text.strip():
         return [Violation("empty", "", "the model wrote nothing")]
     subject, body = split_subject(text) if kind == "email" else (None, text)
-    if kind == "email" and subject is None:
-        return [Violation("format", text.strip().splitlines()[0][:60], "no 'Subject:' line first")]
     if not body:
         return [Violation("empty", subject or "", "nothing after the subject line")]
-    found = check_facts(text, catalogue, about=products, brief=brief.text(), brand=brief.company)
-    sources = " ".join([brief.text(), brief.company, *(f"{p.sku} {p.name} {p.category} {' '.join(p.features)}"
-                                                       for p in catalogue)])
+    found = []
+    if kind == "email" and subject is None:
+        found.append(Violation("format", text.strip().splitlines()[0][:60], "no 'Subject:' line first"))
+    found += check_facts(text, catalogue, about=products, brief=brief.text(), brand=brief.company)
+    sources = " ".join([brief.text(), brief.company, *(p.facts() + " " + p.text() for p in catalogue)])
     named = _PLACEHOLDER.sub(" ", f"{subject}\n{body}" if subject else body)  # "[Name]" is a placeholder (below)
     found += unsupported_names(named, sources, title_lines=int(bool(subject)))
     found += [Violation("placeholder", m.group(0), "a placeholder, not text") for m in _PLACEHOLDER.finditer(text)]

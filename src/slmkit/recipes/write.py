@@ -1,5 +1,6 @@
-"""The marketing writer as plain functions (`slm write`, `slm recommend`): catalogue texts fact-checked against
-the catalogue (slmkit.kb.write), and recommendations from a purchase history (slmkit.kb.recommend)."""
+"""The marketing writer as plain functions (`slm write`, `slm brand-records`, `slm recommend`): catalogue texts
+fact-checked against the catalogue (slmkit.kb.write), the brand's own texts as LoRA training records, and
+recommendations from a purchase history (slmkit.kb.recommend)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from slmkit.files import atomic_write_text
 from slmkit.kb.catalogue import load_catalogue
 from slmkit.kb.recommend import recommend
-from slmkit.kb.write import Brief, summarize, write_texts
+from slmkit.kb.write import Brief, brand_records, summarize, write_texts
 from slmkit.recipes.kb import _open_lm
 
 
@@ -30,6 +31,15 @@ def write_marketing(catalogue: str | Path, model: str, skus: list[str], kind: st
     if out:
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records, summarize(texts)
+
+
+def write_brand_records(catalogue: str | Path, examples: str | Path, out: str | Path,
+                        brief: Brief | None = None) -> int:
+    """The brand's own texts in `examples` as chat records for `slm finetune --lora` (kb.write.brand_records),
+    written to `out` (JSONL, atomically); how many."""
+    records = brand_records(load_catalogue(catalogue), examples, brief or Brief())
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return len(records)
 
 
 def recommend_products(catalogue: str | Path, history: list[str], embedder: str = "minilm-l6-v2",

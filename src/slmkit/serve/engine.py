@@ -28,7 +28,6 @@ import queue
 import random
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ from slmkit.lm.constraints import Matcher
 from slmkit.lm.llamacpp_lm import LlamaCppLM
 from slmkit.lm.speculative import NGRAM, Acceptance, SpeculativeLM, draw_draft, prompt_lookup, recent_ids, verify
 from slmkit.lm.torch_lm import TorchLM
-from slmkit.sampling import SamplingParams, TextStream, argmax, sample_next, token_probs
+from slmkit.sampling import SamplingParams, TextStream, sample_next, token_probs
 from slmkit.serve.batch_torch import DraftedBatch, TorchBatch
 
 log = logging.getLogger("slmkit.serve")
@@ -125,44 +124,13 @@ class _Choice:
     draft_behind: list[int] = field(default_factory=list)  # tokens before last_token its draft model has not seen
 
 
-class _Outbox:
-    """Events on their way from the engine thread to one event loop. The first event of a burst schedules one
-    delivery and the rest ride along: a decoding step's tokens (one per running row) wake the loop once, not once
-    each (measured on 2 cores, stories15m, 16 clients: the per-token wake-ups were ~3% of the engine thread, and
-    the loop woken ~3,000 times a second beside it)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = weakref.ref(loop)  # weak: the engine's loop -> outbox map must not keep a loop alive
-        self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, object]] = []
-
-    def put(self, events: asyncio.Queue, event) -> None:
-        """Queue `event` for `events`; RuntimeError when the loop is closed (nobody is listening any more)."""
-        with self._lock:
-            loop = self._loop()
-            try:
-                if loop is None or loop.is_closed():  # a delivery scheduled on it will never run
-                    raise RuntimeError("the event loop is closed")
-                self._items.append((events, event))
-                if len(self._items) == 1:  # else a delivery is scheduled, not run yet, and takes this one too
-                    loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:
-                self._items.clear()
-                raise
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for events, event in items:
-            events.put_nowait(event)
-
-
 class _Pending:
     """A submitted request: where its events go, and whether its client is still listening."""
 
-    def __init__(self, request: GenerationRequest | EmbeddingRequest, outbox: _Outbox, max_events: int):
+    def __init__(self, request: GenerationRequest | EmbeddingRequest, loop: asyncio.AbstractEventLoop,
+                 max_events: int):
         self.request = request
-        self.outbox = outbox
+        self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.done = False  # its last event (None) was sent
@@ -178,7 +146,7 @@ class _Pending:
             self.cancelled = True
             event = SlowReader(f"{self.max_events} events were waiting unread: the client stopped reading")
         try:
-            self.outbox.put(self.events, event)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the listener's event loop is closed: nobody is listening any more
             self.cancelled = True
         if isinstance(event, SlowReader):
@@ -278,7 +246,6 @@ class Engine:
         if self.speculative:
             self.stats.extra.update(drafted_tokens=0, accepted_tokens=0)
         self._queue: queue.Queue[_Pending] = queue.Queue()
-        self._outboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Outbox
         self._closed = False
         self.error: BaseException | None = None  # why the engine thread died, if it did
         self._live: set[_Pending] = set()  # taken from the queue, not finished: failed if the thread dies
@@ -325,11 +292,7 @@ class Engine:
     def _enqueue(self, request, prompt_tokens: int) -> _Pending:
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(retry_after=1.0)
-        loop = asyncio.get_running_loop()
-        outbox = self._outboxes.get(loop)
-        if outbox is None:
-            outbox = self._outboxes.setdefault(loop, _Outbox(loop))
-        pending = _Pending(request, outbox, self.max_events)
+        pending = _Pending(request, asyncio.get_running_loop(), self.max_events)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += prompt_tokens
         self._queue.put(pending)
@@ -534,29 +497,25 @@ class Engine:
         p.finish()
         return embeds[1:]
 
-    def _step_safely(self, c: _Choice, logits: torch.Tensor, argmax: int | None = None) -> None:
+    def _step_safely(self, c: _Choice, logits: torch.Tensor) -> None:
         """`_step_choice`, failing only this request when its settings break sampling (e.g. a temperature so
         small the probabilities overflow), instead of the engine thread."""
         if c.request.cancelled:
             return
         try:
-            self._step_choice(c, logits, argmax)
+            self._step_choice(c, logits)
         except Exception as e:
             c.request.fail(e)
 
-    def _step_choice(self, c: _Choice, logits: torch.Tensor, argmax: int | None = None) -> None:
+    def _step_choice(self, c: _Choice, logits: torch.Tensor) -> None:
         """Sample the choice's next token from `logits` and report it; marks the choice finished when it is.
         The same sampler and the same ends (eos, bos) as `LM.stream_ids`, so served text equals `lm.generate`'s.
         Under a grammar, the tokens it forbids are masked out first, and the completion ends when it is complete;
-        its log-probs stay the model's own, before the mask (as vLLM's are), so none is -inf. `argmax`: the
-        logits' argmax when the caller has it, which is the token of a greedy, unpenalised, unconstrained row."""
+        its log-probs stay the model's own, before the mask (as vLLM's are), so none is -inf."""
         pending, params, raw = c.request, c.request.request.params, logits
-        penalised = params.repetition_penalty != 1.0
-        if argmax is not None and params.temperature == 0 and not penalised and c.matcher is None:
-            self._emit(c, argmax, raw)
-            return
         if c.matcher is not None:
             logits = c.matcher.mask(logits)
+        penalised = params.repetition_penalty != 1.0
         n = params.repeat_last_n
         recent = [*pending.request.prompt_ids[-n:], *c.generated[-n:]] if penalised and n else ()
         tok = sample_next(logits, params, c.generator, recent)
@@ -610,10 +569,8 @@ class Engine:
 
     def _plain_step(self, rows: list[_Choice], batch) -> None:
         """One token for every running row: one (n, 1) forward."""
-        logits = batch.decode([c.last_token for c in rows])
-        best = argmax(logits).tolist()  # the token of every greedy row, in one call for the whole batch
-        for c, row_logits, tok in zip(rows, logits, best, strict=True):
-            self._step_safely(c, row_logits, tok)
+        for c, row_logits in zip(rows, batch.decode([c.last_token for c in rows]), strict=True):
+            self._step_safely(c, row_logits)
 
     def _verify_drafts(self, rows: list[_Choice], batch, drafts: list[list[int]],
                        qs: list[torch.Tensor | None]) -> list[int]:
