@@ -1381,8 +1381,8 @@ def write(
     out: Annotated[Path | None, _out("write the records here as JSONL")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the records as JSON lines")] = False,
 ):
-    """Write campaign e-mails or product descriptions from the catalogue, every figure and feature checked against
-    it (a variant that breaks one is regenerated, or flagged)."""
+    """Write campaign e-mails or product descriptions from the catalogue, every figure, feature and name checked
+    against it (a variant that breaks one is regenerated, or flagged)."""
     from slmkit.kb.write import Brief
     from slmkit.recipes.write import write_marketing
     brief = Brief(audience=audience, tone=tone, words=words, notes=notes, company=company)

@@ -65,7 +65,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """(B,) the index of each row's largest logit (the first, on ties), as `logits.argmax(-1)`. On the CPU through
     numpy: torch's CPU argmax is not vectorised (measured, 16 x 32,000 float32 logits on one AVX-512 core: 300 us,
-    numpy's 25 us; at 16 rows that was 5% of a stories15m serving step)."""
+    numpy's 25 us; 16 greedy rows through sample_next: 681 -> 158 us, ~7% of a stories15m serving step)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return torch.from_numpy(logits.detach().numpy().argmax(-1))
     return logits.argmax(-1)
