@@ -26,7 +26,7 @@ from pathlib import Path
 
 from slmkit.files import atomic_write_json, atomic_write_text
 from slmkit.kb.catalogue import load_catalogue
-from slmkit.kb.write import Brief, summarize, write_texts
+from slmkit.kb.write import Brief, brand_examples, summarize, write_texts
 from slmkit.recipes.kb import _open_lm
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "support" / "catalogue.csv"
@@ -45,12 +45,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N products")
     ap.add_argument("--seed", type=int, default=0, help="product n's variants are seeded from seed + 100 n")
     ap.add_argument("--skus", nargs="+", default=None, help="only these products (seeded by their catalogue place)")
+    ap.add_argument("--examples", default=None, help="the brand's own texts, shown few-shot (slm write --examples)")
+    ap.add_argument("--shots", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--texts", default=None, help="write every output (JSONL) here for auditing")
     args = ap.parse_args()
 
     catalogue = load_catalogue(args.catalogue)
     brief = Brief(audience="home coffee lovers", tone="friendly", words=args.words, notes=args.notes)
+    examples = brand_examples(catalogue, args.examples, brief) if args.examples else []
     lm = _open_lm(args.model, args.backend)
     texts, seconds = [], []
     first_kinds = collections.Counter()
@@ -59,7 +62,8 @@ def main() -> None:
             continue
         start = time.perf_counter()
         batch = write_texts(lm, catalogue, [product], brief, kind="email", n=args.variants, retries=args.retries,
-                            seed=args.seed + n * 100, temperature=args.temperature)
+                            seed=args.seed + n * 100, temperature=args.temperature, examples=examples,
+                            shots=args.shots)
         took = time.perf_counter() - start
         seconds.append(took / sum(t.attempts for t in batch))
         texts += batch
@@ -73,7 +77,8 @@ def main() -> None:
     for t in texts:
         first_kinds.update(v["kind"] for v in t.violations)
     summary = {**summarize(texts), "model": args.model, "retries": args.retries, "temperature": args.temperature,
-               "words": args.words, "seed": args.seed, "skus": args.skus, "flagged_kinds": dict(first_kinds),
+               "words": args.words, "seed": args.seed, "skus": args.skus, "examples": args.examples,
+               "shots": args.shots if args.examples else 0, "flagged_kinds": dict(first_kinds),
                "median_s_per_attempt": round(statistics.median(seconds), 2),
                "unflagged": sum(not t.flagged for t in texts), "cpu": platform.processor() or platform.machine()}
     print(json.dumps(summary, indent=2))

@@ -11,7 +11,16 @@ from typer.testing import CliRunner
 from slmkit.cli import app
 from slmkit.kb.catalogue import check_facts, load_catalogue
 from slmkit.kb.recommend import recommend
-from slmkit.kb.write import Brief, brand_records, build_messages, split_subject, summarize, write_texts
+from slmkit.kb.write import (
+    Brief,
+    brand_examples,
+    brand_records,
+    build_messages,
+    pick_examples,
+    split_subject,
+    summarize,
+    write_texts,
+)
 
 CSV = (
     "sku,name,category,price_eur,key_features,warranty_years,in_stock\n"
@@ -73,7 +82,7 @@ def test_catalogue_rows_and_errors(tmp_path, catalogue):
 def test_a_faithful_text_passes(catalogue):
     pro = catalogue["KB-PRO2"]
     text = ("Subject: Meet the Pro 2\n\nThe Kettleby Pro 2 brings a 58mm portafilter, PID control from 88 to 96 °C, "
-            "a 2.0 L tank and auto-off after 30 minutes, for €649.00 with a two-year warranty. Pair it with our "
+            "a 2.0 L tank and a 30-minute auto-off, for €649.00 with a two-year warranty. Pair it with our "
             "G40 grinder (€189). Spring offer: 10% off with code SPRING10. In stock now.")
     assert check_facts(text, catalogue, [pro], brief="10% off with code SPRING10") == []
 
@@ -85,6 +94,7 @@ def test_a_faithful_text_passes(catalogue):
     ("Warranty: 5 years.", "warranty"),  # 5 occurs nowhere for the product, and it is a warranty term
     ("The G40 grinder: a 2-year guarantee.", "warranty"),  # the Pro 2's term on the G40 (it has 1 year)
     ("A 60 mm portafilter.", "figure"),  # 60 occurs in its features, but as minutes
+    ("A 45-minute auto-off.", "figure"),  # a hyphenated figure keeps its unit ("30-minute" is the fact's 30 min)
     ("Heats up in 45 seconds.", "figure"),
     ("Brews 4 cups at once.", "figure"),
     ("It has a dual boiler.", "feature"),  # the Pro 2 Dual's, not the Pro 2's
@@ -185,9 +195,9 @@ def test_names_the_facts_do_not_give_are_flagged(catalogue, body, kind, claim):
 
 
 def test_an_email_needs_its_subject_line_and_sources_cover_demonyms_and_british_spelling(catalogue):
-    [no_subject] = write_texts(RepliesLM(["The Pro 2 is great."]), catalogue, [catalogue["KB-PRO2"]], Brief(), n=1,
+    [no_subject] = write_texts(RepliesLM(["The Pro 2 for €599."]), catalogue, [catalogue["KB-PRO2"]], Brief(), n=1,
                                retries=0)
-    assert [v["kind"] for v in no_subject.violations] == ["format"]  # and the rest is checked too
+    assert [v["kind"] for v in no_subject.violations] == ["format", "price"]  # and the rest is checked too
     [description] = write_texts(RepliesLM(["The Pro 2 is great."]), catalogue, [catalogue["KB-PRO2"]], Brief(),
                                 kind="description", n=1, retries=0)
     assert description.violations == []
@@ -217,6 +227,26 @@ def test_brand_records_teach_the_writers_prompt_and_refuse_copy_that_breaks_a_fa
         examples.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=message):
             brand_records(catalogue, examples, brief)
+
+
+def test_the_brands_examples_go_first_as_worked_requests_about_other_products(tmp_path, catalogue):
+    path = tmp_path / "brand.jsonl"
+    rows = [{"sku": "KB-PRO2", "subject": "Pro", "body": "The Pro 2."},
+            {"sku": "KB-KNK", "subject": "Knock", "body": "The Knock box."},
+            {"sku": "KB-PRO2D", "subject": "Dual", "body": "The Pro 2 Dual."},
+            {"kind": "description", "sku": "KB-G40", "body": "The G40."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = brand_examples(catalogue, path, Brief())
+    # same kind, not about the product written, its category first
+    assert [e.products[0].sku for e in pick_examples(examples, "email", [catalogue["KB-PRO2"]], 2)] == \
+        ["KB-PRO2D", "KB-KNK"]
+    assert [e.products[0].sku for e in pick_examples(examples, "description", [catalogue["KB-PRO2"]], 5)] == ["KB-G40"]
+    lm = RepliesLM(["Subject: Hi\n\nThe Pro 2."])
+    write_texts(lm, catalogue, [catalogue["KB-PRO2"]], Brief(), n=1, retries=0, examples=examples, shots=1)
+    [chat] = lm.prompts
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "user"]
+    assert chat[2]["content"] == "Subject: Dual\n\nThe Pro 2 Dual." and "KB-PRO2D" in chat[1]["content"]
+    assert chat[3] == build_messages("email", [catalogue["KB-PRO2"]], Brief())[1]
 
 
 def test_prompt_lists_only_the_products_facts_and_the_brief(catalogue):
@@ -263,6 +293,9 @@ def test_cli_write_and_recommend(tmp_path, catalogue):
     examples = tmp_path / "brand.jsonl"
     examples.write_text(json.dumps({"sku": "KB-KNK", "subject": "Knock", "body": "The Knock box."}) + "\n")
     r = CliRunner().invoke(app, ["brand-records", catalogue.path, str(examples), "-o", str(tmp_path / "train.jsonl")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["write", catalogue.path, "--model", str(model), "--backend", "torch", "--sku",
+                                 "KB-G40", "-n", "1", "--retries", "0", "--words", "10", "--examples", str(examples)])
     assert r.exit_code == 0, r.output
     [record] = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert record["messages"][-1]["content"] == "Subject: Knock\n\nThe Knock box."

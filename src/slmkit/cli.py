@@ -1378,6 +1378,10 @@ def write(
     temperature: Annotated[float, typer.Option(help="sampling temperature")] = 0.7,
     seed: Seed = 0,
     backend: AppBackend = "auto",
+    examples: Annotated[Path | None, typer.Option(help="the brand's own texts (JSONL, as for `slm brand-records`): "
+                                                       "--shots of them about other products go first in the "
+                                                       "prompt as worked examples")] = None,
+    shots: Annotated[int, typer.Option(help="how many of --examples to show (same category first)")] = 2,
     out: Annotated[Path | None, _out("write the records here as JSONL")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the records as JSON lines")] = False,
 ):
@@ -1387,7 +1391,8 @@ def write(
     from slmkit.recipes.write import write_marketing
     brief = Brief(audience=audience, tone=tone, words=words, notes=notes, company=company)
     records, summary = write_marketing(catalogue, model, sku, kind=kind, brief=brief, n=n, retries=retries,
-                                       seed=seed, temperature=temperature, backend=backend, out=out, log=_log)
+                                       seed=seed, temperature=temperature, backend=backend, examples=examples,
+                                       shots=shots, out=out, log=_log)
     for r in records:
         if as_json:
             typer.echo(json.dumps(r, ensure_ascii=False))

@@ -41,9 +41,9 @@ _UNITS = {"mm": "mm", "millimetre": "mm", "millimeter": "mm", "cm": "cm", "l": "
           "hour": "h", "h": "h", "day": "day", "week": "week", "month": "month", "year": "year", "yr": "year"}
 # a code with letters and digits ("SPRING10", "G40", "E5"): it must come from the brief or the catalogue
 _CODE = re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[a-z])[a-z0-9][\w-]*[a-z0-9](?![\w-])", re.I)
-# a figure, or a run of them sharing one unit ("15/30/60 min", "88-96 °C", "30 or 60 minutes")
+# a figure, or a run of them sharing one unit ("15/30/60 min", "88-96 °C", "30 or 60 minutes", "a 30-minute hold")
 _FIGURE = re.compile(rf"(?<![\w.,])({NUMBER}(?:\s*(?:/|-|–|,|\bto\b|\bor\b|\band\b)\s*{NUMBER})*)"
-                     r"(?:\s*(°\s?c\b|%|[a-z]+))?", re.I)
+                     r"(?:\s*-?\s*(°\s?c\b|%|[a-z]+))?", re.I)
 # an offer the brief did not make: "free shipping", "a complimentary gift"
 _OFFER = re.compile(r"\b(?:free|complimentary|gifts?|bonus|vouchers?|coupons?|cashback|upgrades?|buy one|"
                     r"two for one|bogo|bundles?|promotions?|giveaways?|rewards?|loyalty points?)\b", re.I)

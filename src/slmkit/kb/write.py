@@ -60,9 +60,26 @@ class Written:
         return {**asdict(self), "flagged": self.flagged}
 
 
-def build_messages(kind: str, products: list[Product], brief: Brief) -> list[dict]:
+@dataclass
+class Example:
+    """One of the brand's own texts (brand_examples): what it is about and what it says, checked clean."""
+    kind: str
+    products: list[Product]
+    text: str  # an e-mail's "Subject: ..." line, a blank line and its body
+
+
+def build_messages(kind: str, products: list[Product], brief: Brief, examples: list[Example] = ()) -> list[dict]:
+    """The writer's chat: its system prompt, then each example as a request about its products answered by its
+    text (few-shot: the brand's own copy shows the form and the restraint), then the request for `products`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    shots = [turn for e in examples for turn in ({"role": "user", "content": _request(e.kind, e.products, brief)},
+                                                 {"role": "assistant", "content": e.text})]
+    return [{"role": "system", "content": SYSTEM.format(company=brief.company)}, *shots,
+            {"role": "user", "content": _request(kind, products, brief)}]
+
+
+def _request(kind: str, products: list[Product], brief: Brief) -> str:
     facts = "\n".join(f"- {p.facts()}" for p in products)
     if kind == "email":
         task = (f"Write a campaign e-mail to {brief.audience} about the product(s) below, in a {brief.tone} tone, "
@@ -71,19 +88,17 @@ def build_messages(kind: str, products: list[Product], brief: Brief) -> list[dic
         task = (f"Write a product description for {brief.audience}, in a {brief.tone} tone, about {brief.words} "
                 "words.")
     notes = f"\nCampaign notes: {brief.notes}" if brief.notes else ""
-    return [{"role": "system", "content": SYSTEM.format(company=brief.company)},
-            {"role": "user", "content": f"{task}\n\nProduct facts:\n{facts}{notes}"}]
+    return f"{task}\n\nProduct facts:\n{facts}{notes}"
 
 
-def brand_records(catalogue: Catalogue, examples: str | Path, brief: Brief) -> list[dict]:
-    """Chat records for `slm finetune --lora` that teach a model the brand's voice: the writer's own prompt
-    (build_messages) for each of the brand's texts in `examples`, that text as the answer. A JSONL file of
-    {"sku": "KB-PRO2" (or "skus": [...]), "subject": "...", "body": "..."} e-mails, or {"kind": "description",
-    "sku": ..., "body": ...}. Every text must pass the writer's check itself: a model tuned on copy that breaks a
-    fact learns to break it, so one that does is refused, naming its line and what it breaks."""
-    records = []
-    for line, example in iter_jsonl(examples):
-        where = f"{examples}:{line}"
+def brand_examples(catalogue: Catalogue, path: str | Path, brief: Brief) -> list[Example]:
+    """The brand's own texts in `path`, a JSONL file of {"sku": "KB-PRO2" (or "skus": [...]), "subject": "...",
+    "body": "..."} e-mails or {"kind": "description", "sku": ..., "body": ...}. Every text must pass the writer's
+    check itself: a model tuned on, or shown, copy that breaks a fact learns to break it, so one that does is
+    refused, naming its line and what it breaks."""
+    examples = []
+    for line, example in iter_jsonl(path):
+        where = f"{path}:{line}"
         kind, body = example.get("kind", "email"), example.get("body")
         skus = example.get("skus") or ([example["sku"]] if example.get("sku") else [])
         if kind not in KINDS or not isinstance(body, str) or not body.strip() or not skus:
@@ -100,11 +115,25 @@ def brand_records(catalogue: Catalogue, examples: str | Path, brief: Brief) -> l
         if broken:
             raise ValueError(f"{where}: the text breaks the writer's check: {'; '.join(map(str, broken))} "
                              "(correct it, or put what it rightly says in the catalogue or the brief)")
-        records.append({"messages": [*build_messages(kind, products, brief),
-                                     {"role": "assistant", "content": text}]})
-    if not records:
-        raise ValueError(f"{examples}: no examples")
-    return records
+        examples.append(Example(kind, products, text))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def brand_records(catalogue: Catalogue, path: str | Path, brief: Brief) -> list[dict]:
+    """Chat records for `slm finetune --lora` that teach a model the brand's voice: the writer's own prompt
+    (build_messages) for each of the brand's texts (brand_examples), that text as the answer."""
+    return [{"messages": [*build_messages(e.kind, e.products, brief), {"role": "assistant", "content": e.text}]}
+            for e in brand_examples(catalogue, path, brief)]
+
+
+def pick_examples(examples: list[Example], kind: str, products: list[Product], shots: int) -> list[Example]:
+    """The `shots` examples to show before a request: of the same kind, about none of its products (the model
+    would copy the answer), those about a product of the same category first, in file order."""
+    skus, categories = {p.sku for p in products}, {p.category for p in products}
+    usable = [e for e in examples if e.kind == kind and not skus & {p.sku for p in e.products}]
+    return sorted(usable, key=lambda e: not categories & {p.category for p in e.products})[:shots]
 
 
 def split_subject(text: str) -> tuple[str | None, str]:
@@ -115,14 +144,15 @@ def split_subject(text: str) -> tuple[str | None, str]:
 
 def write_texts(lm, catalogue: Catalogue, products: list[Product], brief: Brief, kind: str = "email", n: int = 3,
                 retries: int = 3, seed: int = 0, temperature: float = 0.7, max_new_tokens: int | None = None,
-                log=None) -> list[Written]:
+                examples: list[Example] = (), shots: int = 2, log=None) -> list[Written]:
     """`n` variants of a `kind` text about `products` by `lm` (any LM with a chat template), each fact-checked
-    and resampled up to `retries` times while it breaks a catalogue fact."""
+    and resampled up to `retries` times while it breaks a catalogue fact. With the brand's `examples`
+    (brand_examples), `shots` of them (pick_examples) come first in the chat as worked requests."""
     if not products:
         raise ValueError("name at least one product (--sku) to write about")
-    if n < 1 or retries < 0:
-        raise ValueError(f"n must be >= 1 and retries >= 0, got n={n}, retries={retries}")
-    messages = build_messages(kind, products, brief)
+    if n < 1 or retries < 0 or shots < 0:
+        raise ValueError(f"n must be >= 1, retries and shots >= 0, got n={n}, retries={retries}, shots={shots}")
+    messages = build_messages(kind, products, brief, pick_examples(list(examples), kind, products, shots))
     budget = max_new_tokens or int(brief.words * 2) + 40  # ~1.3 tokens a word, and room for the subject line
     out = []
     for variant in range(n):

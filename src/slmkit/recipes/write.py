@@ -10,21 +10,25 @@ from pathlib import Path
 from slmkit.files import atomic_write_text
 from slmkit.kb.catalogue import load_catalogue
 from slmkit.kb.recommend import recommend
-from slmkit.kb.write import Brief, brand_records, summarize, write_texts
+from slmkit.kb.write import Brief, brand_examples, brand_records, summarize, write_texts
 from slmkit.recipes.kb import _open_lm
 
 
 def write_marketing(catalogue: str | Path, model: str, skus: list[str], kind: str = "email", brief: Brief | None = None,
                     n: int = 3, retries: int = 3, seed: int = 0, temperature: float = 0.7, backend: str = "auto",
-                    out: str | Path | None = None, log=None) -> tuple[list[dict], dict]:
-    """`n` fact-checked `kind` texts about the products `skus` of the `catalogue` CSV by `model`; with `out`, the
+                    examples: str | Path | None = None, shots: int = 2, out: str | Path | None = None,
+                    log=None) -> tuple[list[dict], dict]:
+    """`n` fact-checked `kind` texts about the products `skus` of the `catalogue` CSV by `model`, after `shots`
+    of the brand's own texts in `examples` (a JSONL file, kb.write.brand_examples) when given; with `out`, the
     records are written there as JSONL (atomically). Returns (records, summary)."""
     cat = load_catalogue(catalogue)
     products = [cat[s] for s in skus]
+    brief = brief or Brief()
+    shown = brand_examples(cat, examples, brief) if examples else []
     lm = _open_lm(model, backend)
     try:
-        texts = write_texts(lm, cat, products, brief or Brief(), kind=kind, n=n, retries=retries, seed=seed,
-                            temperature=temperature, log=log)
+        texts = write_texts(lm, cat, products, brief, kind=kind, n=n, retries=retries, seed=seed,
+                            temperature=temperature, examples=shown, shots=shots, log=log)
     finally:
         lm.close()
     records = [t.to_dict() for t in texts]
