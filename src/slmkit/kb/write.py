@@ -8,7 +8,8 @@ the catalogue does not support.
 The model sees only the listed products' facts and the brief, and is told to use no other figure. A variant
 that still breaks a fact is sampled again with a new seed, up to `retries` times; if every attempt breaks one,
 the last is returned flagged, with its violations, so nothing unchecked goes out unmarked. Brand voice comes
-from the model: LoRA-tune it on the brand's own texts first (`slm finetune --lora`, docs/applications.md).
+from the brand's own texts (brand_examples, each checked like an output): shown in the prompt as worked requests
+(`examples`, `slm write --examples`), or as LoRA training records (brand_records, `slm brand-records`).
 """
 
 from __future__ import annotations
