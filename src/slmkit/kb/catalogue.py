@@ -80,9 +80,16 @@ class Catalogue:
     products: list[Product]
     path: str = ""
     _by_sku: dict = field(default_factory=dict, repr=False)
+    _text: str = field(default="", repr=False)
 
     def __post_init__(self):
         self._by_sku = {p.sku.lower(): p for p in self.products}
+        self._text = " ".join(p.facts() + " " + p.text() for p in self.products)
+
+    def text(self) -> str:
+        """Everything the catalogue says, every product's facts: the words a generated text may name
+        (grounding.unsupported_names' sources)."""
+        return self._text
 
     def __getitem__(self, sku: str) -> Product:
         try:

@@ -58,7 +58,6 @@ def recommend(catalogue: Catalogue, history: list[str], embedder, lm=None, k: in
     score = best + torch.tensor([1.0 if f else 0.0 for f in fits])
     order = score.argsort(descending=True)[:k].tolist()
     out = []
-    sources = " ".join(p.facts() + " " + p.text() for p in catalogue)  # what a model's reason may name
     for i in order:
         product = candidates[i]
         anchor = fits[i][0] if fits[i] else bought[int(which[i])]
@@ -66,8 +65,8 @@ def recommend(catalogue: Catalogue, history: list[str], embedder, lm=None, k: in
         reason, by, violations = rule, "rule", []
         if lm is not None:
             text = _model_reason(lm, product, anchor, seed)
-            found = check_facts(text, catalogue, about=[product, anchor]) + unsupported_names(text, sources) \
-                if text else []
+            found = (check_facts(text, catalogue, about=[product, anchor]) + unsupported_names(text, catalogue.text())
+                     if text else [])
             if text and not found:
                 reason, by = text, "model"
             else:

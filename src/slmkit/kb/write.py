@@ -196,7 +196,7 @@ def _check(text: str, catalogue: Catalogue, products: list[Product], brief: Brie
     if kind == "email" and subject is None:
         found.append(Violation("format", text.strip().splitlines()[0][:60], "no 'Subject:' line first"))
     found += check_facts(text, catalogue, about=products, brief=brief.text(), brand=brief.company)
-    sources = " ".join([brief.text(), brief.company, *(p.facts() + " " + p.text() for p in catalogue)])
+    sources = " ".join([brief.text(), brief.company, catalogue.text()])
     named = _PLACEHOLDER.sub(" ", f"{subject}\n{body}" if subject else body)  # "[Name]" is a placeholder (below)
     found += unsupported_names(named, sources, title_lines=int(bool(subject)))
     found += [Violation("placeholder", m.group(0), "a placeholder, not text") for m in _PLACEHOLDER.finditer(text)]
