@@ -143,3 +143,14 @@ def test_the_command_prints_a_table_and_the_json_fields(tmp_path, monkeypatch):
                           (["plan", "generation", "--preset", "huge"], "unknown preset 'huge'")]:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_interleaved_measures_in_alternating_order():
+    seen = []
+
+    def measure(item):
+        seen.append(item)
+        return len(seen)
+    got = machine_mod._interleaved(["a", "b", "c"], measure, rounds=3)
+    assert seen == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert got == [[1, 6, 7], [2, 5, 8], [3, 4, 9]]  # each item's own measurements, in the order taken
