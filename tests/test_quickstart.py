@@ -13,9 +13,11 @@ def test_quickstart_runs_end_to_end_on_the_stdlib_and_writes_a_report(tmp_path):
     result = run_quickstart(out, minutes=0.1, model_overrides={"n_layers": 2}, compile=False, eval_every=0)
     report = (out / "report.md").read_text()
     for needle in ("bits per byte", "gzip -9", "xz -9e", "near-duplicates removed", "loss.png", "slm generate",
-                   f"`{QUICKSTART_PRESET}` preset, ", "n_layers=2)", "2 layers"):
+                   f"`{QUICKSTART_PRESET}` preset, ", "n_layers=2)", "2 layers", "| optimizer, schedule | muon, wsd |",
+                   "Greedy with a repeat penalty of 1.3"):
         assert needle in report
     results = json.loads((out / "results.json").read_text())
+    assert results["train"]["optimizer"] == "muon" and "greedy_repeat_penalty" in results
     assert results["val"]["xz -9e"] > 1.0 and results["val"]["model"] > 0
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["cleaning"]["near_duplicates"] > 10  # encodings/cp*.py tables

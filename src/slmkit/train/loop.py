@@ -409,7 +409,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     state["elapsed"] = elapsed()
     summary = {"run": str(run), "steps": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed"],
                "preset": cfg.preset, "model_overrides": cfg.model_overrides, "precision": precision,
-               "objective": cfg.objective, "world_size": world.size, "parameters": n_params,
+               "objective": cfg.objective, "optimizer": cfg.optimizer, "schedule": cfg.schedule,
+               "world_size": world.size, "parameters": n_params,
                "trainable_parameters": trainable,
                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "interrupted": interrupted}
     saved = checkpoint()
