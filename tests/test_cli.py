@@ -194,6 +194,7 @@ def _bad_inputs(tmp):
         (["synth", "textbook", "--teacher", missing, "--seeds", missing, *out], "seeds file not found"),
         (["quickstart", "--out", str(tmp / "qs"), "--preset", "nope"], "unknown preset 'nope'"),
         (["quickstart", "--out", str(tmp / "qs"), "--minutes", "0"], "must be positive"),
+        (["quickstart", "--out", str(tmp / "qs"), "--optimizer", "sgd"], "--optimizer sgd: choose one of adamw, muon"),
         (["generate", missing, "hi"], "not a model directory"),
         (["chat", missing], "missing"),
         (["serve", missing], "missing"),

@@ -451,6 +451,9 @@ def quickstart(
     vocab_size: int = 8192,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="default: measured choice")] = None,
     precision: Precision = "auto",
+    optimizer: Annotated[str | None, typer.Option(help="adamw or muon (default: muon, measured best for the "
+                                                       "budget; BENCHMARKS.md)")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine or wsd (default: wsd)")] = None,
 ):
     """Train a small code model on this Python's own standard library (KIND code), or a small multimodal
     assistant on generated images (KIND vision), and write report.md."""
@@ -466,8 +469,10 @@ def quickstart(
     if kind != "code":
         raise ValueError(f"unknown quickstart {kind!r}; choose code or vision")
     from slmkit.recipes.quickstart import run_quickstart
+    chosen = {k: v for k, v in (("optimizer", optimizer), ("schedule", schedule)) if v is not None}
     run_quickstart(out or Path("runs/quickstart"), minutes=10.0 if minutes is None else minutes, preset=preset,
-                   model_overrides=parse_overrides(set_), vocab_size=vocab_size, compile=compile, precision=precision)
+                   model_overrides=parse_overrides(set_), vocab_size=vocab_size, compile=compile, precision=precision,
+                   **chosen)
 
 
 # ---- running models ------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from slmkit.files import atomic_write_json, atomic_write_text
 from slmkit.formats.hf_dir import load_model_dir
 from slmkit.lm import load_lm
 from slmkit.sampling import SamplingParams
-from slmkit.train.loop import TrainConfig, train
+from slmkit.train.loop import SCHEDULES, TrainConfig, train
 from slmkit.train.metrics import read_metrics
+from slmkit.train.optim import OPTIMIZERS
 
 # What a 10-minute CPU budget wants (measured; see docs/quickstart-tuning.md). The model: `nano` (4 layers)
 # narrowed to dim 96, with the data's 8k vocabulary: 1.2M parameters. On 2 AVX2 cores `micro` (6.5M) sees 1.0M
@@ -35,9 +36,10 @@ QUICKSTART_PRESET = "nano"
 QUICKSTART_MODEL = {"dim": 96, "hidden_dim": 256}
 
 
+# The report's third completion: greedy with llama.cpp's repeat penalty (see run_quickstart).
+GREEDY_REPEAT_PENALTY = 1.3
 # Muon for the hidden matrices with warmup-stable-decay: at equal wall time (10 minutes, 2-core AVX-512) 0.12
 # bits/byte below AdamW with cosine on the validation split, and below xz -9e on pip's sources (BENCHMARKS.md).
-GREEDY_REPEAT_PENALTY = 1.3
 QUICKSTART_TRAIN = dict(seq_len=256, batch_size=4, lr=3e-3, min_lr_ratio=0.05, warmup_steps=100,
                         weight_decay=0.1, optimizer="muon", schedule="wsd", eval_every=500, eval_tokens=32768,
                         save_every=250)
@@ -57,6 +59,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, p
     model_config(preset, **model_overrides)  # a bad preset or shape fails now, not after preparing the data
     if not minutes > 0:
         raise ValueError(f"--minutes {minutes:g}: the training budget must be positive")
+    for name, value, allowed in (("optimizer", train_overrides.get("optimizer"), OPTIMIZERS),
+                                 ("schedule", train_overrides.get("schedule"), SCHEDULES)):
+        if value is not None and value not in allowed:  # fail now, not after preparing the data
+            raise ValueError(f"--{name} {value}: choose one of {', '.join(allowed)}")
 
     if (data_dir / "meta.json").exists():
         log(f"[1/4] reusing the token dataset in {data_dir}")
